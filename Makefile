@@ -1,0 +1,33 @@
+# sandvm: `make setup` installs everything (idempotent); `make test` runs every check.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup test lint typecheck unit bench clean
+
+setup: $(BIN)/sandvm
+	$(BIN)/sandvm setup
+
+$(BIN)/sandvm: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/sandvm
+
+lint:
+	$(BIN)/ruff check src tests benchmarks
+
+typecheck:
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest -q
+
+unit:
+	$(BIN)/pytest -q -m "not qemu"
+
+bench:
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

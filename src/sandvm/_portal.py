@@ -1,0 +1,94 @@
+"""The blocking portal: one background event-loop thread that runs the async core.
+
+The sync API (``Sandbox``) submits coroutines here and waits for their result,
+so sync and async share one implementation, and the caller's own event loop
+(if any) is never re-entered. Objects still open at interpreter exit are
+closed by an atexit hook, so no VM outlives its Python process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import threading
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+_closers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _ensure_loop() -> asyncio.AbstractEventLoop:
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _thread is None or not _thread.is_alive():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            _thread = threading.Thread(target=run, name="sandvm-portal", daemon=True)
+            _thread.start()
+            ready.wait()
+            _loop = loop
+        return _loop
+
+
+def call(coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
+    """Run ``coro`` on the portal loop and return its result (its exception re-raised)."""
+    loop = _ensure_loop()
+    if _in_portal():
+        coro.close()
+        raise RuntimeError("sandvm's sync API cannot be called from its own callbacks;"
+                           " use AsyncSandbox there")
+    fut = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return fut.result(timeout)
+    except KeyboardInterrupt:
+        fut.cancel()
+        raise
+    except concurrent.futures.TimeoutError:
+        fut.cancel()
+        raise
+
+
+def _in_portal() -> bool:
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def register_closer(obj: Any) -> None:
+    """Close ``obj`` (its async ``aclose``) at interpreter exit if still open."""
+    _closers.add(obj)
+
+
+def schedule(fn: Callable[[], Awaitable[Any]]) -> None:
+    """Fire-and-forget ``fn()`` on the portal loop."""
+    loop = _ensure_loop()
+
+    async def runner() -> None:
+        await fn()
+
+    asyncio.run_coroutine_threadsafe(runner(), loop)
+
+
+@atexit.register
+def _close_all() -> None:
+    if _loop is None or not _closers:
+        return
+    objs = list(_closers)
+
+    async def close_all() -> None:
+        await asyncio.gather(*(o.aclose() for o in objs), return_exceptions=True)
+
+    with contextlib.suppress(Exception):  # best effort at exit
+        asyncio.run_coroutine_threadsafe(close_all(), _loop).result(30)

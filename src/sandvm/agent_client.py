@@ -1,0 +1,362 @@
+"""Host side of the agent protocol: one connection, many concurrent streams.
+
+Everything the guest sends is hostile. The decoder caps frame sizes before
+allocating; a stream that receives more DATA than the credit it was granted,
+a frame for a stream the host never opened, JSON that is not an object, or a
+frame that makes no sense for its stream closes the connection with
+AgentProtocolError. Every wait takes a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from sandvm import wire
+from sandvm.errors import (
+    AgentDisconnected,
+    AgentError,
+    AgentProtocolError,
+    AgentTimeout,
+    CommandNotFound,
+    FileTooLarge,
+    GuestError,
+    GuestFileExists,
+    GuestFileNotFound,
+    GuestPermissionDenied,
+    InvalidPath,
+    SandvmError,
+)
+
+__all__ = ["AgentConnection", "AgentInfo", "HostStream", "StreamItem"]
+
+READ_SIZE = 1 << 18
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What the agent said in its HELLO."""
+
+    version: int
+    agent_version: str
+    features: tuple[str, ...]
+    kernel: str
+    boot_id: str
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One thing that arrived on a stream: kind is data, eof, event, reply or error."""
+
+    kind: str
+    channel: int = 0
+    data: bytes = b""
+    message: dict[str, Any] | None = None
+    error: SandvmError | None = None
+
+
+_GUEST_CODES: dict[str, type[SandvmError]] = {
+    "file_not_found": GuestFileNotFound,
+    "file_exists": GuestFileExists,
+    "permission_denied": GuestPermissionDenied,
+    "file_too_large": FileTooLarge,
+    "command_not_found": CommandNotFound,
+    "invalid_path": InvalidPath,
+}
+
+
+def guest_error(msg: dict[str, Any]) -> SandvmError:
+    """Map a guest RESET payload to a sandvm exception; unknown codes become GuestError."""
+    code = msg.get("code")
+    text = msg.get("message")
+    text = text[:2000] if isinstance(text, str) else "the guest reported an error"
+    cls = _GUEST_CODES.get(code, GuestError) if isinstance(code, str) else GuestError
+    return cls(text, guest_code=code if isinstance(code, str) else None)
+
+
+class HostStream:
+    """One stream opened by the host. Items arrive in order through ``next``."""
+
+    def __init__(self, conn: AgentConnection, sid: int) -> None:
+        self.conn = conn
+        self.sid = sid
+        self._items: deque[StreamItem] = deque()
+        self._ready = asyncio.Event()
+        self._send_window = wire.INITIAL_WINDOW
+        self._window_open = asyncio.Event()
+        self._window_open.set()
+        self._recv_budget = wire.INITIAL_WINDOW  # DATA bytes the guest may still send
+        self.closed = False
+
+    # called by the connection's reader
+    def _push(self, item: StreamItem) -> None:
+        self._items.append(item)
+        self._ready.set()
+
+    def _on_data(self, channel: int, data: bytes) -> None:
+        self._recv_budget -= len(data)
+        if self._recv_budget < 0:
+            raise AgentProtocolError(
+                f"guest overran the flow-control window on stream {self.sid}")
+        self._push(StreamItem("data", channel=channel, data=data))
+
+    def _on_window(self, inc: int) -> None:
+        self._send_window += inc
+        if self._send_window > (1 << 31):
+            raise AgentProtocolError("guest granted an absurd window")
+        if self._send_window > 0:
+            self._window_open.set()
+
+    def _finish(self, item: StreamItem) -> None:
+        self.closed = True
+        self._push(item)
+
+    async def next(self, timeout: float | None) -> StreamItem:
+        """The next item; raises AgentTimeout after ``timeout`` seconds (None: no limit)."""
+        while not self._items:
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                raise AgentTimeout(f"no answer from the guest agent within {timeout} s") from None
+        item = self._items.popleft()
+        if item.kind == "data" and item.data and not self.closed:
+            # consumed: give the credit back
+            self._recv_budget += len(item.data)
+            await self.conn._send(wire.encode_window(self.sid, len(item.data)))
+        return item
+
+    async def send_data(self, data: bytes, *, channel: int = wire.CH_STDIN,
+                        timeout: float | None = 60.0) -> None:
+        """Send bytes, waiting for credit. Raises AgentTimeout if the guest stops reading."""
+        view = memoryview(data)
+        while view:
+            if self.closed:
+                raise AgentDisconnected(f"stream {self.sid} is closed")
+            if self._send_window <= 0:
+                self._window_open.clear()
+                try:
+                    await asyncio.wait_for(self._window_open.wait(), timeout)
+                except TimeoutError:
+                    raise AgentTimeout(f"guest did not accept data within {timeout} s") from None
+                continue
+            n = min(len(view), wire.DATA_CHUNK, self._send_window)
+            self._send_window -= n
+            await self.conn._send(wire.encode_data(self.sid, channel, bytes(view[:n])))
+            view = view[n:]
+
+    async def send_eof(self, channel: int = wire.CH_STDIN) -> None:
+        if not self.closed:
+            await self.conn._send(wire.encode(wire.EOF, self.sid, bytes((channel,))))
+
+    async def send_ctrl(self, msg: dict[str, Any]) -> None:
+        if not self.closed:
+            await self.conn._send(wire.encode_json(wire.CTRL, self.sid, msg))
+
+    async def reset(self) -> None:
+        """Abandon the stream (the guest kills what it runs for it)."""
+        if not self.closed:
+            self.closed = True
+            self.conn._streams.pop(self.sid, None)
+            with contextlib.suppress(SandvmError):
+                await self.conn._send(wire.encode_json(wire.RESET, self.sid, {"code": "cancelled"}))
+
+
+class AgentConnection:
+    """The host end of the agent channel (a unix socket QEMU bridges to virtio-serial)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._decoder = wire.FrameDecoder()
+        self._streams: dict[int, HostStream] = {}
+        self._next_sid = 1
+        self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._failure: SandvmError | None = None
+        self._write_lock = asyncio.Lock()
+        self.info: AgentInfo | None = None
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @classmethod
+    async def connect(cls, path: str, *, timeout: float = 10.0) -> AgentConnection:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise AgentDisconnected(f"cannot connect to the agent socket {path}: {exc!r}") from exc
+        return cls(reader, writer)
+
+    @property
+    def failure(self) -> SandvmError | None:
+        return self._failure
+
+    async def handshake(self, *, timeout: float) -> AgentInfo:
+        """Say HELLO and wait for the agent's. Raises AgentTimeout, AgentProtocolError."""
+        await self._send(wire.encode_json(wire.HELLO, 0, wire.hello_payload("host")))
+        try:
+            msg = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+        except TimeoutError:
+            raise AgentTimeout(
+                f"the guest agent did not say hello within {timeout:.0f} s") from None
+        return self._parse_hello(msg)
+
+    def _parse_hello(self, msg: dict[str, Any]) -> AgentInfo:
+        if msg.get("proto") != "sandvm-agent" or not isinstance(msg.get("version"), int):
+            raise AgentProtocolError("the guest's HELLO is not a sandvm agent's")
+        if msg["version"] != wire.PROTOCOL_VERSION:
+            raise AgentProtocolError(
+                f"guest agent speaks protocol {msg['version']}, host speaks"
+                f" {wire.PROTOCOL_VERSION}: rebuild the guest with `sandvm setup`")
+        feats = msg.get("features")
+        features = tuple(f for f in feats if isinstance(f, str))[:64] if isinstance(
+            feats, list) else ()
+
+        def s(key: str) -> str:
+            v = msg.get(key)
+            return v[:200] if isinstance(v, str) else ""
+
+        self.info = AgentInfo(version=msg["version"], agent_version=s("agent_version"),
+                              features=features, kernel=s("kernel"), boot_id=s("boot_id"))
+        return self.info
+
+    async def _send(self, frame: bytes) -> None:
+        if self._failure is not None:
+            raise self._failure
+        try:
+            async with self._write_lock:
+                self._writer.write(frame)
+                await self._writer.drain()
+        except (OSError, RuntimeError) as exc:
+            self.fail(AgentDisconnected(f"agent channel write failed: {exc!r}"))
+            raise self._failure from exc  # type: ignore[misc]
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(READ_SIZE)
+                if not data:
+                    self.fail(AgentDisconnected("the guest agent channel closed"))
+                    return
+                for ftype, sid, payload in self._decoder.feed(data):
+                    await self._dispatch(ftype, sid, payload)
+        except wire.ProtocolViolation as exc:
+            self.fail(AgentProtocolError(f"guest sent invalid protocol: {exc}"))
+        except AgentProtocolError as exc:
+            self.fail(exc)
+        except OSError as exc:
+            self.fail(AgentDisconnected(f"agent channel read failed: {exc!r}"))
+        except asyncio.CancelledError:
+            self.fail(AgentDisconnected("agent connection closed"))
+            raise
+
+    async def _dispatch(self, ftype: int, sid: int, payload: bytes) -> None:
+        if ftype == wire.HELLO:
+            msg = wire.decode_json(payload)
+            if not self._hello.done():
+                self._hello.set_result(msg)
+            return
+        if ftype == wire.PONG:
+            fut = self._pings.pop(payload, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return
+        if ftype in (wire.PING, wire.OPEN, wire.HELLO, wire.GOAWAY) or sid == 0:
+            if ftype == wire.GOAWAY:
+                self.fail(AgentDisconnected("the guest agent is going away"))
+                return
+            raise AgentProtocolError(f"unexpected {wire.FRAME_NAMES[ftype]} frame from guest")
+        st = self._streams.get(sid)
+        if st is None:
+            if sid % 2 == 1 and sid < self._next_sid:
+                return  # a late frame for a stream we already closed
+            raise AgentProtocolError(f"guest sent a frame for unknown stream {sid}")
+        if ftype == wire.DATA:
+            ch, data = wire.split_channel(payload)
+            st._on_data(ch, data)
+        elif ftype == wire.EOF:
+            ch, _ = wire.split_channel(payload)
+            st._push(StreamItem("eof", channel=ch))
+        elif ftype == wire.WINDOW:
+            st._on_window(wire.decode_window(payload))
+        elif ftype == wire.EVENT:
+            st._push(StreamItem("event", message=wire.decode_json(payload)))
+        elif ftype == wire.REPLY:
+            self._streams.pop(sid, None)
+            st._finish(StreamItem("reply", message=wire.decode_json(payload)))
+        elif ftype == wire.RESET:
+            self._streams.pop(sid, None)
+            st._finish(StreamItem("error", error=guest_error(wire.decode_json(payload))))
+        else:
+            raise AgentProtocolError(f"unexpected {wire.FRAME_NAMES[ftype]} frame on stream {sid}")
+
+    def fail(self, exc: SandvmError) -> None:
+        """Close the connection: every open stream and waiter gets ``exc``."""
+        if self._failure is not None:
+            return
+        self._failure = exc
+        if not self._hello.done():
+            self._hello.set_exception(exc)
+            self._hello.exception()  # mark retrieved
+        for st in list(self._streams.values()):
+            st._finish(StreamItem("error", error=exc))
+        self._streams.clear()
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._pings.clear()
+        with contextlib.suppress(Exception):
+            self._writer.close()
+
+    async def open(self, request: dict[str, Any]) -> HostStream:
+        """Open a stream with a JSON request. Raises the connection's failure if closed."""
+        if self._failure is not None:
+            raise self._failure
+        if len(self._streams) >= wire.MAX_STREAMS:
+            raise AgentError("too many concurrent operations on this sandbox")
+        sid = self._next_sid
+        self._next_sid += 2
+        st = HostStream(self, sid)
+        self._streams[sid] = st
+        await self._send(wire.encode_json(wire.OPEN, sid, request))
+        return st
+
+    async def call(self, request: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+        """A one-shot request: open, wait for the REPLY. Raises the guest's error."""
+        st = await self.open(request)
+        try:
+            while True:
+                item = await st.next(timeout)
+                if item.kind == "reply":
+                    assert item.message is not None
+                    return item.message
+                if item.kind == "error":
+                    assert item.error is not None
+                    raise item.error
+                raise AgentProtocolError(f"unexpected {item.kind} on a one-shot call")
+        except AgentTimeout:
+            await st.reset()
+            raise
+
+    async def ping(self, *, timeout: float = 5.0) -> float:
+        """Round trip to the agent in seconds."""
+        loop = asyncio.get_running_loop()
+        token = str(loop.time()).encode()[:32]
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pings[token] = fut
+        t0 = loop.time()
+        await self._send(wire.encode(wire.PING, 0, token))
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            self._pings.pop(token, None)
+            raise AgentTimeout(f"agent did not answer a ping within {timeout} s") from None
+        return loop.time() - t0
+
+    async def close(self) -> None:
+        self.fail(AgentDisconnected("agent connection closed"))
+        self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task

@@ -1,0 +1,70 @@
+"""Locating sandvm's home and the current guest assets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandvm.errors import AssetMissing
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+def sandvm_home() -> Path:
+    """``$SANDVM_HOME`` or ``~/.cache/sandvm``."""
+    env = os.environ.get("SANDVM_HOME")
+    return Path(env) if env else Path.home() / ".cache" / "sandvm"
+
+
+@dataclass(frozen=True)
+class Assets:
+    """Paths of a built guest: kernel, initramfs and the QEMU binary."""
+
+    kernel: Path
+    initramfs: Path
+    kernel_release: str
+    qemu: Path
+
+
+def find_qemu() -> Path | None:
+    env = os.environ.get("SANDVM_QEMU")
+    if env:
+        return Path(env) if Path(env).exists() else None
+    found = shutil.which(QEMU_BINARY)
+    return Path(found) if found else None
+
+
+def read_manifest(home: Path | None = None) -> dict[str, str] | None:
+    path = (home or sandvm_home()) / "assets.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def find_assets(home: Path | None = None) -> Assets:
+    """The current assets. Raises AssetMissing (saying to run `sandvm setup`)."""
+    home = home or sandvm_home()
+    qemu = find_qemu()
+    if qemu is None:
+        raise AssetMissing(
+            f"{QEMU_BINARY} not found: run `sandvm setup` (or `apt-get install qemu-system-x86`)"
+        )
+    man = read_manifest(home)
+    if man is None:
+        raise AssetMissing(f"no guest assets in {home}: run `sandvm setup` (or `make setup`)")
+    kernel = Path(man.get("kernel", ""))
+    initramfs = Path(man.get("initramfs", ""))
+    for what, p in (("guest kernel", kernel), ("guest initramfs", initramfs)):
+        if not p.is_file():
+            raise AssetMissing(f"{what} {p} is missing: run `sandvm setup` to rebuild it")
+    return Assets(
+        kernel=kernel,
+        initramfs=initramfs,
+        kernel_release=man.get("kernel_release", ""),
+        qemu=qemu,
+    )

@@ -1,0 +1,204 @@
+"""The `sandvm` command line: setup, doctor, run."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import click
+
+from sandvm.core import parse_memory
+from sandvm.errors import CommandNotFound, CommandTimeout, SandvmError
+
+
+def _fail(exc: SandvmError) -> None:
+    click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
+    sys.exit(2 if exc.code in ("invalid_config", "invalid_spec", "invalid_path",
+                               "unknown_image") else 1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sandvm")
+def main() -> None:
+    """sandvm: run untrusted code in real microVMs."""
+
+
+@main.command()
+def setup() -> None:
+    """Install QEMU, fetch the guest kernel and build the guest initramfs (idempotent)."""
+    from rich.console import Console
+
+    from sandvm.assets import run_setup
+
+    console = Console(stderr=True)
+    tty = console.is_terminal
+    try:
+        if tty:
+            with console.status("setting up") as status:
+                def progress(step: str, msg: str) -> None:
+                    status.update(f"[bold]{step}[/bold]: {msg}")
+                results = run_setup(progress)
+        else:
+            results = run_setup()
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    for step, outcome in results:
+        click.echo(f"{step}: {outcome}")
+    click.echo("setup complete")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--refresh", is_flag=True, help="Re-run the KVM probe instead of using its cache.")
+def doctor(as_json: bool, refresh: bool) -> None:
+    """Report what this host can do: QEMU, guest assets, KVM usability, accelerator."""
+    from sandvm.doctor import UNSUPPORTED, build_report
+
+    report = asyncio.run(build_report(refresh=refresh))
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"health:       {report.health}")
+        q = report.qemu
+        click.echo(f"qemu:         {q['version'] or 'missing'} ({q['path'] or '-'})")
+        click.echo(f"kernel:       {'present' if report.kernel['present'] else 'missing'}"
+                   f" {report.kernel['release'] or ''}")
+        click.echo(f"initramfs:    {'present' if report.initramfs['present'] else 'missing'}")
+        k = report.kvm
+        click.echo(f"/dev/kvm:     {'present' if k['present'] else 'absent'},"
+                   f" {'usable' if k['usable'] else 'not usable'}"
+                   + (f" ({k['reason']})" if k["reason"] else ""))
+        click.echo(f"accelerator:  {report.accelerator or '-'}")
+        for m in report.missing:
+            click.echo(f"missing:      {m['what']}: {m['fix']}")
+        for n in report.notes:
+            click.echo(f"note:         {n}")
+    sys.exit(1 if report.health == UNSUPPORTED else 0)
+
+
+def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for v in values:
+        if "=" not in v or v.startswith("="):
+            raise click.BadParameter(f"{v!r}: use KEY=VALUE", param_hint="-e/--env")
+        k, _, val = v.partition("=")
+        env[k] = val
+    return env
+
+
+async def _stdin_chunks() -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    while True:
+        data = await loop.run_in_executor(None, os.read, fd, 65536)
+        if not data:
+            return
+        yield data
+
+
+async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: float | None,
+               env: dict[str, str], workdir: str | None, interactive: bool) -> int:
+    from sandvm.sandbox import AsyncSandbox
+
+    if sys.stderr.isatty():
+        click.echo("sandvm: booting microVM…", err=True)
+    sb = await AsyncSandbox.create(image=image, memory_mib=memory, vcpus=cpus)
+    loop = asyncio.get_running_loop()
+    interrupted = 0
+    try:
+        def out(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        def err(text: str) -> None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+        stdin: Any = _stdin_chunks() if interactive else None
+        handle = await sb.commands.run(cmd, env=env or None, cwd=workdir, timeout=timeout,
+                                       on_stdout=out, on_stderr=err, stdin=stdin,
+                                       background=True, check=False)
+        if not interactive:
+            await handle.close_stdin()
+        done = asyncio.Event()
+        pending: set[asyncio.Future[None]] = set()
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            interrupted += 1
+            if interrupted == 1:
+                fut = asyncio.ensure_future(handle.send_signal(signal.SIGINT, grace=2.0))
+                pending.add(fut)
+                fut.add_done_callback(pending.discard)
+                loop.call_later(3.0, done.set)
+            else:
+                done.set()
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        loop.add_signal_handler(signal.SIGTERM, on_sigint)
+        waiter = asyncio.ensure_future(handle.wait())
+        stopper = asyncio.ensure_future(done.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done():
+            stopper.cancel()
+            try:
+                res = waiter.result()
+            except CommandTimeout as exc:
+                click.echo(f"sandvm: {exc.message}", err=True)
+                return 124
+            return 130 if interrupted else res.exit_code
+        waiter.cancel()
+        return 130
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+        await sb.kill()
+
+
+@main.command(context_settings={"ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@click.option("--image", default="base", show_default=True, help="Guest image.")
+@click.option("--memory", default="256M", show_default=True, help="Guest memory, e.g. 512M, 1G.")
+@click.option("--cpus", default=1, show_default=True, type=int, help="vCPUs.")
+@click.option("--timeout", type=float, default=None, help="Kill the command after N seconds.")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VAL", help="Set a variable.")
+@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[str, ...],
+        workdir: str | None, interactive: bool, cmd: tuple[str, ...]) -> None:
+    """Boot a microVM, run CMD in it, stream its output, exit with its exit code.
+
+    Example: sandvm run -- python3 -c "print(1)"
+    """
+    argv = list(cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise click.UsageError("give a command after --, e.g. sandvm run -- uname -a")
+    try:
+        mem = parse_memory(memory)
+        code = asyncio.run(_run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
+                                env=_parse_env(envs), workdir=workdir,
+                                interactive=interactive))
+    except CommandNotFound as exc:
+        click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
+        code = 127
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

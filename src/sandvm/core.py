@@ -1,0 +1,139 @@
+"""Pure value types shared by every layer: VM states, specs, ids, validation.
+
+No I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+from dataclasses import dataclass, field
+
+from sandvm.errors import InvalidPath, InvalidSpec
+
+__all__ = [
+    "BUILTIN_IMAGES",
+    "DEFAULT_MEMORY_MIB",
+    "DEFAULT_VCPUS",
+    "MAX_MEMORY_MIB",
+    "MAX_VCPUS",
+    "MIN_MEMORY_MIB",
+    "VmSpec",
+    "VmState",
+    "VmView",
+    "check_guest_path",
+    "new_id",
+    "parse_memory",
+    "validate_vm_id",
+]
+
+DEFAULT_MEMORY_MIB = 256
+MIN_MEMORY_MIB = 128
+MAX_MEMORY_MIB = 16384
+DEFAULT_VCPUS = 1
+MAX_VCPUS = 16
+BUILTIN_IMAGES = ("base",)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class VmState(enum.Enum):
+    """Seed 000's lifecycle: Created → Running ⇄ Stopped, any → Destroyed (terminal)."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DESTROYED = "destroyed"
+
+
+def new_id(prefix: str = "sb") -> str:
+    """A fresh random id such as ``sb-3f9a1c2d7e``."""
+    return f"{prefix}-{secrets.token_hex(5)}"
+
+
+def validate_vm_id(vm_id: str) -> str:
+    """Return ``vm_id`` if usable as an id (and a file name); raise InvalidSpec otherwise."""
+    if not isinstance(vm_id, str) or not _ID_RE.match(vm_id):
+        raise InvalidSpec(
+            f"invalid id {vm_id!r}: use 1-63 characters from letters, digits, '.', '_' and '-',"
+            " starting with a letter or digit"
+        )
+    return vm_id
+
+
+def parse_memory(value: str | int) -> int:
+    """Parse a memory size (``512``, ``"512M"``, ``"1G"``, ``"1GiB"``) into MiB."""
+    if isinstance(value, bool):
+        raise InvalidSpec(
+            f"invalid memory size {value!r}: give MiB as a number, e.g. 512 or '1G'")
+    if isinstance(value, int):
+        mib = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)(?:i?[Bb])?\s*", str(value))
+        if not m:
+            raise InvalidSpec(
+                f"invalid memory size {value!r}: give MiB as a number,"
+                " or a size like '512M' or '1G'")
+        mib = int(m.group(1)) * (1024 if m.group(2).lower() == "g" else 1)
+    if not MIN_MEMORY_MIB <= mib <= MAX_MEMORY_MIB:
+        raise InvalidSpec(
+            f"memory {mib} MiB is out of range: choose between {MIN_MEMORY_MIB} and"
+            f" {MAX_MEMORY_MIB} MiB"
+        )
+    return mib
+
+
+def check_guest_path(path: str) -> str:
+    """Return ``path`` if it is an absolute guest path; raise InvalidPath otherwise."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidPath(f"guest path {path!r} is not absolute: give a path starting with '/'")
+    if "\x00" in path:
+        raise InvalidPath(f"guest path {path!r} contains a NUL byte")
+    if len(path.encode()) > 4096:
+        raise InvalidPath("guest path is longer than 4096 bytes")
+    return path
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmSpec:
+    """What a VM should look like; validated on construction.
+
+    Raises InvalidSpec for an unknown image, a memory size or vCPU count out of
+    range, or a non-positive timeout.
+    """
+
+    image: str = "base"
+    memory_mib: int = DEFAULT_MEMORY_MIB
+    vcpus: int = DEFAULT_VCPUS
+    kernel_args: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.image not in BUILTIN_IMAGES:
+            raise InvalidSpec(
+                f"unknown image {self.image!r}: the built-in images are"
+                f" {', '.join(BUILTIN_IMAGES)}"
+            )
+        if isinstance(self.memory_mib, bool) or not isinstance(self.memory_mib, int):
+            raise InvalidSpec(f"memory_mib must be an int, got {self.memory_mib!r}")
+        parse_memory(self.memory_mib)
+        if (
+            isinstance(self.vcpus, bool)
+            or not isinstance(self.vcpus, int)
+            or not 1 <= self.vcpus <= MAX_VCPUS
+        ):
+            raise InvalidSpec(f"vcpus {self.vcpus!r} is out of range: choose 1 to {MAX_VCPUS}")
+        for arg in self.kernel_args:
+            if not isinstance(arg, str) or not arg or any(c.isspace() for c in arg):
+                raise InvalidSpec(f"kernel argument {arg!r} must be one word without spaces")
+
+
+@dataclass(frozen=True)
+class VmView:
+    """A read-only view of one VM as a provider's ``VmQuery`` reports it."""
+
+    vm_id: str
+    state: VmState
+    spec: VmSpec
+    snapshots: tuple[str, ...] = ()
+    failure: str | None = None

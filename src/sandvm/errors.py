@@ -1,0 +1,301 @@
+"""sandvm's one exception tree.
+
+Every public error derives from :class:`SandvmError` and carries a stable
+``code`` (a short snake_case string) that the CLI prints and the HTTP server
+will return, so callers can match on it across versions::
+
+    SandvmError (sandvm_error)
+    ├── ConfigError (invalid_config)            bad input: what to change is in the message
+    │   ├── InvalidSpec (invalid_spec)
+    │   ├── InvalidPath (invalid_path)
+    │   └── UnknownImage (unknown_image)
+    ├── SetupError (setup_failed)               `sandvm setup` step failed
+    ├── AssetMissing (asset_missing)            kernel/initramfs/QEMU absent: run `sandvm setup`
+    ├── ProviderError (provider_error)          seed 000's VM lifecycle errors
+    │   ├── VmAlreadyExists (vm_already_exists)
+    │   ├── VmNotFound (vm_not_found)
+    │   ├── InvalidTransition (invalid_transition)
+    │   ├── SnapshotAlreadyExists (snapshot_already_exists)
+    │   └── Unsupported (unsupported)
+    ├── VmError (vm_error)                      the hypervisor side
+    │   ├── VmBootError (vm_boot_failed)
+    │   ├── VmCrashed (vm_crashed)
+    │   └── QmpError (qmp_error)
+    ├── AgentError (agent_error)                the guest agent side
+    │   ├── AgentProtocolError (agent_protocol_error)   the guest sent garbage
+    │   ├── AgentTimeout (agent_timeout)
+    │   ├── AgentDisconnected (agent_disconnected)
+    │   └── GuestError (guest_error)            an operation failed inside the guest
+    │       ├── GuestFileNotFound (file_not_found)
+    │       ├── GuestFileExists (file_exists)
+    │       ├── GuestPermissionDenied (permission_denied)
+    │       └── FileTooLarge (file_too_large)
+    ├── CommandError (command_error)
+    │   ├── CommandExitError (command_exit)     non-zero exit; carries the result
+    │   ├── CommandTimeout (command_timeout)
+    │   └── CommandNotFound (command_not_found)
+    └── SandboxStateError (sandbox_state)       operation not allowed in this state
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from sandvm.core import VmState
+    from sandvm.sandbox import CommandResult
+
+__all__ = [
+    "AgentDisconnected",
+    "AgentError",
+    "AgentProtocolError",
+    "AgentTimeout",
+    "AssetMissing",
+    "CommandError",
+    "CommandExitError",
+    "CommandNotFound",
+    "CommandTimeout",
+    "ConfigError",
+    "FileTooLarge",
+    "GuestError",
+    "GuestFileExists",
+    "GuestFileNotFound",
+    "GuestPermissionDenied",
+    "InvalidPath",
+    "InvalidSpec",
+    "InvalidTransition",
+    "ProviderError",
+    "QmpError",
+    "SandboxStateError",
+    "SandvmError",
+    "SetupError",
+    "SnapshotAlreadyExists",
+    "UnknownImage",
+    "Unsupported",
+    "VmAlreadyExists",
+    "VmBootError",
+    "VmCrashed",
+    "VmError",
+    "VmNotFound",
+    "error_class_for_code",
+]
+
+
+class SandvmError(Exception):
+    """Root of every sandvm error; ``code`` is stable across versions."""
+
+    code: ClassVar[str] = "sandvm_error"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        """The error as the JSON object the CLI and server emit."""
+        return {"code": self.code, "message": self.message}
+
+
+class ConfigError(SandvmError):
+    """Bad input from the caller; the message says what to change."""
+
+    code = "invalid_config"
+
+
+class InvalidSpec(ConfigError):
+    code = "invalid_spec"
+
+
+class InvalidPath(ConfigError):
+    code = "invalid_path"
+
+
+class UnknownImage(ConfigError):
+    code = "unknown_image"
+
+
+class SetupError(SandvmError):
+    """A `sandvm setup` step failed; ``step`` names it."""
+
+    code = "setup_failed"
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"setup step {step!r} failed: {message}")
+        self.step = step
+
+
+class AssetMissing(SandvmError):
+    """A guest asset (kernel, initramfs) or QEMU itself is not installed."""
+
+    code = "asset_missing"
+
+
+class ProviderError(SandvmError):
+    code = "provider_error"
+
+
+class VmAlreadyExists(ProviderError):
+    code = "vm_already_exists"
+
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"a VM with id {vm_id!r} already exists; choose another id")
+        self.vm_id = vm_id
+
+
+class VmNotFound(ProviderError):
+    code = "vm_not_found"
+
+    def __init__(self, vm_id: str) -> None:
+        super().__init__(f"no VM with id {vm_id!r}")
+        self.vm_id = vm_id
+
+
+class InvalidTransition(ProviderError):
+    """A lifecycle call that the VM's current state does not allow."""
+
+    code = "invalid_transition"
+
+    def __init__(self, from_state: VmState, to_state: VmState, *, vm_id: str = "") -> None:
+        where = f"VM {vm_id!r}: " if vm_id else ""
+        super().__init__(
+            f"{where}cannot go from {from_state.value} to {to_state.value}"
+        )
+        self.from_state = from_state
+        self.to_state = to_state
+        self.vm_id = vm_id
+
+
+class SnapshotAlreadyExists(ProviderError):
+    code = "snapshot_already_exists"
+
+    def __init__(self, vm_id: str, snapshot_id: str) -> None:
+        super().__init__(
+            f"VM {vm_id!r} already has a snapshot named {snapshot_id!r}; choose another name"
+        )
+        self.vm_id = vm_id
+        self.snapshot_id = snapshot_id
+
+
+class Unsupported(ProviderError):
+    code = "unsupported"
+
+
+class VmError(SandvmError):
+    code = "vm_error"
+
+
+class VmBootError(VmError):
+    code = "vm_boot_failed"
+
+
+class VmCrashed(VmError):
+    code = "vm_crashed"
+
+
+class QmpError(VmError):
+    code = "qmp_error"
+
+
+class AgentError(SandvmError):
+    code = "agent_error"
+
+
+class AgentProtocolError(AgentError):
+    """The guest sent something that is not valid protocol: the channel is closed."""
+
+    code = "agent_protocol_error"
+
+
+class AgentTimeout(AgentError):
+    code = "agent_timeout"
+
+
+class AgentDisconnected(AgentError):
+    code = "agent_disconnected"
+
+
+class GuestError(AgentError):
+    """An operation failed inside the guest (the guest's own error message)."""
+
+    code = "guest_error"
+
+
+class GuestFileNotFound(GuestError):
+    code = "file_not_found"
+
+
+class GuestFileExists(GuestError):
+    code = "file_exists"
+
+
+class GuestPermissionDenied(GuestError):
+    code = "permission_denied"
+
+
+class FileTooLarge(GuestError):
+    code = "file_too_large"
+
+
+class CommandError(SandvmError):
+    code = "command_error"
+
+
+class CommandExitError(CommandError):
+    """The command exited non-zero (or by a signal); ``result`` holds everything."""
+
+    code = "command_exit"
+
+    def __init__(self, result: CommandResult) -> None:
+        how = (
+            f"was killed by signal {result.signal}"
+            if result.signal is not None
+            else f"exited with code {result.exit_code}"
+        )
+        tail = result.stderr.strip()[-500:]
+        super().__init__(f"command {how}" + (f": {tail}" if tail else ""))
+        self.result = result
+
+    @property
+    def exit_code(self) -> int:
+        return self.result.exit_code
+
+    @property
+    def stdout(self) -> str:
+        return self.result.stdout
+
+    @property
+    def stderr(self) -> str:
+        return self.result.stderr
+
+
+class CommandTimeout(CommandError):
+    """The command ran past its timeout; its processes were killed. ``result`` if known."""
+
+    code = "command_timeout"
+
+    def __init__(self, message: str, *, result: CommandResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class CommandNotFound(CommandError):
+    code = "command_not_found"
+
+
+class SandboxStateError(SandvmError):
+    code = "sandbox_state"
+
+
+def _all_subclasses(cls: type[SandvmError]) -> list[type[SandvmError]]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def error_class_for_code(code: str) -> type[SandvmError]:
+    """The exception class for a stable ``code`` (``SandvmError`` if unknown)."""
+    for cls in _all_subclasses(SandvmError):
+        if cls.code == code:
+            return cls
+    return SandvmError

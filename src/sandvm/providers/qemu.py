@@ -1,0 +1,591 @@
+"""The QEMU backend: microVM processes supervised from asyncio, controlled over QMP.
+
+One :class:`QemuVm` is one ``qemu-system-x86_64 -M microvm`` child process with a
+private runtime directory (mode 0700) holding its QMP socket, its agent socket,
+its console log and its guest RAM file (``memory-backend-file,share=on``, the
+basis for fast snapshots). If QEMU dies, the VM is marked failed, every waiter
+on its agent gets VmCrashed, and the runtime directory is removed.
+
+:class:`QemuVmProvider` puts seed 000's lifecycle on top: Created (spec only,
+no process) → Running (QEMU booted, agent ready) ⇄ Stopped (vCPUs paused) →
+Destroyed (process gone, record kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandvm.agent_client import AgentConnection, AgentInfo
+from sandvm.assets import Assets, find_assets, sandvm_home
+from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
+from sandvm.errors import (
+    AgentError,
+    InvalidTransition,
+    QmpError,
+    SandvmError,
+    SnapshotAlreadyExists,
+    Unsupported,
+    VmAlreadyExists,
+    VmBootError,
+    VmCrashed,
+    VmNotFound,
+)
+from sandvm.providers.base import check_transition
+from sandvm.providers.qmp import QmpClient
+
+__all__ = [
+    "AccelChoice",
+    "QemuVm",
+    "QemuVmProvider",
+    "choose_accel",
+    "host_tsc_khz",
+    "runtime_root",
+]
+
+DEFAULT_BOOT_TIMEOUT = 60.0
+PROBE_TIMEOUT = 12.0
+
+
+def host_tsc_khz() -> int | None:
+    """The host's TSC frequency in kHz (from /proc/cpuinfo), for tsc_early_khz."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def runtime_root() -> Path:
+    """Where per-VM runtime dirs live: tmpfs (/dev/shm) so guest RAM files cost no disk."""
+    base = Path(os.environ.get("SANDVM_RUNTIME_DIR", "/dev/shm"))
+    root = base / f"sandvm-{os.geteuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(root, 0o700)
+    return root
+
+
+def _set_pdeathsig() -> None:
+    # QEMU dies with the thread that started it: no orphaned VMs if we are killed
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+def _kernel_cmdline(spec: VmSpec, *, probe: bool = False) -> str:
+    args = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1", "reboot=t", "tsc=reliable",
+            "nomodeset", "i8042.noaux", "i8042.nokbd", "8250.nr_uarts=1", "random.trust_cpu=on"]
+    khz = host_tsc_khz()
+    if khz:
+        # under TCG with an explicit memory backend the kernel otherwise hangs
+        # calibrating the TSC against the PIT (DESIGN.md)
+        args.append(f"tsc_early_khz={khz}")
+    if probe:
+        args.append("sandvm.probe=1")
+    args.extend(spec.kernel_args)
+    return " ".join(args)
+
+
+def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
+               probe: bool = False) -> list[str]:
+    """The QEMU command line for one microVM (no network device, seccomp on)."""
+    mem = f"{spec.memory_mib}M"
+    if accel == "kvm":
+        accel_args = ["-accel", "kvm", "-cpu", "host"]
+    else:
+        thread = "single" if spec.vcpus == 1 else "multi"
+        accel_args = ["-accel", f"tcg,thread={thread},tb-size=64", "-cpu", "max"]
+    return [
+        str(assets.qemu),
+        "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on,pit=on,pic=on,memory-backend=mem",
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        *accel_args,
+        "-smp", str(spec.vcpus),
+        "-m", mem,
+        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={rundir / 'mem'},share=on",
+        "-kernel", str(assets.kernel),
+        "-initrd", str(assets.initramfs),
+        "-append", _kernel_cmdline(spec, probe=probe),
+        "-serial", f"file:{rundir / 'console.log'}",
+        "-device", "virtio-serial-device,max_ports=2",
+        "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=sandvm.agent",
+        "-device", "virtio-rng-device",
+        "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-monitor", "none",
+    ]
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        data = path.read_bytes()[-8192:]
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", "replace").splitlines()[-n:]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- accelerator
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    """Which accelerator `run` uses and why."""
+
+    accel: str
+    kvm_present: bool
+    kvm_usable: bool
+    reason: str
+    cached: bool = False
+
+
+def _probe_key(assets: Assets) -> str:
+    st = assets.kernel.stat()
+    return f"{assets.qemu}:{assets.kernel}:{st.st_size}:{os.uname().release}"
+
+
+async def _probe_kvm(assets: Assets, timeout: float) -> tuple[bool, str]:
+    rundir = Path(tempfile.mkdtemp(prefix="probe-", dir=runtime_root()))
+    try:
+        argv = build_argv(assets=assets, spec=VmSpec(), accel="kvm", rundir=rundir, probe=True)
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, preexec_fn=_set_pdeathsig)
+        deadline = time.monotonic() + timeout
+        console = rundir / "console.log"
+        try:
+            while time.monotonic() < deadline:
+                if "SANDVM-PROBE-OK" in _tail(console):
+                    return True, "a probe boot under KVM reached the guest's init"
+                if proc.returncode is not None:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.1)
+            if "SANDVM-PROBE-OK" in _tail(console):
+                return True, "a probe boot under KVM reached the guest's init"
+            if proc.returncode is not None:
+                assert proc.stderr is not None
+                err = (await proc.stderr.read()).decode(errors="replace").strip()
+                return False, f"QEMU failed under KVM: {err.splitlines()[-1] if err else '?'}"
+            return False, (f"a probe boot under KVM did not reach the guest's init within"
+                           f" {timeout:.0f} s (e.g. a PVM-only or nested host)")
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+async def choose_accel(assets: Assets, *, refresh: bool = False,
+                       timeout: float = PROBE_TIMEOUT) -> AccelChoice:
+    """KVM if /dev/kvm exists and a bounded probe boot works under it, else TCG.
+
+    ``SANDVM_ACCEL=kvm|tcg`` forces a choice. The probe result is cached in
+    ``$SANDVM_HOME/accel.json`` per QEMU, kernel and host kernel.
+    """
+    forced = os.environ.get("SANDVM_ACCEL")
+    present = os.path.exists("/dev/kvm")
+    if forced in ("kvm", "tcg"):
+        return AccelChoice(forced, present, forced == "kvm", f"forced by SANDVM_ACCEL={forced}")
+    if not present:
+        return AccelChoice("tcg", False, False, "/dev/kvm does not exist")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return AccelChoice("tcg", True, False, "/dev/kvm is not accessible to this user")
+    cache = sandvm_home() / "accel.json"
+    key = _probe_key(assets)
+    if not refresh:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            data = json.loads(cache.read_text())
+            if data["key"] == key:
+                usable = bool(data["kvm_usable"])
+                return AccelChoice("kvm" if usable else "tcg", True, usable,
+                                   str(data["reason"]), cached=True)
+    usable, reason = await _probe_kvm(assets, timeout)
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "kvm_usable": usable, "reason": reason}))
+        os.replace(tmp, cache)
+    return AccelChoice("kvm" if usable else "tcg", True, usable, reason)
+
+
+# --------------------------------------------------------------------------- one VM
+
+
+class QemuVm:
+    """One supervised QEMU process and its agent connection.
+
+    ``boot`` is allowed once; ``pause``/``resume`` while running; ``shutdown``
+    any time (idempotent). A dead QEMU fails every agent waiter with VmCrashed.
+    """
+
+    def __init__(self, vm_id: str, spec: VmSpec, *, assets: Assets, accel: str) -> None:
+        self.vm_id = vm_id
+        self.spec = spec
+        self.assets = assets
+        self.accel = accel
+        self.rundir: Path | None = None
+        self.proc: asyncio.subprocess.Process | None = None
+        self.qmp: QmpClient | None = None
+        self.agent: AgentConnection | None = None
+        self.agent_info: AgentInfo | None = None
+        self.failure: SandvmError | None = None
+        self.boot_seconds: float | None = None
+        self._stopping = False
+        self._monitor: asyncio.Task[None] | None = None
+        self._booted = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None and self.failure is None
+
+    async def boot(self, *, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+        """Start QEMU and wait for the agent's hello. Raises VmBootError; cleans up on failure."""
+        if self._booted:
+            raise InvalidTransition(VmState.RUNNING, VmState.RUNNING, vm_id=self.vm_id)
+        self._booted = True
+        t0 = time.monotonic()
+        self.rundir = Path(tempfile.mkdtemp(prefix=f"{self.vm_id}-", dir=runtime_root()))
+        os.chmod(self.rundir, 0o700)
+        argv = build_argv(assets=self.assets, spec=self.spec, accel=self.accel,
+                          rundir=self.rundir)
+        stderr_log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
+                preexec_fn=_set_pdeathsig)
+        except OSError as exc:
+            stderr_log.close()
+            await self._cleanup_files()
+            raise VmBootError(f"cannot start {argv[0]}: {exc}") from exc
+        finally:
+            stderr_log.close()
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+        try:
+            await asyncio.wait_for(self._connect(), timeout)
+        except TimeoutError:
+            detail = self._diagnostics()
+            await self.shutdown()
+            raise VmBootError(
+                f"VM {self.vm_id} did not become ready within {timeout:.0f} s"
+                f" (accelerator {self.accel}).{detail}") from None
+        except SandvmError as exc:
+            detail = self._diagnostics()
+            await self.shutdown()
+            if isinstance(exc, VmBootError):
+                raise
+            raise VmBootError(f"VM {self.vm_id} failed to boot: {exc.message}{detail}") from exc
+        self.boot_seconds = time.monotonic() - t0
+
+    def _diagnostics(self) -> str:
+        if self.rundir is None:
+            return ""
+        parts = []
+        qlog = _tail(self.rundir / "qemu.log", 5)
+        if qlog:
+            parts.append(f"\nQEMU said:\n{qlog}")
+        console = _tail(self.rundir / "console.log", 10)
+        if console:
+            parts.append(f"\nlast guest console lines:\n{console}")
+        return "".join(parts)
+
+    async def _wait_socket(self, path: Path) -> None:
+        while not path.exists():
+            if self.proc is None or self.proc.returncode is not None:
+                raise VmBootError(f"QEMU exited with status {self.proc and self.proc.returncode}"
+                                  f" before creating its sockets.{self._diagnostics()}")
+            await asyncio.sleep(0.005)
+
+    async def _connect(self) -> None:
+        assert self.rundir is not None
+        await self._wait_socket(self.rundir / "agent.sock")
+        self.agent = await AgentConnection.connect(str(self.rundir / "agent.sock"))
+        await self._wait_socket(self.rundir / "qmp.sock")
+        self.qmp = QmpClient()
+        await self.qmp.connect(str(self.rundir / "qmp.sock"))
+        # the agent answers once the guest has booted; the outer wait_for bounds it
+        self.agent_info = await self.agent.handshake(timeout=DEFAULT_BOOT_TIMEOUT * 4)
+
+    async def _watch(self) -> None:
+        assert self.proc is not None
+        code = await self.proc.wait()
+        if not self._stopping:
+            detail = self._diagnostics()
+            self.failure = VmCrashed(
+                f"QEMU for VM {self.vm_id} exited unexpectedly with status {code}.{detail}")
+            if self.agent is not None:
+                self.agent.fail(self.failure)
+            await self._release()
+
+    async def pause(self) -> None:
+        """Stop the vCPUs (QMP ``stop``). Raises QmpError, VmCrashed."""
+        await self._qmp("stop")
+
+    async def resume(self) -> None:
+        """Resume the vCPUs (QMP ``cont``). Raises QmpError, VmCrashed."""
+        await self._qmp("cont")
+
+    async def _qmp(self, cmd: str, args: dict[str, Any] | None = None, **kw: Any) -> Any:
+        if self.failure is not None:
+            raise self.failure
+        if self.qmp is None:
+            raise QmpError(f"VM {self.vm_id} has no QMP connection")
+        return await self.qmp.execute(cmd, args, **kw)
+
+    async def save_state(self, dest: Path) -> None:
+        """Write device state + a copy of guest RAM into ``dest`` (a new directory).
+
+        The VM is paused for the duration and left paused. Raises QmpError.
+        """
+        assert self.rundir is not None
+        await self._qmp("stop")
+        await self._qmp("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        fd = os.open(dest / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            await self._qmp("getfd", {"fdname": "snap"}, fds=[fd])
+        finally:
+            os.close(fd)
+        await self._qmp("migrate", {"uri": "fd:snap"})
+        for _ in range(6000):
+            st = await self._qmp("query-migrate")
+            status = st.get("status") if isinstance(st, dict) else None
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise QmpError(f"saving VM state failed: {st.get('error-desc', status)}")
+            await asyncio.sleep(0.005)
+        else:
+            raise QmpError("saving VM state did not complete in time")
+        await asyncio.to_thread(_sparse_copy, self.rundir / "mem", dest / "mem")
+
+    async def shutdown(self) -> None:
+        """Kill QEMU (if running) and remove everything it had. Idempotent."""
+        self._stopping = True
+        if self.agent is not None:
+            await self.agent.close()
+        if self.qmp is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit", timeout=1.0), 1.5)
+            await self.qmp.close()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), 2.0)
+            if self.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+                await self.proc.wait()
+        if self._monitor is not None and self._monitor is not asyncio.current_task():
+            with contextlib.suppress(BaseException):
+                await self._monitor
+        await self._release()
+
+    async def _release(self) -> None:
+        if self.qmp is not None:
+            await self.qmp.close()
+        await self._cleanup_files()
+
+    async def _cleanup_files(self) -> None:
+        if self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+def _sparse_copy(src: Path, dst: Path) -> None:
+    """Copy a mostly-empty RAM file keeping holes (SEEK_DATA/SEEK_HOLE)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        while pos < size:
+            try:
+                data_start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError:
+                break  # only holes remain
+            hole = os.lseek(fi.fileno(), data_start, os.SEEK_HOLE)
+            fi.seek(data_start)
+            fo.seek(data_start)
+            remaining = hole - data_start
+            while remaining:
+                chunk = fi.read(min(remaining, 1 << 22))
+                if not chunk:
+                    break
+                fo.write(chunk)
+                remaining -= len(chunk)
+            pos = hole
+        fo.truncate(size)
+
+
+# --------------------------------------------------------------------------- provider
+
+
+@dataclass
+class _Entry:
+    spec: VmSpec
+    state: VmState = VmState.CREATED
+    vm: QemuVm | None = None
+    snapshots: list[str] = field(default_factory=list)
+
+
+class QemuVmProvider:
+    """Seed 000's provider over real QEMU processes.
+
+    Stop pauses the vCPUs (the VM keeps its memory); start from Stopped resumes.
+    A VM whose QEMU died is reported with ``failure`` set and can only be destroyed.
+    """
+
+    def __init__(self, *, assets: Assets | None = None, accel: str | None = None,
+                 snapshot_dir: Path | None = None,
+                 boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
+        self._assets = assets
+        self._accel = accel
+        self._entries: dict[str, _Entry] = {}
+        self._lock = asyncio.Lock()
+        self._snapshot_dir = snapshot_dir
+        self.boot_timeout = boot_timeout
+
+    async def _resolve(self) -> tuple[Assets, str]:
+        if self._assets is None:
+            self._assets = find_assets()
+        if self._accel is None:
+            self._accel = (await choose_accel(self._assets)).accel
+        return self._assets, self._accel
+
+    def _get(self, vm_id: str) -> _Entry:
+        e = self._entries.get(vm_id)
+        if e is None:
+            raise VmNotFound(vm_id)
+        return e
+
+    def vm(self, vm_id: str) -> QemuVm:
+        """The running QemuVm behind ``vm_id``. Raises VmNotFound, InvalidTransition."""
+        e = self._get(vm_id)
+        if e.vm is None:
+            raise InvalidTransition(e.state, VmState.RUNNING, vm_id=vm_id)
+        return e.vm
+
+    async def create_vm(self, vm_id: str) -> None:
+        await self.create_vm_with_spec(vm_id, VmSpec())
+
+    async def create_vm_with_spec(self, vm_id: str, spec: VmSpec) -> None:
+        validate_vm_id(vm_id)
+        async with self._lock:
+            if vm_id in self._entries:
+                raise VmAlreadyExists(vm_id)
+            self._entries[vm_id] = _Entry(spec=spec)
+
+    async def start_vm(self, vm_id: str) -> None:
+        async with self._lock:
+            e = self._get(vm_id)
+            check_transition(vm_id, e.state, VmState.RUNNING)
+            if e.vm is not None and e.vm.failure is not None:
+                raise e.vm.failure
+            if e.state is VmState.STOPPED:
+                assert e.vm is not None
+                await e.vm.resume()
+                e.state = VmState.RUNNING
+                return
+            assets, accel = await self._resolve()
+            vm = QemuVm(vm_id, e.spec, assets=assets, accel=accel)
+            await vm.boot(timeout=self.boot_timeout)
+            e.vm = vm
+            e.state = VmState.RUNNING
+
+    async def stop_vm(self, vm_id: str) -> None:
+        async with self._lock:
+            e = self._get(vm_id)
+            check_transition(vm_id, e.state, VmState.STOPPED)
+            assert e.vm is not None
+            await e.vm.pause()
+            e.state = VmState.STOPPED
+
+    async def destroy_vm(self, vm_id: str) -> None:
+        async with self._lock:
+            e = self._get(vm_id)
+            check_transition(vm_id, e.state, VmState.DESTROYED)
+            if e.vm is not None:
+                await e.vm.shutdown()
+            e.vm = None
+            e.state = VmState.DESTROYED
+
+    async def snapshot_vm(self, vm_id: str, snapshot_id: str) -> None:
+        """Save the spec, and for a booted VM its device state and RAM, under the snapshot dir."""
+        validate_vm_id(snapshot_id)
+        async with self._lock:
+            e = self._get(vm_id)
+            if e.state is VmState.DESTROYED:
+                raise InvalidTransition(VmState.DESTROYED, VmState.DESTROYED, vm_id=vm_id)
+            if snapshot_id in e.snapshots:
+                raise SnapshotAlreadyExists(vm_id, snapshot_id)
+            base = self._snapshot_dir or (sandvm_home() / "vm-snapshots")
+            dest = base / vm_id / snapshot_id
+            if dest.exists():
+                shutil.rmtree(dest)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{snapshot_id}-", dir=_mkdirs(base / vm_id)))
+            try:
+                manifest: dict[str, Any] = {"format": 1, "vm_id": vm_id, "name": snapshot_id,
+                                            "state": e.state.value,
+                                            "spec": {"image": e.spec.image,
+                                                     "memory_mib": e.spec.memory_mib,
+                                                     "vcpus": e.spec.vcpus}}
+                if e.vm is not None:
+                    was_running = e.state is VmState.RUNNING
+                    await e.vm.save_state(tmp)
+                    if was_running:
+                        await e.vm.resume()
+                    manifest["memory"] = True
+                (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+                os.replace(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            e.snapshots.append(snapshot_id)
+
+    async def rename_vm(self, old_vm_id: str, new_vm_id: str) -> None:
+        raise Unsupported("QemuVmProvider does not support rename_vm yet")
+
+    async def list_vms(self) -> list[VmView]:
+        return [self._view(k, v) for k, v in sorted(self._entries.items())]
+
+    async def get_vm(self, vm_id: str) -> VmView | None:
+        e = self._entries.get(vm_id)
+        return None if e is None else self._view(vm_id, e)
+
+    async def list_snapshots(self, vm_id: str) -> list[str] | None:
+        e = self._entries.get(vm_id)
+        return None if e is None else list(e.snapshots)
+
+    @staticmethod
+    def _view(vm_id: str, e: _Entry) -> VmView:
+        failure = e.vm.failure.message if e.vm is not None and e.vm.failure else None
+        return VmView(vm_id=vm_id, state=e.state, spec=e.spec, snapshots=tuple(e.snapshots),
+                      failure=failure)
+
+    async def close(self) -> None:
+        """Destroy every VM still alive (records are kept)."""
+        for vm_id, e in list(self._entries.items()):
+            if e.state is not VmState.DESTROYED:
+                with contextlib.suppress(SandvmError, AgentError):
+                    await self.destroy_vm(vm_id)
+
+
+def _mkdirs(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p

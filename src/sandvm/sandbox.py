@@ -1,0 +1,698 @@
+"""What a user holds: a sandbox = a VM + its agent connection.
+
+``AsyncSandbox`` is the one implementation (asyncio). ``Sandbox`` exposes the
+same surface synchronously by running it on the blocking portal's loop thread.
+A test checks that both surfaces keep the same methods and signatures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal as signal_mod
+import time
+from collections.abc import AsyncIterable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+from sandvm import _portal, wire
+from sandvm.agent_client import AgentConnection, HostStream
+from sandvm.core import VmSpec, check_guest_path, new_id, parse_memory
+from sandvm.errors import (
+    AgentProtocolError,
+    CommandExitError,
+    CommandTimeout,
+    FileTooLarge,
+    InvalidSpec,
+    SandboxStateError,
+    SandvmError,
+)
+from sandvm.providers.qemu import QemuVm, QemuVmProvider
+
+__all__ = [
+    "DEFAULT_COMMAND_TIMEOUT",
+    "DEFAULT_READ_CAP",
+    "AsyncCommandHandle",
+    "AsyncSandbox",
+    "CommandHandle",
+    "CommandResult",
+    "EntryInfo",
+    "Sandbox",
+    "WriteInfo",
+]
+
+DEFAULT_COMMAND_TIMEOUT = 60.0
+DEFAULT_READ_CAP = 32 * 1024 * 1024
+OUTPUT_CAP = 64 * 1024 * 1024  # per command and stream, kept in memory
+_HOST_GRACE = 10.0  # the host waits this long past a command's timeout for the guest
+
+OutputCallback = Callable[[str], Any]
+StdinSource = bytes | str | Iterable[bytes] | AsyncIterable[bytes] | None
+SIGNALS = {"SIGINT": signal_mod.SIGINT, "SIGTERM": signal_mod.SIGTERM,
+           "SIGKILL": signal_mod.SIGKILL, "SIGHUP": signal_mod.SIGHUP,
+           "SIGQUIT": signal_mod.SIGQUIT, "SIGUSR1": signal_mod.SIGUSR1,
+           "SIGUSR2": signal_mod.SIGUSR2}
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command. ``signal`` is set when a signal ended it (exit_code = 128+sig)."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    signal: int | None = None
+    timed_out: bool = False
+    duration: float = 0.0
+    stdout_bytes: bytes = field(default=b"", repr=False)
+    stderr_bytes: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A file-system entry in the guest."""
+
+    path: str
+    name: str
+    type: str  # file, dir, symlink, other
+    size: int
+    mode: int
+    mtime: float
+    uid: int = 0
+    gid: int = 0
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteInfo:
+    path: str
+    size: int
+
+
+def _entry(d: dict[str, Any]) -> EntryInfo:
+    """Build an EntryInfo from a guest dict, checking every field's type (guest is hostile)."""
+    try:
+        e = EntryInfo(path=str(d["path"])[:4096], name=str(d["name"])[:4096], type=str(d["type"]),
+                      size=int(d["size"]), mode=int(d["mode"]), mtime=float(d["mtime"]),
+                      uid=int(d.get("uid", 0)), gid=int(d.get("gid", 0)),
+                      target=None if d.get("target") is None else str(d["target"])[:4096])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise AgentProtocolError(f"guest sent a malformed file entry: {exc!r}") from None
+    if e.type not in ("file", "dir", "symlink", "other"):
+        raise AgentProtocolError(f"guest sent an unknown entry type {e.type!r}")
+    return e
+
+
+def _signal_number(sig: int | str) -> int:
+    if isinstance(sig, str):
+        name = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
+        if name not in SIGNALS:
+            raise InvalidSpec(f"unknown signal {sig!r}: use one of {', '.join(SIGNALS)}")
+        return int(SIGNALS[name])
+    if not 1 <= int(sig) <= 64:
+        raise InvalidSpec(f"signal {sig} is out of range 1..64")
+    return int(sig)
+
+
+class _Output:
+    def __init__(self, cb: OutputCallback | None) -> None:
+        self.buf = bytearray()
+        self.cb = cb
+        self.truncated = False
+        self._decoder = __import__("codecs").getincrementaldecoder("utf-8")("replace")
+
+    async def feed(self, data: bytes) -> None:
+        room = OUTPUT_CAP - len(self.buf)
+        if room > 0:
+            self.buf += data[:room]
+        if len(data) > room:
+            self.truncated = True
+        if self.cb is not None:
+            text = self._decoder.decode(data)
+            if text:
+                r = self.cb(text)
+                if asyncio.iscoroutine(r):
+                    await r
+
+    def text(self) -> str:
+        return self.buf.decode("utf-8", "replace")
+
+
+class AsyncCommandHandle:
+    """A running command. ``wait`` for its result; signal it, feed its stdin, kill it."""
+
+    def __init__(self, stream: HostStream, *, timeout: float | None, check: bool,
+                 on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
+                 stdin: StdinSource, stdin_open: bool) -> None:
+        self._stream = stream
+        self._timeout = timeout
+        self._check = check
+        self._out = _Output(on_stdout)
+        self._err = _Output(on_stderr)
+        self._stdin_open = stdin_open
+        self.pid: int | None = None
+        self._started = asyncio.get_running_loop().create_future()
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+        # the outcome is read by wait(); never let asyncio report it as unretrieved
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._stdin_task: asyncio.Task[None] | None = None
+        if stdin is not None:
+            self._stdin_task = asyncio.get_running_loop().create_task(self._feed(stdin))
+
+    @property
+    def stdout(self) -> str:
+        """Output so far."""
+        return self._out.text()
+
+    @property
+    def stderr(self) -> str:
+        return self._err.text()
+
+    async def _feed(self, stdin: StdinSource) -> None:
+        with contextlib.suppress(SandvmError):
+            if isinstance(stdin, str):
+                stdin = stdin.encode()
+            if isinstance(stdin, (bytes, bytearray, memoryview)):
+                await self._stream.send_data(bytes(stdin))
+            elif isinstance(stdin, AsyncIterable):
+                async for chunk in stdin:
+                    await self._stream.send_data(chunk)
+            elif stdin is not None:
+                for chunk in stdin:
+                    await self._stream.send_data(chunk)
+            await self._stream.send_eof()
+
+    async def _collect(self) -> dict[str, Any]:
+        limit = None if self._timeout is None else self._timeout + _HOST_GRACE
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = await self._stream.next(remaining)
+            except SandvmError as exc:
+                await self._stream.reset()
+                if not self._started.done():
+                    self._started.set_exception(exc)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise CommandTimeout(
+                        f"command did not finish within {self._timeout} s and the guest did"
+                        " not report it") from exc
+                raise
+            if item.kind == "data":
+                await (self._out if item.channel == wire.CH_STDOUT else self._err).feed(item.data)
+            elif item.kind == "event":
+                msg = item.message or {}
+                if msg.get("event") == "started" and isinstance(msg.get("pid"), int):
+                    self.pid = msg["pid"]
+                    if not self._started.done():
+                        self._started.set_result(None)
+            elif item.kind == "reply":
+                if not self._started.done():
+                    self._started.set_result(None)
+                return item.message or {}
+            elif item.kind == "error":
+                assert item.error is not None
+                if not self._started.done():
+                    self._started.set_exception(item.error)
+                    self._started.exception()
+                raise item.error
+
+    async def wait(self) -> CommandResult:
+        """Wait for the command to end. Raises CommandExitError (if checking), CommandTimeout."""
+        msg = await asyncio.shield(self._task)
+        code = msg.get("exit_code")
+        sig = msg.get("signal")
+        if not isinstance(code, int) or not (sig is None or isinstance(sig, int)):
+            raise AgentProtocolError("guest sent a malformed exit report")
+        dur = msg.get("duration")
+        result = CommandResult(
+            exit_code=code, stdout=self._out.text(), stderr=self._err.text(), signal=sig,
+            timed_out=bool(msg.get("timed_out")),
+            duration=float(dur) if isinstance(dur, (int, float)) else 0.0,
+            stdout_bytes=bytes(self._out.buf), stderr_bytes=bytes(self._err.buf))
+        if result.timed_out:
+            raise CommandTimeout(
+                f"command timed out after {self._timeout} s; its processes were killed",
+                result=result)
+        if self._check and (code != 0 or sig is not None):
+            raise CommandExitError(result)
+        return result
+
+    async def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
+        """Signal the command's process group; with ``grace``, SIGKILL everything after it."""
+        msg: dict[str, Any] = {"signal": _signal_number(sig)}
+        if grace is not None:
+            msg["grace"] = float(grace)
+        await self._stream.send_ctrl(msg)
+
+    async def kill(self) -> None:
+        """SIGKILL every process of the command."""
+        await self.send_signal(signal_mod.SIGKILL)
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        """Write to the command's stdin (needs ``stdin=`` or ``background=True`` at start)."""
+        if not self._stdin_open:
+            raise SandboxStateError("this command was started without stdin")
+        await self._stream.send_data(data.encode() if isinstance(data, str) else data)
+
+    async def close_stdin(self) -> None:
+        await self._stream.send_eof()
+
+
+class AsyncCommands:
+    """``sandbox.commands``: run commands in the guest."""
+
+    def __init__(self, sb: AsyncSandbox) -> None:
+        self._sb = sb
+
+    @overload
+    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+                  cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
+                  on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
+                  background: Literal[False] = ..., check: bool = ...) -> CommandResult: ...
+
+    @overload
+    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+                  cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
+                  on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
+                  background: Literal[True], check: bool = ...) -> AsyncCommandHandle: ...
+
+    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+                  cwd: str | None = None, stdin: StdinSource = None,
+                  timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+                  on_stdout: OutputCallback | None = None,
+                  on_stderr: OutputCallback | None = None,
+                  background: bool = False, check: bool = True
+                  ) -> CommandResult | AsyncCommandHandle:
+        """Run ``cmd`` (a shell string, or an argv list) and return its result.
+
+        Allowed while the sandbox is running. ``timeout`` kills the command's
+        whole process group (None: no limit). With ``background=True`` returns a
+        handle at once. Raises CommandExitError on a non-zero exit unless
+        ``check=False``, CommandTimeout, CommandNotFound, SandboxStateError.
+        """
+        return await self._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                               on_stdout=on_stdout, on_stderr=on_stderr,
+                               background=background, check=check)
+
+    async def _run(self, cmd: str | list[str], *, env: dict[str, str] | None,
+                   cwd: str | None, stdin: StdinSource, timeout: float | None,
+                   on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
+                   background: bool, check: bool) -> CommandResult | AsyncCommandHandle:
+        """The one implementation behind AsyncCommands.run and Commands.run."""
+        req: dict[str, Any] = {"op": "exec"}
+        if isinstance(cmd, str):
+            req["shell"] = cmd
+        elif isinstance(cmd, (list, tuple)) and cmd and all(isinstance(a, str) for a in cmd):
+            req["argv"] = list(cmd)
+        else:
+            raise InvalidSpec("cmd must be a shell string or a non-empty list of strings")
+        if env:
+            if not all(isinstance(k, str) and k and "=" not in k and isinstance(v, str)
+                       for k, v in env.items()):
+                raise InvalidSpec("env must map variable names (no '=') to strings")
+            req["env"] = dict(env)
+        if cwd is not None:
+            req["cwd"] = check_guest_path(cwd)
+        if timeout is not None:
+            if timeout <= 0:
+                raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
+            req["timeout"] = float(timeout)
+        stdin_open = stdin is not None or background
+        req["stdin"] = stdin_open
+        conn = self._sb._conn()
+        stream = await conn.open(req)
+        handle = AsyncCommandHandle(stream, timeout=timeout, check=check, on_stdout=on_stdout,
+                                    on_stderr=on_stderr, stdin=stdin, stdin_open=stdin_open)
+        if background:
+            await handle._started
+            return handle
+        try:
+            return await handle.wait()
+        except asyncio.CancelledError:
+            await stream.reset()
+            raise
+
+
+class AsyncFiles:
+    """``sandbox.files``: files in the guest. Paths must be absolute."""
+
+    def __init__(self, sb: AsyncSandbox) -> None:
+        self._sb = sb
+
+    async def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
+                    make_parents: bool = True) -> WriteInfo:
+        """Write a whole file atomically (temp file, fsync, rename). Raises GuestError."""
+        check_guest_path(path)
+        if isinstance(data, str):
+            data = data.encode()
+        st = await self._sb._conn().open({"op": "write_file", "path": path, "mode": mode,
+                                          "make_parents": make_parents})
+        sender = asyncio.get_running_loop().create_task(self._send(st, data))
+        try:
+            while True:
+                item = await st.next(self._sb.op_timeout + len(data) / 1e6)
+                if item.kind == "reply":
+                    size = (item.message or {}).get("size")
+                    if size != len(data):
+                        raise AgentProtocolError(f"guest reports {size!r} bytes, sent {len(data)}")
+                    return WriteInfo(path=path, size=len(data))
+                if item.kind == "error":
+                    assert item.error is not None
+                    raise item.error
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+
+    @staticmethod
+    async def _send(st: HostStream, data: bytes) -> None:
+        with contextlib.suppress(SandvmError):
+            await st.send_data(data)
+            await st.send_eof()
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = ...,
+                   max_bytes: int = ...) -> str: ...
+
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"],
+                   max_bytes: int = ...) -> bytes: ...
+
+    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text",
+                   max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
+        """Read a whole file (as text or bytes). A file over ``max_bytes`` raises
+        FileTooLarge rather than returning part of it. Raises GuestFileNotFound."""
+        chunks: list[bytes] = []
+        async for chunk in self.read_stream(path, max_bytes=max_bytes):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    async def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP
+                          ) -> AsyncIterable[bytes]:
+        """Yield a file's bytes chunk by chunk, paced by flow control; capped like ``read``."""
+        check_guest_path(path)
+        if max_bytes < 0:
+            raise InvalidSpec("max_bytes must be >= 0")
+        st = await self._sb._conn().open({"op": "read_file", "path": path,
+                                          "max_bytes": max_bytes})
+        got = 0
+        done = False
+        try:
+            while True:
+                item = await st.next(self._sb.op_timeout)
+                if item.kind == "data":
+                    got += len(item.data)
+                    if got > max_bytes:
+                        raise FileTooLarge(f"{path} is larger than the cap of {max_bytes} bytes")
+                    yield item.data
+                elif item.kind == "reply":
+                    size = (item.message or {}).get("size")
+                    if size != got:
+                        raise AgentProtocolError(f"guest reports {size!r} bytes, sent {got}")
+                    done = True
+                    return
+                elif item.kind == "error":
+                    assert item.error is not None
+                    done = True
+                    raise item.error
+        finally:
+            if not done:
+                await st.reset()
+
+    async def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
+        """Entries under a directory, sorted by name (``depth`` levels)."""
+        check_guest_path(path)
+        res = await self._call({"op": "list", "path": path, "depth": depth})
+        entries = res.get("entries")
+        if not isinstance(entries, list):
+            raise AgentProtocolError("guest sent a malformed listing")
+        return [_entry(e) for e in entries if isinstance(e, dict)]
+
+    async def stat(self, path: str) -> EntryInfo:
+        check_guest_path(path)
+        return _entry(await self._call({"op": "stat", "path": path}))
+
+    async def exists(self, path: str) -> bool:
+        check_guest_path(path)
+        return (await self._call({"op": "exists", "path": path})).get("exists") is True
+
+    async def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
+        """Create a directory and its parents; False if it already existed."""
+        check_guest_path(path)
+        return (await self._call({"op": "make_dir", "path": path, "mode": mode})).get(
+            "created") is True
+
+    async def remove(self, path: str, *, recursive: bool = True) -> None:
+        check_guest_path(path)
+        await self._call({"op": "remove", "path": path, "recursive": recursive})
+
+    async def rename(self, old_path: str, new_path: str, *, overwrite: bool = True) -> EntryInfo:
+        check_guest_path(old_path)
+        check_guest_path(new_path)
+        await self._call({"op": "rename", "path": old_path, "dst": new_path,
+                          "overwrite": overwrite})
+        return await self.stat(new_path)
+
+    async def _call(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self._sb._conn().call(req, timeout=self._sb.op_timeout)
+
+
+class AsyncSandbox:
+    """A running microVM with its guest agent. Use ``await AsyncSandbox.create(...)``."""
+
+    def __init__(self, *, sandbox_id: str, provider: QemuVmProvider, vm: QemuVm,
+                 owns_provider: bool, lifetime: float | None) -> None:
+        self.sandbox_id = sandbox_id
+        self._provider = provider
+        self._vm = vm
+        self._owns_provider = owns_provider
+        self._closed = False
+        self.op_timeout = 30.0
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self._lifetime_handle: asyncio.TimerHandle | None = None
+        if lifetime is not None:
+            self._lifetime_handle = asyncio.get_running_loop().call_later(
+                lifetime, lambda: asyncio.ensure_future(self.kill()))
+
+    @classmethod
+    async def create(cls, *, image: str = "base", memory_mib: int | str = 256, vcpus: int = 1,
+                     timeout: float | None = None, boot_timeout: float = 60.0,
+                     sandbox_id: str | None = None,
+                     provider: QemuVmProvider | None = None) -> AsyncSandbox:
+        """Boot a new sandbox and wait until its agent is ready.
+
+        ``timeout`` is the sandbox's lifetime in seconds (None: until killed).
+        Raises InvalidSpec / UnknownImage for bad input, AssetMissing if
+        `sandvm setup` has not run, VmBootError if the VM does not come up.
+        """
+        spec = VmSpec(image=image, memory_mib=parse_memory(memory_mib), vcpus=vcpus)
+        if timeout is not None and timeout <= 0:
+            raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
+        sid = sandbox_id or new_id("sb")
+        owns = provider is None
+        prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
+        await prov.create_vm_with_spec(sid, spec)
+        try:
+            await prov.start_vm(sid)
+        except BaseException:
+            with contextlib.suppress(SandvmError):
+                await prov.destroy_vm(sid)
+            raise
+        sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), owns_provider=owns,
+                 lifetime=timeout)
+        _portal.register_closer(sb)
+        return sb
+
+    def _conn(self) -> AgentConnection:
+        if self._closed:
+            raise SandboxStateError(f"sandbox {self.sandbox_id} has been killed")
+        if self._vm.failure is not None:
+            raise self._vm.failure
+        assert self._vm.agent is not None
+        return self._vm.agent
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Facts about the VM: accelerator, boot time, guest kernel, agent version, QEMU pid."""
+        ai = self._vm.agent_info
+        return {"sandbox_id": self.sandbox_id, "accelerator": self._vm.accel,
+                "boot_seconds": self._vm.boot_seconds, "qemu_pid": self._vm.pid,
+                "memory_mib": self._vm.spec.memory_mib, "vcpus": self._vm.spec.vcpus,
+                "guest_kernel": ai.kernel if ai else None,
+                "agent_version": ai.agent_version if ai else None}
+
+    async def is_running(self) -> bool:
+        return not self._closed and self._vm.alive
+
+    async def ping(self) -> float:
+        """Agent round trip in seconds."""
+        return await self._conn().ping()
+
+    async def kill(self) -> None:
+        """Destroy the VM and everything it had. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._lifetime_handle is not None:
+            self._lifetime_handle.cancel()
+        with contextlib.suppress(SandvmError):
+            await self._provider.destroy_vm(self.sandbox_id)
+        await self._vm.shutdown()
+
+    async def aclose(self) -> None:
+        await self.kill()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+
+
+# --------------------------------------------------------------------------- sync surface
+
+
+class CommandHandle:
+    """Sync twin of AsyncCommandHandle."""
+
+    def __init__(self, inner: AsyncCommandHandle) -> None:
+        self._a = inner
+
+    @property
+    def pid(self) -> int | None:
+        return self._a.pid
+
+    @property
+    def stdout(self) -> str:
+        return self._a.stdout
+
+    @property
+    def stderr(self) -> str:
+        return self._a.stderr
+
+    def wait(self) -> CommandResult:
+        return _portal.call(self._a.wait())
+
+    def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
+        _portal.call(self._a.send_signal(sig, grace=grace))
+
+    def kill(self) -> None:
+        _portal.call(self._a.kill())
+
+    def send_stdin(self, data: bytes | str) -> None:
+        _portal.call(self._a.send_stdin(data))
+
+    def close_stdin(self) -> None:
+        _portal.call(self._a.close_stdin())
+
+
+class Commands:
+    """Sync twin of AsyncCommands."""
+
+    def __init__(self, inner: AsyncCommands) -> None:
+        self._a = inner
+
+    @overload
+    def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+            cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
+            on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
+            background: Literal[False] = ..., check: bool = ...) -> CommandResult: ...
+
+    @overload
+    def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+            cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
+            on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
+            background: Literal[True], check: bool = ...) -> CommandHandle: ...
+
+    def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+            cwd: str | None = None, stdin: StdinSource = None,
+            timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+            on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
+            background: bool = False, check: bool = True) -> CommandResult | CommandHandle:
+        """See AsyncCommands.run."""
+        res = _portal.call(self._a._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                                        on_stdout=on_stdout, on_stderr=on_stderr,
+                                        background=background, check=check))
+        return CommandHandle(res) if isinstance(res, AsyncCommandHandle) else res
+
+
+class Files:
+    """Sync twin of AsyncFiles."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        self._a = inner
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
+              make_parents: bool = True) -> WriteInfo:
+        return _portal.call(self._a.write(path, data, mode=mode, make_parents=make_parents))
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = ..., max_bytes: int = ...) -> str: ...
+
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"], max_bytes: int = ...) -> bytes: ...
+
+    def read(self, path: str, *, format: Literal["text", "bytes"] = "text",
+             max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
+        data = _portal.call(self._a.read(path, format="bytes", max_bytes=max_bytes))
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
+        return _portal.call(self._a.list(path, depth=depth))
+
+    def stat(self, path: str) -> EntryInfo:
+        return _portal.call(self._a.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return _portal.call(self._a.exists(path))
+
+    def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
+        return _portal.call(self._a.make_dir(path, mode=mode))
+
+    def remove(self, path: str, *, recursive: bool = True) -> None:
+        _portal.call(self._a.remove(path, recursive=recursive))
+
+    def rename(self, old_path: str, new_path: str, *, overwrite: bool = True) -> EntryInfo:
+        return _portal.call(self._a.rename(old_path, new_path, overwrite=overwrite))
+
+
+class Sandbox:
+    """Sync twin of AsyncSandbox: ``with Sandbox.create() as sb: sb.commands.run("ls")``."""
+
+    def __init__(self, inner: AsyncSandbox) -> None:
+        self._a = inner
+        self.sandbox_id = inner.sandbox_id
+        self.commands = Commands(inner.commands)
+        self.files = Files(inner.files)
+
+    @classmethod
+    def create(cls, *, image: str = "base", memory_mib: int | str = 256, vcpus: int = 1,
+               timeout: float | None = None, boot_timeout: float = 60.0,
+               sandbox_id: str | None = None,
+               provider: QemuVmProvider | None = None) -> Sandbox:
+        """See AsyncSandbox.create."""
+        return cls(_portal.call(AsyncSandbox.create(
+            image=image, memory_mib=memory_mib, vcpus=vcpus, timeout=timeout,
+            boot_timeout=boot_timeout, sandbox_id=sandbox_id, provider=provider)))
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self._a.info
+
+    def is_running(self) -> bool:
+        return _portal.call(self._a.is_running())
+
+    def ping(self) -> float:
+        return _portal.call(self._a.ping())
+
+    def kill(self) -> None:
+        _portal.call(self._a.kill())
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

@@ -1,0 +1,182 @@
+"""The host↔guest agent protocol: frames, limits, versions. Pure, stdlib only.
+
+This module is copied verbatim into the guest initramfs, so it imports nothing
+from sandvm.
+
+A frame is a 10-byte header followed by ``length`` payload bytes::
+
+    magic u8 (0xA5) | type u8 | stream u32 BE | length u32 BE | payload
+
+Both sides check ``length`` against :data:`MAX_PAYLOAD` *before* allocating
+anything for the payload. Stream 0 carries connection-level frames (HELLO,
+PING/PONG, GOAWAY). The host opens odd stream ids, the guest even ones.
+
+Per stream, each direction has a credit window (:data:`INITIAL_WINDOW` bytes);
+a DATA frame spends credit, a WINDOW frame from the receiver gives it back once
+the receiver has consumed the data. A receiver therefore never buffers more
+than one window per stream, and a fast producer on one stream cannot starve
+the others: the transport is always drained.
+
+Frames on a stream: OPEN (JSON request) → any of DATA/EOF/WINDOW/CTRL/EVENT →
+one of REPLY (JSON, final) or RESET (JSON error, final). DATA and EOF payloads
+start with one channel byte (0 stdin / upload, 1 stdout / download, 2 stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAGIC = 0xA5
+HEADER = struct.Struct(">BBII")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 1 << 20  # 1 MiB: any larger header is a protocol violation
+MAX_JSON = 256 * 1024  # control messages (JSON) are capped tighter than data
+DATA_CHUNK = 128 * 1024  # the largest DATA payload a sender emits
+INITIAL_WINDOW = 1 << 20  # per-stream, per-direction credit
+MAX_STREAMS = 1024  # concurrent streams a side accepts
+
+# Frame types
+HELLO = 1
+OPEN = 2
+DATA = 3
+EOF = 4
+WINDOW = 5
+REPLY = 6
+RESET = 7
+CTRL = 8
+EVENT = 9
+PING = 10
+PONG = 11
+GOAWAY = 12
+
+FRAME_NAMES = {
+    HELLO: "HELLO",
+    OPEN: "OPEN",
+    DATA: "DATA",
+    EOF: "EOF",
+    WINDOW: "WINDOW",
+    REPLY: "REPLY",
+    RESET: "RESET",
+    CTRL: "CTRL",
+    EVENT: "EVENT",
+    PING: "PING",
+    PONG: "PONG",
+    GOAWAY: "GOAWAY",
+}
+
+CH_STDIN = 0
+CH_STDOUT = 1
+CH_STDERR = 2
+
+FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream", "flow-control")
+
+
+class ProtocolViolation(ValueError):
+    """The peer sent bytes that are not valid protocol."""
+
+
+def encode(ftype: int, stream: int, payload: bytes = b"") -> bytes:
+    """Encode one frame. Raises ValueError if the payload exceeds MAX_PAYLOAD."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(MAGIC, ftype, stream, len(payload)) + payload
+
+
+def encode_json(ftype: int, stream: int, obj: Any) -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if len(data) > MAX_JSON:
+        raise ValueError(f"control message of {len(data)} bytes exceeds {MAX_JSON}")
+    return encode(ftype, stream, data)
+
+
+def encode_data(stream: int, channel: int, data: bytes) -> bytes:
+    return encode(DATA, stream, bytes((channel,)) + data)
+
+
+def encode_window(stream: int, increment: int) -> bytes:
+    return encode(WINDOW, stream, struct.pack(">I", increment))
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    """Decode a JSON control payload; must be an object. Raises ProtocolViolation."""
+    if len(payload) > MAX_JSON:
+        raise ProtocolViolation(f"control message of {len(payload)} bytes exceeds {MAX_JSON}")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolViolation(f"control message is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolViolation("control message is not a JSON object")
+    return obj
+
+
+def decode_window(payload: bytes) -> int:
+    if len(payload) != 4:
+        raise ProtocolViolation("WINDOW frame payload must be 4 bytes")
+    (inc,) = struct.unpack(">I", payload)
+    if inc == 0 or inc > (1 << 30):
+        raise ProtocolViolation(f"WINDOW increment {inc} out of range")
+    return int(inc)
+
+
+def split_channel(payload: bytes) -> tuple[int, bytes]:
+    """Split a DATA/EOF payload into (channel, data). Raises ProtocolViolation."""
+    if not payload:
+        raise ProtocolViolation("DATA/EOF frame without a channel byte")
+    channel = payload[0]
+    if channel > CH_STDERR:
+        raise ProtocolViolation(f"unknown channel {channel}")
+    return channel, payload[1:]
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed`` bytes, get complete frames.
+
+    Checks magic, type and length in the header before buffering the payload,
+    so a hostile peer cannot make the decoder allocate more than
+    HEADER_SIZE + MAX_PAYLOAD bytes.
+    """
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        self._buf = bytearray()
+        self._max = max_payload
+        self._need: tuple[int, int, int] | None = None  # (type, stream, length)
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        self._buf += data
+        out: list[tuple[int, int, bytes]] = []
+        while True:
+            if self._need is None:
+                if len(self._buf) < HEADER_SIZE:
+                    return out
+                magic, ftype, stream, length = HEADER.unpack_from(self._buf)
+                if magic != MAGIC:
+                    raise ProtocolViolation(f"bad frame magic 0x{magic:02x}")
+                if ftype not in FRAME_NAMES:
+                    raise ProtocolViolation(f"unknown frame type {ftype}")
+                if length > self._max:
+                    raise ProtocolViolation(
+                        f"frame length {length} exceeds the cap of {self._max} bytes"
+                    )
+                del self._buf[:HEADER_SIZE]
+                self._need = (ftype, stream, length)
+            ftype, stream, length = self._need
+            if len(self._buf) < length:
+                return out
+            payload = bytes(self._buf[:length])
+            del self._buf[:length]
+            self._need = None
+            out.append((ftype, stream, payload))
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered but not yet returned as a frame."""
+        return len(self._buf)
+
+
+def hello_payload(role: str, **extra: Any) -> dict[str, Any]:
+    return {"proto": "sandvm-agent", "version": PROTOCOL_VERSION, "role": role,
+            "features": list(FEATURES), **extra}
