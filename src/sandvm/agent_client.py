@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,7 +169,9 @@ class HostStream:
 class AgentConnection:
     """The host end of the agent channel (a unix socket QEMU bridges to virtio-serial)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                 eof_hook: Callable[[], Awaitable[SandvmError | None]] | None = None) -> None:
+        self._eof_hook = eof_hook
         self._reader = reader
         self._writer = writer
         self._decoder = wire.FrameDecoder()
@@ -182,12 +185,16 @@ class AgentConnection:
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
-    async def connect(cls, path: str, *, timeout: float = 10.0) -> AgentConnection:
+    async def connect(cls, path: str, *, timeout: float = 10.0,
+                      eof_hook: Callable[[], Awaitable[SandvmError | None]] | None = None
+                      ) -> AgentConnection:
+        """Connect to the agent socket. ``eof_hook`` may explain a closed channel
+        (e.g. "QEMU died") with a better error than AgentDisconnected."""
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
         except (OSError, TimeoutError) as exc:
             raise AgentDisconnected(f"cannot connect to the agent socket {path}: {exc!r}") from exc
-        return cls(reader, writer)
+        return cls(reader, writer, eof_hook=eof_hook)
 
     @property
     def failure(self) -> SandvmError | None:
@@ -238,7 +245,8 @@ class AgentConnection:
             while True:
                 data = await self._reader.read(READ_SIZE)
                 if not data:
-                    self.fail(AgentDisconnected("the guest agent channel closed"))
+                    reason = await self._eof_hook() if self._eof_hook else None
+                    self.fail(reason or AgentDisconnected("the guest agent channel closed"))
                     return
                 for ftype, sid, payload in self._decoder.feed(data):
                     await self._dispatch(ftype, sid, payload)

@@ -10,7 +10,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-from sandvm.errors import InvalidPath, InvalidSpec
+from sandvm.errors import InvalidPath, InvalidSpec, UnknownImage
 
 __all__ = [
     "BUILTIN_IMAGES",
@@ -110,7 +110,7 @@ class VmSpec:
 
     def __post_init__(self) -> None:
         if self.image not in BUILTIN_IMAGES:
-            raise InvalidSpec(
+            raise UnknownImage(
                 f"unknown image {self.image!r}: the built-in images are"
                 f" {', '.join(BUILTIN_IMAGES)}"
             )

@@ -7,8 +7,8 @@ will return, so callers can match on it across versions::
     SandvmError (sandvm_error)
     ├── ConfigError (invalid_config)            bad input: what to change is in the message
     │   ├── InvalidSpec (invalid_spec)
-    │   ├── InvalidPath (invalid_path)
-    │   └── UnknownImage (unknown_image)
+    │   │   └── UnknownImage (unknown_image)
+    │   └── InvalidPath (invalid_path)
     ├── SetupError (setup_failed)               `sandvm setup` step failed
     ├── AssetMissing (asset_missing)            kernel/initramfs/QEMU absent: run `sandvm setup`
     ├── ProviderError (provider_error)          seed 000's VM lifecycle errors
@@ -110,7 +110,7 @@ class InvalidPath(ConfigError):
     code = "invalid_path"
 
 
-class UnknownImage(ConfigError):
+class UnknownImage(InvalidSpec):
     code = "unknown_image"
 
 

@@ -150,7 +150,7 @@ class AsyncCommandHandle:
         self._out = _Output(on_stdout)
         self._err = _Output(on_stderr)
         self._stdin_open = stdin_open
-        self.pid: int | None = None
+        self._pid: int | None = None
         self._started = asyncio.get_running_loop().create_future()
         self._task = asyncio.get_running_loop().create_task(self._collect())
         # the outcome is read by wait(); never let asyncio report it as unretrieved
@@ -158,6 +158,11 @@ class AsyncCommandHandle:
         self._stdin_task: asyncio.Task[None] | None = None
         if stdin is not None:
             self._stdin_task = asyncio.get_running_loop().create_task(self._feed(stdin))
+
+    @property
+    def pid(self) -> int | None:
+        """The command's process id in the guest (its process group id too)."""
+        return self._pid
 
     @property
     def stdout(self) -> str:
@@ -203,7 +208,7 @@ class AsyncCommandHandle:
             elif item.kind == "event":
                 msg = item.message or {}
                 if msg.get("event") == "started" and isinstance(msg.get("pid"), int):
-                    self.pid = msg["pid"]
+                    self._pid = msg["pid"]
                     if not self._started.done():
                         self._started.set_result(None)
             elif item.kind == "reply":

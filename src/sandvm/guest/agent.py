@@ -103,17 +103,27 @@ class Loop:
                 if h is None:
                     continue
                 if mask & selectors.EVENT_READ and h[0]:
-                    h[0]()
+                    self._safe(h[0])
                 h = self.handlers.get(key.fd)
                 if h and mask & selectors.EVENT_WRITE and h[1]:
-                    h[1]()
+                    self._safe(h[1])
             now = time.monotonic()
             while self.timers and self.timers[0][0] <= now:
                 _, tid, cb = heapq.heappop(self.timers)
                 if tid in self.cancelled:
                     self.cancelled.discard(tid)
                     continue
-                cb()
+                self._safe(cb)
+
+    @staticmethod
+    def _safe(cb: Callable[[], None]) -> None:
+        # a bug in one handler must not take the agent (and so the VM) down
+        try:
+            cb()
+        except Exception as exc:  # noqa: BLE001
+            import traceback
+
+            log(f"handler failed: {exc!r}: {traceback.format_exc()[-1500:]}")
 
 
 # --------------------------------------------------------------------------- transport
@@ -153,8 +163,8 @@ class Transport:
         for ftype, stream, payload in frames:
             try:
                 self.on_frame(ftype, stream, payload)
-            except wire.ProtocolViolation as exc:
-                log(f"bad frame from host: {exc}")
+            except Exception as exc:  # noqa: BLE001 - keep serving the other streams
+                log(f"frame {ftype} on stream {stream} failed: {exc!r}")
 
     def send(self, frame: bytes) -> None:
         self.out += frame
@@ -255,6 +265,18 @@ class ExecStream(Stream):
     """Run one command; stream stdout/stderr; report exit."""
 
     def start(self) -> None:
+        # everything cleanup() touches exists before anything can fail
+        self.exit_status: int | None = None
+        self.fds: dict[int, int] = {}  # channel -> fd
+        self.in_fd = -1
+        self.cgroup: str | None = None
+        self.drain_timer: int | None = None
+        self.timeout_timer: int | None = None
+        self.kill_timer: int | None = None
+        self.pending_in = bytearray()
+        self.in_eof = False
+        self.timed_out = False
+        self.killed_by_request = False
         req = self.req
         argv = req.get("argv")
         shell = req.get("shell")
@@ -313,16 +335,7 @@ class ExecStream(Stream):
                 os.close(fd)
         self.pgid = self.pid
         self.started = time.monotonic()
-        self.exit_status: int | None = None
-        self.timed_out = False
-        self.killed_by_request = False
-        self.fds: dict[int, int] = {}  # channel -> fd
-        self.pending_in = bytearray()
-        self.in_eof = False
         self.in_fd = in_w
-        self.drain_timer: int | None = None
-        self.timeout_timer: int | None = None
-        self.kill_timer: int | None = None
         for ch, fd in ((wire.CH_STDOUT, out_r), (wire.CH_STDERR, err_r)):
             os.set_blocking(fd, False)
             self.fds[ch] = fd
@@ -508,7 +521,9 @@ class ExecStream(Stream):
             os.close(fd)
         self.fds.clear()
         self._close_in()
-        if self.exit_status is None:
+        if not hasattr(self, "pid"):
+            self.agent.drop_cgroup(self.cgroup)  # never started
+        elif self.exit_status is None:
             self.kill_all()
         else:
             self.agent.drop_cgroup(self.cgroup)
@@ -801,6 +816,19 @@ class Agent:
             kernel=os.uname().release, cgroups=self.cgroup_ok)))
 
     def on_frame(self, ftype: int, sid: int, payload: bytes) -> None:
+        try:
+            self._dispatch(ftype, sid, payload)
+        except Exception as exc:  # noqa: BLE001 - fail that stream, keep the others
+            log(f"frame {ftype} on stream {sid} failed: {exc!r}")
+            st = self.streams.get(sid)
+            err = GuestFail("agent_protocol_error" if isinstance(exc, wire.ProtocolViolation)
+                            else "guest_error", f"agent failure: {exc!r}"[:500])
+            if st is not None:
+                st.fail(err)
+            elif sid:
+                self.transport.send(wire.encode_json(wire.RESET, sid, error_reply(err)))
+
+    def _dispatch(self, ftype: int, sid: int, payload: bytes) -> None:
         if ftype == wire.HELLO:
             self.send_hello()
             return

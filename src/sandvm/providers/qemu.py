@@ -318,22 +318,37 @@ class QemuVm:
     async def _connect(self) -> None:
         assert self.rundir is not None
         await self._wait_socket(self.rundir / "agent.sock")
-        self.agent = await AgentConnection.connect(str(self.rundir / "agent.sock"))
+        self.agent = await AgentConnection.connect(str(self.rundir / "agent.sock"),
+                                                   eof_hook=self._explain_eof)
         await self._wait_socket(self.rundir / "qmp.sock")
         self.qmp = QmpClient()
         await self.qmp.connect(str(self.rundir / "qmp.sock"))
         # the agent answers once the guest has booted; the outer wait_for bounds it
         self.agent_info = await self.agent.handshake(timeout=DEFAULT_BOOT_TIMEOUT * 4)
 
+    def _crashed(self, code: int | None) -> SandvmError:
+        if self.failure is None:
+            self.failure = VmCrashed(f"QEMU for VM {self.vm_id} exited unexpectedly with status"
+                                     f" {code}.{self._diagnostics()}")
+        return self.failure
+
+    async def _explain_eof(self) -> SandvmError | None:
+        # the agent socket closes when QEMU dies: say so rather than "disconnected"
+        if self.proc is None or self._stopping:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), 2.0)
+        if self.proc.returncode is not None and not self._stopping:
+            return self._crashed(self.proc.returncode)
+        return None
+
     async def _watch(self) -> None:
         assert self.proc is not None
         code = await self.proc.wait()
         if not self._stopping:
-            detail = self._diagnostics()
-            self.failure = VmCrashed(
-                f"QEMU for VM {self.vm_id} exited unexpectedly with status {code}.{detail}")
+            failure = self._crashed(code)
             if self.agent is not None:
-                self.agent.fail(self.failure)
+                self.agent.fail(failure)
             await self._release()
 
     async def pause(self) -> None:

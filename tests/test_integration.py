@@ -1,0 +1,259 @@
+"""End-to-end behaviour of a real microVM through the public API (QEMU, TCG here)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import platform
+import signal
+import time
+from typing import Any
+
+import pytest
+
+from sandvm import (
+    AsyncSandbox,
+    CommandExitError,
+    CommandNotFound,
+    CommandTimeout,
+    FileTooLarge,
+    GuestFileNotFound,
+    InvalidPath,
+    InvalidSpec,
+    Sandbox,
+    SandboxStateError,
+    UnknownImage,
+    VmCrashed,
+)
+from sandvm.providers.qemu import runtime_root
+
+pytestmark = pytest.mark.qemu
+
+
+def test_runs_in_the_guest_kernel(sandbox: Any) -> None:
+    r = sandbox.commands.run('python3 -c "import platform; print(platform.release())"')
+    assert r.exit_code == 0
+    assert r.stdout.strip() == sandbox.info["guest_kernel"]
+    assert "cloud-amd64" in r.stdout
+    assert r.stdout.strip() != platform.release() or "cloud" in platform.release()
+
+
+def test_stdout_stderr_separate_and_exit_code(sandbox: Any) -> None:
+    r = sandbox.commands.run("echo out; echo err >&2; exit 3", check=False)
+    assert (r.exit_code, r.stdout, r.stderr, r.signal) == (3, "out\n", "err\n", None)
+
+
+def test_nonzero_exit_raises_with_result(sandbox: Any) -> None:
+    with pytest.raises(CommandExitError) as ei:
+        sandbox.commands.run("echo partial; exit 42")
+    assert ei.value.exit_code == 42
+    assert ei.value.result.stdout == "partial\n"
+    assert ei.value.code == "command_exit"
+
+
+def test_argv_env_cwd(sandbox: Any) -> None:
+    r = sandbox.commands.run(["sh", "-c", 'echo "$FOO:$(pwd)"'], env={"FOO": "bar baz"},
+                             cwd="/tmp")
+    assert r.stdout == "bar baz:/tmp\n"
+    # the default environment is kept under the caller's variables
+    assert "/usr/bin" in sandbox.commands.run("echo $PATH", env={"X": "1"}).stdout
+
+
+def test_stdin_bytes_and_streamed(sandbox: Any) -> None:
+    assert sandbox.commands.run("tr a-z A-Z", stdin=b"hello\n").stdout == "HELLO\n"
+    chunks = [f"line {i}\n".encode() for i in range(200)]
+    r = sandbox.commands.run("wc -l", stdin=iter(chunks))
+    assert r.stdout.strip() == "200"
+
+
+def test_unknown_command_and_bad_cwd(sandbox: Any) -> None:
+    with pytest.raises(CommandNotFound):
+        sandbox.commands.run(["definitely-not-a-command"])
+    with pytest.raises(GuestFileNotFound):
+        sandbox.commands.run(["true"], cwd="/no/such/dir")
+    with pytest.raises(InvalidPath):
+        sandbox.commands.run("true", cwd="relative")
+
+
+def test_output_callbacks_stream(sandbox: Any) -> None:
+    seen: list[tuple[float, str]] = []
+    sandbox.commands.run("echo a; sleep 1; echo b", on_stdout=lambda t: seen.append(
+        (time.monotonic(), t)))
+    text = "".join(t for _, t in seen)
+    assert text == "a\nb\n"
+    # "a" arrived well before "b": output is streamed, not collected at the end
+    assert len(seen) >= 2 and seen[-1][0] - seen[0][0] > 0.5
+
+
+def test_large_output_with_flow_control(sandbox: Any) -> None:
+    r = sandbox.commands.run("head -c 20000000 /dev/zero | tr '\\0' x; echo -n end >&2")
+    assert len(r.stdout) == 20_000_000 and set(r.stdout) == {"x"}
+    assert r.stderr == "end"
+
+
+def test_timeout_kills_whole_process_group(sandbox: Any) -> None:
+    # a child that ignores SIGTERM and would write a marker after the timeout
+    script = ("(trap '' TERM; sleep 3; echo survived > /tmp/survivor) & "
+              "echo started; sleep 30")
+    sandbox.commands.run("rm -f /tmp/survivor")
+    t0 = time.monotonic()
+    with pytest.raises(CommandTimeout) as ei:
+        sandbox.commands.run(script, timeout=1)
+    assert time.monotonic() - t0 < 8
+    assert ei.value.result is not None and ei.value.result.timed_out
+    assert ei.value.result.stdout == "started\n"
+    time.sleep(3.5)
+    assert not sandbox.files.exists("/tmp/survivor")
+    ps = sandbox.commands.run("ps -o pid,args").stdout
+    assert "sleep 3" not in ps and "sleep 30" not in ps
+
+
+def test_signals_and_background(sandbox: Any) -> None:
+    h = sandbox.commands.run("trap 'echo got-term; exit 5' TERM; echo ready; "
+                             "while true; do sleep 0.1; done", background=True)
+    assert isinstance(h.pid, int)
+    deadline = time.monotonic() + 10
+    while "ready" not in h.stdout and time.monotonic() < deadline:
+        time.sleep(0.05)
+    h.send_signal("SIGTERM")
+    with pytest.raises(CommandExitError) as ei:
+        h.wait()
+    assert ei.value.exit_code == 5 and "got-term" in ei.value.stdout
+
+    h = sandbox.commands.run("sleep 60", background=True)
+    h.send_signal(signal.SIGKILL)
+    r = None
+    try:
+        r = h.wait()
+    except CommandExitError as exc:
+        r = exc.result
+    assert r.signal == signal.SIGKILL and r.exit_code == 128 + signal.SIGKILL
+
+    # SIGTERM ignored → SIGKILL after the grace period
+    h = sandbox.commands.run("trap '' TERM; sleep 60", background=True)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    h.send_signal("TERM", grace=0.5)
+    with pytest.raises(CommandExitError) as ei:
+        h.wait()
+    assert ei.value.result.signal == signal.SIGKILL
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(InvalidSpec):
+        h.send_signal("SIGNOPE")
+
+
+def test_background_stdin(sandbox: Any) -> None:
+    h = sandbox.commands.run("cat", background=True)
+    h.send_stdin("one ")
+    h.send_stdin(b"two")
+    h.close_stdin()
+    assert h.wait().stdout == "one two"
+
+
+def test_concurrent_commands() -> None:
+    async def main() -> None:
+        async with await AsyncSandbox.create() as sb:
+            results = await asyncio.gather(*(
+                sb.commands.run(f"sleep 0.5; echo {i}") for i in range(16)))
+            assert [r.stdout for r in results] == [f"{i}\n" for i in range(16)]
+            # a fast producer does not starve a small command on another stream
+            big = asyncio.ensure_future(sb.commands.run("head -c 30000000 /dev/zero"))
+            t0 = time.monotonic()
+            small = await sb.commands.run("echo small")
+            assert small.stdout == "small\n"
+            assert len((await big).stdout) == 30_000_000
+            assert time.monotonic() - t0 < 60
+
+    asyncio.run(main())
+
+
+def test_files_roundtrip(sandbox: Any) -> None:
+    data = os.urandom(1 << 20) + b"\x00\xff"
+    info = sandbox.files.write("/tmp/dir/a/blob.bin", data, mode=0o600)
+    assert info.size == len(data)
+    assert sandbox.files.read("/tmp/dir/a/blob.bin", format="bytes") == data
+    st = sandbox.files.stat("/tmp/dir/a/blob.bin")
+    assert (st.type, st.size, st.mode, st.name) == ("file", len(data), 0o600, "blob.bin")
+    digest = sandbox.commands.run("sha256sum /tmp/dir/a/blob.bin").stdout.split()[0]
+    assert digest == hashlib.sha256(data).hexdigest()
+    # atomic write: no temp file left beside it
+    assert [e.name for e in sandbox.files.list("/tmp/dir/a")] == ["blob.bin"]
+    sandbox.files.write("/tmp/dir/t.txt", "héllo")
+    assert sandbox.files.read("/tmp/dir/t.txt") == "héllo"
+
+
+def test_files_ops(sandbox: Any) -> None:
+    assert sandbox.files.make_dir("/tmp/ops/x/y") is True
+    assert sandbox.files.make_dir("/tmp/ops/x/y") is False
+    sandbox.files.write("/tmp/ops/f1", b"1")
+    assert sandbox.files.exists("/tmp/ops/f1")
+    moved = sandbox.files.rename("/tmp/ops/f1", "/tmp/ops/x/f2")
+    assert moved.path == "/tmp/ops/x/f2"
+    assert not sandbox.files.exists("/tmp/ops/f1")
+    names = [e.path for e in sandbox.files.list("/tmp/ops", depth=3)]
+    assert names == ["/tmp/ops/x", "/tmp/ops/x/f2", "/tmp/ops/x/y"]
+    sandbox.files.remove("/tmp/ops")
+    assert not sandbox.files.exists("/tmp/ops")
+    with pytest.raises(GuestFileNotFound):
+        sandbox.files.read("/tmp/ops/nothing")
+    with pytest.raises(GuestFileNotFound):
+        sandbox.files.stat("/nope")
+    with pytest.raises(InvalidPath):
+        sandbox.files.write("relative/path", b"x")
+
+
+def test_read_cap_errors_instead_of_partial(sandbox: Any) -> None:
+    sandbox.files.write("/tmp/big", b"x" * 5000)
+    with pytest.raises(FileTooLarge):
+        sandbox.files.read("/tmp/big", max_bytes=4999)
+    assert len(sandbox.files.read("/tmp/big", max_bytes=5000)) == 5000
+    # a file that grows past the cap while being read (no size known up front)
+    with pytest.raises(FileTooLarge):
+        sandbox.files.read("/dev/zero", max_bytes=1 << 20)
+
+
+def test_bad_input_errors() -> None:
+    with pytest.raises(UnknownImage) as ei:
+        Sandbox.create(image="ubuntu")
+    assert "base" in ei.value.message
+    with pytest.raises(InvalidSpec):
+        Sandbox.create(memory_mib="lots")
+    with pytest.raises(InvalidSpec):
+        Sandbox.create(vcpus=0)
+
+
+def _rundirs() -> set[str]:
+    return set(os.listdir(runtime_root()))
+
+
+def test_kill_leaves_nothing_behind() -> None:
+    before = _rundirs()
+    sb = Sandbox.create()
+    pid = sb.info["qemu_pid"]
+    assert _rundirs() - before
+    sb.kill()
+    sb.kill()  # idempotent
+    assert _rundirs() == before
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    with pytest.raises(SandboxStateError):
+        sb.commands.run("true")
+
+
+def test_qemu_death_is_reported_and_cleaned() -> None:
+    before = _rundirs()
+    sb = Sandbox.create()
+    h = sb.commands.run("sleep 60", background=True)
+    os.kill(sb.info["qemu_pid"], signal.SIGKILL)
+    with pytest.raises(VmCrashed) as ei:
+        h.wait()
+    assert "exited unexpectedly" in ei.value.message
+    with pytest.raises(VmCrashed):
+        sb.commands.run("true")
+    deadline = time.monotonic() + 5
+    while _rundirs() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _rundirs() == before
+    assert not sb.is_running()
+    sb.kill()
