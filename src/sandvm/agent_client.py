@@ -211,12 +211,18 @@ class AgentConnection:
         return self._parse_hello(msg)
 
     def _parse_hello(self, msg: dict[str, Any]) -> AgentInfo:
-        if msg.get("proto") != "sandvm-agent" or not isinstance(msg.get("version"), int):
-            raise AgentProtocolError("the guest's HELLO is not a sandvm agent's")
-        if msg["version"] != wire.PROTOCOL_VERSION:
-            raise AgentProtocolError(
-                f"guest agent speaks protocol {msg['version']}, host speaks"
+        version = msg.get("version")
+        if (msg.get("proto") != "sandvm-agent" or not isinstance(version, int)
+                or isinstance(version, bool)):
+            exc = AgentProtocolError("the guest's HELLO is not a sandvm agent's")
+            self.fail(exc)
+            raise exc
+        if version != wire.PROTOCOL_VERSION:
+            exc = AgentProtocolError(
+                f"guest agent speaks protocol {version}, host speaks"
                 f" {wire.PROTOCOL_VERSION}: rebuild the guest with `sandvm setup`")
+            self.fail(exc)
+            raise exc
         feats = msg.get("features")
         features = tuple(f for f in feats if isinstance(f, str))[:64] if isinstance(
             feats, list) else ()
@@ -225,7 +231,7 @@ class AgentConnection:
             v = msg.get(key)
             return v[:200] if isinstance(v, str) else ""
 
-        self.info = AgentInfo(version=msg["version"], agent_version=s("agent_version"),
+        self.info = AgentInfo(version=version, agent_version=s("agent_version"),
                               features=features, kernel=s("kernel"), boot_id=s("boot_id"))
         return self.info
 
@@ -292,11 +298,13 @@ class AgentConnection:
         elif ftype == wire.EVENT:
             st._push(StreamItem("event", message=wire.decode_json(payload)))
         elif ftype == wire.REPLY:
+            msg = wire.decode_json(payload)  # before unregistering: a bad one fails the stream
             self._streams.pop(sid, None)
-            st._finish(StreamItem("reply", message=wire.decode_json(payload)))
+            st._finish(StreamItem("reply", message=msg))
         elif ftype == wire.RESET:
+            msg = wire.decode_json(payload)
             self._streams.pop(sid, None)
-            st._finish(StreamItem("error", error=guest_error(wire.decode_json(payload))))
+            st._finish(StreamItem("error", error=guest_error(msg)))
         else:
             raise AgentProtocolError(f"unexpected {wire.FRAME_NAMES[ftype]} frame on stream {sid}")
 
@@ -343,7 +351,9 @@ class AgentConnection:
                 if item.kind == "error":
                     assert item.error is not None
                     raise item.error
-                raise AgentProtocolError(f"unexpected {item.kind} on a one-shot call")
+                exc = AgentProtocolError(f"guest sent {item.kind} on a one-shot call")
+                self.fail(exc)
+                raise exc
         except AgentTimeout:
             await st.reset()
             raise

@@ -35,7 +35,7 @@ DEFAULT_VCPUS = 1
 MAX_VCPUS = 16
 BUILTIN_IMAGES = ("base",)
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class VmState(enum.Enum):
@@ -54,7 +54,7 @@ def new_id(prefix: str = "sb") -> str:
 
 def validate_vm_id(vm_id: str) -> str:
     """Return ``vm_id`` if usable as an id (and a file name); raise InvalidSpec otherwise."""
-    if not isinstance(vm_id, str) or not _ID_RE.match(vm_id):
+    if not isinstance(vm_id, str) or not _ID_RE.fullmatch(vm_id):
         raise InvalidSpec(
             f"invalid id {vm_id!r}: use 1-63 characters from letters, digits, '.', '_' and '-',"
             " starting with a letter or digit"
@@ -70,12 +70,12 @@ def parse_memory(value: str | int) -> int:
     if isinstance(value, int):
         mib = value
     else:
-        m = re.fullmatch(r"\s*(\d+)\s*([MmGg]?)(?:i?[Bb])?\s*", str(value))
+        m = re.fullmatch(r"\s*(\d+)\s*(?:([MmGg])(?:i?[Bb])?)?\s*", str(value))
         if not m:
             raise InvalidSpec(
                 f"invalid memory size {value!r}: give MiB as a number,"
                 " or a size like '512M' or '1G'")
-        mib = int(m.group(1)) * (1024 if m.group(2).lower() == "g" else 1)
+        mib = int(m.group(1)) * (1024 if (m.group(2) or "").lower() == "g" else 1)
     if not MIN_MEMORY_MIB <= mib <= MAX_MEMORY_MIB:
         raise InvalidSpec(
             f"memory {mib} MiB is out of range: choose between {MIN_MEMORY_MIB} and"
@@ -123,6 +123,8 @@ class VmSpec:
             or not 1 <= self.vcpus <= MAX_VCPUS
         ):
             raise InvalidSpec(f"vcpus {self.vcpus!r} is out of range: choose 1 to {MAX_VCPUS}")
+        if not isinstance(self.kernel_args, tuple):
+            raise InvalidSpec("kernel_args must be a tuple of words")
         for arg in self.kernel_args:
             if not isinstance(arg, str) or not arg or any(c.isspace() for c in arg):
                 raise InvalidSpec(f"kernel argument {arg!r} must be one word without spaces")

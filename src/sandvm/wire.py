@@ -106,8 +106,8 @@ def decode_json(payload: bytes) -> dict[str, Any]:
         raise ProtocolViolation(f"control message of {len(payload)} bytes exceeds {MAX_JSON}")
     try:
         obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolViolation(f"control message is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolViolation(f"control message is not JSON: {exc!r}"[:200]) from None
     if not isinstance(obj, dict):
         raise ProtocolViolation("control message is not a JSON object")
     return obj

@@ -1,0 +1,902 @@
+"""The host side of the agent protocol against a hostile fake guest.
+
+Every case runs a real unix-socket server (the "guest") that follows a script,
+connects an AgentConnection to it and checks that the host ends with a clear
+error within a bounded time: never a hang, never an unexpected exception type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import struct
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sandvm import wire
+from sandvm.agent_client import AgentConnection, AgentInfo, guest_error
+from sandvm.errors import (
+    AgentDisconnected,
+    AgentError,
+    AgentProtocolError,
+    AgentTimeout,
+    CommandNotFound,
+    FileTooLarge,
+    GuestError,
+    GuestFileExists,
+    GuestFileNotFound,
+    GuestPermissionDenied,
+    InvalidPath,
+    SandvmError,
+)
+
+T = TypeVar("T")
+
+BOUND = 5.0  # every host-side wait in this file is bounded by this
+STAT = {"op": "stat", "path": "/"}
+_counter = itertools.count()
+
+
+class Guest:
+    """The server end of one connection: reads host frames, sends scripted bytes."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = wire.FrameDecoder()
+        self.frames: deque[tuple[int, int, bytes]] = deque()
+        self.received: list[tuple[int, int, bytes]] = []
+
+    async def recv(self, timeout: float = 2.0) -> tuple[int, int, bytes]:
+        while not self.frames:
+            data = await asyncio.wait_for(self.reader.read(1 << 16), timeout)
+            if not data:
+                raise EOFError("host closed the channel")
+            self.frames.extend(self.decoder.feed(data))
+        frame = self.frames.popleft()
+        self.received.append(frame)
+        return frame
+
+    async def expect(self, ftype: int, timeout: float = 2.0) -> tuple[int, bytes]:
+        """Skip WINDOW/PING noise until a frame of ``ftype``; return (stream, payload)."""
+        while True:
+            t, sid, payload = await self.recv(timeout)
+            if t == ftype:
+                return sid, payload
+            assert t in (wire.WINDOW, wire.PING), f"unexpected {wire.FRAME_NAMES[t]} from host"
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def hello(self, **override: Any) -> None:
+        payload = wire.hello_payload("agent", agent_version="t", boot_id="b", kernel="k")
+        payload.update(override)
+        await self.send(wire.encode_json(wire.HELLO, 0, payload))
+
+    async def handshake(self) -> None:
+        """Say hello and check the host's HELLO."""
+        await self.hello()
+        sid, payload = await self.expect(wire.HELLO)
+        msg = wire.decode_json(payload)
+        assert sid == 0
+        assert msg["proto"] == "sandvm-agent" and msg["role"] == "host"
+        assert msg["version"] == wire.PROTOCOL_VERSION
+
+    async def expect_open(self, sid: int = 1) -> dict[str, Any]:
+        got, payload = await self.expect(wire.OPEN)
+        assert got == sid
+        return wire.decode_json(payload)
+
+    async def host_hangs_up(self, timeout: float = BOUND) -> bool:
+        """Read (discarding) until EOF; True if the host closed the channel in time."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(1 << 16):
+                    pass
+        except (TimeoutError, ConnectionError):
+            return False
+        return True
+
+
+GuestScript = Callable[[Guest], Awaitable[Any]]
+
+
+async def run_case(sock_dir: Path, guest_script: GuestScript,
+                   host: Callable[[AgentConnection], Awaitable[T]]) -> tuple[T, Any]:
+    """Serve ``guest_script`` on a fresh socket; run ``host`` on a connection to it.
+
+    Returns (host result, guest script result). The host part is bounded by
+    ``asyncio.wait_for(..., BOUND)``; a hang fails the test with TimeoutError.
+    """
+    path = sock_dir / f"g{next(_counter)}.sock"
+    loop = asyncio.get_running_loop()
+    guest_done: asyncio.Future[Any] = loop.create_future()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            result = await guest_script(Guest(reader, writer))
+        except Exception as exc:  # noqa: BLE001 - surfaced to the test below
+            if not guest_done.done():
+                guest_done.set_exception(exc)
+        else:
+            if not guest_done.done():
+                guest_done.set_result(result)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    server = await asyncio.start_unix_server(handler, path=str(path))
+    try:
+        conn = await AgentConnection.connect(str(path), timeout=2)
+        try:
+            host_result = await asyncio.wait_for(host(conn), BOUND)
+        finally:
+            await conn.close()
+        guest_result = await asyncio.wait_for(guest_done, BOUND)
+        return host_result, guest_result
+    finally:
+        server.close()
+        await asyncio.wait_for(server.wait_closed(), 2)
+        path.unlink(missing_ok=True)
+
+
+async def outcome(aw: Awaitable[T]) -> T | BaseException:
+    """The awaitable's result, or the exception it raised."""
+    try:
+        return await aw
+    except Exception as exc:  # noqa: BLE001 - the test inspects it
+        return exc
+
+
+def run(coro: Awaitable[T]) -> T:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ handshake
+
+
+def test_handshake_succeeds(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> AgentInfo:
+        info = await conn.handshake(timeout=2)
+        assert conn.info is info
+        assert conn.failure is None
+        return info
+
+    info, _ = run(run_case(tmp_path, guest, host))
+    assert info == AgentInfo(version=wire.PROTOCOL_VERSION, agent_version="t",
+                             features=wire.FEATURES, kernel="k", boot_id="b")
+
+
+def test_handshake_then_call_round_trip(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> dict[str, Any]:
+        await g.handshake()
+        req = await g.expect_open(1)
+        await g.send(wire.encode_json(wire.REPLY, 1, {"type": "dir", "size": 0}))
+        req2 = await g.expect_open(3)
+        await g.send(wire.encode_json(wire.REPLY, 3, {"n": 2}))
+        assert await g.host_hangs_up()
+        return {"first": req, "second": req2}
+
+    async def host(conn: AgentConnection) -> tuple[dict[str, Any], dict[str, Any]]:
+        await conn.handshake(timeout=2)
+        a = await conn.call(STAT, timeout=2)
+        b = await conn.call({"op": "exists", "path": "/x"}, timeout=2)
+        return a, b
+
+    (a, b), seen = run(run_case(tmp_path, guest, host))
+    assert a == {"type": "dir", "size": 0}
+    assert b == {"n": 2}
+    assert seen == {"first": STAT, "second": {"op": "exists", "path": "/x"}}
+
+
+@pytest.mark.parametrize("override", [
+    {"version": wire.PROTOCOL_VERSION + 1},
+    {"version": 0},
+    {"version": "1"},
+    {"version": 1.0},
+    {"version": None},
+    {"proto": "something-else"},
+    {"proto": None},
+], ids=["v+1", "v0", "v-str", "v-float", "v-null", "proto", "proto-null"])
+def test_handshake_rejects_wrong_hello(tmp_path: Path, override: dict[str, Any]) -> None:
+    async def guest(g: Guest) -> None:
+        await g.hello(**override)
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> BaseException | AgentInfo:
+        return await outcome(conn.handshake(timeout=2))
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError), res
+
+
+def test_handshake_wrong_version_message_says_what_to_do(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.hello(version=99)
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> BaseException | AgentInfo:
+        return await outcome(conn.handshake(timeout=2))
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError)
+    assert "99" in str(res) and "sandvm setup" in str(res)
+
+
+def test_handshake_rejects_boolean_version(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.hello(version=True)
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> BaseException | AgentInfo:
+        return await outcome(conn.handshake(timeout=2))
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError), res
+
+
+@pytest.mark.parametrize("payload", [b"not json", b"[1,2]", b"\xff\xfe"])
+def test_handshake_rejects_malformed_hello_payload(tmp_path: Path, payload: bytes) -> None:
+    async def guest(g: Guest) -> None:
+        await g.send(wire.encode(wire.HELLO, 0, payload))
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> BaseException | AgentInfo:
+        return await outcome(conn.handshake(timeout=2))
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError), res
+
+
+def test_handshake_hostile_hello_fields_are_sanitised(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.hello(kernel="k" * 10_000, agent_version=123, boot_id=["x"],
+                      features=["exec", 5, None, *[f"f{i}" for i in range(200)]])
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> AgentInfo:
+        return await conn.handshake(timeout=2)
+
+    info, _ = run(run_case(tmp_path, guest, host))
+    assert info.kernel == "k" * 200
+    assert info.agent_version == ""
+    assert info.boot_id == ""
+    assert all(isinstance(f, str) for f in info.features)
+    assert info.features[0] == "exec"
+    assert len(info.features) == 64
+
+
+def test_handshake_times_out_without_hello(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.expect(wire.HELLO)  # the host speaks; the guest never answers
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | AgentInfo, float]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        res = await outcome(conn.handshake(timeout=0.3))
+        return res, loop.time() - t0
+
+    (res, elapsed), _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentTimeout), res
+    assert 0.25 <= elapsed < 2.0
+
+
+def test_handshake_guest_closes_without_hello(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.expect(wire.HELLO)
+        # return: the harness closes the socket
+
+    async def host(conn: AgentConnection) -> BaseException | AgentInfo:
+        return await outcome(conn.handshake(timeout=3))
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentDisconnected), res
+
+
+def test_connect_to_missing_socket(tmp_path: Path) -> None:
+    async def main() -> BaseException | AgentConnection:
+        return await outcome(AgentConnection.connect(str(tmp_path / "absent.sock"), timeout=1))
+
+    res = run(main())
+    assert isinstance(res, AgentDisconnected)
+    assert "absent.sock" in str(res)
+
+
+# ------------------------------------------------------------------ garbage after HELLO
+
+
+def _garbage_guest(garbage: bytes) -> GuestScript:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        with contextlib.suppress(ConnectionError):
+            await g.send(garbage)
+        # return: the harness closes the socket (so a partial frame cannot hang the host)
+
+    return guest
+
+
+async def _call_after_handshake(conn: AgentConnection) -> BaseException | dict[str, Any]:
+    await conn.handshake(timeout=2)
+    return await outcome(conn.call(STAT, timeout=2))
+
+
+@settings(max_examples=50, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(max_size=300))
+def test_random_garbage_after_hello(tmp_path: Path, garbage: bytes) -> None:
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    SandvmError | None]:
+        res = await _call_after_handshake(conn)
+        return res, conn.failure
+
+    (res, failure), _ = run(run_case(tmp_path, _garbage_guest(garbage), host))
+    assert isinstance(res, AgentProtocolError | AgentDisconnected | AgentTimeout), repr(res)
+    if isinstance(res, AgentProtocolError):
+        assert isinstance(failure, AgentProtocolError)
+    if isinstance(res, AgentDisconnected):
+        assert failure is res
+
+
+# Structured garbage: frames with a valid header (so the dispatcher, not only the
+# decoder, is exercised) and payloads that are sometimes meaningful.
+_payloads = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"", b"{}", b"[]", b"null", b"\x00", b"\x01out", b"\x02err", b"\x03x",
+                     struct.pack(">I", 1), struct.pack(">I", 0), struct.pack(">I", 1 << 30),
+                     b'{"code":"file_not_found","message":"m"}', b'{"code":5}',
+                     b'{"event":"started"}']),
+    st.dictionaries(st.text(max_size=5), st.integers() | st.text(max_size=5) | st.none(),
+                    max_size=3).map(lambda d: wire.encode_json(wire.REPLY, 0, d)[10:]),
+)
+_frames = st.tuples(
+    st.sampled_from(sorted(wire.FRAME_NAMES)),
+    st.sampled_from([0, 1, 1, 1, 2, 3, 5, 0xFFFFFFFF]),
+    _payloads,
+).map(lambda f: wire.encode(*f))
+_structured = st.tuples(st.lists(_frames, max_size=6), st.binary(max_size=12)).map(
+    lambda t: b"".join(t[0]) + t[1])
+
+
+@settings(max_examples=75, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=_structured)
+def test_structured_garbage_after_hello(tmp_path: Path, garbage: bytes) -> None:
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    SandvmError | None]:
+        await conn.handshake(timeout=2)
+        # the guest closes right after the garbage, so 0.5 s is ample for any answer
+        res = await outcome(conn.call(STAT, timeout=0.5))
+        return res, conn.failure
+
+    (res, failure), _ = run(run_case(tmp_path, _garbage_guest(garbage), host))
+    # a well-formed REPLY or RESET on stream 1 is a legitimate answer; anything else
+    # must be a protocol error or a disconnect
+    allowed = (dict, AgentProtocolError, AgentDisconnected, GuestError, CommandNotFound,
+               InvalidPath)
+    if isinstance(res, AgentTimeout):
+        # tolerated only when the garbage was harmless (the guest merely stayed
+        # silent): a connection that failed must have woken the call
+        assert failure is None, (res, failure)
+    else:
+        assert isinstance(res, allowed), repr(res)
+    assert failure is None or isinstance(failure, AgentProtocolError | AgentDisconnected)
+
+
+# ------------------------------------------------------------------ hostile frames
+
+
+def test_four_gib_header_fails_without_waiting_for_payload(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(struct.pack(">BBII", wire.MAGIC, wire.REPLY, 1, 0xFFFFFFFF))
+        # no payload follows: the host must give up on the header alone and hang up
+        return await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any], float]:
+        loop = asyncio.get_running_loop()
+        await conn.handshake(timeout=2)
+        t0 = loop.time()
+        # a long call timeout: only the header check can end this call quickly
+        res = await outcome(conn.call(STAT, timeout=30))
+        return res, loop.time() - t0
+
+    (res, elapsed), hung_up = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError), res
+    assert "exceeds" in str(res)
+    assert elapsed < 2.0
+    assert hung_up, "the host did not close the channel after the violation"
+
+
+def test_truncated_frame_then_close(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        frame = wire.encode_json(wire.REPLY, 1, {"ok": True})
+        await g.send(frame[:-3])
+        # return: the harness closes the socket mid-frame
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    SandvmError | None]:
+        res = await _call_after_handshake(conn)
+        return res, conn.failure
+
+    (res, failure), _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentDisconnected), res
+    assert failure is res
+
+
+def test_truncated_header_then_close(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode_json(wire.REPLY, 1, {"ok": True})[:5])
+
+    res, _ = run(run_case(tmp_path, guest, _call_after_handshake))
+    assert isinstance(res, AgentDisconnected), res
+
+
+@pytest.mark.parametrize("sid", [2, 4, 0xFFFFFFFE, 7, 0xFFFFFFFF],
+                         ids=["even2", "even4", "even-max", "odd-unopened", "odd-max"])
+@pytest.mark.parametrize("ftype", [wire.REPLY, wire.DATA, wire.RESET, wire.WINDOW],
+                         ids=["REPLY", "DATA", "RESET", "WINDOW"])
+def test_frame_for_unknown_stream(tmp_path: Path, sid: int, ftype: int) -> None:
+    payload = {wire.REPLY: b"{}", wire.DATA: b"\x01x", wire.RESET: b'{"code":"x"}',
+               wire.WINDOW: struct.pack(">I", 10)}[ftype]
+
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(ftype, sid, payload))
+        return await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    SandvmError | None]:
+        res = await _call_after_handshake(conn)
+        return res, conn.failure
+
+    (res, failure), hung_up = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError), res
+    assert "unknown stream" in str(res)
+    assert failure is res
+    assert hung_up
+
+
+def test_late_frame_for_finished_stream_is_ignored(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode_json(wire.REPLY, 1, {"n": 1}))
+        # stragglers for the finished stream 1, then the answer on stream 3
+        await g.send(wire.encode_data(1, wire.CH_STDOUT, b"late"))
+        await g.expect_open(3)
+        await g.send(wire.encode_json(wire.REPLY, 3, {"n": 3}))
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> list[dict[str, Any]]:
+        await conn.handshake(timeout=2)
+        out = [await conn.call(STAT, timeout=2)]
+        out.append(await conn.call(STAT, timeout=2))
+        assert conn.failure is None
+        return out
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert res == [{"n": 1}, {"n": 3}]
+
+
+@pytest.mark.parametrize("ftype", [wire.OPEN, wire.PING, wire.CTRL, wire.REPLY, wire.DATA],
+                         ids=["OPEN", "PING", "CTRL", "REPLY", "DATA"])
+def test_unexpected_frame_on_stream_zero(tmp_path: Path, ftype: int) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode_json(ftype, 0, {"x": 1}))
+        assert await g.host_hangs_up()
+
+    res, _ = run(run_case(tmp_path, guest, _call_after_handshake))
+    assert isinstance(res, AgentProtocolError), res
+
+
+def test_ctrl_from_guest_on_open_stream(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode_json(wire.CTRL, 1, {"signal": 9}))
+        assert await g.host_hangs_up()
+
+    res, _ = run(run_case(tmp_path, guest, _call_after_handshake))
+    assert isinstance(res, AgentProtocolError), res
+
+
+def test_goaway_disconnects(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.GOAWAY, 0))
+        assert await g.host_hangs_up()
+
+    res, _ = run(run_case(tmp_path, guest, _call_after_handshake))
+    assert isinstance(res, AgentDisconnected), res
+    assert "going away" in str(res)
+
+
+_OVERSIZED_JSON = b'{"p":"' + b"x" * wire.MAX_JSON + b'"}'  # fits a frame, not a control msg
+
+BAD_FINAL_FRAMES = [
+    pytest.param(wire.REPLY, b"not json", "not JSON", id="reply-text"),
+    pytest.param(wire.REPLY, b"[]", "not a JSON object", id="reply-array"),
+    pytest.param(wire.REPLY, b"42", "not a JSON object", id="reply-number"),
+    pytest.param(wire.REPLY, b"\xff\xff", "not JSON", id="reply-bad-utf8"),
+    pytest.param(wire.REPLY, b"", "not JSON", id="reply-empty"),
+    pytest.param(wire.REPLY, _OVERSIZED_JSON, "exceeds", id="reply-oversized"),
+    pytest.param(wire.RESET, b"boom", "not JSON", id="reset-text"),
+    pytest.param(wire.RESET, b"[1]", "not a JSON object", id="reset-array"),
+]
+
+# Regression: _dispatch used to unregister the stream before decoding a REPLY/RESET
+# payload, so a bad payload failed the connection without waking the pending call.
+
+
+def _bad_final_guest(ftype: int, payload: bytes) -> GuestScript:
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(ftype, 1, payload))
+        return await g.host_hangs_up()
+
+    return guest
+
+
+@pytest.mark.parametrize(("ftype", "payload", "why"), BAD_FINAL_FRAMES)
+def test_final_frame_not_json_object_fails_connection(
+        tmp_path: Path, ftype: int, payload: bytes, why: str) -> None:
+    async def host(conn: AgentConnection) -> SandvmError | None:
+        await conn.handshake(timeout=2)
+        await outcome(conn.call(STAT, timeout=0.5))
+        return conn.failure
+
+    failure, hung_up = run(run_case(tmp_path, _bad_final_guest(ftype, payload), host))
+    assert isinstance(failure, AgentProtocolError), failure
+    assert why in str(failure)
+    assert hung_up
+
+
+@pytest.mark.parametrize(("ftype", "payload", "why"), BAD_FINAL_FRAMES)
+def test_final_frame_not_json_object_raises_protocol_error(
+        tmp_path: Path, ftype: int, payload: bytes, why: str) -> None:
+    async def host(conn: AgentConnection) -> BaseException | dict[str, Any]:
+        await conn.handshake(timeout=2)
+        # 0.5 s is plenty: the violation arrives right after the OPEN
+        return await outcome(conn.call(STAT, timeout=0.5))
+
+    res, _ = run(run_case(tmp_path, _bad_final_guest(ftype, payload), host))
+    assert isinstance(res, AgentProtocolError), res
+    assert why in str(res)
+
+
+def test_reply_deeply_nested_json(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.REPLY, 1, b"[" * 100_000))
+        assert await g.host_hangs_up(timeout=3)
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    SandvmError | None]:
+        await conn.handshake(timeout=2)
+        res = await outcome(conn.call(STAT, timeout=1))
+        return res, conn.failure
+
+    (res, failure), _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError), res
+    assert failure is res
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x03data", b"\xffx"], ids=["empty", "ch3", "ch255"])
+def test_data_with_bad_channel(tmp_path: Path, payload: bytes) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.DATA, 1, payload))
+        assert await g.host_hangs_up()
+
+    res, _ = run(run_case(tmp_path, guest, _call_after_handshake))
+    assert isinstance(res, AgentProtocolError), res
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x00\x00\x00", struct.pack(">I", 0),
+                                     struct.pack(">I", 0xFFFFFFFF)],
+                         ids=["empty", "short", "zero", "huge"])
+def test_bad_window_frame(tmp_path: Path, payload: bytes) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.WINDOW, 1, payload))
+        assert await g.host_hangs_up()
+
+    res, _ = run(run_case(tmp_path, guest, _call_after_handshake))
+    assert isinstance(res, AgentProtocolError), res
+
+
+def test_window_credit_overflow(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode_window(1, 1 << 30) * 3)  # > 2**31 of credit in total
+        assert await g.host_hangs_up()
+
+    res, _ = run(run_case(tmp_path, guest, _call_after_handshake))
+    assert isinstance(res, AgentProtocolError), res
+    assert "absurd" in str(res)
+
+
+# ------------------------------------------------------------------ flow control
+
+
+def _data_frames(sid: int, total: int) -> bytes:
+    out = []
+    while total > 0:
+        n = min(total, wire.DATA_CHUNK)
+        out.append(wire.encode_data(sid, wire.CH_STDOUT, b"d" * n))
+        total -= n
+    return b"".join(out)
+
+
+async def _drain(stream: Any) -> list[Any]:
+    items = []
+    while True:
+        item = await stream.next(2)
+        items.append(item)
+        if item.kind in ("reply", "error"):
+            return items
+
+
+def test_data_beyond_window_is_a_protocol_error(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        with contextlib.suppress(ConnectionError):
+            await g.send(_data_frames(1, wire.INITIAL_WINDOW + 1))
+        return await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[SandvmError | None, list[Any]]:
+        await conn.handshake(timeout=2)
+        stream = await conn.open({"op": "read_file", "path": "/big"})
+        # consume nothing (no credit returned) until the guest sees us hang up
+        while conn.failure is None:
+            await asyncio.sleep(0.01)
+        return conn.failure, await _drain(stream)
+
+    (failure, items), hung_up = run(run_case(tmp_path, guest, host))
+    assert isinstance(failure, AgentProtocolError)
+    assert "window" in str(failure)
+    assert hung_up
+    assert items[-1].kind == "error" and items[-1].error is failure
+    received = sum(len(i.data) for i in items if i.kind == "data")
+    assert received <= wire.INITIAL_WINDOW
+
+
+def test_data_exactly_filling_window_is_fine(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(_data_frames(1, wire.INITIAL_WINDOW))
+        await g.send(wire.encode_json(wire.REPLY, 1, {"size": wire.INITIAL_WINDOW}))
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[list[Any], SandvmError | None]:
+        await conn.handshake(timeout=2)
+        stream = await conn.open({"op": "read_file", "path": "/big"})
+        # let every frame arrive before consuming anything (no credit handed back)
+        while not stream.closed:
+            await asyncio.sleep(0.01)
+        return await _drain(stream), conn.failure
+
+    (items, failure), _ = run(run_case(tmp_path, guest, host))
+    assert failure is None
+    assert items[-1].kind == "reply" and items[-1].message == {"size": wire.INITIAL_WINDOW}
+    assert sum(len(i.data) for i in items if i.kind == "data") == wire.INITIAL_WINDOW
+
+
+def test_window_credit_refilled_by_consumption(tmp_path: Path) -> None:
+    total = wire.INITIAL_WINDOW + 3 * wire.DATA_CHUNK
+
+    async def guest(g: Guest) -> int:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(_data_frames(1, wire.INITIAL_WINDOW))
+        credit = 0
+        while credit < total - wire.INITIAL_WINDOW:
+            sid, payload = await g.expect(wire.WINDOW)
+            assert sid == 1
+            credit += wire.decode_window(payload)
+        await g.send(_data_frames(1, total - wire.INITIAL_WINDOW))
+        await g.send(wire.encode_json(wire.REPLY, 1, {}))
+        assert await g.host_hangs_up()
+        return credit
+
+    async def host(conn: AgentConnection) -> tuple[int, SandvmError | None]:
+        await conn.handshake(timeout=2)
+        stream = await conn.open({"op": "read_file", "path": "/big"})
+        items = await _drain(stream)
+        assert items[-1].kind == "reply"
+        return sum(len(i.data) for i in items if i.kind == "data"), conn.failure
+
+    (got, failure), credit = run(run_case(tmp_path, guest, host))
+    assert got == total
+    assert failure is None
+    assert credit >= total - wire.INITIAL_WINDOW
+
+
+@pytest.mark.parametrize("frame", [
+    wire.encode_data(1, wire.CH_STDOUT, b"x"),
+    wire.encode(wire.EOF, 1, b"\x01"),
+    wire.encode_json(wire.EVENT, 1, {"event": "x"}),
+], ids=["DATA", "EOF", "EVENT"])
+def test_unexpected_item_on_one_shot_call_closes_channel(tmp_path: Path, frame: bytes) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(frame)
+        await g.host_hangs_up(timeout=1)
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    SandvmError | None]:
+        res = await _call_after_handshake(conn)
+        return res, conn.failure
+
+    (res, failure), _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentProtocolError), res
+    assert failure is res
+
+
+# ------------------------------------------------------------------ guest errors
+
+
+@pytest.mark.parametrize(("code", "cls"), [
+    ("file_not_found", GuestFileNotFound),
+    ("file_exists", GuestFileExists),
+    ("permission_denied", GuestPermissionDenied),
+    ("file_too_large", FileTooLarge),
+    ("command_not_found", CommandNotFound),
+    ("invalid_path", InvalidPath),
+    ("no_such_code", GuestError),
+    ("", GuestError),
+])
+def test_reset_maps_to_error(tmp_path: Path, code: str, cls: type[SandvmError]) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode_json(wire.RESET, 1, {"code": code, "message": "x"}))
+        # the connection survives a guest error: a second call works
+        await g.expect_open(3)
+        await g.send(wire.encode_json(wire.REPLY, 3, {"ok": True}))
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    dict[str, Any]]:
+        res = await _call_after_handshake(conn)
+        again = await conn.call(STAT, timeout=2)
+        assert conn.failure is None
+        return res, again
+
+    (res, again), _ = run(run_case(tmp_path, guest, host))
+    assert type(res) is cls, repr(res)
+    assert isinstance(res, SandvmError)
+    assert res.message == "x"
+    assert res.details == {"guest_code": code}
+    assert again == {"ok": True}
+
+
+@pytest.mark.parametrize("msg", [
+    {}, {"code": 5}, {"code": None, "message": 7}, {"code": ["file_not_found"]},
+    {"message": "m" * 5000},
+])
+def test_guest_error_tolerates_hostile_reset(msg: dict[str, Any]) -> None:
+    err = guest_error(msg)
+    assert type(err) is GuestError
+    assert isinstance(err, AgentError)
+    assert 0 < len(err.message) <= 2000
+    assert err.details == {"guest_code": None}
+
+
+# ------------------------------------------------------------------ after failure
+
+
+def test_calls_after_failure_fail_fast(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.send(b"\x00" * wire.HEADER_SIZE)  # bad magic
+        await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> list[BaseException | Any]:
+        await conn.handshake(timeout=2)
+        while conn.failure is None:
+            await asyncio.sleep(0.01)
+        return [await outcome(conn.call(STAT, timeout=2)),
+                await outcome(conn.open(STAT)),
+                await outcome(conn.ping(timeout=2))]
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert all(isinstance(r, AgentProtocolError) for r in res), res
+    assert "magic" in str(res[0])
+
+
+def test_ping_pong(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        sid, token = await _expect_ping(g)
+        assert sid == 0
+        await g.send(wire.encode(wire.PONG, 0, b"unsolicited"))  # ignored
+        await g.send(wire.encode(wire.PONG, 0, token))
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> float:
+        await conn.handshake(timeout=2)
+        rtt = await conn.ping(timeout=2)
+        assert conn.failure is None
+        return rtt
+
+    rtt, _ = run(run_case(tmp_path, guest, host))
+    assert 0 <= rtt < 2
+
+
+async def _expect_ping(g: Guest) -> tuple[int, bytes]:
+    while True:
+        t, sid, payload = await g.recv()
+        if t == wire.PING:
+            return sid, payload
+
+
+def test_ping_timeout(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await _expect_ping(g)
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> BaseException | float:
+        await conn.handshake(timeout=2)
+        return await outcome(conn.ping(timeout=0.2))
+
+    res, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentTimeout), res
+
+
+def test_call_timeout_resets_stream(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> dict[str, Any]:
+        await g.handshake()
+        await g.expect_open(1)
+        sid, payload = await g.expect(wire.RESET)  # the host abandons the stream
+        assert sid == 1
+        # the host ignores the late reply and the connection stays usable
+        await g.send(wire.encode_json(wire.REPLY, 1, {"late": True}))
+        await g.expect_open(3)
+        await g.send(wire.encode_json(wire.REPLY, 3, {"ok": True}))
+        assert await g.host_hangs_up()
+        return wire.decode_json(payload)
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any],
+                                                    dict[str, Any]]:
+        await conn.handshake(timeout=2)
+        res = await outcome(conn.call(STAT, timeout=0.2))
+        return res, await conn.call(STAT, timeout=2)
+
+    (res, again), reset = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentTimeout), res
+    assert again == {"ok": True}
+    assert reset == {"code": "cancelled"}
