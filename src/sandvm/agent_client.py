@@ -146,7 +146,7 @@ class HostStream:
                 continue
             n = min(len(view), wire.DATA_CHUNK, self._send_window)
             self._send_window -= n
-            await self.conn._send(wire.encode_data(self.sid, channel, bytes(view[:n])))
+            await self.conn._send(wire.data_header(self.sid, channel, n), view[:n])
             view = view[n:]
 
     async def send_eof(self, channel: int = wire.CH_STDIN) -> None:
@@ -182,6 +182,9 @@ class AgentConnection:
         self._failure: SandvmError | None = None
         self._write_lock = asyncio.Lock()
         self.info: AgentInfo | None = None
+        # let a whole window be in flight without a drain() stall per chunk
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            writer.transport.set_write_buffer_limits(high=2 * wire.INITIAL_WINDOW)
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
@@ -235,12 +238,14 @@ class AgentConnection:
                               features=features, kernel=s("kernel"), boot_id=s("boot_id"))
         return self.info
 
-    async def _send(self, frame: bytes) -> None:
+    async def _send(self, *parts: bytes | memoryview) -> None:
+        """Write one frame (given as consecutive parts) and wait for buffer room."""
         if self._failure is not None:
             raise self._failure
         try:
             async with self._write_lock:
-                self._writer.write(frame)
+                for part in parts:
+                    self._writer.write(part)
                 await self._writer.drain()
         except (OSError, RuntimeError) as exc:
             self.fail(AgentDisconnected(f"agent channel write failed: {exc!r}"))

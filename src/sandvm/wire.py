@@ -137,44 +137,66 @@ class FrameDecoder:
 
     Checks magic, type and length in the header before buffering the payload,
     so a hostile peer cannot make the decoder allocate more than
-    HEADER_SIZE + MAX_PAYLOAD bytes.
+    HEADER_SIZE + MAX_PAYLOAD bytes. Each payload is copied once.
     """
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # leftover: a partial frame
         self._max = max_payload
         self._need: tuple[int, int, int] | None = None  # (type, stream, length)
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        self._buf += data
+        # common case: no leftover, parse ``data`` in place; otherwise append to the
+        # leftover (amortised O(1)), never re-concatenate
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray = self._buf
+        else:
+            buf = data
         out: list[tuple[int, int, bytes]] = []
-        while True:
-            if self._need is None:
-                if len(self._buf) < HEADER_SIZE:
-                    return out
-                magic, ftype, stream, length = HEADER.unpack_from(self._buf)
-                if magic != MAGIC:
-                    raise ProtocolViolation(f"bad frame magic 0x{magic:02x}")
-                if ftype not in FRAME_NAMES:
-                    raise ProtocolViolation(f"unknown frame type {ftype}")
-                if length > self._max:
-                    raise ProtocolViolation(
-                        f"frame length {length} exceeds the cap of {self._max} bytes"
-                    )
-                del self._buf[:HEADER_SIZE]
-                self._need = (ftype, stream, length)
-            ftype, stream, length = self._need
-            if len(self._buf) < length:
-                return out
-            payload = bytes(self._buf[:length])
-            del self._buf[:length]
-            self._need = None
-            out.append((ftype, stream, payload))
+        pos = 0
+        end = len(buf)
+        need = self._need
+        with memoryview(buf) as view:
+            while True:
+                if need is None:
+                    if end - pos < HEADER_SIZE:
+                        break
+                    magic, ftype, stream, length = HEADER.unpack_from(buf, pos)
+                    if magic != MAGIC:
+                        raise ProtocolViolation(f"bad frame magic 0x{magic:02x}")
+                    if ftype not in FRAME_NAMES:
+                        raise ProtocolViolation(f"unknown frame type {ftype}")
+                    if length > self._max:
+                        raise ProtocolViolation(
+                            f"frame length {length} exceeds the cap of {self._max} bytes"
+                        )
+                    pos += HEADER_SIZE
+                    need = (ftype, stream, length)
+                ftype, stream, length = need
+                if end - pos < length:
+                    break
+                out.append((ftype, stream, bytes(view[pos:pos + length])))
+                pos += length
+                need = None
+        if buf is self._buf:
+            del self._buf[:pos]
+        elif pos < end:
+            self._buf = bytearray(buf[pos:])
+        self._need = need
+        return out
 
     @property
     def pending(self) -> int:
         """Bytes buffered but not yet returned as a frame."""
         return len(self._buf)
+
+
+def data_header(stream: int, channel: int, size: int) -> bytes:
+    """Header + channel byte of a DATA frame carrying ``size`` bytes (sent with writev)."""
+    if size + 1 > MAX_PAYLOAD:
+        raise ValueError(f"payload of {size + 1} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(MAGIC, DATA, stream, size + 1) + bytes((channel,))
 
 
 def hello_payload(role: str, **extra: Any) -> dict[str, Any]:

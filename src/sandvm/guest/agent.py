@@ -13,6 +13,7 @@ child subreaper, so orphaned grandchildren are reaped here.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import heapq
@@ -137,7 +138,7 @@ class Transport:
         self.fd = fd
         self.on_frame = on_frame
         self.decoder = wire.FrameDecoder()
-        self.out = bytearray()
+        self.out: collections.deque[bytes | memoryview] = collections.deque()
         self.loop.set_reader(fd, self._readable)
 
     def _readable(self) -> None:
@@ -167,11 +168,10 @@ class Transport:
             self.loop.set_reader(self.fd, None)
             self.loop.call_later(0.05, lambda: self.loop.set_reader(self.fd, self._readable))
             return
-        if not parts:
-            return
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        frames = []
         try:
-            frames = self.decoder.feed(data)
+            for part in parts:
+                frames.extend(self.decoder.feed(part))
         except wire.ProtocolViolation as exc:
             log(f"protocol violation from host: {exc}; resetting decoder")
             self.decoder = wire.FrameDecoder()
@@ -183,23 +183,37 @@ class Transport:
                 log(f"frame {ftype} on stream {stream} failed: {exc!r}")
 
     def send(self, frame: bytes) -> None:
-        self.out += frame
+        self.out.append(frame)
+        self._flush()
+
+    def send_data(self, sid: int, channel: int, data: bytes) -> None:
+        """A DATA frame without copying ``data`` into it (written with writev)."""
+        self.out.append(wire.data_header(sid, channel, len(data)))
+        self.out.append(data)
         self._flush()
 
     def _flush(self) -> None:
-        while self.out:
+        out = self.out
+        while out:
             try:
-                n = os.write(self.fd, self.out)
+                n = os.writev(self.fd, list(itertools.islice(out, 0, 64)))
             except BlockingIOError:
                 break
             except OSError as exc:
                 if exc.errno in (errno.EAGAIN, errno.EINTR):
                     break
                 log(f"port write failed: {exc}")
-                self.out.clear()
+                out.clear()
                 break
-            del self.out[:n]
-        self.loop.set_writer(self.fd, self._flush if self.out else None)
+            while n:
+                first = out[0]
+                if len(first) <= n:
+                    n -= len(first)
+                    out.popleft()
+                else:
+                    out[0] = memoryview(first)[n:]
+                    n = 0
+        self.loop.set_writer(self.fd, self._flush if out else None)
 
 
 # --------------------------------------------------------------------------- streams
@@ -371,7 +385,8 @@ class ExecStream(Stream):
             self._maybe_done()
             return
         self.send_window -= len(data)
-        self.send(wire.encode_data(self.sid, ch, data))
+        if not self.closed:
+            self.agent.transport.send_data(self.sid, ch, data)
         if self.send_window <= 0:
             for c in list(self.fds):
                 self._arm(c)
@@ -623,7 +638,7 @@ class ReadFileStream(Stream):
                 return
             self.sent += len(data)
             self.send_window -= len(data)
-            self.send(wire.encode_data(self.sid, wire.CH_STDOUT, data))
+            self.agent.transport.send_data(self.sid, wire.CH_STDOUT, data)
 
     def on_window(self, inc: int) -> None:
         was = self.send_window
@@ -880,8 +895,9 @@ class Agent:
             # but give back DATA credit so the host's window is not lost
             return
         if ftype == wire.DATA:
-            ch, data = wire.split_channel(payload)
-            st.on_data(ch, data)
+            if not payload or payload[0] > wire.CH_STDERR:
+                raise wire.ProtocolViolation("DATA frame without a valid channel byte")
+            st.on_data(payload[0], memoryview(payload)[1:])
         elif ftype == wire.EOF:
             ch, _ = wire.split_channel(payload)
             st.on_eof(ch)
