@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from sandvm import (
+    AgentTimeout,
     AsyncSandbox,
     CommandExitError,
     CommandNotFound,
@@ -257,3 +258,81 @@ def test_qemu_death_is_reported_and_cleaned() -> None:
     assert _rundirs() == before
     assert not sb.is_running()
     sb.kill()
+
+
+def test_guest_enforces_frame_cap_before_allocating(sandbox: Any) -> None:
+    """A host frame announcing 2 GiB is refused by the agent's decoder at the header."""
+    from sandvm import wire
+
+    conn = sandbox._a._conn()
+    _portal_call(conn._send(wire.HEADER.pack(wire.MAGIC, wire.DATA, 1, 1 << 31)))
+    # the agent drops the bad frame (and whatever arrived with it), then keeps serving
+    answered = 0
+    for _ in range(3):
+        try:
+            _portal_call(conn.ping(timeout=2))
+            answered += 1
+        except AgentTimeout:
+            pass
+    assert answered >= 2
+    assert sandbox.commands.run("echo alive").stdout == "alive\n"
+
+
+def _portal_call(coro: Any) -> Any:
+    from sandvm import _portal
+
+    return _portal.call(coro)
+
+
+def test_vm_is_confined(sandbox: Any) -> None:
+    """QEMU runs with seccomp, no default devices, no NIC; its runtime dir is private."""
+    pid = sandbox.info["qemu_pid"]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    joined = b" ".join(argv)
+    assert b"-nodefaults" in argv and b"-no-user-config" in argv
+    sb_opt = argv[argv.index(b"-sandbox") + 1]
+    for opt in (b"on", b"spawn=deny", b"elevateprivileges=deny", b"obsolete=deny",
+                b"resourcecontrol=deny"):
+        assert opt in sb_opt
+    assert b"-netdev" not in joined and b"-nic" not in joined and b"virtio-net" not in joined
+    assert b"microvm" in argv[argv.index(b"-M") + 1]
+    assert b"share=on" in joined  # guest RAM in a shared file (for snapshots)
+    rundirs = [p for p in runtime_root().iterdir() if p.name.startswith(sandbox.sandbox_id)]
+    assert len(rundirs) == 1
+    assert rundirs[0].stat().st_mode & 0o777 == 0o700
+    assert {"qmp.sock", "agent.sock", "mem"} <= {p.name for p in rundirs[0].iterdir()}
+    # and the guest sees no network interface but loopback
+    ifaces = sandbox.commands.run("ls /sys/class/net").stdout.split()
+    assert ifaces == ["lo"]
+
+
+def test_sandbox_lifetime_timeout() -> None:
+    async def main() -> None:
+        sb = await AsyncSandbox.create(timeout=1.0)
+        assert await sb.is_running()
+        await asyncio.sleep(2.5)
+        assert not await sb.is_running()
+        with pytest.raises(SandboxStateError):
+            await sb.commands.run("true")
+
+    asyncio.run(main())
+
+
+def test_second_boot_refused() -> None:
+    from sandvm.core import VmSpec
+    from sandvm.errors import InvalidTransition
+    from sandvm.providers.qemu import QemuVm
+
+    async def main() -> None:
+        from sandvm.assets import find_assets
+
+        vm = QemuVm("twice", VmSpec(), assets=find_assets(), accel="tcg")
+        await vm.boot()
+        try:
+            with pytest.raises(InvalidTransition):
+                await vm.boot()
+        finally:
+            await vm.shutdown()
+
+    asyncio.run(main())

@@ -23,12 +23,14 @@ import selectors
 import signal
 import socket
 import stat as stat_mod
-import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import wire
+if TYPE_CHECKING:  # in the guest, wire.py sits beside this file
+    from sandvm import wire
+else:
+    import wire
 
 AGENT_VERSION = "0.1.0"
 PORT_NAME = "sandvm.agent"
@@ -144,7 +146,7 @@ class Transport:
     def _readable(self) -> None:
         # virtio-serial hands out at most one guest buffer (a page) per read: drain
         # everything available, then decode once
-        parts = []
+        parts: list[bytes] = []
         total = 0
         eof = False
         while total < (1 << 20):
@@ -254,7 +256,7 @@ class Stream:
     def start(self) -> None:
         raise NotImplementedError
 
-    def on_data(self, channel: int, data: bytes) -> None:
+    def on_data(self, channel: int, data: bytes | memoryview) -> None:
         raise wire.ProtocolViolation("this stream takes no data")
 
     def on_eof(self, channel: int) -> None:
@@ -399,7 +401,7 @@ class ExecStream(Stream):
                 self._arm(c)
 
     # host -> stdin
-    def on_data(self, channel: int, data: bytes) -> None:
+    def on_data(self, channel: int, data: bytes | memoryview) -> None:
         if channel != wire.CH_STDIN or self.in_eof:
             raise wire.ProtocolViolation("stdin data after EOF or on a wrong channel")
         if self.in_fd < 0:
@@ -556,7 +558,7 @@ class WriteFileStream(Stream):
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
 
-    def on_data(self, channel: int, data: bytes) -> None:
+    def on_data(self, channel: int, data: bytes | memoryview) -> None:
         if self.fd < 0:
             return
         try:
@@ -981,4 +983,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

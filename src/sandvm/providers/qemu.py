@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 DEFAULT_BOOT_TIMEOUT = 60.0
+# TCG's translation-block cache (MiB): it is most of QEMU's private memory per VM
+DEFAULT_TB_MIB = 64
 PROBE_TIMEOUT = 12.0
 
 
@@ -107,7 +109,8 @@ def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
         accel_args = ["-accel", "kvm", "-cpu", "host"]
     else:
         thread = "single" if spec.vcpus == 1 else "multi"
-        accel_args = ["-accel", f"tcg,thread={thread},tb-size=64", "-cpu", "max"]
+        tb = os.environ.get("SANDVM_TCG_TB_MIB", str(DEFAULT_TB_MIB))
+        accel_args = ["-accel", f"tcg,thread={thread},tb-size={int(tb)}", "-cpu", "max"]
     return [
         str(assets.qemu),
         "-M", "microvm,x-option-roms=off,rtc=on,isa-serial=on,pit=on,pic=on,memory-backend=mem",
