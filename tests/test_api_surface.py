@@ -13,7 +13,7 @@ PAIRS = [
     (sbmod.AsyncFiles, sbmod.Files),
     (sbmod.AsyncCommandHandle, sbmod.CommandHandle),
 ]
-ASYNC_ONLY = {"aclose", "read_stream", "_run"}
+ASYNC_ONLY = {"aclose", "_run"}
 
 
 def _public(cls: type) -> dict[str, object]:

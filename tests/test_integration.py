@@ -336,3 +336,50 @@ def test_second_boot_refused() -> None:
             await vm.shutdown()
 
     asyncio.run(main())
+
+
+def test_read_stream_sync_and_async(sandbox: Any) -> None:
+    data = os.urandom(600_000)
+    sandbox.files.write("/tmp/stream.bin", data)
+    chunks = list(sandbox.files.read_stream("/tmp/stream.bin"))
+    assert len(chunks) > 1 and b"".join(chunks) == data
+    with pytest.raises(FileTooLarge):
+        for _ in sandbox.files.read_stream("/tmp/stream.bin", max_bytes=1000):
+            pass
+    # stopping early is fine and leaves the sandbox usable
+    for _ in sandbox.files.read_stream("/tmp/stream.bin"):
+        break
+    assert sandbox.commands.run("echo ok").stdout == "ok\n"
+
+
+def test_owner_killed_leaves_no_vm_and_dir_is_swept() -> None:
+    import subprocess
+    import sys
+
+    from sandvm.providers.qemu import sweep_stale_rundirs
+
+    script = ("import sys, time\n"
+              "from sandvm import Sandbox\n"
+              "sb = Sandbox.create()\n"
+              "print(sb.info['qemu_pid'], sb.sandbox_id, flush=True)\n"
+              "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    qemu_pid_s, sb_id = proc.stdout.readline().split()
+    qemu_pid = int(qemu_pid_s)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(qemu_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("QEMU outlived the process that started it")
+    leftover = [p for p in runtime_root().iterdir() if p.name.startswith(sb_id.decode())]
+    assert leftover  # the RAM file is still there until someone sweeps
+    removed = sweep_stale_rundirs()
+    assert set(leftover) <= set(removed)
+    assert not any(p.exists() for p in leftover)

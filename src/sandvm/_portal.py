@@ -44,9 +44,14 @@ def _ensure_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def call(coro: Coroutine[Any, Any, T], *, timeout: float | None = None) -> T:
-    """Run ``coro`` on the portal loop and return its result (its exception re-raised)."""
+async def _await(aw: Awaitable[T]) -> T:
+    return await aw
+
+
+def call(aw: Awaitable[T], *, timeout: float | None = None) -> T:
+    """Run ``aw`` on the portal loop and return its result (its exception re-raised)."""
     loop = _ensure_loop()
+    coro: Coroutine[Any, Any, T] = aw if asyncio.iscoroutine(aw) else _await(aw)
     if _in_portal():
         coro.close()
         raise RuntimeError("sandvm's sync API cannot be called from its own callbacks;"

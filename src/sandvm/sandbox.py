@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import signal as signal_mod
 import time
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -395,7 +395,7 @@ class AsyncFiles:
         return data.decode("utf-8", "replace") if format == "text" else data
 
     async def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP
-                          ) -> AsyncIterable[bytes]:
+                          ) -> AsyncGenerator[bytes, None]:
         """Yield a file's bytes chunk by chunk, paced by flow control; capped like ``read``."""
         check_guest_path(path)
         if max_bytes < 0:
@@ -644,6 +644,18 @@ class Files:
              max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
         data = _portal.call(self._a.read(path, format="bytes", max_bytes=max_bytes))
         return data.decode("utf-8", "replace") if format == "text" else data
+
+    def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP) -> Iterator[bytes]:
+        """Yield a file's bytes chunk by chunk (see AsyncFiles.read_stream)."""
+        agen = self._a.read_stream(path, max_bytes=max_bytes)
+        try:
+            while True:
+                try:
+                    yield _portal.call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            _portal.call(agen.aclose())
 
     def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
         return _portal.call(self._a.list(path, depth=depth))

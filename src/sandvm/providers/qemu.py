@@ -52,6 +52,7 @@ __all__ = [
     "choose_accel",
     "host_tsc_khz",
     "runtime_root",
+    "sweep_stale_rundirs",
 ]
 
 DEFAULT_BOOT_TIMEOUT = 60.0
@@ -79,6 +80,44 @@ def runtime_root() -> Path:
     root.mkdir(mode=0o700, exist_ok=True)
     os.chmod(root, 0o700)
     return root
+
+
+OWNER_FILE = "owner"
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of ``pid``, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # field 22; the command name (field 2) may contain spaces, so split after ')'
+    return stat.rpartition(")")[2].split()[19]
+
+
+def write_owner(rundir: Path) -> None:
+    """Record which process owns ``rundir`` (pid and its start time, robust to pid reuse)."""
+    (rundir / OWNER_FILE).write_text(f"{os.getpid()} {_proc_start_time(os.getpid())}\n")
+
+
+def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
+    """Remove runtime dirs whose owning process is gone (e.g. it was SIGKILLed).
+
+    Its QEMU died with it (PDEATHSIG); the guest RAM file would otherwise stay
+    in /dev/shm. Dirs without an owner file are left alone. Returns what was removed.
+    """
+    root = root or runtime_root()
+    removed = []
+    for d in root.iterdir():
+        try:
+            pid_s, start = (d / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if _proc_start_time(int(pid_s)) != start:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def _set_pdeathsig() -> None:
@@ -267,8 +306,10 @@ class QemuVm:
             raise InvalidTransition(VmState.RUNNING, VmState.RUNNING, vm_id=self.vm_id)
         self._booted = True
         t0 = time.monotonic()
+        sweep_stale_rundirs()
         self.rundir = Path(tempfile.mkdtemp(prefix=f"{self.vm_id}-", dir=runtime_root()))
         os.chmod(self.rundir, 0o700)
+        write_owner(self.rundir)
         argv = build_argv(assets=self.assets, spec=self.spec, accel=self.accel,
                           rundir=self.rundir)
         stderr_log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115

@@ -1,0 +1,35 @@
+"""Stale runtime dirs (owner process gone) are swept; live ones are kept."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from sandvm.providers.qemu import OWNER_FILE, sweep_stale_rundirs, write_owner
+
+
+def test_sweep_removes_only_dead_owners(tmp_path: Path) -> None:
+    live = tmp_path / "vm-live"
+    live.mkdir()
+    write_owner(live)
+    (live / "mem").write_bytes(b"x")
+
+    dead = tmp_path / "vm-dead"
+    dead.mkdir()
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    start = "12345"  # any start time: the pid is gone
+    (dead / OWNER_FILE).write_text(f"{proc.pid} {start}\n")
+    (dead / "mem").write_bytes(b"x" * 100)
+
+    reused = tmp_path / "vm-reused"  # pid alive but a different process (pid reuse)
+    reused.mkdir()
+    (reused / OWNER_FILE).write_text("1 999999999\n")
+
+    unknown = tmp_path / "not-ours"
+    unknown.mkdir()
+
+    removed = sweep_stale_rundirs(tmp_path)
+    assert sorted(p.name for p in removed) == ["vm-dead", "vm-reused"]
+    assert live.exists() and unknown.exists()
+    assert not dead.exists() and not reused.exists()
