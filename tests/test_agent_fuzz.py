@@ -34,6 +34,7 @@ from sandvm.errors import (
     GuestFileNotFound,
     GuestPermissionDenied,
     InvalidPath,
+    InvalidSpec,
     SandvmError,
 )
 
@@ -177,7 +178,8 @@ def test_handshake_succeeds(tmp_path: Path) -> None:
 
     info, _ = run(run_case(tmp_path, guest, host))
     assert info == AgentInfo(version=wire.PROTOCOL_VERSION, agent_version="t",
-                             features=wire.FEATURES, kernel="k", boot_id="b")
+                             features=wire.FEATURES, kernel="k", boot_id="b",
+                             instance="")
 
 
 def test_handshake_then_call_round_trip(tmp_path: Path) -> None:
@@ -900,3 +902,135 @@ def test_call_timeout_resets_stream(tmp_path: Path) -> None:
     assert isinstance(res, AgentTimeout), res
     assert again == {"ok": True}
     assert reset == {"code": "cancelled"}
+
+
+# ------------------------------------------------------------------ review regressions
+
+
+def _stream_guest(*frames: bytes) -> GuestScript:
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        for f in frames:
+            await g.send(f)
+        return await g.host_hangs_up()
+
+    return guest
+
+
+async def _open_and_drain(conn: AgentConnection) -> BaseException | None:
+    await conn.handshake(timeout=2)
+    st = await conn.open({"op": "exec", "argv": ["x"]})
+    while True:
+        try:
+            item = await st.next(2)
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        if item.kind == "error":
+            return item.error
+
+
+def test_unread_event_flood_closes_the_connection(tmp_path: Path) -> None:
+    flood = [wire.encode_json(wire.EVENT, 1, {"e": i}) for i in range(5000)]
+
+    async def host(conn: AgentConnection) -> SandvmError | None:
+        await conn.handshake(timeout=2)
+        await conn.open({"op": "exec", "argv": ["x"]})  # and never read it
+        for _ in range(100):
+            if conn.failure is not None:
+                break
+            await asyncio.sleep(0.02)
+        return conn.failure
+
+    err, hung_up = run(run_case(tmp_path, _stream_guest(*flood), host))
+    assert isinstance(err, AgentProtocolError) and "flooded" in str(err)
+    assert hung_up
+
+
+@pytest.mark.parametrize(("frames", "why"), [
+    ([wire.encode(wire.EOF, 1, b"\x01")] * 2, "second EOF"),
+    ([wire.encode(wire.EOF, 1, b"\x01"), wire.encode_data(1, 1, b"late")], "after EOF"),
+    ([wire.encode(wire.DATA, 1, b"\x01")], "empty DATA"),
+], ids=["double-eof", "data-after-eof", "empty-data"])
+def test_hostile_stream_items_close_the_connection(
+        tmp_path: Path, frames: list[bytes], why: str) -> None:
+    err, hung_up = run(run_case(tmp_path, _stream_guest(*frames), _open_and_drain))
+    assert isinstance(err, AgentProtocolError), err
+    assert why in str(err)
+    assert hung_up
+
+
+def test_guest_that_stops_reading_times_out_the_writer(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode_window(1, 1 << 29))  # plenty of credit, then never read
+        await asyncio.sleep(BOUND)
+
+    async def host(conn: AgentConnection) -> BaseException | None:
+        await conn.handshake(timeout=2)
+        conn.write_timeout = 0.5
+        st = await conn.open({"op": "exec", "argv": ["cat"], "stdin": True})
+        await asyncio.sleep(0.2)  # let the WINDOW arrive
+        try:
+            await st.send_data(b"x" * (64 << 20), timeout=2)
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        return None
+
+    err, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(err, AgentTimeout), err
+    assert "stopped reading" in str(err)
+
+
+def test_reset_wakes_the_reader(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.expect(wire.RESET)
+
+    async def host(conn: AgentConnection) -> BaseException | None:
+        await conn.handshake(timeout=2)
+        st = await conn.open({"op": "exec", "argv": ["sleep"]})
+        waiter = asyncio.ensure_future(st.next(None))
+        await asyncio.sleep(0.05)
+        await st.reset()
+        item = await asyncio.wait_for(waiter, 1)
+        return item.error
+
+    err, _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(err, AgentError) and "cancelled" in str(err)
+
+
+def test_oversized_request_is_invalid_spec_and_leaks_no_stream(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await asyncio.sleep(0.5)
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any], int]:
+        await conn.handshake(timeout=2)
+        res = await outcome(conn.open({"op": "exec", "shell": "x" * (wire.MAX_JSON + 1)}))
+        return res, len(conn._streams)
+
+    (res, open_streams), _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, InvalidSpec) and "files.write" in str(res)
+    assert open_streams == 0
+
+
+def test_agent_restart_fails_open_operations(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.hello(instance="one")
+        await g.expect(wire.HELLO)
+        await g.expect_open(1)
+        await g.hello(instance="two")  # a new agent process
+        await asyncio.sleep(0.5)
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | dict[str, Any], str]:
+        await conn.handshake(timeout=2)
+        res = await outcome(conn.call(STAT, timeout=2))
+        assert conn.info is not None
+        return res, conn.info.instance
+
+    (res, instance), _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentError) and "restarted" in str(res)
+    assert instance == "two"

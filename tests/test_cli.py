@@ -113,3 +113,11 @@ def test_run_without_assets_says_what_to_do(tmp_path: Path) -> None:
                        timeout=60)
     assert r.returncode == 1
     assert b"asset_missing" in r.stderr and b"sandvm setup" in r.stderr
+
+
+@pytest.mark.qemu
+def test_run_into_a_closed_pipe_is_quiet() -> None:
+    p = subprocess.run(f"{SANDVM} run -- sh -c 'yes | head -c 50000000' | head -c 10",
+                       shell=True, capture_output=True, timeout=120, check=False)
+    assert p.stdout == b"y\ny\ny\ny\ny\n"
+    assert b"Traceback" not in p.stderr

@@ -243,7 +243,7 @@ def test_error_to_dict() -> None:
 
 
 def test_command_exit_error_carries_result() -> None:
-    res = CommandResult(exit_code=3, stdout="", stderr="boom")
+    res = CommandResult(exit_code=3, stdout_bytes=b"", stderr_bytes=b"boom")
     err = CommandExitError(res)
     assert isinstance(err, errors.CommandError)
     assert err.code == "command_exit"
@@ -259,7 +259,7 @@ def test_command_exit_error_carries_result() -> None:
 
 
 def test_command_exit_error_by_signal() -> None:
-    res = CommandResult(exit_code=137, stdout="out", stderr="", signal=9)
+    res = CommandResult(exit_code=137, stdout_bytes=b"out", stderr_bytes=b"", signal=9)
     err = CommandExitError(res)
     assert "signal 9" in str(err)
     assert err.exit_code == 137
@@ -267,7 +267,7 @@ def test_command_exit_error_by_signal() -> None:
 
 
 def test_command_exit_error_truncates_stderr() -> None:
-    res = CommandResult(exit_code=1, stdout="", stderr="A" * 5000 + "TAIL\n\n")
+    res = CommandResult(exit_code=1, stdout_bytes=b"", stderr_bytes=b"A" * 5000 + b"TAIL\n\n")
     msg = str(CommandExitError(res))
     assert msg.endswith("TAIL")
     assert len(msg) < 600

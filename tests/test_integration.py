@@ -383,3 +383,70 @@ def test_owner_killed_leaves_no_vm_and_dir_is_swept() -> None:
     removed = sweep_stale_rundirs()
     assert set(leftover) <= set(removed)
     assert not any(p.exists() for p in leftover)
+
+
+def _ps(sandbox: Any) -> str:
+    return str(sandbox.commands.run("ps -o pid,args").stdout)
+
+
+def test_cancelled_run_kills_the_command() -> None:
+    async def main() -> None:
+        async with await AsyncSandbox.create() as sb:
+            task = asyncio.ensure_future(sb.commands.run("sleep 77", timeout=None))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            t0 = time.monotonic()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - t0 < 2
+            await asyncio.sleep(0.5)
+            ps = (await sb.commands.run("ps -o args")).stdout
+            assert "sleep 77" not in ps
+
+    asyncio.run(main())
+
+
+def test_grace_kill_reaches_what_the_leader_left(sandbox: Any) -> None:
+    h = sandbox.commands.run(
+        "(trap '' INT; exec sleep 53) & trap 'exit 0' INT; echo up; "
+        "while :; do sleep 0.1; done", background=True)
+    deadline = time.monotonic() + 10
+    while "up" not in h.stdout and time.monotonic() < deadline:
+        time.sleep(0.05)
+    h.send_signal("SIGINT", grace=1.0)
+    h.wait()  # the leader exits 0 on SIGINT; its child ignores it
+    time.sleep(1.5)
+    assert "sleep 53" not in _ps(sandbox)
+
+
+def test_list_large_directory(sandbox: Any) -> None:
+    sandbox.commands.run("mkdir -p /tmp/many && cd /tmp/many && "
+                         "for i in $(seq 1 2500); do : > file-with-a-long-name-$i; done")
+    entries = sandbox.files.list("/tmp/many")
+    assert len(entries) == 2500
+    assert entries == sorted(entries, key=lambda e: e.name)
+    sandbox.files.remove("/tmp/many")
+
+
+def test_agent_restart_is_survivable() -> None:
+    from sandvm import AgentError
+
+    with Sandbox.create() as sb:
+        with pytest.raises(AgentError):
+            # the agent is the only child of init (PID 1)
+            sb.commands.run("kill -9 $(cat /proc/1/task/1/children); sleep 5")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert sb.commands.run("echo back").stdout == "back\n"
+                break
+            except AgentError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+def test_oversized_command_is_refused(sandbox: Any) -> None:
+    with pytest.raises(InvalidSpec, match=r"files\.write"):
+        sandbox.commands.run("echo " + "x" * 300_000)
+    assert sandbox.commands.run("echo fine").stdout == "fine\n"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from sandvm.providers.qemu import OWNER_FILE, sweep_stale_rundirs, write_owner
 
 
@@ -33,3 +35,22 @@ def test_sweep_removes_only_dead_owners(tmp_path: Path) -> None:
     assert sorted(p.name for p in removed) == ["vm-dead", "vm-reused"]
     assert live.exists() and unknown.exists()
     assert not dead.exists() and not reused.exists()
+
+
+def test_runtime_root_refuses_an_unsafe_directory(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from sandvm.errors import ConfigError
+    from sandvm.providers.qemu import runtime_root
+
+    monkeypatch.setenv("SANDVM_RUNTIME_DIR", str(tmp_path))
+    root = runtime_root()
+    assert root.stat().st_mode & 0o777 == 0o700
+    root.chmod(0o755)
+    with pytest.raises(ConfigError, match="chmod 700"):
+        runtime_root()
+    root.rmdir()
+    os.symlink(tmp_path, root)
+    with pytest.raises(ConfigError, match="not a directory"):
+        runtime_root()

@@ -2,19 +2,16 @@
 
 The sync API (``Sandbox``) submits coroutines here and waits for their result,
 so sync and async share one implementation, and the caller's own event loop
-(if any) is never re-entered. Objects still open at interpreter exit are
-closed by an atexit hook, so no VM outlives its Python process.
+(if any) is never re-entered. (VMs still running at interpreter exit are
+killed by the QEMU backend's own atexit hook, whichever loop they ran on.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
-import contextlib
 import threading
-import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -22,7 +19,6 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
-_closers: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _ensure_loop() -> asyncio.AbstractEventLoop:
@@ -69,31 +65,3 @@ def call(aw: Awaitable[T], *, timeout: float | None = None) -> T:
 
 def _in_portal() -> bool:
     return _thread is not None and threading.current_thread() is _thread
-
-
-def register_closer(obj: Any) -> None:
-    """Close ``obj`` (its async ``aclose``) at interpreter exit if still open."""
-    _closers.add(obj)
-
-
-def schedule(fn: Callable[[], Awaitable[Any]]) -> None:
-    """Fire-and-forget ``fn()`` on the portal loop."""
-    loop = _ensure_loop()
-
-    async def runner() -> None:
-        await fn()
-
-    asyncio.run_coroutine_threadsafe(runner(), loop)
-
-
-@atexit.register
-def _close_all() -> None:
-    if _loop is None or not _closers:
-        return
-    objs = list(_closers)
-
-    async def close_all() -> None:
-        await asyncio.gather(*(o.aclose() for o in objs), return_exceptions=True)
-
-    with contextlib.suppress(Exception):  # best effort at exit
-        asyncio.run_coroutine_threadsafe(close_all(), _loop).result(30)

@@ -1,16 +1,19 @@
 """Host side of the agent protocol: one connection, many concurrent streams.
 
 Everything the guest sends is hostile. The decoder caps frame sizes before
-allocating; a stream that receives more DATA than the credit it was granted,
-a frame for a stream the host never opened, JSON that is not an object, or a
-frame that makes no sense for its stream closes the connection with
-AgentProtocolError. Every wait takes a timeout.
+allocating. The connection is closed with AgentProtocolError when the guest
+sends more DATA than the credit it was granted, an empty DATA frame, data
+after EOF, a second EOF, more queued control items than a stream may hold, a
+frame for a stream the host never opened, JSON that is not an object, or a
+frame that makes no sense where it arrives. Every wait that depends on the
+guest is bounded: reads by the caller's timeout, writes by ``write_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,12 +32,15 @@ from sandvm.errors import (
     GuestFileNotFound,
     GuestPermissionDenied,
     InvalidPath,
+    InvalidSpec,
     SandvmError,
 )
 
 __all__ = ["AgentConnection", "AgentInfo", "HostStream", "StreamItem"]
 
 READ_SIZE = 1 << 18
+WRITE_TIMEOUT = 60.0
+MAX_QUEUED_ITEMS = 4096  # non-DATA items a stream may hold unread (DATA is bounded by credit)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class AgentInfo:
     features: tuple[str, ...]
     kernel: str
     boot_id: str
+    instance: str
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,7 @@ def guest_error(msg: dict[str, Any]) -> SandvmError:
     text = msg.get("message")
     text = text[:2000] if isinstance(text, str) else "the guest reported an error"
     cls = _GUEST_CODES.get(code, GuestError) if isinstance(code, str) else GuestError
-    return cls(text, guest_code=code if isinstance(code, str) else None)
+    return cls(text, guest_code=code[:64] if isinstance(code, str) else None)
 
 
 class HostStream:
@@ -90,19 +97,36 @@ class HostStream:
         self._window_open = asyncio.Event()
         self._window_open.set()
         self._recv_budget = wire.INITIAL_WINDOW  # DATA bytes the guest may still send
+        self._unacked = 0  # consumed bytes whose credit is not yet returned
+        self._queued_other = 0
+        self._eof: set[int] = set()
         self.closed = False
 
     # called by the connection's reader
     def _push(self, item: StreamItem) -> None:
+        if item.kind != "data":
+            self._queued_other += 1
+            if self._queued_other > MAX_QUEUED_ITEMS:
+                raise AgentProtocolError(f"guest flooded stream {self.sid} with messages")
         self._items.append(item)
         self._ready.set()
 
     def _on_data(self, channel: int, data: bytes) -> None:
+        if not data:
+            raise AgentProtocolError(f"guest sent an empty DATA frame on stream {self.sid}")
+        if channel in self._eof:
+            raise AgentProtocolError(f"guest sent data after EOF on stream {self.sid}")
         self._recv_budget -= len(data)
         if self._recv_budget < 0:
             raise AgentProtocolError(
                 f"guest overran the flow-control window on stream {self.sid}")
         self._push(StreamItem("data", channel=channel, data=data))
+
+    def _on_eof(self, channel: int) -> None:
+        if channel in self._eof:
+            raise AgentProtocolError(f"guest sent a second EOF on stream {self.sid}")
+        self._eof.add(channel)
+        self._push(StreamItem("eof", channel=channel))
 
     def _on_window(self, inc: int) -> None:
         self._send_window += inc
@@ -112,8 +136,11 @@ class HostStream:
             self._window_open.set()
 
     def _finish(self, item: StreamItem) -> None:
+        """Terminal item: wakes every reader and any sender waiting for credit."""
         self.closed = True
-        self._push(item)
+        self._items.append(item)
+        self._ready.set()
+        self._window_open.set()
 
     async def next(self, timeout: float | None) -> StreamItem:
         """The next item; raises AgentTimeout after ``timeout`` seconds (None: no limit)."""
@@ -124,10 +151,16 @@ class HostStream:
             except TimeoutError:
                 raise AgentTimeout(f"no answer from the guest agent within {timeout} s") from None
         item = self._items.popleft()
-        if item.kind == "data" and item.data and not self.closed:
-            # consumed: give the credit back
-            self._recv_budget += len(item.data)
-            await self.conn._send(wire.encode_window(self.sid, len(item.data)))
+        if item.kind != "data":
+            self._queued_other -= 1
+        elif not self.closed:
+            # consumed: give the credit back, in batches (one WINDOW per frame would
+            # double the frame count for a stream of small writes)
+            self._unacked += len(item.data)
+            if self._unacked >= wire.WINDOW_BATCH:
+                grant, self._unacked = self._unacked, 0
+                self._recv_budget += grant
+                self.conn._send_nowait(wire.encode_window(self.sid, grant))
         return item
 
     async def send_data(self, data: bytes, *, channel: int = wire.CH_STDIN,
@@ -151,34 +184,38 @@ class HostStream:
 
     async def send_eof(self, channel: int = wire.CH_STDIN) -> None:
         if not self.closed:
-            await self.conn._send(wire.encode(wire.EOF, self.sid, bytes((channel,))))
+            self.conn._send_nowait(wire.encode(wire.EOF, self.sid, bytes((channel,))))
 
     async def send_ctrl(self, msg: dict[str, Any]) -> None:
         if not self.closed:
-            await self.conn._send(wire.encode_json(wire.CTRL, self.sid, msg))
+            self.conn._send_nowait(wire.encode_json(wire.CTRL, self.sid, msg))
 
     async def reset(self) -> None:
-        """Abandon the stream (the guest kills what it runs for it)."""
-        if not self.closed:
-            self.closed = True
-            self.conn._streams.pop(self.sid, None)
-            with contextlib.suppress(SandvmError):
-                await self.conn._send(wire.encode_json(wire.RESET, self.sid, {"code": "cancelled"}))
+        """Abandon the stream: the guest kills what it runs for it; readers get an error."""
+        if self.closed:
+            return
+        self.conn._streams.pop(self.sid, None)
+        self._finish(StreamItem("error", error=AgentError(f"stream {self.sid} was cancelled")))
+        with contextlib.suppress(SandvmError):
+            self.conn._send_nowait(wire.encode_json(wire.RESET, self.sid, {"code": "cancelled"}))
 
 
 class AgentConnection:
     """The host end of the agent channel (a unix socket QEMU bridges to virtio-serial)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 eof_hook: Callable[[], Awaitable[SandvmError | None]] | None = None) -> None:
+                 eof_hook: Callable[[], Awaitable[SandvmError | None]] | None = None,
+                 write_timeout: float = WRITE_TIMEOUT) -> None:
         self._eof_hook = eof_hook
         self._reader = reader
         self._writer = writer
+        self.write_timeout = write_timeout
         self._decoder = wire.FrameDecoder()
         self._streams: dict[int, HostStream] = {}
         self._next_sid = 1
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._ping_ids = itertools.count()
         self._failure: SandvmError | None = None
         self._write_lock = asyncio.Lock()
         self.info: AgentInfo | None = None
@@ -205,7 +242,7 @@ class AgentConnection:
 
     async def handshake(self, *, timeout: float) -> AgentInfo:
         """Say HELLO and wait for the agent's. Raises AgentTimeout, AgentProtocolError."""
-        await self._send(wire.encode_json(wire.HELLO, 0, wire.hello_payload("host")))
+        self._send_nowait(wire.encode_json(wire.HELLO, 0, wire.hello_payload("host")))
         try:
             msg = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except TimeoutError:
@@ -213,21 +250,22 @@ class AgentConnection:
                 f"the guest agent did not say hello within {timeout:.0f} s") from None
         return self._parse_hello(msg)
 
+    def _protocol_error(self, message: str) -> AgentProtocolError:
+        exc = AgentProtocolError(message)
+        self.fail(exc)
+        return exc
+
     def _parse_hello(self, msg: dict[str, Any]) -> AgentInfo:
         version = msg.get("version")
         if (msg.get("proto") != "sandvm-agent" or not isinstance(version, int)
                 or isinstance(version, bool)):
-            exc = AgentProtocolError("the guest's HELLO is not a sandvm agent's")
-            self.fail(exc)
-            raise exc
+            raise self._protocol_error("the guest's HELLO is not a sandvm agent's")
         if version != wire.PROTOCOL_VERSION:
-            exc = AgentProtocolError(
+            raise self._protocol_error(
                 f"guest agent speaks protocol {version}, host speaks"
                 f" {wire.PROTOCOL_VERSION}: rebuild the guest with `sandvm setup`")
-            self.fail(exc)
-            raise exc
         feats = msg.get("features")
-        features = tuple(f for f in feats if isinstance(f, str))[:64] if isinstance(
+        features = tuple(f[:64] for f in feats if isinstance(f, str))[:64] if isinstance(
             feats, list) else ()
 
         def s(key: str) -> str:
@@ -235,18 +273,37 @@ class AgentConnection:
             return v[:200] if isinstance(v, str) else ""
 
         self.info = AgentInfo(version=version, agent_version=s("agent_version"),
-                              features=features, kernel=s("kernel"), boot_id=s("boot_id"))
+                              features=features, kernel=s("kernel"), boot_id=s("boot_id"),
+                              instance=s("instance"))
         return self.info
 
+    def _send_nowait(self, frame: bytes) -> None:
+        """Queue a small control frame without waiting for buffer room."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._writer.write(frame)
+        except (OSError, RuntimeError) as exc:
+            self.fail(AgentDisconnected(f"agent channel write failed: {exc!r}"))
+            raise self._failure from exc  # type: ignore[misc]
+
     async def _send(self, *parts: bytes | memoryview) -> None:
-        """Write one frame (given as consecutive parts) and wait for buffer room."""
+        """Write one frame (given as consecutive parts) and wait for buffer room.
+
+        Raises AgentTimeout (and closes the connection) if the guest stops
+        reading for ``write_timeout`` seconds.
+        """
         if self._failure is not None:
             raise self._failure
         try:
             async with self._write_lock:
                 for part in parts:
                     self._writer.write(part)
-                await self._writer.drain()
+                await asyncio.wait_for(self._writer.drain(), self.write_timeout)
+        except TimeoutError:
+            exc = AgentTimeout(f"the guest agent stopped reading for {self.write_timeout:.0f} s")
+            self.fail(exc)
+            raise exc from None
         except (OSError, RuntimeError) as exc:
             self.fail(AgentDisconnected(f"agent channel write failed: {exc!r}"))
             raise self._failure from exc  # type: ignore[misc]
@@ -260,7 +317,7 @@ class AgentConnection:
                     self.fail(reason or AgentDisconnected("the guest agent channel closed"))
                     return
                 for ftype, sid, payload in self._decoder.feed(data):
-                    await self._dispatch(ftype, sid, payload)
+                    self._dispatch(ftype, sid, payload)
         except wire.ProtocolViolation as exc:
             self.fail(AgentProtocolError(f"guest sent invalid protocol: {exc}"))
         except AgentProtocolError as exc:
@@ -271,22 +328,36 @@ class AgentConnection:
             self.fail(AgentDisconnected("agent connection closed"))
             raise
 
-    async def _dispatch(self, ftype: int, sid: int, payload: bytes) -> None:
-        if ftype == wire.HELLO:
-            msg = wire.decode_json(payload)
-            if not self._hello.done():
-                self._hello.set_result(msg)
+    def _on_hello(self, msg: dict[str, Any]) -> None:
+        if not self._hello.done():
+            self._hello.set_result(msg)
             return
-        if ftype == wire.PONG:
+        instance = msg.get("instance")
+        if self.info is not None and isinstance(instance, str) and \
+                instance[:200] != self.info.instance:
+            # a new agent process: whatever the old one was doing is gone
+            lost = AgentError("the guest agent restarted; the operation was lost")
+            for st in list(self._streams.values()):
+                st._finish(StreamItem("error", error=lost))
+            self._streams.clear()
+            with contextlib.suppress(AgentProtocolError):
+                self._parse_hello(msg)
+
+    def _dispatch(self, ftype: int, sid: int, payload: bytes) -> None:
+        if ftype == wire.HELLO and sid == 0:
+            self._on_hello(wire.decode_json(payload))
+            return
+        if ftype == wire.PONG and sid == 0:
             fut = self._pings.pop(payload, None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
             return
-        if ftype in (wire.PING, wire.OPEN, wire.HELLO, wire.GOAWAY) or sid == 0:
-            if ftype == wire.GOAWAY:
-                self.fail(AgentDisconnected("the guest agent is going away"))
-                return
-            raise AgentProtocolError(f"unexpected {wire.FRAME_NAMES[ftype]} frame from guest")
+        if ftype == wire.GOAWAY and sid == 0:
+            self.fail(AgentDisconnected("the guest agent is going away"))
+            return
+        if ftype in (wire.PING, wire.OPEN, wire.HELLO, wire.PONG, wire.GOAWAY) or sid == 0:
+            raise AgentProtocolError(
+                f"unexpected {wire.FRAME_NAMES[ftype]} frame from guest on stream {sid}")
         st = self._streams.get(sid)
         if st is None:
             if sid % 2 == 1 and sid < self._next_sid:
@@ -297,7 +368,7 @@ class AgentConnection:
             st._on_data(ch, data)
         elif ftype == wire.EOF:
             ch, _ = wire.split_channel(payload)
-            st._push(StreamItem("eof", channel=ch))
+            st._on_eof(ch)
         elif ftype == wire.WINDOW:
             st._on_window(wire.decode_window(payload))
         elif ftype == wire.EVENT:
@@ -332,45 +403,53 @@ class AgentConnection:
             self._writer.close()
 
     async def open(self, request: dict[str, Any]) -> HostStream:
-        """Open a stream with a JSON request. Raises the connection's failure if closed."""
+        """Open a stream with a JSON request.
+
+        Raises InvalidSpec if the request is too large for one frame, the
+        connection's failure if it is closed.
+        """
         if self._failure is not None:
             raise self._failure
         if len(self._streams) >= wire.MAX_STREAMS:
             raise AgentError("too many concurrent operations on this sandbox")
         sid = self._next_sid
+        try:
+            frame = wire.encode_json(wire.OPEN, sid, request)
+        except ValueError:
+            raise InvalidSpec(
+                f"the request is larger than {wire.MAX_JSON // 1024} KiB (a long command line"
+                " or environment?): write the script to a file with files.write and run"
+                " that instead") from None
         self._next_sid += 2
         st = HostStream(self, sid)
         self._streams[sid] = st
-        await self._send(wire.encode_json(wire.OPEN, sid, request))
+        await self._send(frame)
         return st
 
     async def call(self, request: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
         """A one-shot request: open, wait for the REPLY. Raises the guest's error."""
         st = await self.open(request)
         try:
-            while True:
-                item = await st.next(timeout)
-                if item.kind == "reply":
-                    assert item.message is not None
-                    return item.message
-                if item.kind == "error":
-                    assert item.error is not None
-                    raise item.error
-                exc = AgentProtocolError(f"guest sent {item.kind} on a one-shot call")
-                self.fail(exc)
-                raise exc
+            item = await st.next(timeout)
         except AgentTimeout:
             await st.reset()
             raise
+        if item.kind == "reply":
+            assert item.message is not None
+            return item.message
+        if item.kind == "error":
+            assert item.error is not None
+            raise item.error
+        raise self._protocol_error(f"guest sent {item.kind} on a one-shot call")
 
     async def ping(self, *, timeout: float = 5.0) -> float:
         """Round trip to the agent in seconds."""
         loop = asyncio.get_running_loop()
-        token = str(loop.time()).encode()[:32]
+        token = str(next(self._ping_ids)).encode()
         fut: asyncio.Future[None] = loop.create_future()
         self._pings[token] = fut
         t0 = loop.time()
-        await self._send(wire.encode(wire.PING, 0, token))
+        self._send_nowait(wire.encode(wire.PING, 0, token))
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:

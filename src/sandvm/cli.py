@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import click
 
-from sandvm.core import parse_memory
+from sandvm.core import check_guest_path, parse_memory
 from sandvm.errors import CommandNotFound, CommandTimeout, SandvmError
 
 
@@ -94,10 +96,27 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
 
 
 async def _stdin_chunks() -> AsyncIterator[bytes]:
+    """Our stdin, read by a daemon thread (an executor thread would block exit)."""
     loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=16)
     fd = sys.stdin.fileno()
+
+    def reader() -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            try:
+                asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+            except (RuntimeError, concurrent.futures.CancelledError):
+                return  # the loop is gone
+            if not data:
+                return
+
+    threading.Thread(target=reader, name="sandvm-stdin", daemon=True).start()
     while True:
-        data = await loop.run_in_executor(None, os.read, fd, 65536)
+        data = await queue.get()
         if not data:
             return
         yield data
@@ -186,6 +205,8 @@ def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[s
         raise click.UsageError("give a command after --, e.g. sandvm run -- uname -a")
     try:
         mem = parse_memory(memory)
+        if workdir is not None:
+            check_guest_path(workdir)  # before booting anything
         code = asyncio.run(_run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
                                 env=_parse_env(envs), workdir=workdir,
                                 interactive=interactive))
@@ -197,6 +218,11 @@ def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[s
         return
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # our reader went away (e.g. `sandvm run -- yes | head`): the VM is gone, be quiet
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141
     sys.exit(code)
 
 

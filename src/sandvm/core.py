@@ -99,8 +99,8 @@ def check_guest_path(path: str) -> str:
 class VmSpec:
     """What a VM should look like; validated on construction.
 
-    Raises InvalidSpec for an unknown image, a memory size or vCPU count out of
-    range, or a non-positive timeout.
+    Raises UnknownImage for an unknown image, InvalidSpec for a memory size or
+    vCPU count out of range or a malformed kernel argument.
     """
 
     image: str = "base"

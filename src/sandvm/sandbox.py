@@ -8,11 +8,13 @@ A test checks that both surfaces keep the same methods and signatures.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
+import functools
 import signal as signal_mod
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from sandvm import _portal, wire
@@ -20,6 +22,7 @@ from sandvm.agent_client import AgentConnection, HostStream
 from sandvm.core import VmSpec, check_guest_path, new_id, parse_memory
 from sandvm.errors import (
     AgentProtocolError,
+    AgentTimeout,
     CommandExitError,
     CommandTimeout,
     FileTooLarge,
@@ -44,6 +47,7 @@ __all__ = [
 DEFAULT_COMMAND_TIMEOUT = 60.0
 DEFAULT_READ_CAP = 32 * 1024 * 1024
 OUTPUT_CAP = 64 * 1024 * 1024  # per command and stream, kept in memory
+LIST_CAP = 100_000  # entries in one listing (the guest stops there too)
 _HOST_GRACE = 10.0  # the host waits this long past a command's timeout for the guest
 
 OutputCallback = Callable[[str], Any]
@@ -56,16 +60,28 @@ SIGNALS = {"SIGINT": signal_mod.SIGINT, "SIGTERM": signal_mod.SIGTERM,
 
 @dataclass(frozen=True)
 class CommandResult:
-    """A finished command. ``signal`` is set when a signal ended it (exit_code = 128+sig)."""
+    """A finished command. ``signal`` is set when a signal ended it (exit_code = 128+sig).
+
+    ``stdout``/``stderr`` are the output decoded as UTF-8 (invalid bytes replaced),
+    decoded on first use; ``stdout_bytes``/``stderr_bytes`` are the raw bytes. Each
+    stream keeps at most 64 MiB in memory; ``output_truncated`` says more was dropped.
+    """
 
     exit_code: int
-    stdout: str
-    stderr: str
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
     signal: int | None = None
     timed_out: bool = False
     duration: float = 0.0
-    stdout_bytes: bytes = field(default=b"", repr=False)
-    stderr_bytes: bytes = field(default=b"", repr=False)
+    output_truncated: bool = False
+
+    @functools.cached_property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @functools.cached_property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
 
 
 @dataclass(frozen=True)
@@ -119,13 +135,14 @@ class _Output:
         self.buf = bytearray()
         self.cb = cb
         self.truncated = False
-        self._decoder = __import__("codecs").getincrementaldecoder("utf-8")("replace")
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     async def feed(self, data: bytes) -> None:
         room = OUTPUT_CAP - len(self.buf)
-        if room > 0:
-            self.buf += data[:room]
-        if len(data) > room:
+        if room >= len(data):
+            self.buf += data
+        else:
+            self.buf += data[:max(room, 0)]
             self.truncated = True
         if self.cb is not None:
             text = self._decoder.decode(data)
@@ -204,7 +221,13 @@ class AsyncCommandHandle:
                         " not report it") from exc
                 raise
             if item.kind == "data":
-                await (self._out if item.channel == wire.CH_STDOUT else self._err).feed(item.data)
+                out = self._out if item.channel == wire.CH_STDOUT else self._err
+                try:
+                    await out.feed(item.data)
+                except BaseException:
+                    # a failing output callback abandons the command: kill it in the guest
+                    await self._stream.reset()
+                    raise
             elif item.kind == "event":
                 msg = item.message or {}
                 if msg.get("event") == "started" and isinstance(msg.get("pid"), int):
@@ -231,10 +254,10 @@ class AsyncCommandHandle:
             raise AgentProtocolError("guest sent a malformed exit report")
         dur = msg.get("duration")
         result = CommandResult(
-            exit_code=code, stdout=self._out.text(), stderr=self._err.text(), signal=sig,
-            timed_out=bool(msg.get("timed_out")),
+            exit_code=code, stdout_bytes=bytes(self._out.buf), stderr_bytes=bytes(self._err.buf),
+            signal=sig, timed_out=bool(msg.get("timed_out")),
             duration=float(dur) if isinstance(dur, (int, float)) else 0.0,
-            stdout_bytes=bytes(self._out.buf), stderr_bytes=bytes(self._err.buf))
+            output_truncated=self._out.truncated or self._err.truncated)
         if result.timed_out:
             raise CommandTimeout(
                 f"command timed out after {self._timeout} s; its processes were killed",
@@ -330,7 +353,13 @@ class AsyncCommands:
         handle = AsyncCommandHandle(stream, timeout=timeout, check=check, on_stdout=on_stdout,
                                     on_stderr=on_stderr, stdin=stdin, stdin_open=stdin_open)
         if background:
-            await handle._started
+            try:
+                await asyncio.wait_for(asyncio.shield(handle._started), self._sb.op_timeout)
+            except TimeoutError:
+                await stream.reset()
+                raise AgentTimeout(
+                    f"the guest did not start the command within {self._sb.op_timeout} s"
+                ) from None
             return handle
         try:
             return await handle.wait()
@@ -369,6 +398,7 @@ class AsyncFiles:
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
+            await st.reset()  # no-op once the guest replied; otherwise it drops the temp file
 
     @staticmethod
     async def _send(st: HostStream, data: bytes) -> None:
@@ -429,11 +459,30 @@ class AsyncFiles:
     async def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
         """Entries under a directory, sorted by name (``depth`` levels)."""
         check_guest_path(path)
-        res = await self._call({"op": "list", "path": path, "depth": depth})
-        entries = res.get("entries")
-        if not isinstance(entries, list):
-            raise AgentProtocolError("guest sent a malformed listing")
-        return [_entry(e) for e in entries if isinstance(e, dict)]
+        st = await self._sb._conn().open({"op": "list", "path": path, "depth": depth})
+        entries: list[EntryInfo] = []
+        try:
+            while True:
+                item = await st.next(self._sb.op_timeout)
+                if item.kind == "event":
+                    batch = (item.message or {}).get("entries")
+                    if not isinstance(batch, list):
+                        raise AgentProtocolError("guest sent a malformed listing")
+                    entries.extend(_entry(e) if isinstance(e, dict) else _entry({})
+                                   for e in batch)
+                    if len(entries) > LIST_CAP:
+                        raise AgentProtocolError(f"guest listed more than {LIST_CAP} entries")
+                elif item.kind == "reply":
+                    if (item.message or {}).get("count") != len(entries):
+                        raise AgentProtocolError("guest's listing count does not match")
+                    return entries
+                elif item.kind == "error":
+                    assert item.error is not None
+                    raise item.error
+                else:
+                    raise AgentProtocolError(f"unexpected {item.kind} in a listing")
+        finally:
+            await st.reset()
 
     async def stat(self, path: str) -> EntryInfo:
         check_guest_path(path)
@@ -468,19 +517,22 @@ class AsyncSandbox:
     """A running microVM with its guest agent. Use ``await AsyncSandbox.create(...)``."""
 
     def __init__(self, *, sandbox_id: str, provider: QemuVmProvider, vm: QemuVm,
-                 owns_provider: bool, lifetime: float | None) -> None:
+                 lifetime: float | None) -> None:
         self.sandbox_id = sandbox_id
         self._provider = provider
         self._vm = vm
-        self._owns_provider = owns_provider
         self._closed = False
+        self._expiry: asyncio.Task[None] | None = None
         self.op_timeout = 30.0
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self._lifetime_handle: asyncio.TimerHandle | None = None
         if lifetime is not None:
             self._lifetime_handle = asyncio.get_running_loop().call_later(
-                lifetime, lambda: asyncio.ensure_future(self.kill()))
+                lifetime, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = asyncio.get_running_loop().create_task(self.kill())
 
     @classmethod
     async def create(cls, *, image: str = "base", memory_mib: int | str = 256, vcpus: int = 1,
@@ -497,7 +549,6 @@ class AsyncSandbox:
         if timeout is not None and timeout <= 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
         sid = sandbox_id or new_id("sb")
-        owns = provider is None
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         await prov.create_vm_with_spec(sid, spec)
         try:
@@ -506,10 +557,7 @@ class AsyncSandbox:
             with contextlib.suppress(SandvmError):
                 await prov.destroy_vm(sid)
             raise
-        sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), owns_provider=owns,
-                 lifetime=timeout)
-        _portal.register_closer(sb)
-        return sb
+        return cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=timeout)
 
     def _conn(self) -> AgentConnection:
         if self._closed:

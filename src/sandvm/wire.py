@@ -13,9 +13,10 @@ PING/PONG, GOAWAY). The host opens odd stream ids, the guest even ones.
 
 Per stream, each direction has a credit window (:data:`INITIAL_WINDOW` bytes);
 a DATA frame spends credit, a WINDOW frame from the receiver gives it back once
-the receiver has consumed the data. A receiver therefore never buffers more
-than one window per stream, and a fast producer on one stream cannot starve
-the others: the transport is always drained.
+the receiver has consumed the data (in batches of at least WINDOW_BATCH). A
+receiver therefore never buffers more than one window of data per stream, and a
+fast producer on one stream cannot starve the others: the transport is always
+drained. Control items (EVENT etc.) are capped by count on the host side.
 
 Frames on a stream: OPEN (JSON request) → any of DATA/EOF/WINDOW/CTRL/EVENT →
 one of REPLY (JSON, final) or RESET (JSON error, final). DATA and EOF payloads
@@ -36,6 +37,7 @@ MAX_PAYLOAD = 1 << 20  # 1 MiB: any larger header is a protocol violation
 MAX_JSON = 256 * 1024  # control messages (JSON) are capped tighter than data
 DATA_CHUNK = 128 * 1024  # the largest DATA payload a sender emits
 INITIAL_WINDOW = 1 << 20  # per-stream, per-direction credit
+WINDOW_BATCH = INITIAL_WINDOW // 4  # receivers return credit in batches of at least this
 MAX_STREAMS = 1024  # concurrent streams a side accepts
 
 # Frame types

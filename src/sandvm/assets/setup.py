@@ -136,19 +136,6 @@ def install_host_packages(progress: Progress) -> str:
     return "installed " + ", ".join(missing)
 
 
-def _candidate(step: str, name: str, progress: Progress) -> str:
-    """The candidate version apt would download for ``name``."""
-    for attempt in range(2):
-        out = subprocess.run(["apt-cache", "policy", name], capture_output=True, text=True,
-                             check=False).stdout
-        m = re.search(r"Candidate:\s*(\S+)", out)
-        if m and m.group(1) != "(none)":
-            return m.group(1)
-        if attempt == 0:
-            _apt_update(step, progress)
-    raise SetupError(step, f"apt knows no package {name}: run `apt-get update` and check sources")
-
-
 def kernel_package(step: str, progress: Progress) -> str:
     for attempt in range(2):
         out = subprocess.run(["apt-cache", "depends", KERNEL_META], capture_output=True,
@@ -167,11 +154,33 @@ def _find_deb(debs: Path, name: str, version: str) -> Path | None:
     return found[0] if found else None
 
 
+def _candidates(step: str, names: list[str], progress: Progress) -> dict[str, str]:
+    """The candidate version apt would download for each name (one apt-cache call)."""
+    for attempt in range(2):
+        out = subprocess.run(["apt-cache", "policy", *names], capture_output=True, text=True,
+                             check=False).stdout
+        found: dict[str, str] = {}
+        current = None
+        for line in out.splitlines():
+            if line and not line[0].isspace() and line.endswith(":"):
+                current = line[:-1].split(":")[0]
+            m = re.match(r"\s+Candidate:\s*(\S+)", line)
+            if m and current in names and m.group(1) != "(none)":
+                found[current] = m.group(1)
+        missing = [n for n in names if n not in found]
+        if not missing:
+            return found
+        if attempt == 0:
+            _apt_update(step, progress)
+    raise SetupError(step, f"apt knows no package {', '.join(missing)}: run `apt-get update`"
+                           " and check the apt sources")
+
+
 def download_debs(names: list[str], step: str, progress: Progress) -> list[Path]:
     """`apt-get download` each package into $SANDVM_HOME/debs (cached by name and version)."""
     debs = sandvm_home() / "debs"
     debs.mkdir(parents=True, exist_ok=True)
-    versions = {name: _candidate(step, name, progress) for name in names}
+    versions = _candidates(step, names, progress)
     want = [f"{n}={v}" for n, v in versions.items() if _find_deb(debs, n, v) is None]
     if want:
         progress(f"apt-get download {len(want)} packages")
@@ -426,7 +435,11 @@ def run_setup(progress: Callable[[str, str], None] | None = None) -> list[tuple[
             if progress:
                 progress(_name, msg)
         note("starting")
-        outcome = s.run(note)
+        try:
+            outcome = s.run(note)
+        except OSError as exc:
+            raise SetupError(s.name, f"{exc}; check free space and permissions under"
+                                     f" {home} (or set SANDVM_HOME)") from exc
         note(outcome)
         results.append((s.name, outcome))
     return results

@@ -9,6 +9,11 @@ import alone costs a noticeable share of boot time under TCG). Every workload
 runs in its own session/process group and, where cgroup v2 is available, in
 its own cgroup so that a timeout or kill leaves no survivor. The agent is a
 child subreaper, so orphaned grandchildren are reaped here.
+
+Survival rules for a command's processes: a timeout, a host reset, SIGKILL or
+an expired grace period kill every process of the command (its cgroup). When
+the command's leader exits normally, processes it left in the background keep
+running (like a shell's ``cmd &``); their cgroup is removed once they are gone.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import heapq
 import itertools
 import os
@@ -32,31 +38,44 @@ if TYPE_CHECKING:  # in the guest, wire.py sits beside this file
 else:
     import wire
 
-AGENT_VERSION = "0.1.0"
+AGENT_VERSION = "0.2.0"
 PORT_NAME = "sandvm.agent"
 CGROUP_ROOT = "/sys/fs/cgroup"
 READ_CHUNK = wire.DATA_CHUNK
-KILL_GRACE = 2.0
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+DRAIN_GRACE = 1.0  # after the leader exits, how long an idle pipe is still read
+LIST_BATCH = 256  # directory entries per EVENT frame
+LIST_LIMIT = 100_000
+AGENT_RESERVE_KIB = 24 * 1024  # memory kept out of the workloads' reach
 
 
 def log(msg: str) -> None:
-    try:
-        with open("/dev/kmsg", "w") as f:
-            f.write(f"sandvm-agent: {msg}\n")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/dev/kmsg", "w") as f:
+        f.write(f"sandvm-agent: {msg}\n")
 
 
 # --------------------------------------------------------------------------- loop
 
 
+class Timer:
+    __slots__ = ("cancelled", "cb", "when")
+
+    def __init__(self, when: float, cb: Callable[[], None]) -> None:
+        self.when = when
+        self.cb = cb
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class Loop:
-    """A minimal callback loop: fd readiness, timers and SIGCHLD."""
+    """A minimal callback loop: fd readiness and timers."""
 
     def __init__(self) -> None:
         self.sel = selectors.DefaultSelector()
-        self.timers: list[tuple[float, int, Callable[[], None]]] = []
-        self.cancelled: set[int] = set()
+        self.timers: list[tuple[float, int, Timer]] = []
         self.seq = itertools.count()
         self.handlers: dict[int, list[Callable[[], None] | None]] = {}
 
@@ -84,23 +103,16 @@ class Loop:
         self.handlers.setdefault(fd, [None, None])[1] = cb
         self._update(fd)
 
-    def call_later(self, delay: float, cb: Callable[[], None]) -> int:
-        tid = next(self.seq)
-        heapq.heappush(self.timers, (time.monotonic() + delay, tid, cb))
-        return tid
-
-    def cancel(self, tid: int | None) -> None:
-        if tid is not None:
-            self.cancelled.add(tid)
+    def call_later(self, delay: float, cb: Callable[[], None]) -> Timer:
+        t = Timer(time.monotonic() + delay, cb)
+        heapq.heappush(self.timers, (t.when, next(self.seq), t))
+        return t
 
     def run(self) -> None:
         while True:
-            timeout = None
-            now = time.monotonic()
-            while self.timers and self.timers[0][1] in self.cancelled:
-                self.cancelled.discard(heapq.heappop(self.timers)[1])
-            if self.timers:
-                timeout = max(0.0, self.timers[0][0] - now)
+            while self.timers and self.timers[0][2].cancelled:
+                heapq.heappop(self.timers)
+            timeout = max(0.0, self.timers[0][0] - time.monotonic()) if self.timers else None
             for key, mask in self.sel.select(timeout):
                 h = self.handlers.get(key.fd)
                 if h is None:
@@ -112,11 +124,10 @@ class Loop:
                     self._safe(h[1])
             now = time.monotonic()
             while self.timers and self.timers[0][0] <= now:
-                _, tid, cb = heapq.heappop(self.timers)
-                if tid in self.cancelled:
-                    self.cancelled.discard(tid)
-                    continue
-                self._safe(cb)
+                t = heapq.heappop(self.timers)[2]
+                if not t.cancelled:
+                    t.cancelled = True  # fired: cancelling it later is a no-op
+                    self._safe(t.cb)
 
     @staticmethod
     def _safe(cb: Callable[[], None]) -> None:
@@ -127,6 +138,11 @@ class Loop:
             import traceback
 
             log(f"handler failed: {exc!r}: {traceback.format_exc()[-1500:]}")
+
+
+def cancel(t: Timer | None) -> None:
+    if t is not None:
+        t.cancel()
 
 
 # --------------------------------------------------------------------------- transport
@@ -145,7 +161,7 @@ class Transport:
 
     def _readable(self) -> None:
         # virtio-serial hands out at most one guest buffer (a page) per read: drain
-        # everything available, then decode once
+        # what is available before decoding
         parts: list[bytes] = []
         total = 0
         eof = False
@@ -170,19 +186,16 @@ class Transport:
             self.loop.set_reader(self.fd, None)
             self.loop.call_later(0.05, lambda: self.loop.set_reader(self.fd, self._readable))
             return
-        frames = []
+        frames: list[tuple[int, int, bytes]] = []
         try:
             for part in parts:
                 frames.extend(self.decoder.feed(part))
         except wire.ProtocolViolation as exc:
+            # never allocate what a bad header announces; drop this batch and resync
             log(f"protocol violation from host: {exc}; resetting decoder")
             self.decoder = wire.FrameDecoder()
-            return
-        for ftype, stream, payload in frames:
-            try:
-                self.on_frame(ftype, stream, payload)
-            except Exception as exc:  # noqa: BLE001 - keep serving the other streams
-                log(f"frame {ftype} on stream {stream} failed: {exc!r}")
+        for ftype, sid, payload in frames:
+            self.on_frame(ftype, sid, payload)
 
     def send(self, frame: bytes) -> None:
         self.out.append(frame)
@@ -221,26 +234,28 @@ class Transport:
 # --------------------------------------------------------------------------- streams
 
 
+class GuestFail(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def error_reply(exc: BaseException) -> dict[str, Any]:
     code = "guest_error"
-    if isinstance(exc, FileNotFoundError):
+    if isinstance(exc, GuestFail):
+        code = exc.code
+    elif isinstance(exc, FileNotFoundError):
         code = "file_not_found"
     elif isinstance(exc, FileExistsError):
         code = "file_exists"
     elif isinstance(exc, PermissionError):
         code = "permission_denied"
-    elif isinstance(exc, GuestFail):
-        code = exc.code
+    elif isinstance(exc, wire.ProtocolViolation):
+        code = "agent_protocol_error"
     msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     if isinstance(exc, OSError) and exc.filename:
         msg = f"{msg}: {exc.filename}"
-    return {"code": code, "message": msg}
-
-
-class GuestFail(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    return {"code": code, "message": msg[:2000]}
 
 
 class Stream:
@@ -251,6 +266,7 @@ class Stream:
         self.sid = sid
         self.req = req
         self.send_window = wire.INITIAL_WINDOW
+        self.unacked = 0
         self.closed = False
 
     def start(self) -> None:
@@ -263,27 +279,43 @@ class Stream:
         pass
 
     def on_ctrl(self, msg: dict[str, Any]) -> None:
-        pass
+        raise wire.ProtocolViolation("this stream takes no control messages")
 
     def on_window(self, inc: int) -> None:
+        was = self.send_window
         self.send_window += inc
+        if was <= 0 < self.send_window:
+            self.window_opened()
+
+    def window_opened(self) -> None:
+        pass
+
+    def grant(self, n: int) -> None:
+        """Return ``n`` consumed bytes of credit to the host, in batches."""
+        self.unacked += n
+        if self.unacked >= wire.WINDOW_BATCH:
+            self.send(wire.encode_window(self.sid, self.unacked))
+            self.unacked = 0
 
     def on_reset(self) -> None:
-        self.finish(None)
+        self.finish()
 
     def send(self, frame: bytes) -> None:
         if not self.closed:
             self.agent.transport.send(frame)
 
+    def event(self, obj: dict[str, Any]) -> None:
+        self.send(wire.encode_json(wire.EVENT, self.sid, obj))
+
     def reply(self, obj: dict[str, Any]) -> None:
         self.send(wire.encode_json(wire.REPLY, self.sid, obj))
-        self.finish(None)
+        self.finish()
 
     def fail(self, exc: BaseException) -> None:
         self.send(wire.encode_json(wire.RESET, self.sid, error_reply(exc)))
-        self.finish(None)
+        self.finish()
 
-    def finish(self, _: object) -> None:
+    def finish(self) -> None:
         if not self.closed:
             self.closed = True
             self.agent.streams.pop(self.sid, None)
@@ -294,21 +326,22 @@ class Stream:
 
 
 class ExecStream(Stream):
-    """Run one command; stream stdout/stderr; report exit."""
+    """Run one command; stream stdout/stderr; report its exit."""
 
     def start(self) -> None:
         # everything cleanup() touches exists before anything can fail
+        self.pid: int | None = None
         self.exit_status: int | None = None
         self.fds: dict[int, int] = {}  # channel -> fd
         self.in_fd = -1
         self.cgroup: str | None = None
-        self.drain_timer: int | None = None
-        self.timeout_timer: int | None = None
-        self.kill_timer: int | None = None
+        self.drain_timer: Timer | None = None
+        self.timeout_timer: Timer | None = None
+        self.kill_timer: Timer | None = None
         self.pending_in = bytearray()
         self.in_eof = False
         self.timed_out = False
-        self.killed_by_request = False
+        self.started = time.monotonic()
         req = self.req
         argv = req.get("argv")
         shell = req.get("shell")
@@ -325,12 +358,14 @@ class ExecStream(Stream):
             raise GuestFail("invalid_request", "env must map names to strings")
         env = {**self.agent.base_env, **env}
         cwd = req.get("cwd") or "/root"
-        self.timeout = req.get("timeout")
-        self.stdin_open = bool(req.get("stdin"))
+        if not isinstance(cwd, str):
+            raise GuestFail("invalid_request", "cwd must be a string")
+        timeout = req.get("timeout")
+        stdin_open = bool(req.get("stdin"))
         self.cgroup = self.agent.new_cgroup(self.sid)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        in_r, in_w = os.pipe() if self.stdin_open else (os.open("/dev/null", os.O_RDONLY), -1)
+        in_r, in_w = os.pipe() if stdin_open else (os.open("/dev/null", os.O_RDONLY), -1)
         try:
             self.pid = self.agent.spawn(argv, env, cwd, in_r, out_w, err_w, self.cgroup)
         except BaseException:
@@ -341,29 +376,27 @@ class ExecStream(Stream):
         finally:
             for fd in (out_w, err_w, in_r):
                 os.close(fd)
-        self.pgid = self.pid
-        self.started = time.monotonic()
         self.in_fd = in_w
         for ch, fd in ((wire.CH_STDOUT, out_r), (wire.CH_STDERR, err_r)):
             os.set_blocking(fd, False)
+            with contextlib.suppress(OSError):
+                # bigger pipes: fewer writer/agent context switches for bulk output
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
             self.fds[ch] = fd
             self._arm(ch)
         if self.in_fd >= 0:
             os.set_blocking(self.in_fd, False)
         self.agent.procs[self.pid] = self
-        if isinstance(self.timeout, (int, float)) and self.timeout > 0:
-            self.timeout_timer = self.agent.loop.call_later(float(self.timeout), self._on_timeout)
-        self.send(wire.encode_json(wire.EVENT, self.sid, {"event": "started", "pid": self.pid}))
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            self.timeout_timer = self.agent.loop.call_later(float(timeout), self._on_timeout)
+        self.event({"event": "started", "pid": self.pid})
 
     # stdout/stderr -> host, paced by the send window
     def _arm(self, ch: int) -> None:
         fd = self.fds.get(ch)
-        if fd is None:
-            return
-        if self.send_window > 0:
-            self.agent.loop.set_reader(fd, lambda: self._pump(ch))
-        else:
-            self.agent.loop.set_reader(fd, None)
+        if fd is not None:
+            self.agent.loop.set_reader(
+                fd, (lambda: self._pump(ch)) if self.send_window > 0 else None)
 
     def _pump(self, ch: int) -> None:
         fd = self.fds.get(ch)
@@ -373,40 +406,56 @@ class ExecStream(Stream):
         if n <= 0:
             self._arm(ch)
             return
-        try:
-            data = os.read(fd, n)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.agent.loop.set_reader(fd, None)
-            os.close(fd)
-            del self.fds[ch]
-            self.send(wire.encode(wire.EOF, self.sid, bytes((ch,))))
+        # coalesce what the pipe holds (writers often emit 4 KiB at a time) into one frame
+        parts: list[bytes] = []
+        got = 0
+        eof = False
+        while got < n:
+            try:
+                chunk = os.read(fd, n - got)
+            except BlockingIOError:
+                break
+            except OSError:
+                chunk = b""
+            if not chunk:
+                eof = True
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            self.send_window -= len(data)
+            if not self.closed:
+                self.agent.transport.send_data(self.sid, ch, data)
+            if self.exit_status is not None:
+                self._restart_drain_timer()
+        if eof:
+            self._close_channel(ch)
             self._maybe_done()
-            return
-        self.send_window -= len(data)
-        if not self.closed:
-            self.agent.transport.send_data(self.sid, ch, data)
-        if self.send_window <= 0:
+        elif self.send_window <= 0:
+            cancel(self.drain_timer)  # the host is slow, not the command: keep waiting
             for c in list(self.fds):
                 self._arm(c)
 
-    def on_window(self, inc: int) -> None:
-        was = self.send_window
-        self.send_window += inc
-        if was <= 0 < self.send_window:
-            for c in list(self.fds):
-                self._arm(c)
+    def _close_channel(self, ch: int) -> None:
+        fd = self.fds.pop(ch, None)
+        if fd is not None:
+            self.agent.loop.set_reader(fd, None)
+            os.close(fd)
+            self.send(wire.encode(wire.EOF, self.sid, bytes((ch,))))
+
+    def window_opened(self) -> None:
+        for c in list(self.fds):
+            self._arm(c)
+        if self.exit_status is not None:
+            self._restart_drain_timer()
 
     # host -> stdin
     def on_data(self, channel: int, data: bytes | memoryview) -> None:
         if channel != wire.CH_STDIN or self.in_eof:
             raise wire.ProtocolViolation("stdin data after EOF or on a wrong channel")
         if self.in_fd < 0:
-            # stdin closed (process exited or never opened): give the credit back, drop
-            self.send(wire.encode_window(self.sid, len(data))) if data else None
+            self.grant(len(data))  # stdin is closed: drop, but keep the host's window
             return
         self.pending_in += data
         self._write_in()
@@ -433,7 +482,7 @@ class ExecStream(Stream):
             written += n
             del self.pending_in[:n]
         if written:
-            self.send(wire.encode_window(self.sid, written))
+            self.grant(written)
         if self.in_fd >= 0:
             if self.pending_in:
                 self.agent.loop.set_writer(self.in_fd, self._write_in)
@@ -451,33 +500,36 @@ class ExecStream(Stream):
     # signals, timeout
     def on_ctrl(self, msg: dict[str, Any]) -> None:
         sig = msg.get("signal")
-        if not isinstance(sig, int) or not 1 <= sig <= 64:
+        if not isinstance(sig, int) or isinstance(sig, bool) or not 1 <= sig <= 64:
             raise wire.ProtocolViolation("CTRL needs a signal number")
-        if self.exit_status is not None:
-            return
-        self.killed_by_request = self.killed_by_request or sig in (signal.SIGKILL, signal.SIGTERM)
         self.signal_group(sig)
         grace = msg.get("grace")
         if sig != signal.SIGKILL and isinstance(grace, (int, float)) and grace >= 0:
-            self.agent.loop.cancel(self.kill_timer)
+            cancel(self.kill_timer)
             self.kill_timer = self.agent.loop.call_later(float(grace), self.kill_all)
 
     def signal_group(self, sig: int) -> None:
+        if self.pid is None:
+            return
         with contextlib.suppress(OSError):
-            os.killpg(self.pgid, sig)
+            os.killpg(self.pid, sig)
+        if self.cgroup and self.exit_status is not None:
+            # the leader is gone: reach what it left behind through its cgroup
+            for pid in self.agent.cgroup_pids(self.cgroup):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
 
     def kill_all(self) -> None:
-        """SIGKILL every process of this command: its cgroup, else its group."""
+        """SIGKILL every process of this command: its cgroup, and its process group."""
         if self.cgroup:
-            try:
-                with open(os.path.join(self.cgroup, "cgroup.kill"), "w") as f:
-                    f.write("1")
-            except OSError:
-                pass
-        self.signal_group(signal.SIGKILL)
+            with contextlib.suppress(OSError), \
+                    open(os.path.join(self.cgroup, "cgroup.kill"), "w") as f:
+                f.write("1")
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(self.pid, signal.SIGKILL)
 
     def _on_timeout(self) -> None:
-        self.timeout_timer = None
         if self.exit_status is None or self.fds:
             self.timed_out = True
             self.kill_all()
@@ -486,19 +538,24 @@ class ExecStream(Stream):
     def on_exit(self, status: int) -> None:
         self.exit_status = status
         self._close_in()
-        # the leader is gone; wait briefly for its pipes to reach EOF (a background
-        # grandchild may hold them open: then stop reading after a grace period)
-        if self.fds:
-            self.drain_timer = self.agent.loop.call_later(1.0, self._stop_draining)
+        if self.closed:
+            self.agent.drop_cgroup(self.cgroup)
+            return
+        self._restart_drain_timer()
         self._maybe_done()
 
-    def _stop_draining(self) -> None:
+    def _restart_drain_timer(self) -> None:
+        # the leader is gone; a background grandchild may hold the pipes open. Stop
+        # reading once they have been idle for DRAIN_GRACE, unless we are only
+        # waiting for the host's credit (then nothing is lost by waiting)
+        cancel(self.drain_timer)
         self.drain_timer = None
-        for ch, fd in list(self.fds.items()):
-            self.agent.loop.set_reader(fd, None)
-            os.close(fd)
-            del self.fds[ch]
-            self.send(wire.encode(wire.EOF, self.sid, bytes((ch,))))
+        if self.fds and self.send_window > 0:
+            self.drain_timer = self.agent.loop.call_later(DRAIN_GRACE, self._stop_draining)
+
+    def _stop_draining(self) -> None:
+        for ch in list(self.fds):
+            self._close_channel(ch)
         self._maybe_done()
 
     def _maybe_done(self) -> None:
@@ -516,25 +573,23 @@ class ExecStream(Stream):
         self.reply(res)
 
     def on_reset(self) -> None:
-        # the host gave up on this command: kill it
-        if self.exit_status is None:
-            self.kill_all()
-        self.finish(None)
+        # the host gave up on this command: nothing of it may survive
+        self.kill_all()
+        self.finish()
 
     def cleanup(self) -> None:
-        loop = self.agent.loop
-        for t in (self.drain_timer, self.timeout_timer, self.kill_timer):
-            loop.cancel(t)
+        for t in (self.drain_timer, self.timeout_timer):
+            cancel(t)
         for fd in self.fds.values():
-            loop.set_reader(fd, None)
+            self.agent.loop.set_reader(fd, None)
             os.close(fd)
         self.fds.clear()
         self._close_in()
-        if not hasattr(self, "pid"):
-            self.agent.drop_cgroup(self.cgroup)  # never started
-        elif self.exit_status is None:
+        if self.exit_status is None or (self.kill_timer and not self.kill_timer.cancelled):
+            # still running, or a grace-period kill was promised: keep the promise now
+            cancel(self.kill_timer)
             self.kill_all()
-        else:
+        if self.exit_status is not None:
             self.agent.drop_cgroup(self.cgroup)
 
 
@@ -542,6 +597,8 @@ class WriteFileStream(Stream):
     """Receive a file: temp file in the same directory, fsync, rename."""
 
     def start(self) -> None:
+        self.fd = -1
+        self.tmp: str | None = None
         path = check_path(self.req.get("path"))
         mode = self.req.get("mode", 0o644)
         if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
@@ -570,7 +627,7 @@ class WriteFileStream(Stream):
             self.fail(exc)
             return
         self.size += len(data)
-        self.send(wire.encode_window(self.sid, len(data))) if data else None
+        self.grant(len(data))
 
     def on_eof(self, channel: int) -> None:
         if self.fd < 0:
@@ -580,7 +637,9 @@ class WriteFileStream(Stream):
             os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
+            assert self.tmp is not None
             os.rename(self.tmp, self.path)
+            self.tmp = None
             dfd = os.open(os.path.dirname(self.path) or "/", os.O_RDONLY | os.O_DIRECTORY)
             try:
                 os.fsync(dfd)
@@ -592,19 +651,19 @@ class WriteFileStream(Stream):
         self.reply({"size": self.size, "path": self.path})
 
     def cleanup(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        tmp = getattr(self, "tmp", None)
-        if tmp and os.path.exists(tmp):
+        if self.tmp:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(self.tmp)
 
 
 class ReadFileStream(Stream):
     """Send a file, paced by the window; refuse files over the caller's cap."""
 
     def start(self) -> None:
+        self.fd = -1
         path = check_path(self.req.get("path"))
         cap = self.req.get("max_bytes")
         if not isinstance(cap, int) or cap < 0:
@@ -618,7 +677,7 @@ class ReadFileStream(Stream):
             raise GuestFail("file_too_large",
                             f"{path} is {st.st_size} bytes, over the cap of {cap} bytes")
         self.sent = 0
-        self.send(wire.encode_json(wire.EVENT, self.sid, {"event": "size", "size": st.st_size}))
+        self.event({"event": "size", "size": st.st_size})
         self.agent.loop.call_later(0, self._pump)
 
     def _pump(self) -> None:
@@ -642,21 +701,51 @@ class ReadFileStream(Stream):
             self.send_window -= len(data)
             self.agent.transport.send_data(self.sid, wire.CH_STDOUT, data)
 
-    def on_window(self, inc: int) -> None:
-        was = self.send_window
-        self.send_window += inc
-        if was <= 0 < self.send_window:
-            self._pump()
+    def window_opened(self) -> None:
+        self._pump()
 
     def cleanup(self) -> None:
-        if getattr(self, "fd", -1) >= 0:
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
+class ListStream(Stream):
+    """List a directory tree: entries in EVENT batches (a listing may exceed one frame)."""
+
+    def start(self) -> None:
+        path = check_path(self.req.get("path"))
+        depth = self.req.get("depth", 1)
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise GuestFail("invalid_request", "depth must be a positive int")
+        batch: list[dict[str, Any]] = []
+        count = 0
+
+        def walk(d: str, level: int) -> None:
+            nonlocal count
+            with os.scandir(d) as it:
+                for e in sorted(it, key=lambda e: e.name):
+                    if count >= LIST_LIMIT:
+                        raise GuestFail("too_many_entries",
+                                        f"{path} holds more than {LIST_LIMIT} entries:"
+                                        " list a narrower directory or a smaller depth")
+                    batch.append(stat_dict(e.path, e.stat(follow_symlinks=False)))
+                    count += 1
+                    if len(batch) >= LIST_BATCH:
+                        self.event({"event": "entries", "entries": batch})
+                        batch.clear()
+                    if level < depth and e.is_dir(follow_symlinks=False):
+                        walk(e.path, level + 1)
+
+        walk(path, 1)
+        if batch:
+            self.event({"event": "entries", "entries": batch})
+        self.reply({"count": count})
+
+
 def check_path(p: Any) -> str:
     if not isinstance(p, str) or not p.startswith("/") or "\x00" in p:
-        raise GuestFail("invalid_path", f"path must be absolute, got {p!r}")
+        raise GuestFail("invalid_path", f"path must be absolute, got {p!r}"[:300])
     return p
 
 
@@ -686,27 +775,11 @@ def simple_op(req: dict[str, Any]) -> dict[str, Any]:
         return stat_dict(path, os.lstat(path))
     if op == "exists":
         return {"exists": os.path.lexists(path)}
-    if op == "list":
-        depth = req.get("depth", 1)
-        if not isinstance(depth, int) or depth < 1:
-            raise GuestFail("invalid_request", "depth must be a positive int")
-        entries: list[dict[str, Any]] = []
-        limit = 100_000
-
-        def walk(d: str, level: int) -> None:
-            with os.scandir(d) as it:
-                for e in sorted(it, key=lambda e: e.name):
-                    if len(entries) >= limit:
-                        raise GuestFail("too_many_entries", f"more than {limit} entries")
-                    entries.append(stat_dict(e.path, e.stat(follow_symlinks=False)))
-                    if level < depth and e.is_dir(follow_symlinks=False):
-                        walk(e.path, level + 1)
-
-        walk(path, 1)
-        return {"entries": entries}
     if op == "make_dir":
         existed = os.path.isdir(path)
         mode = req.get("mode", 0o755)
+        if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+            raise GuestFail("invalid_request", "mode must be an int between 0 and 0o7777")
         if req.get("parents", True):
             os.makedirs(path, mode=mode, exist_ok=True)
         elif not existed:
@@ -730,7 +803,15 @@ def simple_op(req: dict[str, Any]) -> dict[str, Any]:
             raise FileExistsError(errno.EEXIST, "destination exists", dst)
         os.rename(path, dst)
         return {}
-    raise GuestFail("unknown_op", f"unknown operation {op!r}")
+    raise GuestFail("unknown_op", f"unknown operation {op!r}"[:200])
+
+
+STREAM_OPS: dict[str, type[Stream]] = {
+    "exec": ExecStream,
+    "write_file": WriteFileStream,
+    "read_file": ReadFileStream,
+    "list": ListStream,
+}
 
 
 # --------------------------------------------------------------------------- agent
@@ -741,6 +822,7 @@ class Agent:
         self.loop = Loop()
         self.streams: dict[int, Stream] = {}
         self.procs: dict[int, ExecStream] = {}
+        self.dead_cgroups: set[str] = set()
         self.transport = Transport(self.loop, port_fd, self.on_frame)
         self.base_env = {
             "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -748,8 +830,12 @@ class Agent:
             "LANG": "C.UTF-8",
             "TERM": "xterm",
         }
+        self.cg_base = os.path.join(CGROUP_ROOT, "sandvm")
+        self.cg_home = os.path.join(CGROUP_ROOT, "agent")
         self.cgroup_ok = self._setup_cgroups()
         self.boot_id = _read("/proc/sys/kernel/random/boot_id").strip()
+        # identifies this agent process: a new one (after a restart) says HELLO anew
+        self.instance = f"{os.getpid()}-{time.monotonic_ns()}"
         # SIGCHLD → wake the loop through a socketpair; reap everything
         self.sig_r, self.sig_w = socket.socketpair()
         self.sig_r.setblocking(False)
@@ -763,16 +849,33 @@ class Agent:
         try:
             if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
                 return False
-            self.cg_base = os.path.join(CGROUP_ROOT, "sandvm")
             os.makedirs(self.cg_base, exist_ok=True)
-            # the agent's own home: a cgroup with processes cannot have children
-            # with controllers enabled (cgroup v2's no-internal-process rule)
-            self.cg_home = os.path.join(CGROUP_ROOT, "agent")
+            # the agent's own home: cgroup v2 forbids processes in a cgroup whose
+            # children have controllers enabled
             os.makedirs(self.cg_home, exist_ok=True)
             self._join_cgroup(self.cg_home)
+            self._reserve_memory()
+            # cgroups left by an earlier agent process (it was killed): remove them
+            # once whatever still runs in them is gone
+            for name in os.listdir(self.cg_base):
+                if name.startswith("cmd-"):
+                    self.drop_cgroup(os.path.join(self.cg_base, name))
             return True
         except OSError:
             return False
+
+    def _reserve_memory(self) -> None:
+        # workloads share a memory ceiling below the VM's total, so an OOM kill
+        # happens among them, never to the agent (inherited oom_score_adj would
+        # make the workloads immune instead)
+        try:
+            with open("/proc/meminfo") as f:
+                total_kib = int(f.readline().split()[1])
+            limit = max(total_kib // 2, total_kib - AGENT_RESERVE_KIB) * 1024
+            with open(os.path.join(self.cg_base, "memory.max"), "w") as f:
+                f.write(str(limit))
+        except (OSError, ValueError, IndexError) as exc:
+            log(f"cannot reserve memory for the agent: {exc}")
 
     def new_cgroup(self, sid: int) -> str | None:
         if not self.cgroup_ok:
@@ -785,14 +888,36 @@ class Agent:
             return None
 
     def drop_cgroup(self, path: str | None) -> None:
-        if path:
-            def attempt(n: int = 0) -> None:
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    if n < 20:
-                        self.loop.call_later(0.5, lambda: attempt(n + 1))
-            attempt()
+        """Remove a finished command's cgroup now, or once its leftovers are gone."""
+        if not path:
+            return
+        try:
+            os.rmdir(path)
+        except OSError:
+            if not self.dead_cgroups:
+                self.loop.call_later(2.0, self._sweep_cgroups)
+            self.dead_cgroups.add(path)
+
+    def _sweep_cgroups(self) -> None:
+        for path in list(self.dead_cgroups):
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                self.dead_cgroups.discard(path)
+            except OSError:
+                continue
+            else:
+                self.dead_cgroups.discard(path)
+        if self.dead_cgroups:
+            self.loop.call_later(2.0, self._sweep_cgroups)
+
+    @staticmethod
+    def cgroup_pids(path: str) -> list[int]:
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                return [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return []
 
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: int, stdout: int,
               stderr: int, cgroup: str | None) -> int:
@@ -811,12 +936,12 @@ class Agent:
                     found = cand
                     break
             if found is None:
-                raise GuestFail("command_not_found", f"command not found: {exe}")
+                raise GuestFail("command_not_found", f"command not found: {exe}"[:300])
             exe = found
         elif not os.path.exists(exe):
-            raise GuestFail("command_not_found", f"command not found: {exe}")
+            raise GuestFail("command_not_found", f"command not found: {exe}"[:300])
         if not os.path.isdir(cwd):
-            raise GuestFail("file_not_found", f"working directory {cwd} does not exist")
+            raise GuestFail("file_not_found", f"working directory {cwd} does not exist"[:300])
         if cgroup:
             self._join_cgroup(cgroup)
         try:
@@ -842,11 +967,9 @@ class Agent:
             f.write(str(os.getpid()))
 
     def _on_signal(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             while self.sig_r.recv(512):
                 pass
-        except BlockingIOError:
-            pass
         self.reap()
 
     def reap(self) -> None:
@@ -864,7 +987,10 @@ class Agent:
     def send_hello(self) -> None:
         self.transport.send(wire.encode_json(wire.HELLO, 0, wire.hello_payload(
             "agent", agent_version=AGENT_VERSION, boot_id=self.boot_id,
-            kernel=os.uname().release, cgroups=self.cgroup_ok)))
+            kernel=os.uname().release, cgroups=self.cgroup_ok, instance=self.instance)))
+
+    def send_reset(self, sid: int, exc: BaseException) -> None:
+        self.transport.send(wire.encode_json(wire.RESET, sid, error_reply(exc)))
 
     def on_frame(self, ftype: int, sid: int, payload: bytes) -> None:
         try:
@@ -872,12 +998,10 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - fail that stream, keep the others
             log(f"frame {ftype} on stream {sid} failed: {exc!r}")
             st = self.streams.get(sid)
-            err = GuestFail("agent_protocol_error" if isinstance(exc, wire.ProtocolViolation)
-                            else "guest_error", f"agent failure: {exc!r}"[:500])
             if st is not None:
-                st.fail(err)
+                st.fail(exc)
             elif sid:
-                self.transport.send(wire.encode_json(wire.RESET, sid, error_reply(err)))
+                self.send_reset(sid, exc)
 
     def _dispatch(self, ftype: int, sid: int, payload: bytes) -> None:
         if ftype == wire.HELLO:
@@ -893,9 +1017,7 @@ class Agent:
             return
         st = self.streams.get(sid)
         if st is None:
-            # a frame for a stream that already ended (races with RESET): ignore,
-            # but give back DATA credit so the host's window is not lost
-            return
+            return  # a frame for a stream that already ended (races with RESET)
         if ftype == wire.DATA:
             if not payload or payload[0] > wire.CH_STDERR:
                 raise wire.ProtocolViolation("DATA frame without a valid channel byte")
@@ -912,22 +1034,19 @@ class Agent:
 
     def open_stream(self, sid: int, req: dict[str, Any]) -> None:
         if sid in self.streams or sid % 2 == 0:
-            self.transport.send(wire.encode_json(wire.RESET, sid, {
-                "code": "agent_protocol_error",
-                "message": f"stream {sid} is in use or not host-owned"}))
+            self.send_reset(sid, GuestFail("agent_protocol_error",
+                                           f"stream {sid} is in use or not host-owned"))
             return
         if len(self.streams) >= wire.MAX_STREAMS:
-            self.transport.send(wire.encode_json(wire.RESET, sid, {
-                "code": "too_many_streams", "message": "too many concurrent operations"}))
+            self.send_reset(sid, GuestFail("too_many_streams", "too many concurrent operations"))
             return
         op = req.get("op")
-        cls = {"exec": ExecStream, "write_file": WriteFileStream,
-               "read_file": ReadFileStream}.get(op)  # type: ignore[arg-type]
+        cls = STREAM_OPS.get(op) if isinstance(op, str) else None
         if cls is None:
             try:
                 res = simple_op(req)
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
-                self.transport.send(wire.encode_json(wire.RESET, sid, error_reply(exc)))
+                self.send_reset(sid, exc)
             else:
                 self.transport.send(wire.encode_json(wire.REPLY, sid, res))
             return
@@ -952,18 +1071,17 @@ def _read(path: str) -> str:
 
 def find_port() -> str:
     base = "/sys/class/virtio-ports"
-    for _ in range(200):
-        try:
+    for _ in range(500):
+        with contextlib.suppress(OSError):
             for name in os.listdir(base):
                 if _read(os.path.join(base, name, "name")).strip() == PORT_NAME:
                     return os.path.join("/dev", name)
-        except OSError:
-            pass
         time.sleep(0.01)
     raise SystemExit(f"sandvm-agent: no virtio port named {PORT_NAME}")
 
 
-def set_subreaper() -> None:
+def harden() -> None:
+    """Become a subreaper, so orphaned grandchildren of workloads are reaped here."""
     try:
         import ctypes
 
@@ -974,7 +1092,7 @@ def set_subreaper() -> None:
 
 
 def main() -> None:
-    set_subreaper()
+    harden()
     path = find_port()
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     agent = Agent(fd)

@@ -27,6 +27,10 @@ case " $(cat /proc/cmdline) " in
   *" sandvm.probe=1 "*) echo "SANDVM-PROBE-OK $(uname -r)" > /dev/ttyS0; poweroff -f ;;
 esac
 cd /
-PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/lib/sandvm /usr/bin/python3 -S -u /lib/sandvm/agent.py
-echo "sandvm-agent exited with status $?" > /dev/kmsg
-poweroff -f
+# the agent is init's child; if it dies (a workload may kill it) it is started again
+# and says HELLO anew, which tells the host that earlier operations are lost
+while true; do
+  PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/lib/sandvm /usr/bin/python3 -S -u /lib/sandvm/agent.py
+  echo "sandvm-agent exited with status $?; restarting" > /dev/kmsg
+  sleep 0.2
+done

@@ -14,12 +14,14 @@ Destroyed (process gone, record kept).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ctypes
 import json
 import os
 import shutil
 import signal
+import stat as stat_mod
 import subprocess
 import tempfile
 import time
@@ -32,6 +34,7 @@ from sandvm.assets import Assets, find_assets, sandvm_home
 from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
 from sandvm.errors import (
     AgentError,
+    ConfigError,
     InvalidTransition,
     QmpError,
     SandvmError,
@@ -74,11 +77,23 @@ def host_tsc_khz() -> int | None:
 
 
 def runtime_root() -> Path:
-    """Where per-VM runtime dirs live: tmpfs (/dev/shm) so guest RAM files cost no disk."""
+    """Where per-VM runtime dirs live: tmpfs (/dev/shm) so guest RAM files cost no disk.
+
+    ``$SANDVM_RUNTIME_DIR`` overrides the base. The directory must be a real
+    directory owned by this user with mode 0700; raises ConfigError otherwise
+    (someone else could reach the QMP sockets through it).
+    """
     base = Path(os.environ.get("SANDVM_RUNTIME_DIR", "/dev/shm"))
     root = base / f"sandvm-{os.geteuid()}"
-    root.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(root, 0o700)
+    with contextlib.suppress(FileExistsError):
+        root.mkdir(mode=0o700)
+    st = os.lstat(root)
+    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise ConfigError(f"{root} is not a directory owned by uid {os.geteuid()}: remove it,"
+                          " or set SANDVM_RUNTIME_DIR to a private directory")
+    if stat_mod.S_IMODE(st.st_mode) != 0o700:
+        raise ConfigError(f"{root} has mode {stat_mod.S_IMODE(st.st_mode):o}, not 700:"
+                          f" run `chmod 700 {root}` or remove it")
     return root
 
 
@@ -120,10 +135,22 @@ def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
     return removed
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)  # resolved here, not in the forked child
+
+
 def _set_pdeathsig() -> None:
     # QEMU dies with the thread that started it: no orphaned VMs if we are killed
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+# every booted VM until its shutdown: killed at interpreter exit whatever loop it ran on
+_LIVE: set[QemuVm] = set()
+
+
+@atexit.register
+def _kill_live_vms() -> None:
+    for vm in list(_LIVE):
+        vm.kill_now()
 
 
 def _kernel_cmdline(spec: VmSpec, *, probe: bool = False) -> str:
@@ -318,14 +345,17 @@ class QemuVm:
                 *argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
                 preexec_fn=_set_pdeathsig)
         except OSError as exc:
-            stderr_log.close()
             await self._cleanup_files()
             raise VmBootError(f"cannot start {argv[0]}: {exc}") from exc
         finally:
             stderr_log.close()
+        _LIVE.add(self)
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
         try:
             await asyncio.wait_for(self._connect(), timeout)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await asyncio.shield(self.shutdown())
+            raise
         except TimeoutError:
             detail = self._diagnostics()
             await self.shutdown()
@@ -445,7 +475,6 @@ class QemuVm:
         if self.qmp is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.qmp.execute("quit", timeout=1.0), 1.5)
-            await self.qmp.close()
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 2.0)
@@ -462,6 +491,16 @@ class QemuVm:
         if self.qmp is not None:
             await self.qmp.close()
         await self._cleanup_files()
+        _LIVE.discard(self)
+
+    def kill_now(self) -> None:
+        """Synchronous last resort (interpreter exit): SIGKILL QEMU, remove its files."""
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+        if self.rundir is not None:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+        _LIVE.discard(self)
 
     async def _cleanup_files(self) -> None:
         if self.rundir is not None:
@@ -501,6 +540,7 @@ class _Entry:
     state: VmState = VmState.CREATED
     vm: QemuVm | None = None
     snapshots: list[str] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class QemuVmProvider:
@@ -508,6 +548,7 @@ class QemuVmProvider:
 
     Stop pauses the vCPUs (the VM keeps its memory); start from Stopped resumes.
     A VM whose QEMU died is reported with ``failure`` set and can only be destroyed.
+    Each VM has its own lock: a slow boot of one never blocks calls on another.
     """
 
     def __init__(self, *, assets: Assets | None = None, accel: str | None = None,
@@ -516,16 +557,17 @@ class QemuVmProvider:
         self._assets = assets
         self._accel = accel
         self._entries: dict[str, _Entry] = {}
-        self._lock = asyncio.Lock()
+        self._resolve_lock = asyncio.Lock()
         self._snapshot_dir = snapshot_dir
         self.boot_timeout = boot_timeout
 
     async def _resolve(self) -> tuple[Assets, str]:
-        if self._assets is None:
-            self._assets = find_assets()
-        if self._accel is None:
-            self._accel = (await choose_accel(self._assets)).accel
-        return self._assets, self._accel
+        async with self._resolve_lock:
+            if self._assets is None:
+                self._assets = find_assets()
+            if self._accel is None:
+                self._accel = (await choose_accel(self._assets)).accel
+            return self._assets, self._accel
 
     def _get(self, vm_id: str) -> _Entry:
         e = self._entries.get(vm_id)
@@ -545,14 +587,13 @@ class QemuVmProvider:
 
     async def create_vm_with_spec(self, vm_id: str, spec: VmSpec) -> None:
         validate_vm_id(vm_id)
-        async with self._lock:
-            if vm_id in self._entries:
-                raise VmAlreadyExists(vm_id)
-            self._entries[vm_id] = _Entry(spec=spec)
+        if vm_id in self._entries:
+            raise VmAlreadyExists(vm_id)
+        self._entries[vm_id] = _Entry(spec=spec)  # no await in between: atomic
 
     async def start_vm(self, vm_id: str) -> None:
-        async with self._lock:
-            e = self._get(vm_id)
+        e = self._get(vm_id)
+        async with e.lock:
             check_transition(vm_id, e.state, VmState.RUNNING)
             if e.vm is not None and e.vm.failure is not None:
                 raise e.vm.failure
@@ -568,16 +609,16 @@ class QemuVmProvider:
             e.state = VmState.RUNNING
 
     async def stop_vm(self, vm_id: str) -> None:
-        async with self._lock:
-            e = self._get(vm_id)
+        e = self._get(vm_id)
+        async with e.lock:
             check_transition(vm_id, e.state, VmState.STOPPED)
             assert e.vm is not None
             await e.vm.pause()
             e.state = VmState.STOPPED
 
     async def destroy_vm(self, vm_id: str) -> None:
-        async with self._lock:
-            e = self._get(vm_id)
+        e = self._get(vm_id)
+        async with e.lock:
             check_transition(vm_id, e.state, VmState.DESTROYED)
             if e.vm is not None:
                 await e.vm.shutdown()
@@ -585,10 +626,14 @@ class QemuVmProvider:
             e.state = VmState.DESTROYED
 
     async def snapshot_vm(self, vm_id: str, snapshot_id: str) -> None:
-        """Save the spec, and for a booted VM its device state and RAM, under the snapshot dir."""
+        """Save the spec, and for a booted VM its device state and RAM, under the snapshot dir.
+
+        A running VM is paused while it is saved and resumed afterwards, also
+        when saving fails.
+        """
         validate_vm_id(snapshot_id)
-        async with self._lock:
-            e = self._get(vm_id)
+        e = self._get(vm_id)
+        async with e.lock:
             if e.state is VmState.DESTROYED:
                 raise InvalidTransition(VmState.DESTROYED, VmState.DESTROYED, vm_id=vm_id)
             if snapshot_id in e.snapshots:
@@ -605,10 +650,11 @@ class QemuVmProvider:
                                                      "memory_mib": e.spec.memory_mib,
                                                      "vcpus": e.spec.vcpus}}
                 if e.vm is not None:
-                    was_running = e.state is VmState.RUNNING
-                    await e.vm.save_state(tmp)
-                    if was_running:
-                        await e.vm.resume()
+                    try:
+                        await e.vm.save_state(tmp)
+                    finally:
+                        if e.state is VmState.RUNNING and e.vm.failure is None:
+                            await e.vm.resume()
                     manifest["memory"] = True
                 (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
                 os.replace(tmp, dest)

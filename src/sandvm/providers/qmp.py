@@ -70,7 +70,7 @@ class QmpClient:
                 if fut is None or fut.done():
                     continue
                 if "error" in msg:
-                    err = msg["error"]
+                    err = msg["error"] if isinstance(msg["error"], dict) else {}
                     fut.set_exception(QmpError(f"{err.get('class')}: {err.get('desc')}"))
                 else:
                     fut.set_result(msg.get("return"))
