@@ -36,11 +36,35 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def sandbox() -> Iterator[object]:
-    """One booted sandbox shared by the integration tests (booting costs seconds)."""
+def snapshot_store(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A snapshot store private to this test session."""
+    from sandvm.snapshots import SnapshotStore
+
+    return SnapshotStore(tmp_path_factory.mktemp("snapshots"))
+
+
+@pytest.fixture(scope="session")
+def base_snapshot(snapshot_store: object) -> object:
+    """A snapshot of a freshly booted sandbox (taken once per session)."""
     from sandvm import Sandbox
 
     sb = Sandbox.create()
+    return sb.snapshot("base", stop=True, store=snapshot_store)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session", params=["cold", "restored"])
+def sandbox(request: pytest.FixtureRequest) -> Iterator[object]:
+    """A sandbox shared by the integration tests: cold-booted, or restored from a
+    snapshot. Every test that uses it runs on both, so restore cannot drift from boot."""
+    from sandvm import Sandbox
+
+    if request.param == "cold":
+        sb = Sandbox.create()
+    else:
+        snap = request.getfixturevalue("base_snapshot")
+        store = request.getfixturevalue("snapshot_store")
+        sb = Sandbox.from_snapshot(snap, store=store)
+    sb.kind = request.param  # type: ignore[attr-defined]
     try:
         yield sb
     finally:

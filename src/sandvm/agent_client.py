@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -219,6 +220,9 @@ class AgentConnection:
         self._failure: SandvmError | None = None
         self._write_lock = asyncio.Lock()
         self.info: AgentInfo | None = None
+        # a new session id tells the agent that streams of an earlier host (e.g. the
+        # one whose VM was snapshotted) are gone
+        self.session = secrets.token_hex(8)
         # let a whole window be in flight without a drain() stall per chunk
         with contextlib.suppress(AttributeError, NotImplementedError):
             writer.transport.set_write_buffer_limits(high=2 * wire.INITIAL_WINDOW)
@@ -242,7 +246,8 @@ class AgentConnection:
 
     async def handshake(self, *, timeout: float) -> AgentInfo:
         """Say HELLO and wait for the agent's. Raises AgentTimeout, AgentProtocolError."""
-        self._send_nowait(wire.encode_json(wire.HELLO, 0, wire.hello_payload("host")))
+        self._send_nowait(wire.encode_json(wire.HELLO, 0, wire.hello_payload(
+            "host", session=self.session)))
         try:
             msg = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except TimeoutError:

@@ -21,6 +21,10 @@ will return, so callers can match on it across versions::
     │   ├── VmBootError (vm_boot_failed)
     │   ├── VmCrashed (vm_crashed)
     │   └── QmpError (qmp_error)
+    ├── SnapshotError (snapshot_error)
+    │   ├── SnapshotNotFound (snapshot_not_found)
+    │   ├── SnapshotCorrupt (snapshot_corrupt)          truncated, altered, not a snapshot
+    │   └── SnapshotIncompatible (snapshot_incompatible) other QEMU/format/accelerator
     ├── AgentError (agent_error)                the guest agent side
     │   ├── AgentProtocolError (agent_protocol_error)   the guest sent garbage
     │   ├── AgentTimeout (agent_timeout)
@@ -70,6 +74,10 @@ __all__ = [
     "SandvmError",
     "SetupError",
     "SnapshotAlreadyExists",
+    "SnapshotCorrupt",
+    "SnapshotError",
+    "SnapshotIncompatible",
+    "SnapshotNotFound",
     "UnknownImage",
     "Unsupported",
     "VmAlreadyExists",
@@ -169,9 +177,12 @@ class SnapshotAlreadyExists(ProviderError):
     code = "snapshot_already_exists"
 
     def __init__(self, vm_id: str, snapshot_id: str) -> None:
-        super().__init__(
-            f"VM {vm_id!r} already has a snapshot named {snapshot_id!r}; choose another name"
-        )
+        if vm_id:
+            msg = f"VM {vm_id!r} already has a snapshot named {snapshot_id!r}; choose another name"
+        else:
+            msg = (f"a snapshot named {snapshot_id!r} already exists: choose another name or"
+                   f" remove it (`sandvm snapshot rm {snapshot_id}`)")
+        super().__init__(msg)
         self.vm_id = vm_id
         self.snapshot_id = snapshot_id
 
@@ -194,6 +205,26 @@ class VmCrashed(VmError):
 
 class QmpError(VmError):
     code = "qmp_error"
+
+
+class SnapshotError(SandvmError):
+    code = "snapshot_error"
+
+
+class SnapshotNotFound(SnapshotError):
+    code = "snapshot_not_found"
+
+
+class SnapshotCorrupt(SnapshotError):
+    """The snapshot is damaged (sizes or checksums differ, files missing): never restored."""
+
+    code = "snapshot_corrupt"
+
+
+class SnapshotIncompatible(SnapshotError):
+    """The snapshot was made by another format version, QEMU or accelerator."""
+
+    code = "snapshot_incompatible"
 
 
 class AgentError(SandvmError):

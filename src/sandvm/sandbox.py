@@ -11,10 +11,14 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import secrets
+import shutil
 import signal as signal_mod
+import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, overload
 
 from sandvm import _portal, wire
@@ -29,8 +33,10 @@ from sandvm.errors import (
     InvalidSpec,
     SandboxStateError,
     SandvmError,
+    SnapshotIncompatible,
 )
-from sandvm.providers.qemu import QemuVm, QemuVmProvider
+from sandvm.providers.qemu import QemuVm, QemuVmProvider, move_file, runtime_root
+from sandvm.snapshots.store import Snapshot, SnapshotStore
 
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
@@ -527,6 +533,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self._lifetime_handle: asyncio.TimerHandle | None = None
+        self._snapshot_times: dict[str, float] = {}
         if lifetime is not None:
             self._lifetime_handle = asyncio.get_running_loop().call_later(
                 lifetime, self._expire)
@@ -553,11 +560,155 @@ class AsyncSandbox:
         await prov.create_vm_with_spec(sid, spec)
         try:
             await prov.start_vm(sid)
+            sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=timeout)
+            await sb._configure()
         except BaseException:
             with contextlib.suppress(SandvmError):
                 await prov.destroy_vm(sid)
             raise
-        return cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=timeout)
+        return sb
+
+    @classmethod
+    async def from_snapshot(cls, snapshot: Snapshot | str | Path, *,
+                            timeout: float | None = None, boot_timeout: float = 60.0,
+                            sandbox_id: str | None = None, verify: str = "once",
+                            store: SnapshotStore | None = None,
+                            provider: QemuVmProvider | None = None) -> AsyncSandbox:
+        """A new sandbox restored from a snapshot: files and processes as they were.
+
+        ``snapshot`` is a Snapshot, a snapshot name in the store, or a snapshot
+        directory. Its memory is shared copy-on-write with every other sandbox
+        restored from it. The clone gets fresh entropy, the host's clock, and its
+        own id and hostname. ``verify``: "once" checks the RAM file's sha256 once
+        per process (the small state file every time), "full" every time.
+        Raises SnapshotNotFound, SnapshotCorrupt, SnapshotIncompatible, VmBootError.
+        """
+        if verify not in ("once", "full"):
+            raise InvalidSpec(f"verify must be 'once' or 'full', not {verify!r}")
+        if timeout is not None and timeout <= 0:
+            raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
+        store = store or SnapshotStore()
+        if isinstance(snapshot, Snapshot):
+            snap = SnapshotStore.load(snapshot.path)
+        elif isinstance(snapshot, Path) or "/" in snapshot:
+            snap = SnapshotStore.load(Path(snapshot))
+        else:
+            snap = store.get(snapshot)
+        await asyncio.to_thread(SnapshotStore.verify, snap, full=verify == "full")
+        prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
+        assets, accel = await prov._resolve()
+        _check_compatible(snap, accel, await _qemu_version(assets.qemu))
+        sid = sandbox_id or new_id("sb")
+        try:
+            await prov.restore_vm(sid, snap.spec, snap.path)
+            sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=timeout)
+            await sb._configure()
+        except BaseException:
+            with contextlib.suppress(SandvmError):
+                await prov.destroy_vm(sid)
+            raise
+        return sb
+
+    async def _configure(self) -> None:
+        """Identity and clone hygiene: entropy, clock, hostname, sandbox id."""
+        await self._conn().call({
+            "op": "configure", "seed": secrets.token_hex(64), "time_ns": time.time_ns(),
+            "hostname": self.sandbox_id[:63], "sandbox_id": self.sandbox_id,
+        }, timeout=self.op_timeout)
+
+    async def snapshot(self, name: str | None = None, *, stop: bool = False,
+                       store: SnapshotStore | None = None) -> Snapshot:
+        """Save this sandbox (memory, device state, files, processes) as a snapshot.
+
+        Allowed while running. The VM is paused while its state and RAM are
+        copied, then resumed; with ``stop=True`` it is destroyed instead. The
+        pause and total time are in ``last_snapshot_times``. Raises
+        SnapshotAlreadyExists, Unsupported (for a sandbox that was itself restored
+        from a snapshot), SandboxStateError.
+        """
+        self._conn()  # raises if killed or crashed
+        store = store or SnapshotStore()
+        name = name or new_id("snap")
+        staging = store.staging(name)
+        # while the VM is paused, its state goes to tmpfs (fast); to the store after
+        fast = Path(tempfile.mkdtemp(prefix="snap-", dir=runtime_root()))
+        t0 = time.monotonic()
+        try:
+            try:
+                await self._vm.save_state(fast, take_memory=stop)
+            finally:
+                paused = time.monotonic() - t0
+                if not stop and self._vm.failure is None and not self._closed:
+                    await self._vm.resume()
+            resumed = time.monotonic() - t0
+            if stop:
+                await self.kill()
+            else:  # the guest clock stood still while the VM was paused
+                await self._conn().call({"op": "configure", "time_ns": time.time_ns()},
+                                        timeout=self.op_timeout)
+            for fname in ("state", "mem"):
+                await asyncio.to_thread(move_file, fast / fname, staging / fname)
+            qemu = await _qemu_version(self._vm.assets.qemu)
+            manifest = {
+                "sandvm_version": _version(), "qemu_version": qemu, "machine": "microvm",
+                "accelerator": self._vm.accel, "cpu": "host" if self._vm.accel == "kvm"
+                else "max", "kernel_release": self._vm.assets.kernel_release,
+                "created": time.time(), "source_id": self.sandbox_id,
+                "spec": {"image": self._vm.spec.image, "memory_mib": self._vm.spec.memory_mib,
+                         "vcpus": self._vm.spec.vcpus},
+            }
+            snap = await asyncio.to_thread(store.commit, staging, name, manifest)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(fast, ignore_errors=True)
+        self._snapshot_times = {"pause_s": paused, "until_resumed_s": resumed,
+                                "total_s": time.monotonic() - t0}
+        return snap
+
+    @property
+    def last_snapshot_times(self) -> dict[str, float]:
+        """Seconds the last ``snapshot`` kept the VM paused, until resumed, in total."""
+        return dict(self._snapshot_times)
+
+    async def fork(self, n: int, *, timeout: float | None = None) -> list[AsyncSandbox]:
+        """``n`` running copies of this sandbox (a live snapshot, restored ``n`` times).
+
+        The snapshot lives in the runtime directory and is removed once the
+        copies run (they keep sharing its memory). Raises like ``snapshot`` and
+        ``from_snapshot``.
+        """
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
+            raise InvalidSpec(f"fork needs 1 to 256 copies, not {n!r}")
+        tmp_store = SnapshotStore(runtime_root() / "fork-snapshots")
+        snap = await self.snapshot(new_id("fork"), store=tmp_store)
+        try:
+            results = await asyncio.gather(
+                *(AsyncSandbox.from_snapshot(snap, timeout=timeout, store=tmp_store)
+                  for _ in range(n)), return_exceptions=True)
+        finally:
+            await asyncio.to_thread(tmp_store.remove, snap.name)
+        clones = [r for r in results if isinstance(r, AsyncSandbox)]
+        errors = [r for r in results if not isinstance(r, AsyncSandbox)]
+        if errors:
+            await asyncio.gather(*(c.kill() for c in clones), return_exceptions=True)
+            err = errors[0]
+            raise err if isinstance(err, BaseException) else RuntimeError(str(err))
+        return clones
+
+    async def pause(self) -> None:
+        """Freeze the VM's vCPUs (memory stays allocated). Raises SandboxStateError."""
+        self._conn()
+        await self._vm.pause()
+
+    async def resume(self) -> None:
+        """Let a paused VM run again, its clock stepped to the host's (it stood still
+        while paused). Raises SandboxStateError."""
+        conn = self._conn()
+        await self._vm.resume()
+        await conn.call({"op": "configure", "time_ns": time.time_ns()},
+                        timeout=self.op_timeout)
 
     def _conn(self) -> AgentConnection:
         if self._closed:
@@ -603,6 +754,39 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
+
+
+_QEMU_VERSIONS: dict[str, str] = {}
+
+
+async def _qemu_version(qemu: Path) -> str:
+    """`qemu-system-x86_64 --version`'s first line (cached per binary)."""
+    key = str(qemu)
+    if key not in _QEMU_VERSIONS:
+        proc = await asyncio.create_subprocess_exec(
+            key, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        out, _ = await proc.communicate()
+        _QEMU_VERSIONS[key] = out.decode(errors="replace").splitlines()[0] if out else "?"
+    return _QEMU_VERSIONS[key]
+
+
+def _version() -> str:
+    from sandvm import __version__
+
+    return __version__
+
+
+def _check_compatible(snap: Snapshot, accel: str, qemu_version: str) -> None:
+    """Raise SnapshotIncompatible unless this host can load ``snap``'s device state."""
+    if snap.accelerator and snap.accelerator != accel:
+        raise SnapshotIncompatible(
+            f"snapshot {snap.name} was taken under {snap.accelerator}; this host runs VMs"
+            f" under {accel} (CPU state differs): set SANDVM_ACCEL={snap.accelerator}"
+            " or take the snapshot here")
+    if snap.qemu_version != qemu_version:
+        raise SnapshotIncompatible(
+            f"snapshot {snap.name} was taken with {snap.qemu_version!r}; this host has"
+            f" {qemu_version!r}: take the snapshot again with this QEMU")
 
 
 # --------------------------------------------------------------------------- sync surface
@@ -742,6 +926,34 @@ class Sandbox:
         return cls(_portal.call(AsyncSandbox.create(
             image=image, memory_mib=memory_mib, vcpus=vcpus, timeout=timeout,
             boot_timeout=boot_timeout, sandbox_id=sandbox_id, provider=provider)))
+
+    @classmethod
+    def from_snapshot(cls, snapshot: Snapshot | str | Path, *,
+                      timeout: float | None = None, boot_timeout: float = 60.0,
+                      sandbox_id: str | None = None, verify: str = "once",
+                      store: SnapshotStore | None = None,
+                      provider: QemuVmProvider | None = None) -> Sandbox:
+        """See AsyncSandbox.from_snapshot."""
+        return cls(_portal.call(AsyncSandbox.from_snapshot(
+            snapshot, timeout=timeout, boot_timeout=boot_timeout, sandbox_id=sandbox_id,
+            verify=verify, store=store, provider=provider)))
+
+    def snapshot(self, name: str | None = None, *, stop: bool = False,
+                 store: SnapshotStore | None = None) -> Snapshot:
+        return _portal.call(self._a.snapshot(name, stop=stop, store=store))
+
+    def fork(self, n: int, *, timeout: float | None = None) -> list[Sandbox]:
+        return [Sandbox(a) for a in _portal.call(self._a.fork(n, timeout=timeout))]
+
+    def pause(self) -> None:
+        _portal.call(self._a.pause())
+
+    def resume(self) -> None:
+        _portal.call(self._a.resume())
+
+    @property
+    def last_snapshot_times(self) -> dict[str, float]:
+        return self._a.last_snapshot_times
 
     @property
     def info(self) -> dict[str, Any]:

@@ -259,6 +259,7 @@ def _guest_files() -> dict[str, bytes]:
     here = Path(__file__).resolve().parent.parent
     return {
         "init": (here / "guest" / "init.sh").read_bytes(),
+        "usr/bin/nohup": (here / "guest" / "nohup.sh").read_bytes(),
         "lib/sandvm/agent.py": (here / "guest" / "agent.py").read_bytes(),
         "lib/sandvm/wire.py": (here / "wire.py").read_bytes(),
     }
@@ -353,6 +354,7 @@ def build_initramfs(progress: Progress) -> str:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
         os.chmod(root / "init", 0o755)
+        os.chmod(root / "usr" / "bin" / "nohup", 0o755)
         # the agent's modules as unchecked .pyc in __pycache__ (sources stay for tracebacks)
         if sys.version_info[:2] == (3, 11):
             for mod in ("agent", "wire"):

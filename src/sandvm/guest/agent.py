@@ -22,6 +22,7 @@ import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import heapq
 import itertools
 import os
@@ -29,6 +30,7 @@ import selectors
 import signal
 import socket
 import stat as stat_mod
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -300,6 +302,11 @@ class Stream:
     def on_reset(self) -> None:
         self.finish()
 
+    def detach(self) -> None:
+        """The host that opened this stream is gone: say nothing more, free resources."""
+        self.closed = True
+        self.cleanup()
+
     def send(self, frame: bytes) -> None:
         if not self.closed:
             self.agent.transport.send(frame)
@@ -539,6 +546,7 @@ class ExecStream(Stream):
         self.exit_status = status
         self._close_in()
         if self.closed:
+            cancel(self.kill_timer)
             self.agent.drop_cgroup(self.cgroup)
             return
         self._restart_drain_timer()
@@ -576,6 +584,28 @@ class ExecStream(Stream):
         # the host gave up on this command: nothing of it may survive
         self.kill_all()
         self.finish()
+
+    def detach(self) -> None:
+        # restored into a new session: the command keeps running (a snapshot keeps
+        # processes as they were); its output is read and dropped, its stdin closed
+        self.closed = True
+        cancel(self.timeout_timer)
+        cancel(self.drain_timer)
+        self._close_in()
+        for ch, fd in list(self.fds.items()):
+            self.agent.loop.set_reader(fd, functools.partial(self._discard, ch, fd))
+
+    def _discard(self, ch: int, fd: int) -> None:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.agent.loop.set_reader(fd, None)
+            os.close(fd)
+            self.fds.pop(ch, None)
 
     def cleanup(self) -> None:
         for t in (self.drain_timer, self.timeout_timer):
@@ -768,6 +798,50 @@ def stat_dict(path: str, st: os.stat_result) -> dict[str, Any]:
     return d
 
 
+RNDADDENTROPY = 0x40085203
+RNDRESEEDCRNG = 0x5207
+
+
+def configure(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    """Identity and clone hygiene, after a cold boot and after every restore.
+
+    Mixes host entropy into the kernel and reseeds its CRNG at once (clones of
+    one snapshot would otherwise share their random state), steps the clock to
+    the host's, and sets the hostname and SANDVM_SANDBOX_ID.
+    """
+    done: dict[str, Any] = {}
+    seed = req.get("seed")
+    if isinstance(seed, str) and 0 < len(seed) <= 1024:
+        data = bytes.fromhex(seed)
+        with open("/dev/urandom", "wb", buffering=0) as f:
+            try:
+                fcntl.ioctl(f, RNDADDENTROPY,
+                            struct.pack("ii", len(data) * 8, len(data)) + data)
+                fcntl.ioctl(f, RNDRESEEDCRNG)
+                done["reseeded"] = True
+            except OSError:
+                f.write(data)  # not root? still mixes it in
+                done["reseeded"] = False
+    t = req.get("time_ns")
+    if isinstance(t, int) and not isinstance(t, bool) and t > 0:
+        with contextlib.suppress(OSError):
+            time.clock_settime_ns(time.CLOCK_REALTIME, t)
+            done["clock"] = True
+    name = req.get("hostname")
+    if isinstance(name, str) and 0 < len(name) <= 63:
+        with contextlib.suppress(OSError):
+            socket.sethostname(name)
+            done["hostname"] = name
+    sid = req.get("sandbox_id")
+    if isinstance(sid, str) and 0 < len(sid) <= 128:
+        agent.base_env["SANDVM_SANDBOX_ID"] = sid
+        with contextlib.suppress(OSError):
+            os.makedirs("/run/sandvm", exist_ok=True)
+            with open("/run/sandvm/id", "w") as f:
+                f.write(sid + "\n")
+    return done
+
+
 def simple_op(req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     path = check_path(req.get("path"))
@@ -836,6 +910,7 @@ class Agent:
         self.boot_id = _read("/proc/sys/kernel/random/boot_id").strip()
         # identifies this agent process: a new one (after a restart) says HELLO anew
         self.instance = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.session: str | None = None
         # SIGCHLD → wake the loop through a socketpair; reap everything
         self.sig_r, self.sig_w = socket.socketpair()
         self.sig_r.setblocking(False)
@@ -989,6 +1064,12 @@ class Agent:
             "agent", agent_version=AGENT_VERSION, boot_id=self.boot_id,
             kernel=os.uname().release, cgroups=self.cgroup_ok, instance=self.instance)))
 
+    def detach_all(self) -> None:
+        """Forget every stream of the previous host session; its processes keep running."""
+        for st in list(self.streams.values()):
+            st.detach()
+        self.streams.clear()
+
     def send_reset(self, sid: int, exc: BaseException) -> None:
         self.transport.send(wire.encode_json(wire.RESET, sid, error_reply(exc)))
 
@@ -1005,6 +1086,13 @@ class Agent:
 
     def _dispatch(self, ftype: int, sid: int, payload: bytes) -> None:
         if ftype == wire.HELLO:
+            session = wire.decode_json(payload).get("session")
+            if isinstance(session, str) and session != self.session:
+                # a new host session (e.g. this VM was restored from a snapshot):
+                # the old session's streams have no reader any more
+                if self.session is not None:
+                    self.detach_all()
+                self.session = session
             self.send_hello()
             return
         if ftype == wire.PING:
@@ -1044,7 +1132,7 @@ class Agent:
         cls = STREAM_OPS.get(op) if isinstance(op, str) else None
         if cls is None:
             try:
-                res = simple_op(req)
+                res = configure(self, req) if op == "configure" else simple_op(req)
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
                 self.send_reset(sid, exc)
             else:

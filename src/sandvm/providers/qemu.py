@@ -17,6 +17,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -54,6 +55,7 @@ __all__ = [
     "QemuVmProvider",
     "choose_accel",
     "host_tsc_khz",
+    "move_file",
     "runtime_root",
     "sweep_stale_rundirs",
 ]
@@ -168,9 +170,23 @@ def _kernel_cmdline(spec: VmSpec, *, probe: bool = False) -> str:
 
 
 def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
-               probe: bool = False) -> list[str]:
-    """The QEMU command line for one microVM (no network device, seccomp on)."""
+               probe: bool = False, restore_from: Path | None = None) -> list[str]:
+    """The QEMU command line for one microVM (no network device, seccomp on).
+
+    With ``restore_from`` (a snapshot directory) guest RAM is that snapshot's
+    memory file mapped copy-on-write (share=off: the file never changes, and
+    every VM restored from it shares its pages) and QEMU waits for the device
+    state (``-incoming defer``).
+    """
     mem = f"{spec.memory_mib}M"
+    if restore_from is None:
+        ram = f"memory-backend-file,id=mem,size={mem},mem-path={rundir / 'mem'},share=on"
+        boot = ["-kernel", str(assets.kernel), "-initrd", str(assets.initramfs),
+                "-append", _kernel_cmdline(spec, probe=probe)]
+    else:
+        ram = f"memory-backend-file,id=mem,size={mem},mem-path={restore_from / 'mem'},share=off"
+        # no -kernel/-initrd: loading them would write into the restored RAM
+        boot = ["-incoming", "defer"]
     if accel == "kvm":
         accel_args = ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -184,10 +200,8 @@ def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
         *accel_args,
         "-smp", str(spec.vcpus),
         "-m", mem,
-        "-object", f"memory-backend-file,id=mem,size={mem},mem-path={rundir / 'mem'},share=on",
-        "-kernel", str(assets.kernel),
-        "-initrd", str(assets.initramfs),
-        "-append", _kernel_cmdline(spec, probe=probe),
+        "-object", ram,
+        *boot,
         "-serial", f"file:{rundir / 'console.log'}",
         "-device", "virtio-serial-device,max_ports=2",
         "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
@@ -318,6 +332,7 @@ class QemuVm:
         self._stopping = False
         self._monitor: asyncio.Task[None] | None = None
         self._booted = False
+        self.restored_from: Path | None = None
 
     @property
     def pid(self) -> int | None:
@@ -327,8 +342,13 @@ class QemuVm:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None and self.failure is None
 
-    async def boot(self, *, timeout: float = DEFAULT_BOOT_TIMEOUT) -> None:
-        """Start QEMU and wait for the agent's hello. Raises VmBootError; cleans up on failure."""
+    async def boot(self, *, timeout: float = DEFAULT_BOOT_TIMEOUT,
+                   restore_from: Path | None = None) -> None:
+        """Start QEMU and wait for the agent's hello. Raises VmBootError; cleans up on failure.
+
+        With ``restore_from`` the VM resumes from that snapshot directory (its
+        ``mem`` and ``state`` files) instead of booting the kernel.
+        """
         if self._booted:
             raise InvalidTransition(VmState.RUNNING, VmState.RUNNING, vm_id=self.vm_id)
         self._booted = True
@@ -338,7 +358,8 @@ class QemuVm:
         os.chmod(self.rundir, 0o700)
         write_owner(self.rundir)
         argv = build_argv(assets=self.assets, spec=self.spec, accel=self.accel,
-                          rundir=self.rundir)
+                          rundir=self.rundir, restore_from=restore_from)
+        self.restored_from = restore_from
         stderr_log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -397,6 +418,8 @@ class QemuVm:
         await self._wait_socket(self.rundir / "qmp.sock")
         self.qmp = QmpClient()
         await self.qmp.connect(str(self.rundir / "qmp.sock"))
+        if self.restored_from is not None:
+            await self._load_state(self.restored_from / "state")
         # the agent answers once the guest has booted; the outer wait_for bounds it
         self.agent_info = await self.agent.handshake(timeout=DEFAULT_BOOT_TIMEOUT * 4)
 
@@ -440,12 +463,43 @@ class QemuVm:
             raise QmpError(f"VM {self.vm_id} has no QMP connection")
         return await self.qmp.execute(cmd, args, **kw)
 
-    async def save_state(self, dest: Path) -> None:
-        """Write device state + a copy of guest RAM into ``dest`` (a new directory).
+    async def _load_state(self, state: Path) -> None:
+        """Feed a saved device state to a QEMU started with ``-incoming defer``."""
+        await self._qmp("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await self._qmp("getfd", {"fdname": "snap"}, fds=[fd])
+        finally:
+            os.close(fd)
+        await self._qmp("migrate-incoming", {"uri": "fd:snap"})
+        while True:
+            mig = await self._qmp("query-migrate")
+            status = mig.get("status") if isinstance(mig, dict) else None
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise VmBootError("restoring the VM state failed:"
+                                  f" {mig.get('error-desc', status)}")
+            await asyncio.sleep(0.002)
+        # the snapshot was taken with the vCPUs stopped, so QEMU stays paused
+        run = await self._qmp("query-status")
+        if isinstance(run, dict) and run.get("status") != "running":
+            await self._qmp("cont")
 
-        The VM is paused for the duration and left paused. Raises QmpError.
+    async def save_state(self, dest: Path, *, take_memory: bool = False) -> None:
+        """Write device state + guest RAM into ``dest`` (a directory, best on tmpfs).
+
+        The VM is paused for the duration and left paused. The RAM file is copied,
+        or with ``take_memory`` moved (instant; only for a VM about to be
+        destroyed, whose RAM then no longer has a name). Raises QmpError, and
+        Unsupported for a VM that was itself restored from a snapshot (its RAM is
+        a private copy-on-write mapping that x-ignore-shared cannot leave out).
         """
         assert self.rundir is not None
+        if self.restored_from is not None:
+            raise Unsupported("this VM was restored from a snapshot; snapshots of restored"
+                              " VMs are not supported yet: snapshot the original sandbox")
         await self._qmp("stop")
         await self._qmp("migrate-set-capabilities", {"capabilities": [
             {"capability": "x-ignore-shared", "state": True}]})
@@ -465,7 +519,10 @@ class QemuVm:
             await asyncio.sleep(0.005)
         else:
             raise QmpError("saving VM state did not complete in time")
-        await asyncio.to_thread(_sparse_copy, self.rundir / "mem", dest / "mem")
+        if take_memory:
+            await asyncio.to_thread(move_file, self.rundir / "mem", dest / "mem")
+        else:
+            await asyncio.to_thread(_sparse_copy, self.rundir / "mem", dest / "mem")
 
     async def shutdown(self) -> None:
         """Kill QEMU (if running) and remove everything it had. Idempotent."""
@@ -507,28 +564,41 @@ class QemuVm:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
 
+def move_file(src: Path, dst: Path) -> None:
+    """Rename, or (across file systems) copy sparsely and unlink."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _sparse_copy(src, dst)
+        os.unlink(src)
+
+
 def _sparse_copy(src: Path, dst: Path) -> None:
-    """Copy a mostly-empty RAM file keeping holes (SEEK_DATA/SEEK_HOLE)."""
+    """Copy a mostly-empty RAM file keeping its holes (SEEK_DATA/SEEK_HOLE), in-kernel."""
     with open(src, "rb") as fi, open(dst, "wb") as fo:
-        size = os.fstat(fi.fileno()).st_size
+        ifd, ofd = fi.fileno(), fo.fileno()
+        size = os.fstat(ifd).st_size
         pos = 0
         while pos < size:
             try:
-                data_start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+                start = os.lseek(ifd, pos, os.SEEK_DATA)
             except OSError:
                 break  # only holes remain
-            hole = os.lseek(fi.fileno(), data_start, os.SEEK_HOLE)
-            fi.seek(data_start)
-            fo.seek(data_start)
-            remaining = hole - data_start
-            while remaining:
-                chunk = fi.read(min(remaining, 1 << 22))
-                if not chunk:
-                    break
-                fo.write(chunk)
-                remaining -= len(chunk)
-            pos = hole
-        fo.truncate(size)
+            end = os.lseek(ifd, start, os.SEEK_HOLE)
+            off = start
+            while off < end:
+                try:
+                    n = os.copy_file_range(ifd, ofd, end - off, off, off)
+                except OSError:
+                    os.lseek(ofd, off, os.SEEK_SET)
+                    n = os.sendfile(ofd, ifd, off, end - off)
+                if n <= 0:
+                    raise OSError(f"short copy of {src} at offset {off}")
+                off += n
+            pos = end
+        os.ftruncate(ofd, size)
 
 
 # --------------------------------------------------------------------------- provider
@@ -590,6 +660,24 @@ class QemuVmProvider:
         if vm_id in self._entries:
             raise VmAlreadyExists(vm_id)
         self._entries[vm_id] = _Entry(spec=spec)  # no await in between: atomic
+
+    async def restore_vm(self, vm_id: str, spec: VmSpec, snapshot_dir: Path) -> None:
+        """Create ``vm_id`` and run it from a snapshot directory (state + mem files).
+
+        Raises VmAlreadyExists, VmBootError (the entry is then Destroyed).
+        """
+        await self.create_vm_with_spec(vm_id, spec)
+        e = self._get(vm_id)
+        async with e.lock:
+            assets, accel = await self._resolve()
+            vm = QemuVm(vm_id, spec, assets=assets, accel=accel)
+            try:
+                await vm.boot(timeout=self.boot_timeout, restore_from=snapshot_dir)
+            except BaseException:
+                e.state = VmState.DESTROYED
+                raise
+            e.vm = vm
+            e.state = VmState.RUNNING
 
     async def start_vm(self, vm_id: str) -> None:
         e = self._get(vm_id)

@@ -1,0 +1,295 @@
+"""Snapshots on disk: a self-describing directory per snapshot, written atomically.
+
+Layout of ``<store>/<name>/``::
+
+    manifest.json   format + version, sandvm/QEMU versions, machine, accelerator,
+                    the VM spec, and each file's size and sha256
+    state           QEMU device state (a migration stream, x-ignore-shared: no RAM)
+    mem             guest RAM (sparse); restored MAP_PRIVATE, so clones share it
+
+A snapshot is written into ``<store>/.staging-*`` and renamed into place only
+after every file and the manifest are fsynced: a crash mid-save leaves no
+directory that looks like a snapshot. Loading checks the manifest (format,
+version, compatibility) and every file's size; ``verify`` also checks the
+sha256 of every file. Restores check the small ``state`` file's sha256 every
+time and the large ``mem`` file's once per process (cached by inode, size and
+mtime), or every time with ``verify="full"``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandvm.assets import sandvm_home
+from sandvm.core import VmSpec, validate_vm_id
+from sandvm.errors import (
+    InvalidSpec,
+    SnapshotAlreadyExists,
+    SnapshotCorrupt,
+    SnapshotIncompatible,
+    SnapshotNotFound,
+)
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "Snapshot", "SnapshotStore", "sha256_file"]
+
+FORMAT = "sandvm-snapshot"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FILES = ("state", "mem")
+MAX_MANIFEST = 1 << 20
+
+_verified_lock = threading.Lock()
+_verified: set[tuple[int, int, int, int, str]] = set()  # (dev, ino, size, mtime_ns, sha)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(1 << 22)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot on disk, as its manifest describes it."""
+
+    name: str
+    path: Path
+    spec: VmSpec
+    created: float
+    accelerator: str
+    qemu_version: str
+    sandvm_version: str
+    kernel_release: str
+    source_id: str | None
+    files: dict[str, dict[str, Any]]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the snapshot's files occupy on disk (the RAM file is sparse)."""
+        total = 0
+        for name in (*FILES, MANIFEST):
+            with contextlib.suppress(OSError):
+                total += (self.path / name).stat().st_blocks * 512
+        return total
+
+
+def _fail(path: Path, why: str) -> SnapshotCorrupt:
+    return SnapshotCorrupt(f"snapshot {path} is damaged: {why}; remove it and take it again")
+
+
+def parse_manifest(path: Path) -> dict[str, Any]:
+    """Read and validate ``path/manifest.json``. Raises SnapshotCorrupt/Incompatible."""
+    mpath = path / MANIFEST
+    try:
+        raw = mpath.read_bytes()[:MAX_MANIFEST + 1]
+    except FileNotFoundError:
+        raise _fail(path, "it has no manifest.json (not a snapshot, or a partial one)") from None
+    except OSError as exc:
+        raise _fail(path, f"cannot read its manifest ({exc})") from None
+    if len(raw) > MAX_MANIFEST:
+        raise _fail(path, "its manifest is implausibly large")
+    try:
+        man = json.loads(raw)
+    except ValueError:
+        raise _fail(path, "its manifest is not valid JSON") from None
+    if not isinstance(man, dict) or man.get("format") != FORMAT:
+        raise SnapshotIncompatible(f"{path} is not a sandvm snapshot (format"
+                                   f" {man.get('format') if isinstance(man, dict) else None!r})")
+    version = man.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SnapshotIncompatible(
+            f"snapshot {path} has format version {version!r}; this sandvm reads version"
+            f" {FORMAT_VERSION}: take the snapshot again with this version")
+    files = man.get("files")
+    if not isinstance(files, dict) or set(files) != set(FILES):
+        raise _fail(path, "its manifest does not list exactly the files state and mem")
+    for name, meta in files.items():
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
+                and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64):
+            raise _fail(path, f"its manifest entry for {name} is malformed")
+    return man
+
+
+def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
+    spec_d = man.get("spec")
+    if not isinstance(spec_d, dict):
+        raise _fail(path, "its manifest has no VM spec")
+    try:
+        spec = VmSpec(image=spec_d["image"], memory_mib=spec_d["memory_mib"],
+                      vcpus=spec_d["vcpus"])
+    except (KeyError, InvalidSpec) as exc:
+        raise _fail(path, f"its VM spec is invalid ({exc})") from None
+
+    def s(key: str) -> str:
+        v = man.get(key)
+        return v if isinstance(v, str) else ""
+
+    created = man.get("created")
+    source = man.get("source_id")
+    return Snapshot(name=path.name, path=path, spec=spec,
+                    created=float(created) if isinstance(created, (int, float)) else 0.0,
+                    accelerator=s("accelerator"), qemu_version=s("qemu_version"),
+                    sandvm_version=s("sandvm_version"), kernel_release=s("kernel_release"),
+                    source_id=source if isinstance(source, str) else None,
+                    files=man["files"])
+
+
+class SnapshotStore:
+    """A directory of snapshots (default ``$SANDVM_SNAPSHOT_DIR`` or ``$SANDVM_HOME/snapshots``)."""
+
+    def __init__(self, root: Path | str | None = None) -> None:
+        env = os.environ.get("SANDVM_SNAPSHOT_DIR")
+        self.root = Path(root) if root is not None else (
+            Path(env) if env else sandvm_home() / "snapshots")
+
+    def _dir(self, name: str) -> Path:
+        validate_vm_id(name)
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return self._dir(name).is_dir()
+
+    def get(self, name: str) -> Snapshot:
+        """Load a snapshot's manifest and check its files' sizes.
+
+        Raises SnapshotNotFound, SnapshotCorrupt, SnapshotIncompatible.
+        """
+        path = self._dir(name)
+        if not path.is_dir():
+            raise SnapshotNotFound(f"no snapshot named {name!r} in {self.root}"
+                                   " (see `sandvm snapshot ls`)")
+        return self.load(path)
+
+    @staticmethod
+    def load(path: Path) -> Snapshot:
+        """Load the snapshot in directory ``path`` (any location). Raises like ``get``."""
+        man = parse_manifest(path)
+        for fname, meta in man["files"].items():
+            try:
+                size = (path / fname).stat().st_size
+            except FileNotFoundError:
+                raise _fail(path, f"its {fname} file is missing") from None
+            if size != meta["size"]:
+                raise _fail(path, f"its {fname} file has {size} bytes, the manifest says"
+                                  f" {meta['size']} (truncated?)")
+        return _snapshot_from(path, man)
+
+    def list(self) -> builtins.list[Snapshot]:
+        """Every valid snapshot, by name (damaged ones are skipped; ``verify`` names them)."""
+        out: builtins.list[Snapshot] = []
+        if not self.root.is_dir():
+            return out
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") or not p.is_dir():
+                continue
+            with contextlib.suppress(SnapshotCorrupt, SnapshotIncompatible, InvalidSpec):
+                out.append(self.load(p))
+        return out
+
+    def remove(self, name: str) -> None:
+        """Delete a snapshot. Raises SnapshotNotFound. VMs restored from it keep running."""
+        path = self._dir(name)
+        if not path.is_dir():
+            raise SnapshotNotFound(f"no snapshot named {name!r} in {self.root}")
+        # rename first so a half-deleted directory never looks like a snapshot
+        trash = self.root / f".trash-{name}-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def verify(snap: Snapshot, *, full: bool = True) -> None:
+        """Check every file's sha256 (``full``), or only ``state``'s and ``mem``'s once per
+        process. Raises SnapshotCorrupt."""
+        for fname in FILES:
+            meta = snap.files[fname]
+            p = snap.path / fname
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                raise _fail(snap.path, f"its {fname} file is missing") from None
+            if st.st_size != meta["size"]:
+                raise _fail(snap.path, f"its {fname} file has {st.st_size} bytes, the manifest"
+                                       f" says {meta['size']}")
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, meta["sha256"])
+            if not full and fname == "mem":
+                with _verified_lock:
+                    if key in _verified:
+                        continue
+            if sha256_file(p) != meta["sha256"]:
+                raise _fail(snap.path, f"its {fname} file does not match its sha256")
+            with _verified_lock:
+                _verified.add(key)
+
+    def staging(self, name: str) -> Path:
+        """A fresh staging directory for snapshot ``name``. Raises SnapshotAlreadyExists."""
+        if self._dir(name).exists():
+            raise SnapshotAlreadyExists("", name)
+        self.root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=self.root))
+
+    def commit(self, staging: Path, name: str, manifest: dict[str, Any]) -> Snapshot:
+        """Hash the staged files, write the manifest, fsync, rename into place."""
+        files: dict[str, dict[str, Any]] = {}
+        for fname in FILES:
+            p = staging / fname
+            files[fname] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        # the small files are fsynced; the RAM file is not (flushing hundreds of MiB
+        # would dominate the save): after an OS crash its sha256 no longer matches
+        # and the snapshot is refused as corrupt, never restored half-way
+        _fsync(staging / "state")
+        man = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+        mpath = staging / MANIFEST
+        mpath.write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
+        _fsync(mpath)
+        _fsync(staging)
+        dest = self._dir(name)
+        if dest.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SnapshotAlreadyExists("", name)
+        os.rename(staging, dest)
+        _fsync(self.root)
+        snap = _snapshot_from(dest, man)
+        st = (dest / "mem").stat()
+        with _verified_lock:  # we just hashed it
+            _verified.add((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                           files["mem"]["sha256"]))
+        return snap
+
+    def clean_staging(self, *, older_than: float = 3600.0) -> builtins.list[Path]:
+        """Remove leftovers of interrupted saves and deletions (not those in progress)."""
+        removed = []
+        if self.root.is_dir():
+            now = time.time()
+            for p in self.root.iterdir():
+                if p.name.startswith((".staging-", ".trash-")):
+                    with contextlib.suppress(OSError):
+                        if now - p.stat().st_mtime >= older_than:
+                            shutil.rmtree(p, ignore_errors=True)
+                            removed.append(p)
+        return removed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

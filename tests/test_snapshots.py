@@ -1,0 +1,159 @@
+"""Snapshots, restore, fork, pause: real VMs (QEMU), clone hygiene, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandvm import Sandbox
+from sandvm.errors import (
+    SnapshotAlreadyExists,
+    SnapshotCorrupt,
+    SnapshotIncompatible,
+    Unsupported,
+)
+from sandvm.snapshots import SnapshotStore
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def prepared(snapshot_store: Any) -> Any:
+    """A snapshot of a sandbox with a file written and a process running."""
+    sb = Sandbox.create()
+    sb.files.write("/root/state.txt", "before the snapshot")
+    sb.commands.run("nohup sh -c 'i=0; while true; do i=$((i+1)); echo $i > /tmp/ticks;"
+                    " sleep 0.2; done' >/dev/null 2>&1 &")
+    snap = sb.snapshot("prepared", store=snapshot_store)
+    assert sb.last_snapshot_times["pause_s"] < sb.last_snapshot_times["total_s"]
+    # the original keeps running after a live snapshot, with its state
+    assert sb.commands.run("cat /root/state.txt").stdout == "before the snapshot"
+    sb.files.write("/root/after.txt", "only in the original")
+    yield snap
+    sb.kill()
+
+
+def _clone_facts(c: Sandbox) -> dict[str, str]:
+    out = c.commands.run(
+        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo;"
+        " python3 -c 'import time, uuid; print(uuid.uuid4()); print(time.time())'; hostname;"
+        " echo $SANDVM_SANDBOX_ID; cat /root/state.txt; echo;"
+        " test -e /root/after.txt && echo leaked || echo clean").stdout.split("\n")
+    keys = ["urandom", "uuid", "clock", "hostname", "id", "state", "after"]
+    return dict(zip(keys, out, strict=False))
+
+
+def test_restored_clones_are_distinct_and_current(prepared: Any, snapshot_store: Any) -> None:
+    a = Sandbox.from_snapshot(prepared, store=snapshot_store)
+    b = Sandbox.from_snapshot("prepared", store=snapshot_store)
+    try:
+        t0 = time.time()
+        fa = _clone_facts(a)
+        t1 = time.time()
+        fb = _clone_facts(b)
+        t2 = time.time()
+        assert fa["state"] == fb["state"] == "before the snapshot"
+        assert fa["after"] == fb["after"] == "clean"  # nothing from after the snapshot
+        assert fa["urandom"] != fb["urandom"] and len(fa["urandom"]) == 32
+        assert fa["uuid"] != fb["uuid"]
+        # each clone's clock is within 1 s of the host's while the command ran
+        assert t0 - 1.0 < float(fa["clock"]) < t1 + 1.0
+        assert t1 - 1.0 < float(fb["clock"]) < t2 + 1.0
+        assert fa["hostname"] == a.sandbox_id and fb["hostname"] == b.sandbox_id
+        assert fa["id"] == a.sandbox_id and fb["id"] == b.sandbox_id
+        # the background process kept running in each clone
+        t1 = int(a.commands.run("cat /tmp/ticks").stdout)
+        time.sleep(0.8)
+        assert int(a.commands.run("cat /tmp/ticks").stdout) > t1
+        # clones are independent
+        a.files.write("/root/a.txt", "a")
+        assert not b.files.exists("/root/a.txt")
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_fork_copies_a_running_sandbox() -> None:
+    with Sandbox.create() as sb:
+        sb.files.write("/root/pre.txt", "pre-fork")
+        clones = sb.fork(2)
+        try:
+            assert len({c.sandbox_id for c in clones} | {sb.sandbox_id}) == 3
+            for i, c in enumerate(clones):
+                assert c.files.read("/root/pre.txt") == "pre-fork"
+                c.files.write("/root/mine.txt", str(i))
+            assert clones[0].files.read("/root/mine.txt") == "0"
+            assert clones[1].files.read("/root/mine.txt") == "1"
+            assert not sb.files.exists("/root/mine.txt")
+            with pytest.raises(Unsupported, match="restored"):
+                clones[0].snapshot("of-a-clone", store=SnapshotStore(Path("/tmp")))
+        finally:
+            for c in clones:
+                c.kill()
+
+
+def test_snapshot_refusals(prepared: Any, snapshot_store: Any, tmp_path: Path) -> None:
+    with Sandbox.create() as sb:
+        with pytest.raises(SnapshotAlreadyExists):
+            sb.snapshot("prepared", store=snapshot_store)
+        assert sb.commands.run("echo still-running").stdout == "still-running\n"
+        snap = sb.snapshot("stopped", stop=True, store=snapshot_store)
+        assert not sb.is_running()
+    assert snap.path.exists()
+
+    def damaged(name: str) -> Path:
+        dst = tmp_path / name
+        subprocess.run(["cp", "-r", "--sparse=always", str(prepared.path), str(dst)],
+                       check=True)
+        return dst
+
+    flipped = damaged("flipped")
+    with open(flipped / "state", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(SnapshotCorrupt, match="sha256"):
+        Sandbox.from_snapshot(flipped)
+
+    truncated = damaged("truncated")
+    with open(truncated / "mem", "r+b") as f:
+        f.truncate(1 << 20)
+    with pytest.raises(SnapshotCorrupt, match="truncated"):
+        Sandbox.from_snapshot(truncated)
+
+    foreign = damaged("foreign")
+    man = json.loads((foreign / "manifest.json").read_text())
+    man["qemu_version"] = "QEMU emulator version 1.0"
+    (foreign / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(SnapshotIncompatible, match="QEMU"):
+        Sandbox.from_snapshot(foreign)
+
+    altered_ram = damaged("altered-ram")
+    with open(altered_ram / "mem", "r+b") as f:
+        f.seek(4096)
+        f.write(b"\x01")
+    with pytest.raises(SnapshotCorrupt, match="mem"):
+        Sandbox.from_snapshot(altered_ram, verify="full")
+    shutil.rmtree(tmp_path)
+
+
+def test_pause_and_resume(sandbox: Any) -> None:
+    sandbox.files.write("/tmp/paused.txt", "kept")
+    now = "python3 -c 'import time; print(time.time())'"
+    t_before = float(sandbox.commands.run(now).stdout)
+    sandbox.pause()
+    time.sleep(1.0)
+    sandbox.resume()
+    assert sandbox.files.read("/tmp/paused.txt") == "kept"
+    # the guest clock stood still while paused; resume steps it to the host's
+    t_host = time.time()
+    t_guest = float(sandbox.commands.run(now).stdout)
+    assert t_guest > t_before + 1.0
+    assert abs(t_guest - t_host) < 1.0
