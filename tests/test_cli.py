@@ -121,3 +121,36 @@ def test_run_into_a_closed_pipe_is_quiet() -> None:
                        shell=True, capture_output=True, timeout=120, check=False)
     assert p.stdout == b"y\ny\ny\ny\ny\n"
     assert b"Traceback" not in p.stderr
+
+
+@pytest.mark.qemu
+def test_snapshot_commands(tmp_path: Path) -> None:
+    env = dict(os.environ, SANDVM_SNAPSHOT_DIR=str(tmp_path / "snaps"))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([SANDVM, *args], capture_output=True, env=env, timeout=180,
+                              check=False)
+
+    r = cli("snapshot", "create", "with-file", "--", "sh", "-c", "echo hi > /root/f")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == b"with-file"
+    assert b"VM paused" in r.stderr
+    r = cli("snapshot", "create", "with-file", "--", "true")
+    assert r.returncode == 1 and b"already exists" in r.stderr
+    r = cli("snapshot", "create", "broken", "--", "sh", "-c", "exit 3")
+    assert r.returncode == 3 and b"no snapshot taken" in r.stderr
+    listed = json.loads(cli("snapshot", "ls", "--json").stdout)
+    assert [s["name"] for s in listed] == ["with-file"]
+    assert listed[0]["memory_mib"] == 256 and listed[0]["size_bytes"] > 0
+    r = cli("run", "--from", "with-file", "--", "cat", "/root/f")
+    assert (r.returncode, r.stdout) == (0, b"hi\n"), r.stderr
+    assert cli("snapshot", "verify", "with-file").stdout == b"with-file: ok\n"
+    with open(tmp_path / "snaps" / "with-file" / "state", "r+b") as f:
+        f.write(b"\0\0\0\0")
+    r = cli("snapshot", "verify")
+    assert r.returncode == 1 and b"snapshot_corrupt" in r.stdout
+    r = cli("run", "--from", "with-file", "--", "true")
+    assert r.returncode == 1 and b"snapshot_corrupt" in r.stderr
+    assert cli("snapshot", "rm", "with-file").returncode == 0
+    assert cli("snapshot", "rm", "with-file").returncode == 1
+    assert b"no snapshots" in cli("snapshot", "ls").stdout

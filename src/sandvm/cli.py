@@ -11,12 +11,20 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+if TYPE_CHECKING:
+    from sandvm.sandbox import AsyncSandbox
+
 from sandvm.core import check_guest_path, parse_memory
-from sandvm.errors import CommandNotFound, CommandTimeout, SandvmError
+from sandvm.errors import (
+    CommandNotFound,
+    CommandTimeout,
+    SandvmError,
+    SnapshotAlreadyExists,
+)
 
 
 def _fail(exc: SandvmError) -> None:
@@ -122,13 +130,23 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
         yield data
 
 
-async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: float | None,
-               env: dict[str, str], workdir: str | None, interactive: bool) -> int:
+async def _start(*, image: str, memory: int, cpus: int, source: str | None) -> AsyncSandbox:
+    """A new sandbox: booted, or restored from snapshot ``source``."""
     from sandvm.sandbox import AsyncSandbox
 
+    if source is not None:
+        if sys.stderr.isatty():
+            click.echo(f"sandvm: restoring microVM from {source}…", err=True)
+        return await AsyncSandbox.from_snapshot(source)
     if sys.stderr.isatty():
         click.echo("sandvm: booting microVM…", err=True)
-    sb = await AsyncSandbox.create(image=image, memory_mib=memory, vcpus=cpus)
+    return await AsyncSandbox.create(image=image, memory_mib=memory, vcpus=cpus)
+
+
+async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: float | None,
+               env: dict[str, str], workdir: str | None, interactive: bool,
+               source: str | None = None, snapshot_to: str | None = None) -> int:
+    sb = await _start(image=image, memory=memory, cpus=cpus, source=source)
     loop = asyncio.get_running_loop()
     interrupted = 0
     try:
@@ -172,7 +190,19 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
             except CommandTimeout as exc:
                 click.echo(f"sandvm: {exc.message}", err=True)
                 return 124
-            return 130 if interrupted else res.exit_code
+            if interrupted:
+                return 130
+            if snapshot_to is not None:
+                if res.exit_code != 0:
+                    click.echo(f"sandvm: the command exited {res.exit_code}: no snapshot taken",
+                               err=True)
+                    return res.exit_code
+                snap = await sb.snapshot(snapshot_to, stop=True)
+                t = sb.last_snapshot_times
+                click.echo(f"snapshot {snap.name}: {snap.size_bytes / 2**20:.1f} MiB on disk"
+                           f" in {snap.path} (VM paused {t['pause_s'] * 1000:.0f} ms,"
+                           f" saved in {t['total_s'] * 1000:.0f} ms)", err=True)
+            return res.exit_code
         waiter.cancel()
         return 130
     finally:
@@ -191,10 +221,14 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
 @click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VAL", help="Set a variable.")
 @click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
+@click.option("--from", "source", default=None, metavar="SNAPSHOT",
+              help="Restore from this snapshot instead of booting.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[str, ...],
-        workdir: str | None, interactive: bool, cmd: tuple[str, ...]) -> None:
-    """Boot a microVM, run CMD in it, stream its output, exit with its exit code.
+        workdir: str | None, interactive: bool, source: str | None,
+        cmd: tuple[str, ...]) -> None:
+    """Boot a microVM (or restore one --from a snapshot), run CMD in it, stream its
+    output, exit with its exit code.
 
     Example: sandvm run -- python3 -c "print(1)"
     """
@@ -209,7 +243,7 @@ def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[s
             check_guest_path(workdir)  # before booting anything
         code = asyncio.run(_run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
                                 env=_parse_env(envs), workdir=workdir,
-                                interactive=interactive))
+                                interactive=interactive, source=source))
     except CommandNotFound as exc:
         click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
         code = 127
@@ -228,3 +262,116 @@ def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[s
 
 if __name__ == "__main__":
     main()
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+@main.group()
+def snapshot() -> None:
+    """Create, list, remove and verify snapshots ($SANDVM_HOME/snapshots)."""
+
+
+@snapshot.command("create", context_settings={"ignore_unknown_options": True,
+                                              "allow_interspersed_args": False})
+@click.argument("name")
+@click.option("--memory", default="256M", show_default=True, help="Guest memory.")
+@click.option("--cpus", default=1, show_default=True, type=int, help="vCPUs.")
+@click.option("--timeout", type=float, default=None, help="Kill the command after N seconds.")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VAL", help="Set a variable.")
+@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
+def snapshot_create(name: str, memory: str, cpus: int, timeout: float | None,
+                    envs: tuple[str, ...], workdir: str | None, cmd: tuple[str, ...]) -> None:
+    """Boot a microVM, run CMD in it (if given), and save it as snapshot NAME.
+
+    Example: sandvm snapshot create with-numpy -- pip install numpy
+    Nothing is saved if CMD fails.
+    """
+    from sandvm.core import validate_vm_id
+    from sandvm.snapshots import SnapshotStore
+
+    argv = list(cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    try:
+        validate_vm_id(name)
+        if SnapshotStore().exists(name):
+            raise SnapshotAlreadyExists("", name)
+        mem = parse_memory(memory)
+        if workdir is not None:
+            check_guest_path(workdir)
+        code = asyncio.run(_run(argv or ["true"], image="base", memory=mem, cpus=cpus,
+                                timeout=timeout, env=_parse_env(envs), workdir=workdir,
+                                interactive=False, snapshot_to=name))
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    if code == 0:
+        click.echo(name)
+    sys.exit(code)
+
+
+@snapshot.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def snapshot_ls(as_json: bool) -> None:
+    """List snapshots with their size on disk."""
+    import datetime
+
+    from sandvm.snapshots import SnapshotStore
+
+    snaps = SnapshotStore().list()
+    if as_json:
+        click.echo(json.dumps([{
+            "name": s.name, "path": str(s.path), "created": s.created,
+            "memory_mib": s.spec.memory_mib, "vcpus": s.spec.vcpus,
+            "size_bytes": s.size_bytes, "accelerator": s.accelerator,
+            "source_id": s.source_id} for s in snaps], indent=2))
+        return
+    if not snaps:
+        click.echo("no snapshots (create one with `sandvm snapshot create NAME -- CMD`)")
+        return
+    click.echo(f"{'NAME':<28} {'CREATED':<20} {'MEMORY':>8} {'ON DISK':>10}")
+    for s in snaps:
+        created = datetime.datetime.fromtimestamp(s.created).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{s.name:<28} {created:<20} {s.spec.memory_mib:>5} MiB"
+                   f" {s.size_bytes / 2**20:>6.1f} MiB")
+
+
+@snapshot.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def snapshot_rm(names: tuple[str, ...]) -> None:
+    """Remove snapshots (sandboxes restored from them keep running)."""
+    from sandvm.snapshots import SnapshotStore
+
+    store = SnapshotStore()
+    failed = False
+    for n in names:
+        try:
+            store.remove(n)
+            click.echo(f"removed {n}")
+        except SandvmError as exc:
+            click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
+            failed = True
+    sys.exit(1 if failed else 0)
+
+
+@snapshot.command("verify")
+@click.argument("names", nargs=-1)
+def snapshot_verify(names: tuple[str, ...]) -> None:
+    """Check every file of the snapshots (all if none named) against its sha256."""
+    from sandvm.snapshots import SnapshotStore
+
+    store = SnapshotStore()
+    targets = list(names) or [p.name for p in sorted(store.root.iterdir())
+                              if p.is_dir() and not p.name.startswith(".")] \
+        if store.root.is_dir() else list(names)
+    bad = 0
+    for n in targets:
+        try:
+            store.verify(store.get(n), full=True)
+            click.echo(f"{n}: ok")
+        except SandvmError as exc:
+            click.echo(f"{n}: {exc.code}: {exc.message}")
+            bad += 1
+    sys.exit(1 if bad else 0)

@@ -25,6 +25,9 @@ will return, so callers can match on it across versions::
     │   ├── SnapshotNotFound (snapshot_not_found)
     │   ├── SnapshotCorrupt (snapshot_corrupt)          truncated, altered, not a snapshot
     │   └── SnapshotIncompatible (snapshot_incompatible) other QEMU/format/accelerator
+    ├── PoolError (pool_error)
+    │   ├── PoolExhausted (pool_exhausted)      no VM became ready within the timeout
+    │   └── PoolClosed (pool_closed)
     ├── AgentError (agent_error)                the guest agent side
     │   ├── AgentProtocolError (agent_protocol_error)   the guest sent garbage
     │   ├── AgentTimeout (agent_timeout)
@@ -68,6 +71,9 @@ __all__ = [
     "InvalidPath",
     "InvalidSpec",
     "InvalidTransition",
+    "PoolClosed",
+    "PoolError",
+    "PoolExhausted",
     "ProviderError",
     "QmpError",
     "SandboxStateError",
@@ -225,6 +231,18 @@ class SnapshotIncompatible(SnapshotError):
     """The snapshot was made by another format version, QEMU or accelerator."""
 
     code = "snapshot_incompatible"
+
+
+class PoolError(SandvmError):
+    code = "pool_error"
+
+
+class PoolExhausted(PoolError):
+    code = "pool_exhausted"
+
+
+class PoolClosed(PoolError):
+    code = "pool_closed"
 
 
 class AgentError(SandvmError):
