@@ -37,6 +37,7 @@ with tempfile.TemporaryDirectory() as tmp:
         c.commands.run(["true"])
         first_cmd.append(time.monotonic() - t0)
         c.kill()
+    on_disk_mib = round(snap.size_bytes / 2**20, 1)
 
 emit({"benchmark": "snapshot_restore", "accelerator": "tcg",
       "restore_to_ready_ms": summary(restore), "first_command_after_restore_ms":
@@ -45,4 +46,4 @@ emit({"benchmark": "snapshot_restore", "accelerator": "tcg",
       summary(live_total), "target_live_pause_ms": 100,
       "stopped_snapshot_vm_frozen_ms": summary(stop_pause),
       "stopped_snapshot_committed_ms": summary(stop_total), "target_stopped_save_ms": 50,
-      "snapshot_on_disk_mib": round(snap.size_bytes / 2**20, 1)})
+      "snapshot_on_disk_mib": on_disk_mib})

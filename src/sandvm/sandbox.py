@@ -622,9 +622,10 @@ class AsyncSandbox:
 
         Allowed while running. The VM is paused while its state and RAM are
         copied, then resumed; with ``stop=True`` it is destroyed instead. The
-        pause and total time are in ``last_snapshot_times``. Raises
-        SnapshotAlreadyExists, Unsupported (for a sandbox that was itself restored
-        from a snapshot), SandboxStateError.
+        pause and total time are in ``last_snapshot_times``. A sandbox that was
+        itself restored from a snapshot is saved with its RAM in the state stream
+        (slower; its restores do not share pages). Raises SnapshotAlreadyExists,
+        SandboxStateError.
         """
         self._conn()  # raises if killed or crashed
         store = store or SnapshotStore()
@@ -647,7 +648,8 @@ class AsyncSandbox:
                 await self._conn().call({"op": "configure", "time_ns": time.time_ns()},
                                         timeout=self.op_timeout)
             for fname in ("state", "mem"):
-                await asyncio.to_thread(move_file, fast / fname, staging / fname)
+                if (fast / fname).exists():  # no mem when the RAM is in the stream
+                    await asyncio.to_thread(move_file, fast / fname, staging / fname)
             qemu = await _qemu_version(self._vm.assets.qemu)
             manifest = {
                 "sandvm_version": _version(), "qemu_version": qemu, "machine": "microvm",
@@ -697,10 +699,32 @@ class AsyncSandbox:
             raise err if isinstance(err, BaseException) else RuntimeError(str(err))
         return clones
 
-    async def pause(self) -> None:
-        """Freeze the VM's vCPUs (memory stays allocated). Raises SandboxStateError."""
+    async def pause(self, *, to_disk: bool = False,
+                    store: SnapshotStore | None = None) -> Snapshot | None:
+        """Freeze the VM's vCPUs (memory stays allocated), or with ``to_disk`` save it
+        as snapshot ``paused-<id>`` and free it: the sandbox is then closed and
+        ``resume_from`` brings it back, in this or another process. Raises
+        SandboxStateError."""
         self._conn()
+        if to_disk:
+            return await self.snapshot(f"paused-{self.sandbox_id}", stop=True, store=store)
         await self._vm.pause()
+        return None
+
+    @classmethod
+    async def resume_from(cls, paused: Snapshot | str, *, timeout: float | None = None,
+                          store: SnapshotStore | None = None) -> AsyncSandbox:
+        """Bring back a sandbox paused to disk, with its id; its snapshot is removed.
+
+        ``paused`` is the Snapshot ``pause(to_disk=True)`` returned, or its name.
+        Raises like ``from_snapshot``.
+        """
+        store = store or SnapshotStore()
+        snap = paused if isinstance(paused, Snapshot) else store.get(paused)
+        sb = await cls.from_snapshot(snap, timeout=timeout, sandbox_id=snap.source_id,
+                                     store=store)
+        await asyncio.to_thread(SnapshotStore(snap.path.parent).remove, snap.name)
+        return sb
 
     async def resume(self) -> None:
         """Let a paused VM run again, its clock stepped to the host's (it stood still
@@ -945,8 +969,16 @@ class Sandbox:
     def fork(self, n: int, *, timeout: float | None = None) -> list[Sandbox]:
         return [Sandbox(a) for a in _portal.call(self._a.fork(n, timeout=timeout))]
 
-    def pause(self) -> None:
-        _portal.call(self._a.pause())
+    def pause(self, *, to_disk: bool = False,
+              store: SnapshotStore | None = None) -> Snapshot | None:
+        return _portal.call(self._a.pause(to_disk=to_disk, store=store))
+
+    @classmethod
+    def resume_from(cls, paused: Snapshot | str, *, timeout: float | None = None,
+                    store: SnapshotStore | None = None) -> Sandbox:
+        """See AsyncSandbox.resume_from."""
+        return cls(_portal.call(AsyncSandbox.resume_from(paused, timeout=timeout,
+                                                         store=store)))
 
     def resume(self) -> None:
         _portal.call(self._a.resume())

@@ -47,6 +47,7 @@ class PoolStats:
     trimmed: int
     restore_ms_p50: float | None
     restore_ms_p99: float | None
+    last_error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -275,7 +276,9 @@ class AsyncPool:
         times = list(self._restore_times)
         return PoolStats(ready=len(self._ready), in_flight=len(self._in_flight),
                          in_use=len(self._in_use), restore_ms_p50=_pct(times, 50),
-                         restore_ms_p99=_pct(times, 99), **self._counts)
+                         restore_ms_p99=_pct(times, 99),
+                         last_error=f"{self.last_error.code}: {self.last_error.message}"[:500]
+                         if self.last_error else None, **self._counts)
 
     async def wait_ready(self, n: int | None = None, *, timeout: float = 120.0) -> None:
         """Wait until ``n`` (default ``min_size``) sandboxes are ready. Raises PoolExhausted."""

@@ -34,6 +34,7 @@ from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.assets import Assets, find_assets, sandvm_home
 from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
 from sandvm.errors import (
+    AgentDisconnected,
     AgentError,
     ConfigError,
     InvalidTransition,
@@ -183,6 +184,10 @@ def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
         ram = f"memory-backend-file,id=mem,size={mem},mem-path={rundir / 'mem'},share=on"
         boot = ["-kernel", str(assets.kernel), "-initrd", str(assets.initramfs),
                 "-append", _kernel_cmdline(spec, probe=probe)]
+    elif not (restore_from / "mem").exists():
+        # the RAM arrives in the state stream: a fresh shared file, as after a cold boot
+        ram = f"memory-backend-file,id=mem,size={mem},mem-path={rundir / 'mem'},share=on"
+        boot = ["-incoming", "defer"]
     else:
         ram = f"memory-backend-file,id=mem,size={mem},mem-path={restore_from / 'mem'},share=off"
         # no -kernel/-initrd: loading them would write into the restored RAM
@@ -333,6 +338,7 @@ class QemuVm:
         self._monitor: asyncio.Task[None] | None = None
         self._booted = False
         self.restored_from: Path | None = None
+        self.private_ram = False
 
     @property
     def pid(self) -> int | None:
@@ -360,6 +366,8 @@ class QemuVm:
         argv = build_argv(assets=self.assets, spec=self.spec, accel=self.accel,
                           rundir=self.rundir, restore_from=restore_from)
         self.restored_from = restore_from
+        # RAM mapped privately from a snapshot file (not a file of our own)?
+        self.private_ram = restore_from is not None and (restore_from / "mem").exists()
         stderr_log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -404,20 +412,37 @@ class QemuVm:
         return "".join(parts)
 
     async def _wait_socket(self, path: Path) -> None:
-        while not path.exists():
+        while True:
             if self.proc is None or self.proc.returncode is not None:
                 raise VmBootError(f"QEMU exited with status {self.proc and self.proc.returncode}"
-                                  f" before creating its sockets.{self._diagnostics()}")
+                                  f" before accepting connections.{self._diagnostics()}")
+            if path.exists():
+                return
             await asyncio.sleep(0.005)
 
     async def _connect(self) -> None:
         assert self.rundir is not None
-        await self._wait_socket(self.rundir / "agent.sock")
-        self.agent = await AgentConnection.connect(str(self.rundir / "agent.sock"),
-                                                   eof_hook=self._explain_eof)
-        await self._wait_socket(self.rundir / "qmp.sock")
-        self.qmp = QmpClient()
-        await self.qmp.connect(str(self.rundir / "qmp.sock"))
+        agent_sock, qmp_sock = self.rundir / "agent.sock", self.rundir / "qmp.sock"
+        # QEMU binds a socket before it listens on it: a connect in between is
+        # refused, so retry until it is accepted (the caller's wait_for bounds this)
+        while True:
+            await self._wait_socket(agent_sock)
+            try:
+                self.agent = await AgentConnection.connect(str(agent_sock),
+                                                           eof_hook=self._explain_eof)
+                break
+            except AgentDisconnected:
+                await asyncio.sleep(0.005)
+        while True:
+            await self._wait_socket(qmp_sock)
+            qmp = QmpClient()
+            try:
+                await qmp.connect(str(qmp_sock))
+                self.qmp = qmp
+                break
+            except QmpError:
+                await qmp.close()
+                await asyncio.sleep(0.005)
         if self.restored_from is not None:
             await self._load_state(self.restored_from / "state")
         # the agent answers once the guest has booted; the outer wait_for bounds it
@@ -465,8 +490,9 @@ class QemuVm:
 
     async def _load_state(self, state: Path) -> None:
         """Feed a saved device state to a QEMU started with ``-incoming defer``."""
+        ram_in_file = (state.parent / "mem").exists()
         await self._qmp("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+            {"capability": "x-ignore-shared", "state": ram_in_file}]})
         fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
         try:
             await self._qmp("getfd", {"fdname": "snap"}, fds=[fd])
@@ -492,17 +518,17 @@ class QemuVm:
 
         The VM is paused for the duration and left paused. The RAM file is copied,
         or with ``take_memory`` moved (instant; only for a VM about to be
-        destroyed, whose RAM then no longer has a name). Raises QmpError, and
-        Unsupported for a VM that was itself restored from a snapshot (its RAM is
-        a private copy-on-write mapping that x-ignore-shared cannot leave out).
+        destroyed, whose RAM then no longer has a name). A VM restored from a
+        file snapshot maps its RAM privately, which x-ignore-shared does not skip:
+        its RAM then goes into the state stream and no ``mem`` file is written.
+        Raises QmpError.
         """
         assert self.rundir is not None
-        if self.restored_from is not None:
-            raise Unsupported("this VM was restored from a snapshot; snapshots of restored"
-                              " VMs are not supported yet: snapshot the original sandbox")
         await self._qmp("stop")
+        # both ends must agree on x-ignore-shared: on for "file" snapshots, off when
+        # the RAM travels in the stream
         await self._qmp("migrate-set-capabilities", {"capabilities": [
-            {"capability": "x-ignore-shared", "state": True}]})
+            {"capability": "x-ignore-shared", "state": not self.private_ram}]})
         fd = os.open(dest / "state", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             await self._qmp("getfd", {"fdname": "snap"}, fds=[fd])
@@ -519,6 +545,8 @@ class QemuVm:
             await asyncio.sleep(0.005)
         else:
             raise QmpError("saving VM state did not complete in time")
+        if self.private_ram:
+            return  # the RAM is in the stream
         if take_memory:
             await asyncio.to_thread(move_file, self.rundir / "mem", dest / "mem")
         else:

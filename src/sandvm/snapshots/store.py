@@ -7,13 +7,17 @@ Layout of ``<store>/<name>/``::
     state           QEMU device state (a migration stream, x-ignore-shared: no RAM)
     mem             guest RAM (sparse); restored MAP_PRIVATE, so clones share it
 
+A snapshot of a sandbox that was itself restored keeps its RAM inside ``state``
+(``"ram": "stream"``): restoring it loads the RAM into a fresh private file, so
+such clones do not share pages, but the restored VM can be snapshotted again.
+
 A snapshot is written into ``<store>/.staging-*`` and renamed into place only
 after every file and the manifest are fsynced: a crash mid-save leaves no
 directory that looks like a snapshot. Loading checks the manifest (format,
 version, compatibility) and every file's size; ``verify`` also checks the
-sha256 of every file. Restores check the small ``state`` file's sha256 every
-time and the large ``mem`` file's once per process (cached by inode, size and
-mtime), or every time with ``verify="full"``.
+sha256 of every file. Restores check small files' sha256 every time and files
+over 1 MiB (the RAM) once per process (cached by inode, size and mtime), or
+every time with ``verify="full"``.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ FORMAT = "sandvm-snapshot"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FILES = ("state", "mem")
+# "file": RAM in the mem file (restored copy-on-write, shared between clones);
+# "stream": RAM inside the state stream (a snapshot of a VM that was itself restored;
+# restoring it loads the RAM into a fresh private file)
+RAM_KINDS = {"file": ("state", "mem"), "stream": ("state",)}
 MAX_MANIFEST = 1 << 20
+ONCE_THRESHOLD = 1 << 20  # files larger than this are hashed once per process by default
 
 _verified_lock = threading.Lock()
 _verified: set[tuple[int, int, int, int, str]] = set()  # (dev, ino, size, mtime_ns, sha)
@@ -80,12 +89,13 @@ class Snapshot:
     kernel_release: str
     source_id: str | None
     files: dict[str, dict[str, Any]]
+    ram: str = "file"
 
     @property
     def size_bytes(self) -> int:
         """Bytes the snapshot's files occupy on disk (the RAM file is sparse)."""
         total = 0
-        for name in (*FILES, MANIFEST):
+        for name in (*self.files, MANIFEST):
             with contextlib.suppress(OSError):
                 total += (self.path / name).stat().st_blocks * 512
         return total
@@ -118,9 +128,14 @@ def parse_manifest(path: Path) -> dict[str, Any]:
         raise SnapshotIncompatible(
             f"snapshot {path} has format version {version!r}; this sandvm reads version"
             f" {FORMAT_VERSION}: take the snapshot again with this version")
+    ram = man.setdefault("ram", "file")
+    if ram not in RAM_KINDS:
+        raise SnapshotIncompatible(f"snapshot {path} keeps its RAM as {ram!r}, which this"
+                                   " sandvm cannot restore")
     files = man.get("files")
-    if not isinstance(files, dict) or set(files) != set(FILES):
-        raise _fail(path, "its manifest does not list exactly the files state and mem")
+    if not isinstance(files, dict) or set(files) != set(RAM_KINDS[ram]):
+        raise _fail(path, "its manifest does not list exactly the files "
+                          + " and ".join(RAM_KINDS[ram]))
     for name, meta in files.items():
         if not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
                 and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64):
@@ -149,7 +164,7 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
                     accelerator=s("accelerator"), qemu_version=s("qemu_version"),
                     sandvm_version=s("sandvm_version"), kernel_release=s("kernel_release"),
                     source_id=source if isinstance(source, str) else None,
-                    files=man["files"])
+                    files=man["files"], ram=man["ram"])
 
 
 class SnapshotStore:
@@ -216,9 +231,9 @@ class SnapshotStore:
 
     @staticmethod
     def verify(snap: Snapshot, *, full: bool = True) -> None:
-        """Check every file's sha256 (``full``), or only ``state``'s and ``mem``'s once per
-        process. Raises SnapshotCorrupt."""
-        for fname in FILES:
+        """Check every file's sha256 (``full``), or small files every time and files over
+        1 MiB once per process. Raises SnapshotCorrupt."""
+        for fname in sorted(snap.files, key=lambda f: snap.files[f]["size"]):  # cheap first
             meta = snap.files[fname]
             p = snap.path / fname
             try:
@@ -229,7 +244,7 @@ class SnapshotStore:
                 raise _fail(snap.path, f"its {fname} file has {st.st_size} bytes, the manifest"
                                        f" says {meta['size']}")
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, meta["sha256"])
-            if not full and fname == "mem":
+            if not full and meta["size"] > ONCE_THRESHOLD:
                 with _verified_lock:
                     if key in _verified:
                         continue
@@ -248,14 +263,16 @@ class SnapshotStore:
     def commit(self, staging: Path, name: str, manifest: dict[str, Any]) -> Snapshot:
         """Hash the staged files, write the manifest, fsync, rename into place."""
         files: dict[str, dict[str, Any]] = {}
-        for fname in FILES:
+        ram = "file" if (staging / "mem").exists() else "stream"
+        for fname in RAM_KINDS[ram]:
             p = staging / fname
             files[fname] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         # the small files are fsynced; the RAM file is not (flushing hundreds of MiB
         # would dominate the save): after an OS crash its sha256 no longer matches
         # and the snapshot is refused as corrupt, never restored half-way
         _fsync(staging / "state")
-        man = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+        man = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "ram": ram,
+               "files": files}
         mpath = staging / MANIFEST
         mpath.write_text(json.dumps(man, indent=2, sort_keys=True) + "\n")
         _fsync(mpath)
@@ -267,10 +284,11 @@ class SnapshotStore:
         os.rename(staging, dest)
         _fsync(self.root)
         snap = _snapshot_from(dest, man)
-        st = (dest / "mem").stat()
-        with _verified_lock:  # we just hashed it
-            _verified.add((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
-                           files["mem"]["sha256"]))
+        if ram == "file":
+            st = (dest / "mem").stat()
+            with _verified_lock:  # we just hashed it
+                _verified.add((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+                               files["mem"]["sha256"]))
         return snap
 
     def clean_staging(self, *, older_than: float = 3600.0) -> builtins.list[Path]:
