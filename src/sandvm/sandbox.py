@@ -16,7 +16,14 @@ import shutil
 import signal as signal_mod
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -558,9 +565,15 @@ class AsyncSandbox:
         sid = sandbox_id or new_id("sb")
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         await prov.create_vm_with_spec(sid, spec)
+        return await cls._launch(prov, sid, prov.start_vm(sid), timeout)
+
+    @classmethod
+    async def _launch(cls, prov: QemuVmProvider, sid: str, start: Awaitable[None],
+                      lifetime: float | None) -> AsyncSandbox:
+        """Run ``start`` for the Created VM ``sid``, configure it; destroy it on failure."""
         try:
-            await prov.start_vm(sid)
-            sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=timeout)
+            await start
+            sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=lifetime)
             await sb._configure()
         except BaseException:
             with contextlib.suppress(SandvmError):
@@ -587,27 +600,14 @@ class AsyncSandbox:
             raise InvalidSpec(f"verify must be 'once' or 'full', not {verify!r}")
         if timeout is not None and timeout <= 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
-        store = store or SnapshotStore()
-        if isinstance(snapshot, Snapshot):
-            snap = SnapshotStore.load(snapshot.path)
-        elif isinstance(snapshot, Path) or "/" in snapshot:
-            snap = SnapshotStore.load(Path(snapshot))
-        else:
-            snap = store.get(snapshot)
+        snap = (store or SnapshotStore()).resolve(snapshot)
         await asyncio.to_thread(SnapshotStore.verify, snap, full=verify == "full")
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         assets, accel = await prov._resolve()
         _check_compatible(snap, accel, await _qemu_version(assets.qemu))
         sid = sandbox_id or new_id("sb")
-        try:
-            await prov.restore_vm(sid, snap.spec, snap.path)
-            sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=timeout)
-            await sb._configure()
-        except BaseException:
-            with contextlib.suppress(SandvmError):
-                await prov.destroy_vm(sid)
-            raise
-        return sb
+        await prov.create_vm_with_spec(sid, snap.spec)
+        return await cls._launch(prov, sid, prov.restore_vm(sid, snap.path), timeout)
 
     async def _configure(self) -> None:
         """Identity and clone hygiene: entropy, clock, hostname, sandbox id."""
@@ -720,7 +720,7 @@ class AsyncSandbox:
         Raises like ``from_snapshot``.
         """
         store = store or SnapshotStore()
-        snap = paused if isinstance(paused, Snapshot) else store.get(paused)
+        snap = store.resolve(paused)
         sb = await cls.from_snapshot(snap, timeout=timeout, sandbox_id=snap.source_id,
                                      store=store)
         await asyncio.to_thread(SnapshotStore(snap.path.parent).remove, snap.name)

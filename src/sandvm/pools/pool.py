@@ -102,13 +102,7 @@ class AsyncPool:
         SnapshotCorrupt, SnapshotIncompatible."""
         if self._started:
             return self
-        store = self._store or SnapshotStore()
-        if isinstance(self.snapshot, Snapshot):
-            snap = SnapshotStore.load(self.snapshot.path)
-        elif isinstance(self.snapshot, Path) or "/" in self.snapshot:
-            snap = SnapshotStore.load(Path(self.snapshot))
-        else:
-            snap = store.get(self.snapshot)
+        snap = (self._store or SnapshotStore()).resolve(self.snapshot)
         await asyncio.to_thread(SnapshotStore.verify, snap, full=False)
         self._snap = snap
         self._cond = asyncio.Condition()

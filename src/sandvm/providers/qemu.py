@@ -689,21 +689,17 @@ class QemuVmProvider:
             raise VmAlreadyExists(vm_id)
         self._entries[vm_id] = _Entry(spec=spec)  # no await in between: atomic
 
-    async def restore_vm(self, vm_id: str, spec: VmSpec, snapshot_dir: Path) -> None:
-        """Create ``vm_id`` and run it from a snapshot directory (state + mem files).
-
-        Raises VmAlreadyExists, VmBootError (the entry is then Destroyed).
-        """
-        await self.create_vm_with_spec(vm_id, spec)
+    async def restore_vm(self, vm_id: str, snapshot_dir: Path) -> None:
+        """Start a Created VM from a snapshot directory instead of booting it (its spec
+        must be the snapshot's). Raises InvalidTransition, VmBootError."""
         e = self._get(vm_id)
         async with e.lock:
+            check_transition(vm_id, e.state, VmState.RUNNING)
+            if e.state is not VmState.CREATED:
+                raise InvalidTransition(e.state, VmState.RUNNING, vm_id=vm_id)
             assets, accel = await self._resolve()
-            vm = QemuVm(vm_id, spec, assets=assets, accel=accel)
-            try:
-                await vm.boot(timeout=self.boot_timeout, restore_from=snapshot_dir)
-            except BaseException:
-                e.state = VmState.DESTROYED
-                raise
+            vm = QemuVm(vm_id, e.spec, assets=assets, accel=accel)
+            await vm.boot(timeout=self.boot_timeout, restore_from=snapshot_dir)
             e.vm = vm
             e.state = VmState.RUNNING
 

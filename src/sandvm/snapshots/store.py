@@ -179,6 +179,17 @@ class SnapshotStore:
         validate_vm_id(name)
         return self.root / name
 
+    def resolve(self, ref: Snapshot | str | Path) -> Snapshot:
+        """A Snapshot (re-read from disk), a name in this store, or a snapshot directory.
+
+        Raises like ``get``.
+        """
+        if isinstance(ref, Snapshot):
+            return self.load(ref.path)
+        if isinstance(ref, Path) or "/" in ref:
+            return self.load(Path(ref))
+        return self.get(ref)
+
     def exists(self, name: str) -> bool:
         return self._dir(name).is_dir()
 
