@@ -26,6 +26,20 @@ with tempfile.TemporaryDirectory() as tmp:
         snap = sb.snapshot(f"stop{i}", stop=True, store=store)
         stop_pause.append(sb.last_snapshot_times["pause_s"])
         stop_total.append(sb.last_snapshot_times["total_s"])
+    # a diff snapshot after a small change, against a full one of the same VM
+    sb = Sandbox.create()
+    full = sb.snapshot("full", store=store)
+    sb.files.write("/root/change.bin", b"x" * (1 << 20))
+    t0 = time.monotonic()
+    diff = sb.snapshot("diff", store=store, parent=full)
+    diff_total = time.monotonic() - t0
+    sb.kill()
+    diff_stats = {"full_on_disk_mib": round(full.size_bytes / 2**20, 1),
+                  "diff_on_disk_mib": round(diff.size_bytes / 2**20, 1),
+                  "diff_snapshot_total_ms": round(diff_total * 1000, 1)}
+    t0 = time.monotonic()
+    Sandbox.from_snapshot(diff, store=store).kill()
+    diff_stats["first_restore_of_diff_ms"] = round((time.monotonic() - t0) * 1000, 1)
     Sandbox.from_snapshot(snap, store=store).kill()  # first use verifies the RAM file
     restore = []
     first_cmd = []
@@ -46,4 +60,4 @@ emit({"benchmark": "snapshot_restore", "accelerator": "tcg",
       summary(live_total), "target_live_pause_ms": 100,
       "stopped_snapshot_vm_frozen_ms": summary(stop_pause),
       "stopped_snapshot_committed_ms": summary(stop_total), "target_stopped_save_ms": 50,
-      "snapshot_on_disk_mib": on_disk_mib})
+      "snapshot_on_disk_mib": on_disk_mib, "diff_snapshot": diff_stats})

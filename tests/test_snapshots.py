@@ -17,6 +17,7 @@ from sandvm.errors import (
     SnapshotAlreadyExists,
     SnapshotCorrupt,
     SnapshotIncompatible,
+    SnapshotNotFound,
 )
 from sandvm.snapshots import SnapshotStore
 
@@ -229,3 +230,27 @@ def test_pause_to_disk_and_resume_in_another_process(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode().strip() == f"{sb.sandbox_id} survives the process"
     assert not store.exists(paused.name)  # resuming consumed the paused snapshot
+
+
+def test_diff_snapshot_stores_only_changes(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "store")
+    with Sandbox.create() as sb:
+        sb.files.write("/root/gen", "one")
+        full = sb.snapshot("full", store=store)
+        sb.files.write("/root/gen", "two")
+        sb.files.write("/root/extra.bin", b"z" * 100_000)
+        diff = sb.snapshot("diff", store=store, parent=full)
+    assert diff.ram == "diff" and diff.parent == "full"
+    full_mem = full.files["mem"]["size"]
+    assert diff.files["mem.diff"]["size"] < full.size_bytes / 2  # only what changed
+    assert full_mem == diff.spec.memory_mib * 2**20
+    store.verify(diff)
+    with Sandbox.from_snapshot("diff", store=store) as c:
+        assert c.files.read("/root/gen") == "two"
+        assert len(c.files.read("/root/extra.bin", format="bytes")) == 100_000
+    with Sandbox.from_snapshot("full", store=store) as c:
+        assert c.files.read("/root/gen") == "one"
+    # a diff whose parent was replaced is refused
+    store.remove("full")
+    with pytest.raises(SnapshotNotFound):
+        Sandbox.from_snapshot("diff", store=store, verify="full")

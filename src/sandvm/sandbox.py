@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from sandvm import _portal, wire
+from sandvm._files import move_file, runtime_root
 from sandvm.agent_client import AgentConnection, HostStream
 from sandvm.core import VmSpec, check_guest_path, new_id, parse_memory
 from sandvm.errors import (
@@ -42,7 +43,8 @@ from sandvm.errors import (
     SandvmError,
     SnapshotIncompatible,
 )
-from sandvm.providers.qemu import QemuVm, QemuVmProvider, move_file, runtime_root
+from sandvm.providers.qemu import QemuVm, QemuVmProvider
+from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 
 __all__ = [
@@ -605,9 +607,11 @@ class AsyncSandbox:
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         assets, accel = await prov._resolve()
         _check_compatible(snap, accel, await _qemu_version(assets.qemu))
+        source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap,
+                                         runtime_root() / "materialized")
         sid = sandbox_id or new_id("sb")
         await prov.create_vm_with_spec(sid, snap.spec)
-        return await cls._launch(prov, sid, prov.restore_vm(sid, snap.path), timeout)
+        return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout)
 
     async def _configure(self) -> None:
         """Identity and clone hygiene: entropy, clock, hostname, sandbox id."""
@@ -617,7 +621,8 @@ class AsyncSandbox:
         }, timeout=self.op_timeout)
 
     async def snapshot(self, name: str | None = None, *, stop: bool = False,
-                       store: SnapshotStore | None = None) -> Snapshot:
+                       store: SnapshotStore | None = None,
+                       parent: Snapshot | str | None = None) -> Snapshot:
         """Save this sandbox (memory, device state, files, processes) as a snapshot.
 
         Allowed while running. The VM is paused while its state and RAM are
@@ -630,6 +635,16 @@ class AsyncSandbox:
         self._conn()  # raises if killed or crashed
         store = store or SnapshotStore()
         name = name or new_id("snap")
+        parent_snap = None
+        if parent is not None:
+            parent_snap = store.resolve(parent)
+            if parent_snap.path.parent != store.root:
+                raise InvalidSpec("a diff snapshot's parent must be in the same store")
+            if parent_snap.ram != "file" or self._vm.private_ram:
+                raise InvalidSpec("diff snapshots need a full parent snapshot and a sandbox"
+                                  " that was booted, not restored")
+            if parent_snap.spec.memory_mib != self._vm.spec.memory_mib:
+                raise InvalidSpec("the parent snapshot has a different memory size")
         staging = store.staging(name)
         # while the VM is paused, its state goes to tmpfs (fast); to the store after
         fast = Path(tempfile.mkdtemp(prefix="snap-", dir=runtime_root()))
@@ -647,6 +662,10 @@ class AsyncSandbox:
             else:  # the guest clock stood still while the VM was paused
                 await self._conn().call({"op": "configure", "time_ns": time.time_ns()},
                                         timeout=self.op_timeout)
+            if parent_snap is not None:
+                await asyncio.to_thread(write_diff, parent_snap.path / "mem", fast / "mem",
+                                        staging / "mem.diff")
+                (fast / "mem").unlink()
             for fname in ("state", "mem"):
                 if (fast / fname).exists():  # no mem when the RAM is in the stream
                     await asyncio.to_thread(move_file, fast / fname, staging / fname)
@@ -659,6 +678,9 @@ class AsyncSandbox:
                 "spec": {"image": self._vm.spec.image, "memory_mib": self._vm.spec.memory_mib,
                          "vcpus": self._vm.spec.vcpus},
             }
+            if parent_snap is not None:
+                manifest["parent"] = {"name": parent_snap.name,
+                                      "mem_sha256": parent_snap.files["mem"]["sha256"]}
             snap = await asyncio.to_thread(store.commit, staging, name, manifest)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -963,8 +985,9 @@ class Sandbox:
             verify=verify, store=store, provider=provider)))
 
     def snapshot(self, name: str | None = None, *, stop: bool = False,
-                 store: SnapshotStore | None = None) -> Snapshot:
-        return _portal.call(self._a.snapshot(name, stop=stop, store=store))
+                 store: SnapshotStore | None = None,
+                 parent: Snapshot | str | None = None) -> Snapshot:
+        return _portal.call(self._a.snapshot(name, stop=stop, store=store, parent=parent))
 
     def fork(self, n: int, *, timeout: float | None = None) -> list[Sandbox]:
         return [Sandbox(a) for a in _portal.call(self._a.fork(n, timeout=timeout))]

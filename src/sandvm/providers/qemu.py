@@ -17,12 +17,10 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
-import errno
 import json
 import os
 import shutil
 import signal
-import stat as stat_mod
 import subprocess
 import tempfile
 import time
@@ -30,13 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandvm._files import move_file, runtime_root, sparse_copy
 from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.assets import Assets, find_assets, sandvm_home
 from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
 from sandvm.errors import (
     AgentDisconnected,
     AgentError,
-    ConfigError,
     InvalidTransition,
     QmpError,
     SandvmError,
@@ -77,27 +75,6 @@ def host_tsc_khz() -> int | None:
     except (OSError, ValueError):
         pass
     return None
-
-
-def runtime_root() -> Path:
-    """Where per-VM runtime dirs live: tmpfs (/dev/shm) so guest RAM files cost no disk.
-
-    ``$SANDVM_RUNTIME_DIR`` overrides the base. The directory must be a real
-    directory owned by this user with mode 0700; raises ConfigError otherwise
-    (someone else could reach the QMP sockets through it).
-    """
-    base = Path(os.environ.get("SANDVM_RUNTIME_DIR", "/dev/shm"))
-    root = base / f"sandvm-{os.geteuid()}"
-    with contextlib.suppress(FileExistsError):
-        root.mkdir(mode=0o700)
-    st = os.lstat(root)
-    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-        raise ConfigError(f"{root} is not a directory owned by uid {os.geteuid()}: remove it,"
-                          " or set SANDVM_RUNTIME_DIR to a private directory")
-    if stat_mod.S_IMODE(st.st_mode) != 0o700:
-        raise ConfigError(f"{root} has mode {stat_mod.S_IMODE(st.st_mode):o}, not 700:"
-                          f" run `chmod 700 {root}` or remove it")
-    return root
 
 
 OWNER_FILE = "owner"
@@ -550,7 +527,7 @@ class QemuVm:
         if take_memory:
             await asyncio.to_thread(move_file, self.rundir / "mem", dest / "mem")
         else:
-            await asyncio.to_thread(_sparse_copy, self.rundir / "mem", dest / "mem")
+            await asyncio.to_thread(sparse_copy, self.rundir / "mem", dest / "mem")
 
     async def shutdown(self) -> None:
         """Kill QEMU (if running) and remove everything it had. Idempotent."""
@@ -590,43 +567,6 @@ class QemuVm:
     async def _cleanup_files(self) -> None:
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
-
-
-def move_file(src: Path, dst: Path) -> None:
-    """Rename, or (across file systems) copy sparsely and unlink."""
-    try:
-        os.rename(src, dst)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _sparse_copy(src, dst)
-        os.unlink(src)
-
-
-def _sparse_copy(src: Path, dst: Path) -> None:
-    """Copy a mostly-empty RAM file keeping its holes (SEEK_DATA/SEEK_HOLE), in-kernel."""
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        ifd, ofd = fi.fileno(), fo.fileno()
-        size = os.fstat(ifd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(ifd, pos, os.SEEK_DATA)
-            except OSError:
-                break  # only holes remain
-            end = os.lseek(ifd, start, os.SEEK_HOLE)
-            off = start
-            while off < end:
-                try:
-                    n = os.copy_file_range(ifd, ofd, end - off, off, off)
-                except OSError:
-                    os.lseek(ofd, off, os.SEEK_SET)
-                    n = os.sendfile(ofd, ifd, off, end - off)
-                if n <= 0:
-                    raise OSError(f"short copy of {src} at offset {off}")
-                off += n
-            pos = end
-        os.ftruncate(ofd, size)
 
 
 # --------------------------------------------------------------------------- provider

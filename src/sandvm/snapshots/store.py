@@ -54,7 +54,9 @@ FILES = ("state", "mem")
 # "file": RAM in the mem file (restored copy-on-write, shared between clones);
 # "stream": RAM inside the state stream (a snapshot of a VM that was itself restored;
 # restoring it loads the RAM into a fresh private file)
-RAM_KINDS = {"file": ("state", "mem"), "stream": ("state",)}
+# "diff": only the pages that differ from a parent "file" snapshot (mem.diff); restores
+# use a full RAM file built once from parent + diff (cached in the runtime dir)
+RAM_KINDS = {"file": ("state", "mem"), "stream": ("state",), "diff": ("state", "mem.diff")}
 MAX_MANIFEST = 1 << 20
 ONCE_THRESHOLD = 1 << 20  # files larger than this are hashed once per process by default
 
@@ -90,6 +92,8 @@ class Snapshot:
     source_id: str | None
     files: dict[str, dict[str, Any]]
     ram: str = "file"
+    parent: str | None = None
+    parent_mem_sha256: str | None = None
 
     @property
     def size_bytes(self) -> int:
@@ -159,12 +163,20 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
 
     created = man.get("created")
     source = man.get("source_id")
+    parent = man.get("parent")
+    if man["ram"] == "diff" and not (
+            isinstance(parent, dict) and isinstance(parent.get("name"), str)
+            and isinstance(parent.get("mem_sha256"), str)):
+        raise _fail(path, "it is a diff snapshot without a valid parent reference")
     return Snapshot(name=path.name, path=path, spec=spec,
                     created=float(created) if isinstance(created, (int, float)) else 0.0,
                     accelerator=s("accelerator"), qemu_version=s("qemu_version"),
                     sandvm_version=s("sandvm_version"), kernel_release=s("kernel_release"),
                     source_id=source if isinstance(source, str) else None,
-                    files=man["files"], ram=man["ram"])
+                    files=man["files"], ram=man["ram"],
+                    parent=parent["name"] if isinstance(parent, dict) else None,
+                    parent_mem_sha256=parent.get("mem_sha256")
+                    if isinstance(parent, dict) else None)
 
 
 class SnapshotStore:
@@ -263,6 +275,9 @@ class SnapshotStore:
                 raise _fail(snap.path, f"its {fname} file does not match its sha256")
             with _verified_lock:
                 _verified.add(key)
+        if snap.ram == "diff":  # a diff is only as good as its parent
+            store = SnapshotStore(snap.path.parent)
+            store.verify(store.parent_of(snap), full=full)
 
     def staging(self, name: str) -> Path:
         """A fresh staging directory for snapshot ``name``. Raises SnapshotAlreadyExists."""
@@ -274,7 +289,8 @@ class SnapshotStore:
     def commit(self, staging: Path, name: str, manifest: dict[str, Any]) -> Snapshot:
         """Hash the staged files, write the manifest, fsync, rename into place."""
         files: dict[str, dict[str, Any]] = {}
-        ram = "file" if (staging / "mem").exists() else "stream"
+        ram = ("file" if (staging / "mem").exists() else
+               "diff" if (staging / "mem.diff").exists() else "stream")
         for fname in RAM_KINDS[ram]:
             p = staging / fname
             files[fname] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
@@ -301,6 +317,51 @@ class SnapshotStore:
                 _verified.add((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                files["mem"]["sha256"]))
         return snap
+
+    def parent_of(self, snap: Snapshot) -> Snapshot:
+        """The parent of a diff snapshot (same store), checked to be the one it was
+        made against. Raises SnapshotNotFound, SnapshotCorrupt."""
+        assert snap.parent is not None
+        try:
+            parent = self.get(snap.parent)
+        except SnapshotNotFound:
+            raise SnapshotNotFound(f"diff snapshot {snap.name!r} needs its parent snapshot"
+                                   f" {snap.parent!r}, which is not in {self.root}") from None
+        if parent.ram != "file" or parent.files["mem"]["sha256"] != snap.parent_mem_sha256:
+            raise _fail(snap.path, f"its parent {snap.parent!r} is not the snapshot it was"
+                                   " made against (it was replaced?)")
+        return parent
+
+    def materialize(self, snap: Snapshot, cache_root: Path) -> Path:
+        """A directory with ``state`` and a full ``mem`` for restoring ``snap``.
+
+        For a "diff" snapshot the full RAM file is built once from the parent and
+        the diff, under ``cache_root`` (keyed by the diff's sha256) and reused by
+        every later restore. Raises SnapshotCorrupt.
+        """
+        if snap.ram != "diff":
+            return snap.path
+        from sandvm.snapshots.diff import apply_diff
+
+        key: str = snap.files["mem.diff"]["sha256"][:32]
+        done = cache_root / key
+        if (done / "mem").exists():
+            return done
+        parent = self.parent_of(snap)
+        self.verify(parent, full=False)
+        cache_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache_root))
+        try:
+            apply_diff(parent.path / "mem", snap.path / "mem.diff", tmp / "mem")
+            shutil.copyfile(snap.path / "state", tmp / "state")
+            try:
+                os.rename(tmp, done)
+            except OSError:  # built concurrently by someone else: use theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return done
 
     def clean_staging(self, *, older_than: float = 3600.0) -> builtins.list[Path]:
         """Remove leftovers of interrupted saves and deletions (not those in progress)."""

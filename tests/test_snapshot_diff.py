@@ -1,0 +1,74 @@
+"""RAM diffs: pages that differ from a parent, applied back exactly, damage refused."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from sandvm.errors import SnapshotCorrupt
+from sandvm.snapshots.diff import PAGE, apply_diff, write_diff
+
+
+def _ram(path: Path, pages: dict[int, bytes], size: int = 64 * PAGE) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for idx, data in pages.items():
+            f.seek(idx * PAGE)
+            f.write(data)
+
+
+def test_roundtrip_stores_only_changed_pages(tmp_path: Path) -> None:
+    base, new = tmp_path / "base", tmp_path / "new"
+    same = os.urandom(PAGE)
+    _ram(base, {0: same, 5: os.urandom(PAGE), 40: os.urandom(PAGE)})
+    _ram(new, {0: same, 5: os.urandom(PAGE), 41: os.urandom(PAGE)})  # 5 changed, 40 zeroed
+    diff = tmp_path / "mem.diff"
+    assert write_diff(base, new, diff) == 3  # pages 5, 40 and 41
+    assert diff.stat().st_size < 4 * (PAGE + 8) + 64
+    out = tmp_path / "out"
+    assert apply_diff(base, diff, out) == 3
+    assert out.read_bytes() == new.read_bytes()
+
+
+def test_identical_memory_gives_an_empty_diff(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    _ram(base, {3: os.urandom(PAGE)})
+    diff = tmp_path / "d"
+    assert write_diff(base, base, diff) == 0
+    out = tmp_path / "out"
+    assert apply_diff(base, diff, out) == 0
+    assert out.read_bytes() == base.read_bytes()
+
+
+def test_damaged_diffs_are_refused(tmp_path: Path) -> None:
+    base, new = tmp_path / "base", tmp_path / "new"
+    _ram(base, {})
+    _ram(new, {1: b"x" * PAGE, 2: b"y" * PAGE})
+    diff = tmp_path / "d"
+    write_diff(base, new, diff)
+    good = diff.read_bytes()
+    head = 8 + 4 + 8
+    cases = {
+        "truncated": good[:-20],
+        "bad magic": b"NOTADIFF" + good[8:],
+        "out of order": good[:head] + struct.pack("<Q", 2) + good[head + 8:head + 8 + PAGE]
+        + struct.pack("<Q", 1) + good[head + 8 + PAGE + 8:],
+        "index past the end": good[:head] + struct.pack("<Q", 10**9) + good[head + 8:],
+        "bad count": good[:-8] + struct.pack("<Q", 7),
+        "trailing garbage": good + b"!",
+    }
+    for why, data in cases.items():
+        diff.write_bytes(data)
+        with pytest.raises(SnapshotCorrupt):
+            apply_diff(base, diff, tmp_path / f"out-{why}")
+
+
+def test_size_mismatch_refused(tmp_path: Path) -> None:
+    base, new = tmp_path / "base", tmp_path / "new"
+    _ram(base, {}, size=8 * PAGE)
+    _ram(new, {}, size=16 * PAGE)
+    with pytest.raises(ValueError, match="differ in size"):
+        write_diff(base, new, tmp_path / "d")
