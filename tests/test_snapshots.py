@@ -250,7 +250,13 @@ def test_diff_snapshot_stores_only_changes(tmp_path: Path) -> None:
         assert len(c.files.read("/root/extra.bin", format="bytes")) == 100_000
     with Sandbox.from_snapshot("full", store=store) as c:
         assert c.files.read("/root/gen") == "one"
-    # a diff whose parent was replaced is refused
+    from sandvm.snapshots.store import materialized_root
+
+    cached = materialized_root() / diff.files["mem.diff"]["sha256"][:32]
+    assert (cached / "mem").exists()
+    # a diff whose parent is gone is refused
     store.remove("full")
-    with pytest.raises(SnapshotNotFound):
+    with pytest.raises(SnapshotNotFound, match="parent"):
         Sandbox.from_snapshot("diff", store=store, verify="full")
+    store.remove("diff")
+    assert not cached.exists()  # its built RAM image went with it

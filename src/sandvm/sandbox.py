@@ -607,8 +607,7 @@ class AsyncSandbox:
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         assets, accel = await prov._resolve()
         _check_compatible(snap, accel, await _qemu_version(assets.qemu))
-        source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap,
-                                         runtime_root() / "materialized")
+        source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap)
         sid = sandbox_id or new_id("sb")
         await prov.create_vm_with_spec(sid, snap.spec)
         return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sandvm._files import runtime_root
 from sandvm.assets import sandvm_home
 from sandvm.core import VmSpec, validate_vm_id
 from sandvm.errors import (
@@ -247,6 +248,11 @@ class SnapshotStore:
         path = self._dir(name)
         if not path.is_dir():
             raise SnapshotNotFound(f"no snapshot named {name!r} in {self.root}")
+        with contextlib.suppress(SnapshotCorrupt, SnapshotIncompatible, InvalidSpec, OSError):
+            snap = self.load(path)
+            if snap.ram == "diff":  # its full RAM image, built for restores
+                shutil.rmtree(materialized_root() / snap.files["mem.diff"]["sha256"][:32],
+                              ignore_errors=True)
         # rename first so a half-deleted directory never looks like a snapshot
         trash = self.root / f".trash-{name}-{os.getpid()}-{time.monotonic_ns()}"
         os.rename(path, trash)
@@ -332,7 +338,7 @@ class SnapshotStore:
                                    " made against (it was replaced?)")
         return parent
 
-    def materialize(self, snap: Snapshot, cache_root: Path) -> Path:
+    def materialize(self, snap: Snapshot, cache_root: Path | None = None) -> Path:
         """A directory with ``state`` and a full ``mem`` for restoring ``snap``.
 
         For a "diff" snapshot the full RAM file is built once from the parent and
@@ -343,6 +349,7 @@ class SnapshotStore:
             return snap.path
         from sandvm.snapshots.diff import apply_diff
 
+        cache_root = cache_root or materialized_root()
         key: str = snap.files["mem.diff"]["sha256"][:32]
         done = cache_root / key
         if (done / "mem").exists():
@@ -375,6 +382,11 @@ class SnapshotStore:
                             shutil.rmtree(p, ignore_errors=True)
                             removed.append(p)
         return removed
+
+
+def materialized_root() -> Path:
+    """Where full RAM images built from diff snapshots are cached (tmpfs)."""
+    return runtime_root() / "materialized"
 
 
 def _fsync(path: Path) -> None:
