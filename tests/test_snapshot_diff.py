@@ -72,3 +72,18 @@ def test_size_mismatch_refused(tmp_path: Path) -> None:
     _ram(new, {}, size=16 * PAGE)
     with pytest.raises(ValueError, match="differ in size"):
         write_diff(base, new, tmp_path / "d")
+
+
+def test_copy_into_a_preallocated_file_keeps_content_and_holes(tmp_path: Path) -> None:
+    from sandvm._files import data_extents, preallocate_like, sparse_copy
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _ram(src, {1: os.urandom(PAGE), 30: os.urandom(PAGE)})
+    preallocate_like(src, dst)
+    # the source changes after the destination was laid out: a page is dropped (a
+    # hole again) and another one appears
+    _ram(src, {1: os.urandom(PAGE), 50: os.urandom(PAGE)})
+    sparse_copy(src, dst, into_existing=True)
+    assert dst.read_bytes() == src.read_bytes()
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert data_extents(a.fileno()) == data_extents(b.fileno())

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandvm._files import move_file, runtime_root, sparse_copy
+from sandvm._files import move_file, preallocate_like, runtime_root, sparse_copy
 from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.assets import Assets, find_assets, sandvm_home
 from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
@@ -501,6 +501,9 @@ class QemuVm:
         Raises QmpError.
         """
         assert self.rundir is not None
+        copy_ram = not take_memory and not self.private_ram
+        if copy_ram:  # allocate the copy's pages before pausing, not during the pause
+            await asyncio.to_thread(preallocate_like, self.rundir / "mem", dest / "mem")
         await self._qmp("stop")
         # both ends must agree on x-ignore-shared: on for "file" snapshots, off when
         # the RAM travels in the stream
@@ -527,7 +530,8 @@ class QemuVm:
         if take_memory:
             await asyncio.to_thread(move_file, self.rundir / "mem", dest / "mem")
         else:
-            await asyncio.to_thread(sparse_copy, self.rundir / "mem", dest / "mem")
+            await asyncio.to_thread(sparse_copy, self.rundir / "mem", dest / "mem",
+                                    into_existing=copy_ram)
 
     async def shutdown(self) -> None:
         """Kill QEMU (if running) and remove everything it had. Idempotent."""
