@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import stat as stat_mod
@@ -77,11 +78,11 @@ def preallocate_like(src: Path, dst: Path) -> None:
 _FALLOC_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
-def _punch_hole(fd: int, start: int, length: int) -> None:
-    import ctypes
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.fallocate(fd, _FALLOC_PUNCH_HOLE, ctypes.c_long(start), ctypes.c_long(length)):
+
+def _punch_hole(fd: int, start: int, length: int) -> None:
+    if _LIBC.fallocate(fd, _FALLOC_PUNCH_HOLE, ctypes.c_long(start), ctypes.c_long(length)):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
