@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sandvm.errors import ConfigError
 
-__all__ = ["data_extents", "move_file", "preallocate_like", "runtime_root", "sparse_copy"]
+__all__ = ["LIBC", "data_extents", "move_file", "preallocate_like", "runtime_root", "sparse_copy"]
 
 
 def runtime_root() -> Path:
@@ -78,11 +78,11 @@ def preallocate_like(src: Path, dst: Path) -> None:
 _FALLOC_PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC = ctypes.CDLL(None, use_errno=True)  # resolved once (never in a forked child)
 
 
 def _punch_hole(fd: int, start: int, length: int) -> None:
-    if _LIBC.fallocate(fd, _FALLOC_PUNCH_HOLE, ctypes.c_long(start), ctypes.c_long(length)):
+    if LIBC.fallocate(fd, _FALLOC_PUNCH_HOLE, ctypes.c_long(start), ctypes.c_long(length)):
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandvm.assets.paths import find_qemu, read_manifest, sandvm_home
+from sandvm.assets.paths import find_qemu, qemu_version, read_manifest, sandvm_home
 from sandvm.errors import SandvmError
 
 HEALTHY = "healthy"
@@ -55,9 +55,7 @@ async def build_report(*, refresh: bool = False) -> Report:
                         "fix": "run `make setup` or `apt-get install qemu-system-x86`"})
     else:
         try:
-            out = subprocess.run([str(qemu_path), "--version"], capture_output=True, text=True,
-                                 timeout=10, check=False).stdout
-            qemu["version"] = out.splitlines()[0] if out else None
+            qemu["version"] = qemu_version(qemu_path)
             machines = subprocess.run([str(qemu_path), "-machine", "help"], capture_output=True,
                                       text=True, timeout=10, check=False).stdout
             qemu["microvm"] = "microvm" in machines

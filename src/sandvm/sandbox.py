@@ -31,6 +31,7 @@ from typing import Any, Literal, overload
 from sandvm import _portal, wire
 from sandvm._files import move_file, runtime_root
 from sandvm.agent_client import AgentConnection, HostStream
+from sandvm.assets.paths import qemu_version
 from sandvm.core import VmSpec, check_guest_path, new_id, parse_memory
 from sandvm.errors import (
     AgentProtocolError,
@@ -658,9 +659,8 @@ class AsyncSandbox:
             resumed = time.monotonic() - t0
             if stop:
                 await self.kill()
-            else:  # the guest clock stood still while the VM was paused
-                await self._conn().call({"op": "configure", "time_ns": time.time_ns()},
-                                        timeout=self.op_timeout)
+            else:
+                await self._step_clock()
             if parent_snap is not None:
                 await asyncio.to_thread(write_diff, parent_snap.path / "mem", fast / "mem",
                                         staging / "mem.diff")
@@ -750,10 +750,14 @@ class AsyncSandbox:
     async def resume(self) -> None:
         """Let a paused VM run again, its clock stepped to the host's (it stood still
         while paused). Raises SandboxStateError."""
-        conn = self._conn()
+        self._conn()
         await self._vm.resume()
-        await conn.call({"op": "configure", "time_ns": time.time_ns()},
-                        timeout=self.op_timeout)
+        await self._step_clock()
+
+    async def _step_clock(self) -> None:
+        """The guest clock stood still while the VM was paused: set it to the host's."""
+        await self._conn().call({"op": "configure", "time_ns": time.time_ns()},
+                                timeout=self.op_timeout)
 
     def _conn(self) -> AgentConnection:
         if self._closed:
@@ -801,18 +805,9 @@ class AsyncSandbox:
         await self.kill()
 
 
-_QEMU_VERSIONS: dict[str, str] = {}
-
-
 async def _qemu_version(qemu: Path) -> str:
     """`qemu-system-x86_64 --version`'s first line (cached per binary)."""
-    key = str(qemu)
-    if key not in _QEMU_VERSIONS:
-        proc = await asyncio.create_subprocess_exec(
-            key, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
-        out, _ = await proc.communicate()
-        _QEMU_VERSIONS[key] = out.decode(errors="replace").splitlines()[0] if out else "?"
-    return _QEMU_VERSIONS[key]
+    return await asyncio.to_thread(qemu_version, qemu) or "?"
 
 
 def _version() -> str:
@@ -821,17 +816,17 @@ def _version() -> str:
     return __version__
 
 
-def _check_compatible(snap: Snapshot, accel: str, qemu_version: str) -> None:
+def _check_compatible(snap: Snapshot, accel: str, host_qemu: str) -> None:
     """Raise SnapshotIncompatible unless this host can load ``snap``'s device state."""
     if snap.accelerator and snap.accelerator != accel:
         raise SnapshotIncompatible(
             f"snapshot {snap.name} was taken under {snap.accelerator}; this host runs VMs"
             f" under {accel} (CPU state differs): set SANDVM_ACCEL={snap.accelerator}"
             " or take the snapshot here")
-    if snap.qemu_version != qemu_version:
+    if snap.qemu_version != host_qemu:
         raise SnapshotIncompatible(
             f"snapshot {snap.name} was taken with {snap.qemu_version!r}; this host has"
-            f" {qemu_version!r}: take the snapshot again with this QEMU")
+            f" {host_qemu!r}: take the snapshot again with this QEMU")
 
 
 # --------------------------------------------------------------------------- sync surface

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,17 @@ def find_qemu() -> Path | None:
         return Path(env) if Path(env).exists() else None
     found = shutil.which(QEMU_BINARY)
     return Path(found) if found else None
+
+
+@functools.lru_cache(maxsize=8)
+def qemu_version(qemu: Path) -> str | None:
+    """The first line of `qemu --version` (cached per binary), or None if it fails."""
+    try:
+        out = subprocess.run([str(qemu), "--version"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.splitlines()[0] if out else None
 
 
 def read_manifest(home: Path | None = None) -> dict[str, str] | None:

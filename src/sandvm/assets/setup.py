@@ -13,7 +13,6 @@ import os
 import py_compile
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
@@ -445,7 +444,3 @@ def run_setup(progress: Callable[[str, str], None] | None = None) -> list[tuple[
         note(outcome)
         results.append((s.name, outcome))
     return results
-
-
-def file_mode_ok(p: Path) -> bool:
-    return p.exists() and bool(p.stat().st_mode & stat.S_IRUSR)

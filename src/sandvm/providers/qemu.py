@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandvm._files import move_file, preallocate_like, runtime_root, sparse_copy
+from sandvm._files import LIBC, move_file, preallocate_like, runtime_root, sparse_copy
 from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.assets import Assets, find_assets, sandvm_home
 from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
@@ -115,12 +114,9 @@ def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
     return removed
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)  # resolved here, not in the forked child
-
-
 def _set_pdeathsig() -> None:
     # QEMU dies with the thread that started it: no orphaned VMs if we are killed
-    _LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 # every booted VM until its shutdown: killed at interpreter exit whatever loop it ran on
