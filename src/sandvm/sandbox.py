@@ -653,9 +653,10 @@ class AsyncSandbox:
             try:
                 await self._vm.save_state(fast, take_memory=stop)
             finally:
-                paused = time.monotonic() - t0
                 if not stop and self._vm.failure is None and not self._closed:
                     await self._vm.resume()
+                # the vCPUs ran until ``stop`` and run again once ``cont`` returns
+                paused = time.monotonic() - (self._vm.stopped_at or t0)
             resumed = time.monotonic() - t0
             if stop:
                 await self.kill()
