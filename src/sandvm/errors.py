@@ -25,6 +25,15 @@ will return, so callers can match on it across versions::
     │   ├── SnapshotNotFound (snapshot_not_found)
     │   ├── SnapshotCorrupt (snapshot_corrupt)          truncated, altered, not a snapshot
     │   └── SnapshotIncompatible (snapshot_incompatible) other QEMU/format/accelerator
+    ├── ImageError (image_error)                images, layers, registries, volumes
+    │   ├── ImageNotFound (image_not_found)     no such image, tag or blob
+    │   ├── ImageInvalid (image_invalid)        a manifest, config or layer that is wrong or unsafe
+    │   ├── ImageTooLarge (image_too_large)     a caps (bytes, entries) exceeded: tar bombs
+    │   ├── DigestMismatch (digest_mismatch)    content does not match its digest or size
+    │   ├── RegistryError (registry_error)      HTTP/auth failures talking to a registry
+    │   ├── VolumeNotFound (volume_not_found)
+    │   ├── VolumeExists (volume_exists)
+    │   └── VolumeInUse (volume_in_use)         a second read-write attach
     ├── PoolError (pool_error)
     │   ├── PoolExhausted (pool_exhausted)      no VM became ready within the timeout
     │   └── PoolClosed (pool_closed)
@@ -71,11 +80,17 @@ __all__ = [
     "InvalidPath",
     "InvalidSpec",
     "InvalidTransition",
+    "DigestMismatch",
+    "ImageError",
+    "ImageInvalid",
+    "ImageNotFound",
+    "ImageTooLarge",
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
     "ProviderError",
     "QmpError",
+    "RegistryError",
     "SandboxStateError",
     "SandvmError",
     "SetupError",
@@ -91,6 +106,9 @@ __all__ = [
     "VmCrashed",
     "VmError",
     "VmNotFound",
+    "VolumeExists",
+    "VolumeInUse",
+    "VolumeNotFound",
     "error_class_for_code",
 ]
 
@@ -231,6 +249,56 @@ class SnapshotIncompatible(SnapshotError):
     """The snapshot was made by another format version, QEMU or accelerator."""
 
     code = "snapshot_incompatible"
+
+
+class ImageError(SandvmError):
+    """Images, their layers and registries, and volumes."""
+
+    code = "image_error"
+
+
+class ImageNotFound(ImageError):
+    """No such image, tag, manifest or blob (locally or in the registry)."""
+
+    code = "image_not_found"
+
+
+class ImageInvalid(ImageError):
+    """A manifest, config or layer that is malformed, unsupported or unsafe."""
+
+    code = "image_invalid"
+
+
+class ImageTooLarge(ImageError):
+    """A size or entry-count cap was exceeded (tar bombs, oversized manifests)."""
+
+    code = "image_too_large"
+
+
+class DigestMismatch(ImageError):
+    """Content does not match its declared digest or size."""
+
+    code = "digest_mismatch"
+
+
+class RegistryError(ImageError):
+    """An OCI registry refused or failed a request (auth, HTTP status, transport)."""
+
+    code = "registry_error"
+
+
+class VolumeNotFound(ImageError):
+    code = "volume_not_found"
+
+
+class VolumeExists(ImageError):
+    code = "volume_exists"
+
+
+class VolumeInUse(ImageError):
+    """The volume is already attached read-write to another sandbox."""
+
+    code = "volume_in_use"
 
 
 class PoolError(SandvmError):

@@ -1,0 +1,1 @@
+"""Images: OCI sources (layout, archive, registry), layer flattening, ext4 rootfs, cache."""

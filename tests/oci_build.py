@@ -1,0 +1,185 @@
+"""Build OCI image layouts (and docker-archive tars) for tests, from Python data.
+
+    layer = [File("etc/motd", b"hi", mode=0o644), Dir("opt"), Symlink("bin/sh", "busybox")]
+    digest = build_layout(tmp / "layout", [layer], config={"Env": ["A=1"]}, tag="latest")
+
+Entries are written exactly as given (no checks): tests use this to build hostile
+layers too (``../`` names, whiteouts, bombs).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
+
+
+@dataclass
+class File:
+    name: str
+    data: bytes = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    xattrs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Dir:
+    name: str
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass
+class Symlink:
+    name: str
+    target: str
+
+
+@dataclass
+class Hardlink:
+    name: str
+    target: str
+
+
+@dataclass
+class Device:
+    name: str
+    major: int
+    minor: int
+    char: bool = True
+    mode: int = 0o666
+
+
+Entry = File | Dir | Symlink | Hardlink | Device
+
+
+def layer_tar(entries: list[Entry]) -> bytes:
+    """An uncompressed PAX tar of ``entries``, in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for e in entries:
+            ti = tarfile.TarInfo(e.name)
+            ti.mtime = 1_700_000_000
+            data = None
+            if isinstance(e, File):
+                ti.size, ti.mode, ti.uid, ti.gid = len(e.data), e.mode, e.uid, e.gid
+                ti.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in e.xattrs.items()}
+                data = io.BytesIO(e.data)
+            elif isinstance(e, Dir):
+                ti.type, ti.mode, ti.uid, ti.gid = tarfile.DIRTYPE, e.mode, e.uid, e.gid
+            elif isinstance(e, Symlink):
+                ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e.target, 0o777
+            elif isinstance(e, Hardlink):
+                ti.type, ti.linkname = tarfile.LNKTYPE, e.target
+            else:
+                ti.type = tarfile.CHRTYPE if e.char else tarfile.BLKTYPE
+                ti.devmajor, ti.devminor, ti.mode = e.major, e.minor, e.mode
+            t.addfile(ti, data)
+    return buf.getvalue()
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _put(blobs: Path, data: bytes) -> dict[str, object]:
+    d = _digest(data)
+    (blobs / d.split(":")[1]).write_bytes(data)
+    return {"digest": d, "size": len(data)}
+
+
+def image_config(config: dict[str, object] | None, diff_ids: list[str]) -> bytes:
+    return json.dumps({
+        "architecture": "amd64", "os": "linux", "config": config or {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }).encode()
+
+
+def build_layout(dest: Path, layers: list[list[Entry]], *, config: dict[str, object] | None = None,
+                 tag: str = "latest", gzip_layers: bool = True,
+                 extra_platforms: tuple[str, ...] = ()) -> str:
+    """Write an OCI image layout at ``dest``; return the image manifest's digest.
+
+    ``extra_platforms`` (e.g. ``("linux/arm64",)``) wraps the manifest in an index
+    that also lists manifests for other platforms, so tests can check the choice of
+    linux/amd64. ``tag`` becomes the ``org.opencontainers.image.ref.name``.
+    """
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    layer_descs, diff_ids = [], []
+    for entries in layers:
+        raw = layer_tar(entries)
+        diff_ids.append(_digest(raw))
+        blob = gzip.compress(raw, mtime=0) if gzip_layers else raw
+        layer_descs.append({"mediaType": LAYER_GZIP if gzip_layers else LAYER_TAR,
+                            **_put(blobs, blob)})
+    cfg = _put(blobs, image_config(config, diff_ids))
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": OCI_CONFIG, **cfg},
+                           "layers": layer_descs}).encode()
+    mdesc = {"mediaType": OCI_MANIFEST, **_put(blobs, manifest),
+             "platform": {"architecture": "amd64", "os": "linux"}}
+    manifests = []
+    for plat in extra_platforms:
+        os_, arch = plat.split("/")
+        other = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                            "config": {"mediaType": OCI_CONFIG, **cfg}, "layers": [],
+                            "arch": arch}).encode()
+        manifests.append({"mediaType": OCI_MANIFEST, **_put(blobs, other),
+                          "platform": {"architecture": arch, "os": os_}})
+    manifests.append(mdesc)
+    if extra_platforms:
+        index_doc = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                "manifests": manifests}).encode()
+        top = {"mediaType": OCI_INDEX, **_put(blobs, index_doc)}
+    else:
+        top = dict(mdesc)
+    top["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                                 "manifests": [top]}))
+    return str(mdesc["digest"])
+
+
+def layout_to_tar(layout: Path, out: Path) -> Path:
+    """An OCI layout directory packed as a tar (what ``sandvm image load`` accepts)."""
+    with tarfile.open(out, "w") as t:
+        for p in sorted(layout.rglob("*")):
+            t.add(p, arcname=str(p.relative_to(layout)), recursive=False)
+    return out
+
+
+def build_docker_archive(out: Path, layers: list[list[Entry]], *,
+                         config: dict[str, object] | None = None,
+                         repo_tag: str = "tools/py:1") -> Path:
+    """A `docker save` style archive (manifest.json, <id>.json, <layer>/layer.tar)."""
+    raws = [layer_tar(e) for e in layers]
+    cfg = image_config(config, [_digest(r) for r in raws])
+    cfg_name = hashlib.sha256(cfg).hexdigest() + ".json"
+    with tarfile.open(out, "w") as t:
+        def add(name: str, data: bytes) -> None:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+        names = []
+        for raw in raws:
+            name = hashlib.sha256(raw).hexdigest() + "/layer.tar"
+            add(name, raw)
+            names.append(name)
+        add(cfg_name, cfg)
+        add("manifest.json", json.dumps([{"Config": cfg_name, "RepoTags": [repo_tag],
+                                          "Layers": names}]).encode())
+    return out
