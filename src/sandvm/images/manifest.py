@@ -65,6 +65,8 @@ def descriptor(obj: Any, what: str) -> Descriptor:
     mt, digest, size = obj.get("mediaType"), obj.get("digest"), obj.get("size")
     if not isinstance(mt, str) or not mt:
         raise ImageInvalid(f"{what}: descriptor without a mediaType")
+    if not isinstance(digest, str):
+        raise ImageInvalid(f"{what}: descriptor without a digest")
     parse_digest(digest)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise ImageInvalid(f"{what}: descriptor size must be a non-negative integer")
