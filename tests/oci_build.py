@@ -63,7 +63,13 @@ class Device:
     mode: int = 0o666
 
 
-Entry = File | Dir | Symlink | Hardlink | Device
+@dataclass
+class Fifo:
+    name: str
+    mode: int = 0o644
+
+
+Entry = File | Dir | Symlink | Hardlink | Device | Fifo
 
 
 def layer_tar(entries: list[Entry]) -> bytes:
@@ -84,6 +90,8 @@ def layer_tar(entries: list[Entry]) -> bytes:
                 ti.type, ti.linkname, ti.mode = tarfile.SYMTYPE, e.target, 0o777
             elif isinstance(e, Hardlink):
                 ti.type, ti.linkname = tarfile.LNKTYPE, e.target
+            elif isinstance(e, Fifo):
+                ti.type, ti.mode = tarfile.FIFOTYPE, e.mode
             else:
                 ti.type = tarfile.CHRTYPE if e.char else tarfile.BLKTYPE
                 ti.devmajor, ti.devminor, ti.mode = e.major, e.minor, e.mode

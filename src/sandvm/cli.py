@@ -18,10 +18,11 @@ import click
 if TYPE_CHECKING:
     from sandvm.sandbox import AsyncSandbox
 
-from sandvm.core import check_guest_path, parse_memory
+from sandvm.core import check_guest_path, parse_memory, parse_size
 from sandvm.errors import (
     CommandNotFound,
     CommandTimeout,
+    InvalidSpec,
     SandvmError,
     SnapshotAlreadyExists,
 )
@@ -30,7 +31,7 @@ from sandvm.errors import (
 def _fail(exc: SandvmError) -> None:
     click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
     sys.exit(2 if exc.code in ("invalid_config", "invalid_spec", "invalid_path",
-                               "unknown_image") else 1)
+                               "unknown_image", "image_not_found") else 1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,7 +131,8 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
         yield data
 
 
-async def _start(*, image: str, memory: int, cpus: int, source: str | None) -> AsyncSandbox:
+async def _start(*, image: str, memory: int, cpus: int, source: str | None,
+                 disk_size: str | None = None) -> AsyncSandbox:
     """A new sandbox: booted, or restored from snapshot ``source``."""
     from sandvm.sandbox import AsyncSandbox
 
@@ -140,14 +142,24 @@ async def _start(*, image: str, memory: int, cpus: int, source: str | None) -> A
         return await AsyncSandbox.from_snapshot(source)
     if sys.stderr.isatty():
         click.echo("sandvm: booting microVM…", err=True)
-    return await AsyncSandbox.create(image=image, memory_mib=memory, vcpus=cpus)
+    return await AsyncSandbox.create(image=image, memory_mib=memory, vcpus=cpus,
+                                     disk_size=disk_size)
 
 
 async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: float | None,
                env: dict[str, str], workdir: str | None, interactive: bool,
-               source: str | None = None, snapshot_to: str | None = None) -> int:
-    sb = await _start(image=image, memory=memory, cpus=cpus, source=source)
+               source: str | None = None, snapshot_to: str | None = None,
+               disk_size: str | None = None, user: str | None = None) -> int:
+    sb = await _start(image=image, memory=memory, cpus=cpus, source=source,
+                      disk_size=disk_size)
     loop = asyncio.get_running_loop()
+    if not cmd:  # the image's Entrypoint + Cmd
+        cfg = (sb._image or {}).get("config") or {}
+        cmd = [*cfg.get("entrypoint", []), *cfg.get("cmd", [])]
+        if not cmd:
+            await sb.kill()
+            raise InvalidSpec(f"image {image!r} has no Entrypoint or Cmd: give a command"
+                              " after --, e.g. sandvm run -- uname -a")
     interrupted = 0
     try:
         def out(text: str) -> None:
@@ -161,7 +173,7 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
         stdin: Any = _stdin_chunks() if interactive else None
         handle = await sb.commands.run(cmd, env=env or None, cwd=workdir, timeout=timeout,
                                        on_stdout=out, on_stderr=err, stdin=stdin,
-                                       background=True, check=False)
+                                       background=True, check=False, user=user)
         if not interactive:
             await handle.close_stdin()
         done = asyncio.Event()
@@ -223,27 +235,35 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
 @click.option("--from", "source", default=None, metavar="SNAPSHOT",
               help="Restore from this snapshot instead of booting.")
-@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--disk-size", default=None, metavar="SIZE",
+              help="Root disk size for an image, e.g. 2G (default 4G, sparse).")
+@click.option("-u", "--user", default=None, metavar="USER[:GROUP]",
+              help="Run as this user of the image (default: the image's User).")
+@click.argument("cmd", nargs=-1, required=False, type=click.UNPROCESSED)
 def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[str, ...],
-        workdir: str | None, interactive: bool, source: str | None,
-        cmd: tuple[str, ...]) -> None:
+        workdir: str | None, interactive: bool, source: str | None, disk_size: str | None,
+        user: str | None, cmd: tuple[str, ...]) -> None:
     """Boot a microVM (or restore one --from a snapshot), run CMD in it, stream its
-    output, exit with its exit code.
+    output, exit with its exit code. Without CMD, an image's Entrypoint and Cmd run.
 
-    Example: sandvm run -- python3 -c "print(1)"
+    Examples: sandvm run -- python3 -c "print(1)";
+    sandvm run --image oci:./layout:latest -- env
     """
     argv = list(cmd)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    if not argv:
+    if not argv and image == "base" and source is None:
         raise click.UsageError("give a command after --, e.g. sandvm run -- uname -a")
     try:
         mem = parse_memory(memory)
         if workdir is not None:
             check_guest_path(workdir)  # before booting anything
+        if disk_size is not None:
+            parse_size(disk_size, what="--disk-size")
         code = asyncio.run(_run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
                                 env=_parse_env(envs), workdir=workdir,
-                                interactive=interactive, source=source))
+                                interactive=interactive, source=source,
+                                disk_size=disk_size, user=user))
     except CommandNotFound as exc:
         click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
         code = 127
@@ -259,9 +279,6 @@ def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[s
         code = 141
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    main()
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -375,3 +392,163 @@ def snapshot_verify(names: tuple[str, ...]) -> None:
             click.echo(f"{n}: {exc.code}: {exc.message}")
             bad += 1
     sys.exit(1 if bad else 0)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+@contextlib.contextmanager
+def _progress(label: str) -> Any:
+    """A rich progress bar on a TTY (``update(done, total)``), silence otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                  TimeRemainingColumn(), transient=True) as prog:
+        tasks: dict[str, Any] = {}
+
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = prog.add_task(f"{label} {what[:40]}", total=total or None)
+            prog.update(tasks[what], completed=done, total=total or None)
+        yield update
+
+
+@contextlib.contextmanager
+def _build_progress() -> Any:
+    """Progress of a root filesystem build as ``(done, total)``; None off a TTY."""
+    with _progress("build") as prog:
+        yield (lambda done, total: prog("rootfs", done, total)) if prog else None
+
+
+def _echo_image(img: Any) -> None:
+    click.echo(f"{img.name} {img.manifest_digest} (rootfs {_human(img.rootfs_bytes)})")
+
+
+def _image_line(img: Any) -> str:
+    return (f"{img.name}  {img.manifest_digest[:19]}  layers {_human(img.layers_bytes)}"
+            f"  rootfs {_human(img.rootfs_bytes)}")
+
+
+@main.group()
+def image() -> None:
+    """Images: pull from a registry, load archives and layouts, list, remove, prune."""
+
+
+@image.command("pull")
+@click.argument("ref")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Allow plain HTTP to this registry (loopback ones always are).")
+@click.option("--username", default=None, envvar="SANDVM_REGISTRY_USER")
+@click.option("--password", default=None, envvar="SANDVM_REGISTRY_PASSWORD")
+def image_pull(ref: str, insecure: tuple[str, ...], username: str | None,
+               password: str | None) -> None:
+    """Pull REF (e.g. 127.0.0.1:5000/tools/py:3.11) and build its root filesystem."""
+    from sandvm.images.registry import parse_reference, pull
+    from sandvm.images.store import ImageStore
+
+    try:
+        store = ImageStore()
+        name = str(parse_reference(ref))
+        with _progress("pull") as prog:
+            imported = pull(ref, store.blobs, insecure_registries=insecure,
+                            username=username, password=password, progress=prog)
+        with _build_progress() as prog:
+            img = store.add_pulled(name, imported, source=f"registry:{name}", progress=prog)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    _echo_image(img)
+
+
+@image.command("load")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--name", default=None, help="Name for the image (default: its tag).")
+@click.option("--ref", default=None, help="Which image of the archive (its tag or RepoTag).")
+def image_load(path: str, name: str | None, ref: str | None) -> None:
+    """Load a `docker save` archive, an OCI layout tar or an OCI layout directory."""
+    from pathlib import Path
+
+    from sandvm.images.store import ImageStore
+
+    try:
+        with _build_progress() as prog:
+            img = ImageStore().load(Path(path), name=name, ref=ref, progress=prog)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    _echo_image(img)
+
+
+@image.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def image_ls(as_json: bool) -> None:
+    """List images with the size of their layers and of their built root filesystem."""
+    from dataclasses import asdict
+
+    from sandvm.images.store import ImageStore
+
+    try:
+        images = ImageStore().ls()
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([asdict(i) for i in images], indent=2))
+        return
+    click.echo("base  (built in: runs from memory)")
+    for img in images:
+        click.echo(_image_line(img))
+
+
+@image.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def image_rm(names: tuple[str, ...]) -> None:
+    """Remove images by name (blobs other images share are kept)."""
+    from sandvm.images.store import ImageStore
+
+    store = ImageStore()
+    code = 0
+    for n in names:
+        try:
+            store.rm(n)
+            click.echo(f"removed {n}")
+        except SandvmError as exc:
+            click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
+            code = 1
+    sys.exit(code)
+
+
+@image.command("prune")
+def image_prune() -> None:
+    """Remove blobs, root filesystems and partial downloads no image uses."""
+    from sandvm.images.store import ImageStore
+
+    try:
+        freed = ImageStore().prune()
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    click.echo(f"freed {_human(freed)}")
+
+
+if __name__ == "__main__":
+    main()

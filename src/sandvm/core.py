@@ -19,12 +19,15 @@ __all__ = [
     "MAX_MEMORY_MIB",
     "MAX_VCPUS",
     "MIN_MEMORY_MIB",
+    "ROOT_DISK",
+    "DiskSpec",
     "VmSpec",
     "VmState",
     "VmView",
     "check_guest_path",
     "new_id",
     "parse_memory",
+    "parse_size",
     "validate_vm_id",
 ]
 
@@ -36,6 +39,9 @@ MAX_VCPUS = 16
 BUILTIN_IMAGES = ("base",)
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_SERIAL_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+ROOT_DISK = "root"  # serial of the disk a sandbox's image root filesystem is on
 
 
 class VmState(enum.Enum):
@@ -84,6 +90,23 @@ def parse_memory(value: str | int) -> int:
     return mib
 
 
+def parse_size(value: str | int, *, what: str = "size") -> int:
+    """Parse a byte size (``1073741824``, ``"512M"``, ``"1G"``, ``"1GiB"``) into bytes."""
+    if isinstance(value, bool):
+        raise InvalidSpec(f"invalid {what} {value!r}: give bytes or a size like '1G'")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([KkMmGgTt]?)(?:i?[Bb])?\s*", str(value))
+        if not m:
+            raise InvalidSpec(f"invalid {what} {value!r}: give bytes or a size like '512M'"
+                              " or '1G'")
+        n = int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    if n <= 0:
+        raise InvalidSpec(f"{what} must be positive, got {value!r}")
+    return n
+
+
 def check_guest_path(path: str) -> str:
     """Return ``path`` if it is an absolute guest path; raise InvalidPath otherwise."""
     if not isinstance(path, str) or not path.startswith("/"):
@@ -96,20 +119,66 @@ def check_guest_path(path: str) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DiskSpec:
+    """A virtio-blk disk: a host file the guest finds by ``serial``.
+
+    With ``overlay_size`` the VM gets a private qcow2 overlay of that many bytes
+    over ``path`` (which QEMU then only reads); without, ``path`` is attached as is.
+    """
+
+    serial: str
+    path: str
+    format: str = "raw"
+    read_only: bool = False
+    overlay_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.serial, str) or not _SERIAL_RE.fullmatch(self.serial):
+            raise InvalidSpec(f"disk serial {self.serial!r}: use 1-20 of a-z, 0-9 and '-'")
+        if not isinstance(self.path, str) or not self.path.startswith("/") \
+                or any(c in self.path for c in ",\x00\n"):
+            raise InvalidSpec(f"disk path {self.path!r} must be absolute, without ',' or"
+                              " newlines")
+        if self.format not in ("raw", "qcow2"):
+            raise InvalidSpec(f"disk format {self.format!r}: use 'raw' or 'qcow2'")
+        if self.overlay_size is not None and (
+                isinstance(self.overlay_size, bool) or not isinstance(self.overlay_size, int)
+                or self.overlay_size < (1 << 20)):
+            raise InvalidSpec("overlay_size must be an int of at least 1 MiB")
+
+
+@dataclass(frozen=True, kw_only=True)
 class VmSpec:
     """What a VM should look like; validated on construction.
 
-    Raises UnknownImage for an unknown image, InvalidSpec for a memory size or
-    vCPU count out of range or a malformed kernel argument.
+    ``image`` is a built-in image, or any image name when the spec carries its
+    root filesystem as the disk with serial ``root``. Raises UnknownImage for an
+    unknown image, InvalidSpec for a memory size or vCPU count out of range, a
+    malformed kernel argument or disks with duplicate serials.
     """
 
     image: str = "base"
     memory_mib: int = DEFAULT_MEMORY_MIB
     vcpus: int = DEFAULT_VCPUS
     kernel_args: tuple[str, ...] = field(default=())
+    disks: tuple[DiskSpec, ...] = field(default=())
+
+    @property
+    def root_disk(self) -> DiskSpec | None:
+        """The disk holding the image's root filesystem, if the image has one."""
+        return next((d for d in self.disks if d.serial == ROOT_DISK), None)
 
     def __post_init__(self) -> None:
-        if self.image not in BUILTIN_IMAGES:
+        if not isinstance(self.disks, tuple) or not all(
+                isinstance(d, DiskSpec) for d in self.disks):
+            raise InvalidSpec("disks must be a tuple of DiskSpec")
+        serials = [d.serial for d in self.disks]
+        if len(set(serials)) != len(serials):
+            raise InvalidSpec(f"disks have duplicate serials: {serials}")
+        if len(self.disks) > 16:
+            raise InvalidSpec("at most 16 disks per VM")
+        if not isinstance(self.image, str) or not self.image or (
+                self.image not in BUILTIN_IMAGES and self.root_disk is None):
             raise UnknownImage(
                 f"unknown image {self.image!r}: the built-in images are"
                 f" {', '.join(BUILTIN_IMAGES)}"

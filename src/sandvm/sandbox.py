@@ -11,6 +11,7 @@ import asyncio
 import codecs
 import contextlib
 import functools
+import json
 import secrets
 import shutil
 import signal as signal_mod
@@ -29,10 +30,19 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from sandvm import _portal, wire
-from sandvm._files import move_file, runtime_root
+from sandvm._files import move_file, runtime_root, sparse_copy
 from sandvm.agent_client import AgentConnection, HostStream
 from sandvm.assets.paths import qemu_version
-from sandvm.core import VmSpec, check_guest_path, new_id, parse_memory
+from sandvm.core import (
+    BUILTIN_IMAGES,
+    ROOT_DISK,
+    DiskSpec,
+    VmSpec,
+    check_guest_path,
+    new_id,
+    parse_memory,
+    parse_size,
+)
 from sandvm.errors import (
     AgentProtocolError,
     AgentTimeout,
@@ -44,7 +54,7 @@ from sandvm.errors import (
     SandvmError,
     SnapshotIncompatible,
 )
-from sandvm.providers.qemu import QemuVm, QemuVmProvider
+from sandvm.providers.qemu import QemuVm, QemuVmProvider, qemu_img
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 
@@ -313,38 +323,55 @@ class AsyncCommands:
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
                   cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
                   on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
-                  background: Literal[False] = ..., check: bool = ...) -> CommandResult: ...
+                  background: Literal[False] = ..., check: bool = ...,
+            user: str | None = ...) -> CommandResult: ...
 
     @overload
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
                   cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
                   on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
-                  background: Literal[True], check: bool = ...) -> AsyncCommandHandle: ...
+                  background: Literal[True], check: bool = ...,
+                  user: str | None = ...) -> AsyncCommandHandle: ...
 
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
                   cwd: str | None = None, stdin: StdinSource = None,
                   timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
                   on_stdout: OutputCallback | None = None,
                   on_stderr: OutputCallback | None = None,
-                  background: bool = False, check: bool = True
+                  background: bool = False, check: bool = True, user: str | None = None
                   ) -> CommandResult | AsyncCommandHandle:
         """Run ``cmd`` (a shell string, or an argv list) and return its result.
 
         Allowed while the sandbox is running. ``timeout`` kills the command's
         whole process group (None: no limit). With ``background=True`` returns a
-        handle at once. Raises CommandExitError on a non-zero exit unless
-        ``check=False``, CommandTimeout, CommandNotFound, SandboxStateError.
+        handle at once. In an image, the image's Env, WorkingDir and User are the
+        defaults; ``user`` is a name or ``uid[:gid]`` from the image's /etc/passwd.
+        Raises CommandExitError on a non-zero exit unless ``check=False``,
+        CommandTimeout, CommandNotFound, SandboxStateError.
         """
         return await self._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                on_stdout=on_stdout, on_stderr=on_stderr,
-                               background=background, check=check)
+                               background=background, check=check, user=user)
 
     async def _run(self, cmd: str | list[str], *, env: dict[str, str] | None,
                    cwd: str | None, stdin: StdinSource, timeout: float | None,
                    on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
-                   background: bool, check: bool) -> CommandResult | AsyncCommandHandle:
+                   background: bool, check: bool, user: str | None = None
+                   ) -> CommandResult | AsyncCommandHandle:
         """The one implementation behind AsyncCommands.run and Commands.run."""
         req: dict[str, Any] = {"op": "exec"}
+        image = self._sb._image
+        if image is not None:
+            cfg = image.get("config") or {}
+            env = {**image_env(cfg.get("env") or ()), **(env or {})}
+            if cwd is None:
+                cwd = cfg.get("working_dir") or "/"
+            if user is None and cfg.get("user"):
+                user = str(cfg["user"])
+        if user is not None:
+            if not isinstance(user, str) or not user or len(user) > 256:
+                raise InvalidSpec("user must be a name or 'uid[:gid]'")
+            req["user"] = user
         if isinstance(cmd, str):
             req["shell"] = cmd
         elif isinstance(cmd, (list, tuple)) and cmd and all(isinstance(a, str) for a in cmd):
@@ -544,6 +571,8 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         self._lifetime_handle: asyncio.TimerHandle | None = None
         self._snapshot_times: dict[str, float] = {}
+        # the image (name, digest, config, rootfs) of a sandbox with a root disk
+        self._image: dict[str, Any] | None = None
         if lifetime is not None:
             self._lifetime_handle = asyncio.get_running_loop().call_later(
                 lifetime, self._expire)
@@ -553,30 +582,43 @@ class AsyncSandbox:
 
     @classmethod
     async def create(cls, *, image: str = "base", memory_mib: int | str = 256, vcpus: int = 1,
+                     disk_size: int | str | None = None,
                      timeout: float | None = None, boot_timeout: float = 60.0,
                      sandbox_id: str | None = None,
                      provider: QemuVmProvider | None = None) -> AsyncSandbox:
         """Boot a new sandbox and wait until its agent is ready.
 
-        ``timeout`` is the sandbox's lifetime in seconds (None: until killed).
-        Raises InvalidSpec / UnknownImage for bad input, AssetMissing if
-        `sandvm setup` has not run, VmBootError if the VM does not come up.
+        ``image``: ``base`` (the built-in one, running from memory), a name from
+        `sandvm image ls`, or a source such as ``oci:./layout:tag`` (imported and
+        cached on first use). An image's root filesystem is a private disk of
+        ``disk_size`` bytes (default 4 GiB, sparse; a full disk is ENOSPC in the
+        guest). ``timeout`` is the sandbox's lifetime in seconds (None: until
+        killed). Raises InvalidSpec / UnknownImage / ImageError for bad input,
+        AssetMissing if `sandvm setup` has not run, VmBootError if the VM does
+        not come up.
         """
-        spec = VmSpec(image=image, memory_mib=parse_memory(memory_mib), vcpus=vcpus)
         if timeout is not None and timeout <= 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
+        image_info, disks = await _resolve_image(image, disk_size)
+        spec = VmSpec(image=image, memory_mib=parse_memory(memory_mib), vcpus=vcpus,
+                      disks=disks)
         sid = sandbox_id or new_id("sb")
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         await prov.create_vm_with_spec(sid, spec)
-        return await cls._launch(prov, sid, prov.start_vm(sid), timeout)
+        return await cls._launch(prov, sid, prov.start_vm(sid), timeout, image=image_info)
 
     @classmethod
     async def _launch(cls, prov: QemuVmProvider, sid: str, start: Awaitable[None],
-                      lifetime: float | None) -> AsyncSandbox:
+                      lifetime: float | None, *, image: dict[str, Any] | None = None,
+                      restored: bool = False) -> AsyncSandbox:
         """Run ``start`` for the Created VM ``sid``, configure it; destroy it on failure."""
         try:
             await start
             sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=lifetime)
+            sb._image = image
+            if image is not None and not restored:
+                await sb._conn().call({"op": "mount_root", "serial": ROOT_DISK},
+                                      timeout=sb.op_timeout)
             await sb._configure()
         except BaseException:
             with contextlib.suppress(SandvmError):
@@ -608,10 +650,12 @@ class AsyncSandbox:
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         assets, accel = await prov._resolve()
         _check_compatible(snap, accel, await _qemu_version(assets.qemu))
+        _check_image(snap)
         source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap)
         sid = sandbox_id or new_id("sb")
         await prov.create_vm_with_spec(sid, snap.spec)
-        return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout)
+        return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout,
+                                 image=snap.image, restored=True)
 
     async def _configure(self) -> None:
         """Identity and clone hygiene: entropy, clock, hostname, sandbox id."""
@@ -658,6 +702,7 @@ class AsyncSandbox:
                 # the vCPUs ran until ``stop`` and run again once ``cont`` returns
                 paused = time.monotonic() - (self._vm.stopped_at or t0)
             resumed = time.monotonic() - t0
+            await self._export_disks(staging)
             if stop:
                 await self.kill()
             else:
@@ -676,8 +721,12 @@ class AsyncSandbox:
                 else "max", "kernel_release": self._vm.assets.kernel_release,
                 "created": time.time(), "source_id": self.sandbox_id,
                 "spec": {"image": self._vm.spec.image, "memory_mib": self._vm.spec.memory_mib,
-                         "vcpus": self._vm.spec.vcpus},
+                         "vcpus": self._vm.spec.vcpus,
+                         "disks": [{"serial": d.serial, "overlay_size": d.overlay_size}
+                                   for d in self._vm.spec.disks]},
             }
+            if self._image is not None:
+                manifest["image"] = self._image
             if parent_snap is not None:
                 manifest["parent"] = {"name": parent_snap.name,
                                       "mem_sha256": parent_snap.files["mem"]["sha256"]}
@@ -690,6 +739,20 @@ class AsyncSandbox:
         self._snapshot_times = {"pause_s": paused, "until_resumed_s": resumed,
                                 "total_s": time.monotonic() - t0}
         return snap
+
+    async def _export_disks(self, staging: Path) -> None:
+        """Copy the disk layers frozen by the last save into ``staging``, each made
+        self-contained over its image (rebased when it sits on other layers)."""
+        for serial, frozen in self._vm.frozen_disks.items():
+            dst = staging / f"disk-{serial}.qcow2"
+            await asyncio.to_thread(sparse_copy, frozen, dst)
+            base = (self._image or {}).get("rootfs")
+            if serial == ROOT_DISK and base:
+                info = await qemu_img("info", "--output=json", "-U", str(dst))
+                if json.loads(info).get("full-backing-filename") != base:
+                    # fold every layer between this one and the image into it
+                    await qemu_img("rebase", "-q", "-f", "qcow2", "-b", base, "-F", "raw",
+                                   str(dst))
 
     @property
     def last_snapshot_times(self) -> dict[str, float]:
@@ -773,6 +836,7 @@ class AsyncSandbox:
         """Facts about the VM: accelerator, boot time, guest kernel, agent version, QEMU pid."""
         ai = self._vm.agent_info
         return {"sandbox_id": self.sandbox_id, "accelerator": self._vm.accel,
+                "image": self._vm.spec.image,
                 "boot_seconds": self._vm.boot_seconds, "qemu_pid": self._vm.pid,
                 "memory_mib": self._vm.spec.memory_mib, "vcpus": self._vm.spec.vcpus,
                 "guest_kernel": ai.kernel if ai else None,
@@ -877,23 +941,26 @@ class Commands:
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
             cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
             on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
-            background: Literal[False] = ..., check: bool = ...) -> CommandResult: ...
+            background: Literal[False] = ..., check: bool = ...,
+            user: str | None = ...) -> CommandResult: ...
 
     @overload
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
             cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
             on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
-            background: Literal[True], check: bool = ...) -> CommandHandle: ...
+            background: Literal[True], check: bool = ...,
+            user: str | None = ...) -> CommandHandle: ...
 
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
             cwd: str | None = None, stdin: StdinSource = None,
             timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
             on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
-            background: bool = False, check: bool = True) -> CommandResult | CommandHandle:
+            background: bool = False, check: bool = True,
+            user: str | None = None) -> CommandResult | CommandHandle:
         """See AsyncCommands.run."""
         res = _portal.call(self._a._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                         on_stdout=on_stdout, on_stderr=on_stderr,
-                                        background=background, check=check))
+                                        background=background, check=check, user=user))
         return CommandHandle(res) if isinstance(res, AsyncCommandHandle) else res
 
 
@@ -960,12 +1027,14 @@ class Sandbox:
 
     @classmethod
     def create(cls, *, image: str = "base", memory_mib: int | str = 256, vcpus: int = 1,
+               disk_size: int | str | None = None,
                timeout: float | None = None, boot_timeout: float = 60.0,
                sandbox_id: str | None = None,
                provider: QemuVmProvider | None = None) -> Sandbox:
         """See AsyncSandbox.create."""
         return cls(_portal.call(AsyncSandbox.create(
-            image=image, memory_mib=memory_mib, vcpus=vcpus, timeout=timeout,
+            image=image, memory_mib=memory_mib, vcpus=vcpus, disk_size=disk_size,
+            timeout=timeout,
             boot_timeout=boot_timeout, sandbox_id=sandbox_id, provider=provider)))
 
     @classmethod
@@ -1023,3 +1092,60 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+DEFAULT_DISK_SIZE = 4 << 30
+
+
+def image_env(pairs: Iterable[str]) -> dict[str, str]:
+    """An image config's ``Env`` (``NAME=value`` strings) as a dict; bad items skipped."""
+    out = {}
+    for item in pairs:
+        name, eq, value = str(item).partition("=")
+        if eq and name:
+            out[name] = value
+    return out
+
+
+async def _resolve_image(image: str, disk_size: int | str | None
+                         ) -> tuple[dict[str, Any] | None, tuple[DiskSpec, ...]]:
+    """(image record, disks) for ``image``: none for a built-in image."""
+    if image in BUILTIN_IMAGES:
+        if disk_size is not None:
+            raise InvalidSpec(f"the {image!r} image runs from memory and has no disk: give"
+                              " disk_size only with an image (e.g. oci:./layout:tag)")
+        return None, ()
+    from sandvm.images.store import ImageStore
+
+    stored = await asyncio.to_thread(ImageStore().get, image)
+    size = parse_size(disk_size, what="disk_size") if disk_size is not None else max(
+        DEFAULT_DISK_SIZE, stored.rootfs_bytes + (256 << 20))
+    if size < stored.rootfs_bytes:
+        raise InvalidSpec(f"disk_size {size} bytes is smaller than the image's root"
+                          f" filesystem ({stored.rootfs_bytes} bytes)")
+    cfg = stored.config
+    record = {"name": image, "manifest_digest": stored.manifest_digest,
+              "build_id": stored.build_id, "rootfs": str(stored.rootfs), "disk_size": size,
+              "config": {"env": list(cfg.env), "working_dir": cfg.working_dir,
+                         "user": cfg.user, "entrypoint": list(cfg.entrypoint),
+                         "cmd": list(cfg.cmd)}}
+    disk = DiskSpec(serial=ROOT_DISK, path=str(stored.rootfs), format="raw",
+                    overlay_size=size)
+    return record, (disk,)
+
+
+def _check_image(snap: Snapshot) -> None:
+    """A snapshot with a disk needs the very root filesystem it was taken over."""
+    if snap.image is None:
+        return
+    rootfs = Path(str(snap.image.get("rootfs", "")))
+    try:
+        record = json.loads(rootfs.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        record = None
+    if not rootfs.is_file() or not isinstance(record, dict) or \
+            record.get("build_id") != snap.image.get("build_id"):
+        raise SnapshotIncompatible(
+            f"snapshot {snap.name!r} was taken over image {snap.image.get('name')!r}, whose"
+            f" root filesystem ({rootfs}) is gone or was rebuilt since: its disk layer cannot"
+            " be used; take the snapshot again")

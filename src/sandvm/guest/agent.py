@@ -50,6 +50,9 @@ DRAIN_GRACE = 1.0  # after the leader exits, how long an idle pipe is still read
 LIST_BATCH = 256  # directory entries per EVENT frame
 LIST_LIMIT = 100_000
 AGENT_RESERVE_KIB = 24 * 1024  # memory kept out of the workloads' reach
+IMAGE_ROOT = "/run/sandvm/root"  # where an image's root filesystem is mounted
+EXT4_IOC_RESIZE_FS = 0x40086610
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 1, 2, 4, 8, 4096, 16384
 
 
 def log(msg: str) -> None:
@@ -369,12 +372,18 @@ class ExecStream(Stream):
             raise GuestFail("invalid_request", "cwd must be a string")
         timeout = req.get("timeout")
         stdin_open = bool(req.get("stdin"))
+        user = None
+        if req.get("user") not in (None, ""):
+            with self.agent.in_root():
+                user = resolve_user(req["user"])
+            if "HOME" not in (req.get("env") or {}) and user.home:
+                env["HOME"] = user.home
         self.cgroup = self.agent.new_cgroup(self.sid)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, in_w = os.pipe() if stdin_open else (os.open("/dev/null", os.O_RDONLY), -1)
         try:
-            self.pid = self.agent.spawn(argv, env, cwd, in_r, out_w, err_w, self.cgroup)
+            self.pid = self.agent.spawn(argv, env, cwd, in_r, out_w, err_w, self.cgroup, user)
         except BaseException:
             for fd in (out_r, err_r, in_w):
                 if fd >= 0:
@@ -629,6 +638,10 @@ class WriteFileStream(Stream):
     def start(self) -> None:
         self.fd = -1
         self.tmp: str | None = None
+        with self.agent.in_root():
+            self._open()
+
+    def _open(self) -> None:
         path = check_path(self.req.get("path"))
         mode = self.req.get("mode", 0o644)
         if not isinstance(mode, int) or not 0 <= mode <= 0o7777:
@@ -662,6 +675,10 @@ class WriteFileStream(Stream):
     def on_eof(self, channel: int) -> None:
         if self.fd < 0:
             return
+        with self.agent.in_root():
+            self._commit()
+
+    def _commit(self) -> None:
         try:
             os.fchmod(self.fd, self.mode)
             os.fsync(self.fd)
@@ -685,7 +702,7 @@ class WriteFileStream(Stream):
             os.close(self.fd)
             self.fd = -1
         if self.tmp:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), self.agent.in_root():
                 os.unlink(self.tmp)
 
 
@@ -694,6 +711,10 @@ class ReadFileStream(Stream):
 
     def start(self) -> None:
         self.fd = -1
+        with self.agent.in_root():
+            self._open()
+
+    def _open(self) -> None:
         path = check_path(self.req.get("path"))
         cap = self.req.get("max_bytes")
         if not isinstance(cap, int) or cap < 0:
@@ -744,6 +765,10 @@ class ListStream(Stream):
     """List a directory tree: entries in EVENT batches (a listing may exceed one frame)."""
 
     def start(self) -> None:
+        with self.agent.in_root():
+            self._list()
+
+    def _list(self) -> None:
         path = check_path(self.req.get("path"))
         depth = self.req.get("depth", 1)
         if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
@@ -796,6 +821,107 @@ def stat_dict(path: str, st: os.stat_result) -> dict[str, Any]:
         except OSError:
             d["target"] = None
     return d
+
+
+class User:
+    """Ids a command runs as, resolved in the image's /etc/passwd and /etc/group."""
+
+    def __init__(self, uid: int, gid: int, groups: tuple[int, ...], home: str) -> None:
+        self.uid, self.gid, self.groups, self.home = uid, gid, groups, home
+
+
+def _db(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return [line.rstrip("\n").split(":") for line in f.read(1 << 20).splitlines()
+                    if line and not line.startswith("#")]
+    except OSError:
+        return []
+
+
+def resolve_user(spec: Any) -> User:
+    """``name``, ``uid``, ``name:group`` or ``uid:gid`` as OCI's User field means them."""
+    if not isinstance(spec, str) or len(spec) > 256:
+        raise GuestFail("invalid_request", "user must be a string like 'name' or 'uid:gid'")
+    name, _, group = spec.partition(":")
+    passwd = [e for e in _db("/etc/passwd") if len(e) >= 7]
+    groups = [e for e in _db("/etc/group") if len(e) >= 4]
+    entry = next((e for e in passwd if e[0] == name or (name.isdigit() and e[2] == name)), None)
+    if entry is not None:
+        uid, gid, home, uname = int(entry[2]), int(entry[3]), entry[5], entry[0]
+    elif name.isdigit():
+        uid, gid, home, uname = int(name), int(name) if not group else 0, "/", ""
+    else:
+        raise GuestFail("invalid_request", f"user {name!r} is not in the image's /etc/passwd")
+    if group:
+        g = next((e for e in groups if e[0] == group or (group.isdigit() and e[2] == group)),
+                 None)
+        if g is not None:
+            gid = int(g[2])
+        elif group.isdigit():
+            gid = int(group)
+        else:
+            raise GuestFail("invalid_request", f"group {group!r} is not in the image's /etc/group")
+    extra = tuple(sorted({int(e[2]) for e in groups if uname and uname in e[3].split(",")
+                          and e[2].isdigit()} | {gid}))
+    if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
+        raise GuestFail("invalid_request", f"user {spec!r} has ids out of range")
+    return User(uid, gid, extra, home)
+
+
+def _mount(source: str, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                  ctypes.c_ulong(flags), data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target}: {os.strerror(err)}")
+
+
+def find_disk(serial: str) -> str:
+    """/dev/vdX of the virtio disk whose serial is ``serial``."""
+    for name in sorted(os.listdir("/sys/block")):
+        if _read(f"/sys/block/{name}/serial").strip() == serial:
+            return f"/dev/{name}"
+    raise GuestFail("file_not_found", f"no disk with serial {serial!r}")
+
+
+def mount_root(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    """Mount the image's root filesystem (first boot only) and grow it to its disk.
+
+    The filesystem is grown online to fill the disk (the image is built small);
+    /proc, /sys and /dev are mounted inside it. Workloads then run chrooted.
+    """
+    if agent.root is not None:
+        return {"root": agent.root, "already": True}
+    serial = req.get("serial")
+    if not isinstance(serial, str):
+        raise GuestFail("invalid_request", "serial must be a string")
+    dev = find_disk(serial)
+    os.makedirs(IMAGE_ROOT, exist_ok=True)
+    _mount(dev, IMAGE_ROOT, "ext4", 0, "errors=remount-ro")
+    blocks = 0
+    fd = os.open(IMAGE_ROOT, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        size = int(_read(f"/sys/block/{os.path.basename(dev)}/size").strip() or 0) * 512
+        bsize = os.statvfs(IMAGE_ROOT).f_bsize
+        blocks = size // bsize
+        if blocks * bsize > os.statvfs(IMAGE_ROOT).f_blocks * bsize:
+            fcntl.ioctl(fd, EXT4_IOC_RESIZE_FS, struct.pack("Q", blocks))
+    finally:
+        os.close(fd)
+    for sub, mode in (("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777)):
+        path = os.path.join(IMAGE_ROOT, sub)
+        if not os.path.lexists(path):
+            os.mkdir(path, mode)
+    _mount("proc", os.path.join(IMAGE_ROOT, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount("sysfs", os.path.join(IMAGE_ROOT, "sys"), "sysfs",
+           MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY)
+    _mount("/dev", os.path.join(IMAGE_ROOT, "dev"), None, MS_BIND | MS_REC)
+    agent.root = IMAGE_ROOT
+    st = os.statvfs(IMAGE_ROOT)
+    return {"root": IMAGE_ROOT, "device": dev, "size": st.f_blocks * st.f_frsize}
 
 
 RNDADDENTROPY = 0x40085203
@@ -904,6 +1030,9 @@ class Agent:
             "LANG": "C.UTF-8",
             "TERM": "xterm",
         }
+        # with an image: workloads and file operations see IMAGE_ROOT as "/"
+        self.root: str | None = None
+        self.host_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.cg_base = os.path.join(CGROUP_ROOT, "sandvm")
         self.cg_home = os.path.join(CGROUP_ROOT, "agent")
         self.cgroup_ok = self._setup_cgroups()
@@ -994,14 +1123,44 @@ class Agent:
         except (OSError, ValueError):
             return []
 
+    @contextlib.contextmanager
+    def in_root(self) -> Any:
+        """Run the block with the image's root as "/" (no-op without an image).
+
+        The agent is single-threaded: it chroots into the image for the call
+        and back out through the fd it holds on its own root.
+        """
+        if self.root is None:
+            yield
+            return
+        os.chroot(self.root)
+        try:
+            yield
+        finally:
+            os.fchdir(self.host_root_fd)
+            os.chroot(".")
+            os.chdir("/")
+
     def spawn(self, argv: list[str], env: dict[str, str], cwd: str, stdin: int, stdout: int,
-              stderr: int, cgroup: str | None) -> int:
+              stderr: int, cgroup: str | None, user: User | None = None) -> int:
         """posix_spawn (vfork: much cheaper than fork under TCG) in a new session.
 
-        The child inherits the cgroup and working directory of the agent at spawn
-        time, so the agent steps into both for the call (it is single-threaded)
-        and steps back: the child starts inside its cgroup, with no race.
+        The child inherits the cgroup, root, working directory and ids of the agent
+        at spawn time, so the agent steps into all of them for the call (it is
+        single-threaded) and steps back: the child starts inside its cgroup, in
+        the image's root, as ``user``, with no race.
         """
+        if cgroup:
+            self._join_cgroup(cgroup)
+        try:
+            with self.in_root():
+                return self._spawn_here(argv, env, cwd, stdin, stdout, stderr, user)
+        finally:
+            if cgroup:
+                self._join_cgroup(self.cg_home)
+
+    def _spawn_here(self, argv: list[str], env: dict[str, str], cwd: str, stdin: int,
+                    stdout: int, stderr: int, user: User | None) -> int:
         exe = argv[0]
         if "/" not in exe:
             found = None
@@ -1017,10 +1176,14 @@ class Agent:
             raise GuestFail("command_not_found", f"command not found: {exe}"[:300])
         if not os.path.isdir(cwd):
             raise GuestFail("file_not_found", f"working directory {cwd} does not exist"[:300])
-        if cgroup:
-            self._join_cgroup(cgroup)
         try:
             os.chdir(cwd)
+            if user is not None:
+                # real and effective ids become the user's, the saved ones stay 0 so
+                # the agent can step back; exec gives the child saved = effective
+                os.setgroups(list(user.groups))
+                os.setresgid(user.gid, user.gid, 0)
+                os.setresuid(user.uid, user.uid, 0)
             return os.posix_spawn(
                 exe, argv, env,
                 file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1),
@@ -1032,9 +1195,11 @@ class Agent:
         except OSError as exc:
             raise GuestFail("exec_failed", f"cannot run {argv[0]}: {exc.strerror}") from None
         finally:
+            if user is not None:
+                os.setresuid(0, 0, 0)
+                os.setresgid(0, 0, 0)
+                os.setgroups([])
             os.chdir("/")
-            if cgroup:
-                self._join_cgroup(self.cg_home)
 
     @staticmethod
     def _join_cgroup(path: str) -> None:
@@ -1132,7 +1297,13 @@ class Agent:
         cls = STREAM_OPS.get(op) if isinstance(op, str) else None
         if cls is None:
             try:
-                res = configure(self, req) if op == "configure" else simple_op(req)
+                if op == "configure":
+                    res = configure(self, req)
+                elif op == "mount_root":
+                    res = mount_root(self, req)
+                else:
+                    with self.in_root():
+                        res = simple_op(req)
             except Exception as exc:  # noqa: BLE001 - every failure goes back to the host
                 self.send_reset(sid, exc)
             else:

@@ -42,6 +42,7 @@ from sandvm.errors import (
     VmAlreadyExists,
     VmBootError,
     VmCrashed,
+    VmError,
     VmNotFound,
 )
 from sandvm.providers.base import check_transition
@@ -147,8 +148,56 @@ def _kernel_cmdline(spec: VmSpec, *, probe: bool = False) -> str:
     return " ".join(args)
 
 
+def _disk_args(spec: VmSpec, disk_paths: dict[str, Path]) -> list[str]:
+    """-drive/-device pairs; a disk with an overlay is attached through it."""
+    out = []
+    for d in spec.disks:
+        if d.overlay_size is not None:
+            path, fmt, ro = disk_paths[d.serial], "qcow2", d.read_only
+        else:
+            path, fmt, ro = Path(d.path), d.format, d.read_only
+        out += ["-drive", f"if=none,id=disk-{d.serial},file={path},format={fmt},"
+                          f"readonly={'on' if ro else 'off'},discard=unmap,detect-zeroes=unmap",
+                "-device", f"virtio-blk-device,drive=disk-{d.serial},serial={d.serial}"]
+    return out
+
+
+async def qemu_img(*args: str) -> str:
+    """Run ``qemu-img`` with ``args``; its stdout. Raises VmError with its message."""
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise VmError(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()[-400:]}")
+    return out.decode()
+
+
+async def make_overlay(backing: Path, backing_format: str, out: Path, size: int) -> None:
+    """A qcow2 overlay of ``size`` bytes over ``backing`` (read, never written).
+
+    Raises VmBootError if qemu-img fails (e.g. the backing file is missing).
+    """
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536",
+        "-F", backing_format, "-b", str(backing), str(out), str(size),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    msg, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise VmBootError(f"cannot create a disk overlay over {backing}:"
+                          f" {msg.decode(errors='replace').strip()[-400:]}")
+
+
+def disk_root() -> Path:
+    """Where running VMs keep their disk overlays (on disk, not tmpfs): created 0700."""
+    root = sandvm_home() / "vms"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return root
+
+
 def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
-               probe: bool = False, restore_from: Path | None = None) -> list[str]:
+               probe: bool = False, restore_from: Path | None = None,
+               disk_paths: dict[str, Path] | None = None) -> list[str]:
     """The QEMU command line for one microVM (no network device, seccomp on).
 
     With ``restore_from`` (a snapshot directory) guest RAM is that snapshot's
@@ -189,6 +238,7 @@ def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
         "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=sandvm.agent",
         "-device", "virtio-rng-device",
+        *_disk_args(spec, disk_paths or {}),
         "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-monitor", "none",
@@ -317,6 +367,9 @@ class QemuVm:
         self.restored_from: Path | None = None
         self.private_ram = False
         self.stopped_at = 0.0  # monotonic time of the last save_state's QMP ``stop``
+        self.diskdir: Path | None = None  # this VM's disk overlays (on disk)
+        self.disk_tops: dict[str, Path] = {}  # serial -> the overlay QEMU writes now
+        self.frozen_disks: dict[str, Path] = {}  # serial -> layer frozen by save_state
 
     @property
     def pid(self) -> int | None:
@@ -341,8 +394,24 @@ class QemuVm:
         self.rundir = Path(tempfile.mkdtemp(prefix=f"{self.vm_id}-", dir=runtime_root()))
         os.chmod(self.rundir, 0o700)
         write_owner(self.rundir)
+        disk_paths: dict[str, Path] = {}
+        if any(d.overlay_size is not None for d in self.spec.disks):
+            sweep_stale_rundirs(disk_root())
+            self.diskdir = Path(tempfile.mkdtemp(prefix=f"{self.vm_id}-", dir=disk_root()))
+            write_owner(self.diskdir)
+            try:
+                for d in self.spec.disks:
+                    if d.overlay_size is not None:
+                        disk_paths[d.serial] = self.diskdir / f"{d.serial}-0.qcow2"
+                        await make_overlay(Path(d.path), d.format, disk_paths[d.serial],
+                                           d.overlay_size)
+            except BaseException:
+                await self._cleanup_files()
+                raise
+        self.disk_tops = dict(disk_paths)
         argv = build_argv(assets=self.assets, spec=self.spec, accel=self.accel,
-                          rundir=self.rundir, restore_from=restore_from)
+                          rundir=self.rundir, restore_from=restore_from,
+                          disk_paths=disk_paths)
         self.restored_from = restore_from
         # RAM mapped privately from a snapshot file (not a file of our own)?
         self.private_ram = restore_from is not None and (restore_from / "mem").exists()
@@ -509,6 +578,7 @@ class QemuVm:
             await asyncio.to_thread(preallocate_like, self.rundir / "mem", dest / "mem")
         self.stopped_at = time.monotonic()
         await self._qmp("stop")
+        await self._freeze_disks()
         # both ends must agree on x-ignore-shared: on for "file" snapshots, off when
         # the RAM travels in the stream
         await self._qmp("migrate-set-capabilities", {"capabilities": [
@@ -536,6 +606,24 @@ class QemuVm:
         else:
             await asyncio.to_thread(sparse_copy, self.rundir / "mem", dest / "mem",
                                     into_existing=copy_ram)
+
+    async def _freeze_disks(self) -> None:
+        """While stopped: make each overlay read-only and let QEMU write a new one on top.
+
+        The frozen layer (in ``frozen_disks``) never changes again; the caller
+        copies or moves it while the VM runs on. Its qcow2 header names its
+        backing file, which may itself be an earlier frozen layer.
+        """
+        self.frozen_disks = {}
+        assert self.diskdir is not None or not self.disk_tops
+        for serial, top in list(self.disk_tops.items()):
+            assert self.diskdir is not None
+            n = int(top.stem.rsplit("-", 1)[1]) + 1
+            new = self.diskdir / f"{serial}-{n}.qcow2"
+            await self._qmp("blockdev-snapshot-sync", {
+                "device": f"disk-{serial}", "snapshot-file": str(new), "format": "qcow2"})
+            self.frozen_disks[serial] = top
+            self.disk_tops[serial] = new
 
     async def shutdown(self) -> None:
         """Kill QEMU (if running) and remove everything it had. Idempotent."""
@@ -568,13 +656,16 @@ class QemuVm:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGKILL)
-        if self.rundir is not None:
-            shutil.rmtree(self.rundir, ignore_errors=True)
+        for d in (self.rundir, self.diskdir):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
         _LIVE.discard(self)
 
     async def _cleanup_files(self) -> None:
         if self.rundir is not None:
             shutil.rmtree(self.rundir, ignore_errors=True)
+        if self.diskdir is not None:
+            shutil.rmtree(self.diskdir, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- provider

@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -37,7 +38,7 @@ from typing import Any
 
 from sandvm._files import runtime_root
 from sandvm.assets import sandvm_home
-from sandvm.core import VmSpec, validate_vm_id
+from sandvm.core import DiskSpec, VmSpec, validate_vm_id
 from sandvm.errors import (
     InvalidSpec,
     SnapshotAlreadyExists,
@@ -58,6 +59,8 @@ FILES = ("state", "mem")
 # "diff": only the pages that differ from a parent "file" snapshot (mem.diff); restores
 # use a full RAM file built once from parent + diff (cached in the runtime dir)
 RAM_KINDS = {"file": ("state", "mem"), "stream": ("state",), "diff": ("state", "mem.diff")}
+# a disk's layer: everything written to it since its image, as a qcow2 over the image
+DISK_FILE = re.compile(r"disk-([a-z0-9][a-z0-9-]{0,19})\.qcow2")
 MAX_MANIFEST = 1 << 20
 ONCE_THRESHOLD = 1 << 20  # files larger than this are hashed once per process by default
 
@@ -95,6 +98,7 @@ class Snapshot:
     ram: str = "file"
     parent: str | None = None
     parent_mem_sha256: str | None = None
+    image: dict[str, Any] | None = None  # the image of a sandbox with a root disk
 
     @property
     def size_bytes(self) -> int:
@@ -138,9 +142,10 @@ def parse_manifest(path: Path) -> dict[str, Any]:
         raise SnapshotIncompatible(f"snapshot {path} keeps its RAM as {ram!r}, which this"
                                    " sandvm cannot restore")
     files = man.get("files")
-    if not isinstance(files, dict) or set(files) != set(RAM_KINDS[ram]):
+    if not isinstance(files, dict) or {f for f in files if not DISK_FILE.fullmatch(f)} != set(
+            RAM_KINDS[ram]):
         raise _fail(path, "its manifest does not list exactly the files "
-                          + " and ".join(RAM_KINDS[ram]))
+                          + " and ".join(RAM_KINDS[ram]) + " (and disk layers)")
     for name, meta in files.items():
         if not (isinstance(meta, dict) and isinstance(meta.get("size"), int)
                 and isinstance(meta.get("sha256"), str) and len(meta["sha256"]) == 64):
@@ -153,9 +158,16 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
     if not isinstance(spec_d, dict):
         raise _fail(path, "its manifest has no VM spec")
     try:
+        disks = []
+        for d in spec_d.get("disks") or []:
+            name = f"disk-{d['serial']}.qcow2"
+            if name not in man["files"]:
+                raise InvalidSpec(f"disk {d['serial']!r} has no layer file")
+            disks.append(DiskSpec(serial=d["serial"], path=str(path / name), format="qcow2",
+                                  overlay_size=d["overlay_size"]))
         spec = VmSpec(image=spec_d["image"], memory_mib=spec_d["memory_mib"],
-                      vcpus=spec_d["vcpus"])
-    except (KeyError, InvalidSpec) as exc:
+                      vcpus=spec_d["vcpus"], disks=tuple(disks))
+    except (KeyError, TypeError, InvalidSpec) as exc:
         raise _fail(path, f"its VM spec is invalid ({exc})") from None
 
     def s(key: str) -> str:
@@ -177,7 +189,8 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
                     files=man["files"], ram=man["ram"],
                     parent=parent["name"] if isinstance(parent, dict) else None,
                     parent_mem_sha256=parent.get("mem_sha256")
-                    if isinstance(parent, dict) else None)
+                    if isinstance(parent, dict) else None,
+                    image=man["image"] if isinstance(man.get("image"), dict) else None)
 
 
 class SnapshotStore:
@@ -297,7 +310,8 @@ class SnapshotStore:
         files: dict[str, dict[str, Any]] = {}
         ram = ("file" if (staging / "mem").exists() else
                "diff" if (staging / "mem.diff").exists() else "stream")
-        for fname in RAM_KINDS[ram]:
+        disks = sorted(p.name for p in staging.iterdir() if DISK_FILE.fullmatch(p.name))
+        for fname in (*RAM_KINDS[ram], *disks):
             p = staging / fname
             files[fname] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         # the small files are fsynced; the RAM file is not (flushing hundreds of MiB
