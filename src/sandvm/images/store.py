@@ -1,6 +1,6 @@
 """The local image cache: named images, their blobs and their built root filesystems.
 
-Layout under ``$SANDVM_HOME/images``::
+Layout under ``$SANDVM_IMAGE_STORE`` (default ``$SANDVM_HOME/images``)::
 
     blobs/sha256/<hex>        every manifest, config and layer, verified (shared)
     blobs/partial/<hex>       resumable downloads
@@ -87,7 +87,8 @@ class ImageStore:
     """Named images and their built root filesystems under ``root``."""
 
     def __init__(self, root: Path | None = None, *, cache_max: int | None = None) -> None:
-        self.root = root or sandvm_home() / "images"
+        env_root = os.environ.get("SANDVM_IMAGE_STORE")
+        self.root = root or (Path(env_root) if env_root else sandvm_home() / "images")
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.root / "blobs")
         (self.root / "rootfs").mkdir(exist_ok=True)
@@ -210,16 +211,16 @@ class ImageStore:
         image = (import_layout(path, self.blobs, ref=ref) if path.is_dir()
                  else import_archive(path, self.blobs, ref=ref))
         name = name or default_name(path, image, ref=ref)
+        self.ensure_rootfs(image, progress)  # a bad layer fails here: nothing gets named
         self.tag(name, image, source=str(path.resolve()))
-        self.ensure_rootfs(image, progress)
         self.enforce_cap()
         return self.get(name)
 
     def add_pulled(self, name: str, image: ImportedImage, *, source: str,
                    progress: Callable[[int, int], None] | None = None) -> StoredImage:
         """Name a pulled image and build its rootfs."""
-        self.tag(name, image, source=source)
         self.ensure_rootfs(image, progress)
+        self.tag(name, image, source=source)
         self.enforce_cap()
         return self.get(name)
 
