@@ -9,6 +9,9 @@ import pytest
 
 from sandvm.errors import AssetMissing
 
+# tests that do not name an image expect `base`, even where `debian` was built
+os.environ.setdefault("SANDVM_DEFAULT_IMAGE", "base")
+
 
 def _assets_ok() -> str | None:
     from sandvm.assets import find_assets

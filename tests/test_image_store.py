@@ -10,7 +10,7 @@ import pytest
 
 from oci_build import Dir, File, Symlink, build_docker_archive, build_layout
 from sandvm.errors import ImageInvalid, ImageNotFound, UnknownImage
-from sandvm.images.store import ImageStore, split_source
+from sandvm.images.store import ImageStore, default_image, split_source
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="building a rootfs needs root")
 
@@ -108,3 +108,16 @@ def test_split_source(tmp_path: Path) -> None:
                                                              "repo/x:2")
     with pytest.raises(ImageInvalid):
         split_source("oci:")
+
+
+def test_default_image_is_debian_once_built(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SANDVM_DEFAULT_IMAGE", raising=False)
+    monkeypatch.setenv("SANDVM_IMAGE_STORE", str(tmp_path))
+    assert default_image() == "base"
+    (tmp_path / "refs.json").write_text('{"debian": {"source": "/some/layout"}}')
+    assert default_image() == "base"  # a `debian` that build-default did not make
+    (tmp_path / "refs.json").write_text('{"debian": {"source": "mmdebstrap:bookworm"}}')
+    assert default_image() == "debian"
+    monkeypatch.setenv("SANDVM_DEFAULT_IMAGE", "tools/x:1")
+    assert default_image() == "tools/x:1"

@@ -39,10 +39,12 @@ from sandvm.sandbox import (
     AsyncSandbox,
     CommandHandle,
     CommandResult,
+    DirTransfer,
     EntryInfo,
     Sandbox,
     WriteInfo,
 )
+from sandvm.volumes import VolumeMount
 
 __version__ = "0.1.0"
 
@@ -60,6 +62,7 @@ __all__ = [
     "CommandResult",
     "CommandTimeout",
     "ConfigError",
+    "DirTransfer",
     "EntryInfo",
     "FileTooLarge",
     "GuestError",
@@ -82,6 +85,7 @@ __all__ = [
     "VmSpec",
     "VmState",
     "VmView",
+    "VolumeMount",
     "WriteInfo",
     "__version__",
 ]

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -31,7 +31,7 @@ from sandvm.errors import (
 def _fail(exc: SandvmError) -> None:
     click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
     sys.exit(2 if exc.code in ("invalid_config", "invalid_spec", "invalid_path",
-                               "unknown_image", "image_not_found") else 1)
+                               "unknown_image", "image_not_found", "volume_not_found") else 1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,6 +94,19 @@ def doctor(as_json: bool, refresh: bool) -> None:
     sys.exit(1 if report.health == UNSUPPORTED else 0)
 
 
+def _remove_each(names: tuple[str, ...], remove: Callable[[str], None]) -> None:
+    """``remove`` every name, reporting each; exit 1 if any failed."""
+    code = 0
+    for n in names:
+        try:
+            remove(n)
+            click.echo(f"removed {n}")
+        except SandvmError as exc:
+            click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
+            code = 1
+    sys.exit(code)
+
+
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     env = {}
     for v in values:
@@ -102,6 +115,31 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
         k, _, val = v.partition("=")
         env[k] = val
     return env
+
+
+def _parse_volumes(specs: tuple[str, ...], *, image: str) -> dict[str, tuple[str, str]]:
+    """``--volume NAME:PATH[:ro|rw]`` values as Sandbox.create's ``volumes``."""
+    from sandvm.core import BUILTIN_IMAGES
+    from sandvm.volumes import VolumeStore, parse_mounts
+
+    out: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        path, mode = rest, "rw"
+        head, _, tail = rest.rpartition(":")
+        if tail in ("ro", "rw") and head:
+            path, mode = head, tail
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{spec!r}: use NAME:PATH or NAME:PATH:ro, e.g."
+                                     " data:/data", param_hint="--volume")
+        if name in out:
+            raise click.BadParameter(f"volume {name!r} is given twice", param_hint="--volume")
+        out[name] = (path, mode)
+    parse_mounts(out, builtin_image=image in BUILTIN_IMAGES)  # before booting anything
+    store = VolumeStore()
+    for name in out:
+        store.get(name)
+    return out
 
 
 async def _stdin_chunks() -> AsyncIterator[bytes]:
@@ -132,10 +170,14 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
 
 
 async def _start(*, image: str, memory: int, cpus: int, source: str | None,
-                 disk_size: str | None = None) -> AsyncSandbox:
+                 disk_size: str | None = None,
+                 volumes: dict[str, tuple[str, str]] | None = None) -> AsyncSandbox:
     """A new sandbox: booted, or restored from snapshot ``source``."""
     from sandvm.sandbox import AsyncSandbox
 
+    if source is not None and volumes:
+        raise InvalidSpec("--volume cannot be used with --from: volumes are not part of"
+                          " snapshots (boot a new sandbox to mount them)")
     if source is not None:
         if sys.stderr.isatty():
             click.echo(f"sandvm: restoring microVM from {source}…", err=True)
@@ -143,15 +185,16 @@ async def _start(*, image: str, memory: int, cpus: int, source: str | None,
     if sys.stderr.isatty():
         click.echo("sandvm: booting microVM…", err=True)
     return await AsyncSandbox.create(image=image, memory_mib=memory, vcpus=cpus,
-                                     disk_size=disk_size)
+                                     disk_size=disk_size, volumes=volumes or None)
 
 
 async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: float | None,
                env: dict[str, str], workdir: str | None, interactive: bool,
                source: str | None = None, snapshot_to: str | None = None,
-               disk_size: str | None = None, user: str | None = None) -> int:
+               disk_size: str | None = None, user: str | None = None,
+               volumes: dict[str, tuple[str, str]] | None = None) -> int:
     sb = await _start(image=image, memory=memory, cpus=cpus, source=source,
-                      disk_size=disk_size)
+                      disk_size=disk_size, volumes=volumes)
     loop = asyncio.get_running_loop()
     if not cmd:  # the image's Entrypoint + Cmd
         cfg = (sb._image or {}).get("config") or {}
@@ -226,7 +269,9 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
 
 @main.command(context_settings={"ignore_unknown_options": True,
                                 "allow_interspersed_args": False})
-@click.option("--image", default="base", show_default=True, help="Guest image.")
+@click.option("--image", default=None,
+              help="Guest image: base, a name from `sandvm image ls`, or oci:DIR[:TAG]"
+                   " (default: debian once built by `sandvm image build-default`, else base).")
 @click.option("--memory", default="256M", show_default=True, help="Guest memory, e.g. 512M, 1G.")
 @click.option("--cpus", default=1, show_default=True, type=int, help="vCPUs.")
 @click.option("--timeout", type=float, default=None, help="Kill the command after N seconds.")
@@ -239,16 +284,23 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
               help="Root disk size for an image, e.g. 2G (default 4G, sparse).")
 @click.option("-u", "--user", default=None, metavar="USER[:GROUP]",
               help="Run as this user of the image (default: the image's User).")
+@click.option("-v", "--volume", "volume_specs", multiple=True, metavar="NAME:PATH[:ro]",
+              help="Mount volume NAME at PATH (read-write, or read-only with :ro). Repeatable.")
 @click.argument("cmd", nargs=-1, required=False, type=click.UNPROCESSED)
-def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[str, ...],
+def run(image: str | None, memory: str, cpus: int, timeout: float | None,
+        envs: tuple[str, ...],
         workdir: str | None, interactive: bool, source: str | None, disk_size: str | None,
-        user: str | None, cmd: tuple[str, ...]) -> None:
+        user: str | None, volume_specs: tuple[str, ...], cmd: tuple[str, ...]) -> None:
     """Boot a microVM (or restore one --from a snapshot), run CMD in it, stream its
     output, exit with its exit code. Without CMD, an image's Entrypoint and Cmd run.
 
     Examples: sandvm run -- python3 -c "print(1)";
-    sandvm run --image oci:./layout:latest -- env
+    sandvm run --image oci:./layout:latest -- env;
+    sandvm run --volume data:/data -- sh -c 'echo x > /data/f'
     """
+    from sandvm.images.store import default_image
+
+    image = image or default_image()
     argv = list(cmd)
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -260,10 +312,11 @@ def run(image: str, memory: str, cpus: int, timeout: float | None, envs: tuple[s
             check_guest_path(workdir)  # before booting anything
         if disk_size is not None:
             parse_size(disk_size, what="--disk-size")
+        volumes = _parse_volumes(volume_specs, image=image)
         code = asyncio.run(_run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
                                 env=_parse_env(envs), workdir=workdir,
                                 interactive=interactive, source=source,
-                                disk_size=disk_size, user=user))
+                                disk_size=disk_size, user=user, volumes=volumes))
     except CommandNotFound as exc:
         click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
         code = 127
@@ -361,16 +414,7 @@ def snapshot_rm(names: tuple[str, ...]) -> None:
     """Remove snapshots (sandboxes restored from them keep running)."""
     from sandvm.snapshots import SnapshotStore
 
-    store = SnapshotStore()
-    failed = False
-    for n in names:
-        try:
-            store.remove(n)
-            click.echo(f"removed {n}")
-        except SandvmError as exc:
-            click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
-            failed = True
-    sys.exit(1 if failed else 0)
+    _remove_each(names, SnapshotStore().remove)
 
 
 @snapshot.command("verify")
@@ -392,6 +436,90 @@ def snapshot_verify(names: tuple[str, ...]) -> None:
             click.echo(f"{n}: {exc.code}: {exc.message}")
             bad += 1
     sys.exit(1 if bad else 0)
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+@main.group()
+def volume() -> None:
+    """Named persistent volumes: create, list, inspect, remove ($SANDVM_HOME/volumes)."""
+
+
+@volume.command("create")
+@click.argument("name")
+@click.option("--size", required=True, metavar="SIZE", help="Size, e.g. 512M or 1G (sparse).")
+def volume_create(name: str, size: str) -> None:
+    """Create volume NAME: an empty ext4 file system of SIZE bytes."""
+    from sandvm.volumes import VolumeStore
+
+    try:
+        vol = VolumeStore().create(name, size=size)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    click.echo(f"{vol.name} ({_human(vol.size)})")
+
+
+def _volume_dict(info: Any) -> dict[str, Any]:
+    v = info.volume
+    return {"name": v.name, "path": str(v.path), "size": v.size, "created": v.created,
+            "disk_bytes": info.disk_bytes,
+            "attachments": [{"sandbox_id": a.sandbox_id, "pid": a.pid,
+                             "read_only": a.read_only, "since": a.since}
+                            for a in info.attachments]}
+
+
+def _attached(info: Any) -> str:
+    return ", ".join(f"{a.sandbox_id} ({'ro' if a.read_only else 'rw'})"
+                     for a in info.attachments) or "-"
+
+
+@volume.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def volume_ls(as_json: bool) -> None:
+    """List volumes: size, space used on disk, who has them attached."""
+    from sandvm.volumes import VolumeStore
+
+    store = VolumeStore()
+    try:
+        infos = [store.inspect(v.name) for v in store.ls()]
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([_volume_dict(i) for i in infos], indent=2))
+        return
+    if not infos:
+        click.echo("no volumes (create one with `sandvm volume create NAME --size 1G`)")
+        return
+    click.echo(f"{'NAME':<24} {'SIZE':>10} {'ON DISK':>10}  ATTACHED TO")
+    for i in infos:
+        click.echo(f"{i.volume.name:<24} {_human(i.volume.size):>10}"
+                   f" {_human(i.disk_bytes):>10}  {_attached(i)}")
+
+
+@volume.command("inspect")
+@click.argument("name")
+def volume_inspect(name: str) -> None:
+    """Show volume NAME as JSON: size, bytes on disk, creation time, attachments."""
+    from sandvm.volumes import VolumeStore
+
+    try:
+        info = VolumeStore().inspect(name)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    click.echo(json.dumps(_volume_dict(info), indent=2))
+
+
+@volume.command("rm")
+@click.argument("names", nargs=-1, required=True)
+def volume_rm(names: tuple[str, ...]) -> None:
+    """Remove volumes and their data (refused while a sandbox has one attached)."""
+    from sandvm.volumes import VolumeStore
+
+    _remove_each(names, VolumeStore().rm)
 
 
 # --------------------------------------------------------------------------- images
@@ -525,16 +653,7 @@ def image_rm(names: tuple[str, ...]) -> None:
     """Remove images by name (blobs other images share are kept)."""
     from sandvm.images.store import ImageStore
 
-    store = ImageStore()
-    code = 0
-    for n in names:
-        try:
-            store.rm(n)
-            click.echo(f"removed {n}")
-        except SandvmError as exc:
-            click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
-            code = 1
-    sys.exit(code)
+    _remove_each(names, ImageStore().rm)
 
 
 @image.command("prune")
@@ -548,6 +667,33 @@ def image_prune() -> None:
         _fail(exc)
         return
     click.echo(f"freed {_human(freed)}")
+
+
+
+@image.command("build-default")
+@click.option("--name", default="debian", show_default=True, help="Name of the image.")
+@click.option("--suite", default="bookworm", show_default=True, help="Debian suite.")
+@click.option("--packages", default="python3,python3-pip,ca-certificates", show_default=True,
+              help="Comma-separated packages to install.")
+@click.option("--force", is_flag=True, help="Build again even if it exists.")
+def image_build_default(name: str, suite: str, packages: str, force: bool) -> None:
+    """Build the `debian` image (bookworm + python3 + pip) with mmdebstrap, once."""
+    from sandvm.images.debian import build_default
+
+    console_tty = sys.stderr.isatty()
+    try:
+        if console_tty:
+            from rich.console import Console
+
+            with Console(stderr=True).status("building") as status:
+                img = build_default(name=name, suite=suite, packages=packages, force=force,
+                                    progress=lambda msg: status.update(msg))
+        else:
+            img = build_default(name=name, suite=suite, packages=packages, force=force)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    _echo_image(img)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import contextlib
 import functools
 import json
+import os
 import secrets
 import shutil
 import signal as signal_mod
+import stat as stat_mod
+import tarfile
 import tempfile
 import time
 from collections.abc import (
@@ -24,6 +28,7 @@ from collections.abc import (
     Callable,
     Iterable,
     Iterator,
+    Mapping,
 )
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +47,7 @@ from sandvm.core import (
     new_id,
     parse_memory,
     parse_size,
+    validate_vm_id,
 )
 from sandvm.errors import (
     AgentProtocolError,
@@ -49,6 +55,7 @@ from sandvm.errors import (
     CommandExitError,
     CommandTimeout,
     FileTooLarge,
+    InvalidPath,
     InvalidSpec,
     SandboxStateError,
     SandvmError,
@@ -57,6 +64,7 @@ from sandvm.errors import (
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, qemu_img
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
+from sandvm.volumes import VolumeAttachment, VolumeMount, VolumeStore, parse_mounts
 
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
@@ -65,8 +73,10 @@ __all__ = [
     "AsyncSandbox",
     "CommandHandle",
     "CommandResult",
+    "DirTransfer",
     "EntryInfo",
     "Sandbox",
+    "VolumeMount",
     "WriteInfo",
 ]
 
@@ -154,6 +164,291 @@ def _signal_number(sig: int | str) -> int:
     if not 1 <= int(sig) <= 64:
         raise InvalidSpec(f"signal {sig} is out of range 1..64")
     return int(sig)
+
+
+# --------------------------------------------------------------------------- tar trees
+
+DEFAULT_TREE_CAP = 1 << 30  # bytes of file content download_dir accepts by default
+DEFAULT_TREE_ENTRIES = 100_000
+_TAR_BLOCK = 512
+_SKIPPED_KEPT = 100
+_LINK_HOPS = 40
+
+
+@dataclass(frozen=True)
+class DirTransfer:
+    """What ``upload_dir``/``download_dir`` moved: entries, file bytes, what was skipped.
+
+    ``skipped`` names entries left out, each with the reason (an unsafe path or
+    link, a special file, an unreadable file); at most 100 are named.
+    """
+
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    skipped: tuple[str, ...] = ()
+
+
+class _TarReader:
+    """A local directory tree as a tar stream (PAX), read in pieces with ``read``.
+
+    Regular files, directories, symlinks and hard links; special files and
+    unreadable entries are skipped (named in ``skipped``). Blocking: call it
+    from a worker thread.
+    """
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        self.skipped: list[str] = []
+        self.sent_files = 0
+        self._gen = self._pieces()
+        self._buf = bytearray()
+        self._done = False
+
+    def _skip(self, arc: str, why: str) -> None:
+        if len(self.skipped) < _SKIPPED_KEPT:
+            self.skipped.append(f"{arc}: {why}")
+
+    def _pieces(self) -> Iterator[bytes]:
+        inodes: dict[tuple[int, int], str] = {}
+        stack: list[tuple[Path, str]] = [(self.top, "")]
+        while stack:
+            d, prefix = stack.pop()
+            try:
+                names = sorted(os.listdir(d))
+            except OSError as exc:
+                self._skip(prefix or ".", exc.strerror or str(exc))
+                continue
+            subdirs = []
+            for name in names:
+                full, arc = d / name, prefix + name
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                ti = tarfile.TarInfo(arc)
+                ti.mode = stat_mod.S_IMODE(st.st_mode)
+                ti.mtime = int(st.st_mtime)
+                if stat_mod.S_ISDIR(st.st_mode):
+                    ti.type = tarfile.DIRTYPE
+                    subdirs.append((full, arc + "/"))
+                elif stat_mod.S_ISLNK(st.st_mode):
+                    try:
+                        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(full)
+                    except OSError:
+                        continue  # gone meanwhile
+                elif stat_mod.S_ISREG(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    if st.st_nlink > 1 and key in inodes:
+                        ti.type, ti.linkname = tarfile.LNKTYPE, inodes[key]
+                    else:
+                        try:
+                            f = open(full, "rb")  # noqa: SIM115 - closed below
+                        except OSError as exc:
+                            self._skip(arc, exc.strerror or str(exc))
+                            continue
+                        with f:
+                            ti.size = st.st_size
+                            yield ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                            self.sent_files += 1
+                            if st.st_nlink > 1:
+                                inodes[key] = arc
+                            left = st.st_size
+                            while left > 0:
+                                data = f.read(min(1 << 20, left))
+                                if not data:
+                                    raise SandvmError(
+                                        f"{full} shrank while it was uploaded: upload a tree"
+                                        " that does not change meanwhile")
+                                left -= len(data)
+                                yield data
+                            if st.st_size % _TAR_BLOCK:
+                                yield bytes(_TAR_BLOCK - st.st_size % _TAR_BLOCK)
+                        continue
+                else:
+                    self._skip(arc, "a special file")
+                    continue
+                yield ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            stack.extend(reversed(subdirs))
+        yield bytes(2 * _TAR_BLOCK)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the stream; b"" at its end."""
+        while len(self._buf) < n and not self._done:
+            try:
+                self._buf += next(self._gen)
+            except StopIteration:
+                self._done = True
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def _confined(dest: Path, start: list[str], target: str) -> bool:
+    """Whether ``target`` (a link's text, relative to ``dest/start``) stays inside ``dest``.
+
+    Resolved component by component against what is on disk under ``dest``,
+    following symlinks found there (at most 40) without ever looking outside.
+    """
+    if target.startswith("/"):
+        return False
+    stack = list(start)
+    todo = collections.deque(target.split("/"))
+    hops = 0
+    while todo:
+        c = todo.popleft()
+        if c in ("", "."):
+            continue
+        if c == "..":
+            if not stack:
+                return False
+            stack.pop()
+            continue
+        p = dest.joinpath(*stack, c)
+        if p.is_symlink():
+            hops += 1
+            link = os.readlink(p)
+            if hops > _LINK_HOPS or link.startswith("/"):
+                return False
+            todo.extendleft(reversed(link.split("/")))
+            continue
+        stack.append(c)
+    return True
+
+
+class _TreeExtractor:
+    """Extract a hostile tar stream into ``dest`` (blocking: run it in a worker thread).
+
+    Every member goes through tarfile's ``data`` filter and, before it, through
+    checks that do not rely on it alone: no ``..``, nothing written through a
+    symlink, links resolved step by step inside ``dest``; once done, every
+    symlink extracted is checked again against the final tree (a later member
+    may change where an earlier link leads) and removed if it leads out.
+    Refused members are skipped and named. More than ``max_files`` entries or
+    ``max_bytes`` of file content raise FileTooLarge.
+    """
+
+    def __init__(self, dest: Path, *, max_bytes: int, max_files: int) -> None:
+        self.dest = Path(os.path.realpath(dest))
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.entries = 0
+        self.announced = 0
+        self.counts = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0}
+        self.skipped: list[str] = []
+        self.links: list[list[str]] = []
+
+    def _skip(self, name: str, why: str) -> None:
+        if len(self.skipped) < _SKIPPED_KEPT:
+            self.skipped.append(f"{name[:300]}: {why}")
+
+    def _members(self, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        for m in tar:
+            self.entries += 1
+            if self.entries > self.max_files:
+                raise FileTooLarge(f"the guest's tree holds more than {self.max_files}"
+                                   " entries: pass a larger max_files")
+            if m.isreg():
+                self.announced += m.size
+                if self.announced > self.max_bytes:
+                    raise FileTooLarge(f"the guest's tree holds more than {self.max_bytes}"
+                                       " bytes: pass a larger max_bytes")
+            yield m
+
+    def _check(self, m: tarfile.TarInfo) -> tuple[list[str], str | None]:
+        name = m.name
+        if len(name) > 4096 or len(m.linkname) > 4096:
+            return [], "name too long"
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            return parts, "'..' in its name"
+        for i in range(len(parts) - 1):
+            if self.dest.joinpath(*parts[:i + 1]).is_symlink():
+                return parts, "it would be written through a symlink"
+        if m.issym() and not _confined(self.dest, parts[:-1], m.linkname):
+            return parts, "a symlink leading outside the destination"
+        if m.islnk():
+            lparts = m.linkname.split("/")
+            if m.linkname.startswith("/") or ".." in lparts or any(
+                    self.dest.joinpath(*lparts[:i + 1]).is_symlink()
+                    for i in range(len(lparts))):
+                return parts, "a hard link to something that is not a file of the tree"
+        return parts, None
+
+    def _filter(self, m: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        parts, why = self._check(m)
+        if why is None:
+            try:
+                safe = tarfile.data_filter(m, dest)
+            except tarfile.FilterError as exc:
+                why = str(exc)
+        if why is not None:
+            self._skip(m.name, why)
+            return None
+        leaf = self.dest.joinpath(*parts)
+        if parts and leaf.is_symlink() and not safe.issym():
+            leaf.unlink()  # replace it: never write through it
+        if safe.isdir():
+            self.counts["dirs"] += 1
+        elif safe.issym():
+            self.counts["symlinks"] += 1
+            self.links.append(parts)
+        else:
+            self.counts["files"] += 1
+            self.counts["bytes"] += safe.size if safe.isreg() else 0
+        return safe
+
+    def run(self, fd: int) -> None:
+        """Read the stream from pipe ``fd`` (closed when done) and extract it."""
+        with os.fdopen(fd, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            tar.extractall(self.dest, members=self._members(tar), filter=self._filter)
+        for parts in self.links:
+            leaf = self.dest.joinpath(*parts)
+            with contextlib.suppress(OSError):
+                if leaf.is_symlink() and not _confined(self.dest, parts[:-1],
+                                                       os.readlink(leaf)):
+                    leaf.unlink()
+                    self.counts["symlinks"] -= 1
+                    self._skip("/".join(parts), "a symlink leading outside the destination")
+
+    def result(self, guest_skipped: Any) -> DirTransfer:
+        extra = [str(s)[:400] for s in guest_skipped[:_SKIPPED_KEPT]] if isinstance(
+            guest_skipped, list) else []
+        return DirTransfer(files=self.counts["files"], dirs=self.counts["dirs"],
+                           symlinks=self.counts["symlinks"], bytes=self.counts["bytes"],
+                           skipped=tuple((self.skipped + extra)[:_SKIPPED_KEPT]))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _pipe_write(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the non-blocking pipe ``fd``, waiting on the loop for room.
+
+    Raises BrokenPipeError once the reading end is closed.
+    """
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, _wake, fut)
+            try:
+                await fut
+            finally:
+                loop.remove_writer(fd)
+
+
+def _count(msg: dict[str, Any], key: str) -> int:
+    v = msg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise AgentProtocolError(f"guest sent a malformed transfer report ({key})")
+    return v
 
 
 class _Output:
@@ -552,6 +847,144 @@ class AsyncFiles:
                           "overwrite": overwrite})
         return await self.stat(new_path)
 
+    async def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str
+                         ) -> DirTransfer:
+        """Copy the local tree ``local_dir`` into ``guest_dir`` (created if missing).
+
+        Moved as a tar stream; files keep their modes (minus set-id bits and
+        group/other write) and mtimes and belong to root in the guest. The guest
+        spools the stream to an unlinked temp file in ``guest_dir``'s file system
+        and extracts it when it is complete (so it briefly needs twice the
+        space), refusing absolute or escaping paths and links that lead out of
+        ``guest_dir``: those, special files and unreadable files are skipped and
+        named in the result. Raises InvalidPath if ``local_dir`` is not a
+        directory, GuestError (e.g. ENOSPC) if extracting fails in the guest.
+        """
+        check_guest_path(guest_dir)
+        top = Path(local_dir)
+        if not top.is_dir():
+            raise InvalidPath(f"{top} is not a local directory")
+        reader = _TarReader(top)
+        st = await self._sb._conn().open({"op": "untar", "path": guest_dir})
+
+        async def send() -> int:
+            sent = 0
+            while True:
+                chunk = await asyncio.to_thread(reader.read, 1 << 20)
+                if not chunk:
+                    break
+                await st.send_data(chunk)
+                sent += len(chunk)
+            await st.send_eof()
+            return sent
+
+        sender = asyncio.get_running_loop().create_task(send())
+        item_task = asyncio.get_running_loop().create_task(st.next(None))
+        try:
+            await asyncio.wait({sender, item_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not item_task.done():
+                sent = sender.result()  # a local failure raises here
+                # the guest extracts once it has everything: allow it 1 MB/s
+                item = await asyncio.wait_for(item_task, self._sb.op_timeout + sent / 1e6)
+            else:
+                item = item_task.result()
+            if item.kind == "error":
+                assert item.error is not None
+                raise item.error
+            if item.kind != "reply":
+                raise AgentProtocolError(f"unexpected {item.kind} while uploading a tree")
+            msg = item.message or {}
+            skipped = msg.get("skipped")
+            guest_skipped = [str(x)[:400] for x in skipped[:_SKIPPED_KEPT]] \
+                if isinstance(skipped, list) else []
+            return DirTransfer(files=_count(msg, "files"), dirs=_count(msg, "dirs"),
+                               symlinks=_count(msg, "symlinks"), bytes=_count(msg, "bytes"),
+                               skipped=tuple((reader.skipped + guest_skipped)[:_SKIPPED_KEPT]))
+        except TimeoutError:
+            raise AgentTimeout("the guest did not finish extracting the tree in time") from None
+        finally:
+            for t in (sender, item_task):
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+            await st.reset()  # no-op once the guest replied; otherwise it drops its spool
+
+    async def download_dir(self, guest_dir: str, local_dir: str | os.PathLike[str], *,
+                           max_bytes: int = DEFAULT_TREE_CAP,
+                           max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
+        """Copy the guest tree ``guest_dir`` into ``local_dir`` (created if missing).
+
+        Moved as a tar stream and extracted as it arrives, treating it as
+        hostile: tarfile's ``data`` filter plus checks of our own (nothing is
+        written outside ``local_dir`` or through a symlink, links leading out are
+        dropped, no special files, no set-id bits, files belong to you). Refused
+        entries are skipped and named in the result. Raises FileTooLarge past
+        ``max_bytes`` of file content or ``max_files`` entries (what was
+        extracted so far stays), GuestFileNotFound if ``guest_dir`` is missing.
+        """
+        check_guest_path(guest_dir)
+        for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
+        dest = Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        extractor = _TreeExtractor(dest, max_bytes=max_bytes, max_files=max_files)
+        # headers and padding on top of the content: a generous bound on the stream
+        stream_cap = max_bytes + max_files * 3 * _TAR_BLOCK + (1 << 20)
+        st = await self._sb._conn().open({"op": "tar", "path": guest_dir,
+                                          "max_bytes": max_bytes, "max_files": max_files})
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        try:
+            job = asyncio.get_running_loop().create_task(asyncio.to_thread(extractor.run, rfd))
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        done = False
+        try:
+            got = 0
+            while True:
+                item = await st.next(self._sb.op_timeout)
+                if item.kind == "data":
+                    got += len(item.data)
+                    if got > stream_cap:
+                        raise FileTooLarge(f"the guest sent more than {stream_cap} bytes for"
+                                           f" {guest_dir}: pass a larger max_bytes")
+                    if wfd >= 0:
+                        try:
+                            await _pipe_write(wfd, item.data)
+                        except BrokenPipeError:
+                            # the extractor stopped: at the archive's end, or on an error
+                            os.close(wfd)
+                            wfd = -1
+                            await job
+                elif item.kind == "eof":
+                    if wfd >= 0:
+                        os.close(wfd)
+                        wfd = -1
+                elif item.kind == "reply":
+                    done = True
+                    if wfd >= 0:
+                        os.close(wfd)
+                        wfd = -1
+                    await job
+                    return extractor.result((item.message or {}).get("skipped"))
+                elif item.kind == "error":
+                    done = True
+                    assert item.error is not None
+                    raise item.error
+        finally:
+            if wfd >= 0:
+                os.close(wfd)
+            if not done:
+                await st.reset()
+            if not job.done():
+                with contextlib.suppress(BaseException):
+                    await job
+            elif not job.cancelled():
+                job.exception()  # retrieved: the first error is what propagates
+
     async def _call(self, req: dict[str, Any]) -> dict[str, Any]:
         return await self._sb._conn().call(req, timeout=self._sb.op_timeout)
 
@@ -573,6 +1006,9 @@ class AsyncSandbox:
         self._snapshot_times: dict[str, float] = {}
         # the image (name, digest, config, rootfs) of a sandbox with a root disk
         self._image: dict[str, Any] | None = None
+        # volumes attached (their locks are held until the VM is gone) and where
+        self._volumes: list[tuple[VolumeAttachment, VolumeMount]] = []
+        self._volume_watch: asyncio.Task[None] | None = None
         if lifetime is not None:
             self._lifetime_handle = asyncio.get_running_loop().call_later(
                 lifetime, self._expire)
@@ -581,37 +1017,71 @@ class AsyncSandbox:
         self._expiry = asyncio.get_running_loop().create_task(self.kill())
 
     @classmethod
-    async def create(cls, *, image: str = "base", memory_mib: int | str = 256, vcpus: int = 1,
+    async def create(cls, *, image: str | None = None, memory_mib: int | str = 256, vcpus: int = 1,
                      disk_size: int | str | None = None,
+                     volumes: Mapping[str, str | tuple[str, str] | VolumeMount] | None = None,
+                     volume_store: VolumeStore | None = None,
                      timeout: float | None = None, boot_timeout: float = 60.0,
                      sandbox_id: str | None = None,
                      provider: QemuVmProvider | None = None) -> AsyncSandbox:
         """Boot a new sandbox and wait until its agent is ready.
 
-        ``image``: ``base`` (the built-in one, running from memory), a name from
+        ``image``: None for the default (``debian`` once `sandvm image
+        build-default` built it, else ``base``; ``$SANDVM_DEFAULT_IMAGE`` wins),
+        ``base`` (the built-in one, running from memory), a name from
         `sandvm image ls`, or a source such as ``oci:./layout:tag`` (imported and
         cached on first use). An image's root filesystem is a private disk of
         ``disk_size`` bytes (default 4 GiB, sparse; a full disk is ENOSPC in the
         guest). ``timeout`` is the sandbox's lifetime in seconds (None: until
-        killed). Raises InvalidSpec / UnknownImage / ImageError for bad input,
-        AssetMissing if `sandvm setup` has not run, VmBootError if the VM does
-        not come up.
+        killed).
+
+        ``volumes`` maps names of volumes (`sandvm volume create`, or
+        ``VolumeStore().create``; ``volume_store`` picks another store) to where
+        they are mounted: a guest path (read-write), ``(path, "ro")`` /
+        ``(path, "rw")``, or a VolumeMount, e.g. ``{"data": "/data", "ref":
+        ("/ref", "ro")}``. The mount point is created in the image's root. A
+        volume has one writer at a time: it stays locked by this process until
+        the sandbox is killed or its VM dies. Sandboxes with volumes cannot be
+        snapshotted (nor forked or paused to disk).
+
+        Raises InvalidSpec / InvalidPath / UnknownImage / ImageError for bad
+        input, VolumeNotFound, VolumeInUse, AssetMissing if `sandvm setup` has
+        not run, VmBootError if the VM does not come up.
         """
         if timeout is not None and timeout <= 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
+        if image is None:
+            from sandvm.images.store import default_image
+
+            image = default_image()
+        mounts = parse_mounts(volumes, builtin_image=image in BUILTIN_IMAGES)
         image_info, disks = await _resolve_image(image, disk_size)
-        spec = VmSpec(image=image, memory_mib=parse_memory(memory_mib), vcpus=vcpus,
-                      disks=disks)
-        sid = sandbox_id or new_id("sb")
-        prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
-        await prov.create_vm_with_spec(sid, spec)
-        return await cls._launch(prov, sid, prov.start_vm(sid), timeout, image=image_info)
+        sid = validate_vm_id(sandbox_id or new_id("sb"))
+        attached = await asyncio.to_thread(_attach_volumes, volume_store, mounts, sid)
+        try:
+            vdisks = tuple(DiskSpec(serial=f"vol-{i}", path=str(att.volume.path),
+                                    format="raw", read_only=m.read_only)
+                           for i, (att, m) in enumerate(attached))
+            spec = VmSpec(image=image, memory_mib=parse_memory(memory_mib), vcpus=vcpus,
+                          disks=disks + vdisks)
+            prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
+            await prov.create_vm_with_spec(sid, spec)
+            return await cls._launch(prov, sid, prov.start_vm(sid), timeout, image=image_info,
+                                     volumes=attached)
+        except BaseException:
+            # the VM is gone (or never ran): nobody uses the volumes any more
+            for att, _ in attached:
+                att.release()
+            raise
 
     @classmethod
     async def _launch(cls, prov: QemuVmProvider, sid: str, start: Awaitable[None],
                       lifetime: float | None, *, image: dict[str, Any] | None = None,
-                      restored: bool = False) -> AsyncSandbox:
-        """Run ``start`` for the Created VM ``sid``, configure it; destroy it on failure."""
+                      restored: bool = False,
+                      volumes: list[tuple[VolumeAttachment, VolumeMount]] | None = None
+                      ) -> AsyncSandbox:
+        """Run ``start`` for the Created VM ``sid``, configure it, mount its volumes
+        (disks ``vol-<i>``); destroy it on failure."""
         try:
             await start
             sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=lifetime)
@@ -619,6 +1089,18 @@ class AsyncSandbox:
             if image is not None and not restored:
                 await sb._conn().call({"op": "mount_root", "serial": ROOT_DISK},
                                       timeout=sb.op_timeout)
+            for i, (att, m) in enumerate(volumes or ()):
+                try:
+                    await sb._conn().call({"op": "mount_volume", "serial": f"vol-{i}",
+                                           "path": m.path, "read_only": m.read_only},
+                                          timeout=sb.op_timeout)
+                except SandvmError as exc:
+                    raise type(exc)(f"cannot mount volume {att.volume.name!r} at {m.path}:"
+                                    f" {exc.message}") from exc
+            if volumes:
+                sb._volumes = list(volumes)
+                sb._volume_watch = asyncio.get_running_loop().create_task(
+                    sb._release_volumes_on_exit())
             await sb._configure()
         except BaseException:
             with contextlib.suppress(SandvmError):
@@ -657,6 +1139,17 @@ class AsyncSandbox:
         return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout,
                                  image=snap.image, restored=True)
 
+    async def _release_volumes_on_exit(self) -> None:
+        """Release the volumes' locks as soon as QEMU is gone, however it ended."""
+        proc = self._vm.proc
+        if proc is not None:
+            await proc.wait()
+        self._release_volumes()
+
+    def _release_volumes(self) -> None:
+        for att, _ in self._volumes:
+            att.release()
+
     async def _configure(self) -> None:
         """Identity and clone hygiene: entropy, clock, hostname, sandbox id."""
         await self._conn().call({
@@ -674,9 +1167,16 @@ class AsyncSandbox:
         pause and total time are in ``last_snapshot_times``. A sandbox that was
         itself restored from a snapshot is saved with its RAM in the state stream
         (slower; its restores do not share pages). Raises SnapshotAlreadyExists,
-        SandboxStateError.
+        SandboxStateError (also for a sandbox with volumes).
         """
         self._conn()  # raises if killed or crashed
+        if self._volumes:
+            names = ", ".join(f"{a.volume.name!r} at {m.path}" for a, m in self._volumes)
+            raise SandboxStateError(
+                f"volumes are not part of snapshots, and sandbox {self.sandbox_id} has {names}"
+                " mounted: snapshots, fork and pause(to_disk=True) need a sandbox without"
+                " volumes (copy what it needs into its own disk, or mount the volumes after"
+                " restoring in a new sandbox)")
         store = store or SnapshotStore()
         name = name or new_id("snap")
         parent_snap = None
@@ -840,7 +1340,9 @@ class AsyncSandbox:
                 "boot_seconds": self._vm.boot_seconds, "qemu_pid": self._vm.pid,
                 "memory_mib": self._vm.spec.memory_mib, "vcpus": self._vm.spec.vcpus,
                 "guest_kernel": ai.kernel if ai else None,
-                "agent_version": ai.agent_version if ai else None}
+                "agent_version": ai.agent_version if ai else None,
+                "volumes": {a.volume.name: {"path": m.path, "read_only": m.read_only}
+                            for a, m in self._volumes}}
 
     async def is_running(self) -> bool:
         return not self._closed and self._vm.alive
@@ -850,15 +1352,27 @@ class AsyncSandbox:
         return await self._conn().ping()
 
     async def kill(self) -> None:
-        """Destroy the VM and everything it had. Idempotent."""
+        """Destroy the VM and everything it had (its volumes' data is synced to them
+        first, and they are released). Idempotent."""
         if self._closed:
             return
+        if any(not m.read_only for _, m in self._volumes) and self._vm.alive:
+            # what the guest wrote may still be in its page cache: flush it to the volumes
+            with contextlib.suppress(SandvmError):
+                await self._conn().call({"op": "sync"}, timeout=min(self.op_timeout, 20.0))
         self._closed = True
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
-        with contextlib.suppress(SandvmError):
-            await self._provider.destroy_vm(self.sandbox_id)
-        await self._vm.shutdown()
+        try:
+            with contextlib.suppress(SandvmError):
+                await self._provider.destroy_vm(self.sandbox_id)
+            await self._vm.shutdown()
+        finally:
+            # once QEMU is gone (else the exit watcher does it when it is)
+            if self._vm.proc is None or self._vm.proc.returncode is not None:
+                self._release_volumes()
+                if self._volume_watch is not None:
+                    self._volume_watch.cancel()
 
     async def aclose(self) -> None:
         await self.kill()
@@ -1015,6 +1529,17 @@ class Files:
     def rename(self, old_path: str, new_path: str, *, overwrite: bool = True) -> EntryInfo:
         return _portal.call(self._a.rename(old_path, new_path, overwrite=overwrite))
 
+    def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str) -> DirTransfer:
+        """See AsyncFiles.upload_dir."""
+        return _portal.call(self._a.upload_dir(local_dir, guest_dir))
+
+    def download_dir(self, guest_dir: str, local_dir: str | os.PathLike[str], *,
+                     max_bytes: int = DEFAULT_TREE_CAP,
+                     max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
+        """See AsyncFiles.download_dir."""
+        return _portal.call(self._a.download_dir(guest_dir, local_dir, max_bytes=max_bytes,
+                                                 max_files=max_files))
+
 
 class Sandbox:
     """Sync twin of AsyncSandbox: ``with Sandbox.create() as sb: sb.commands.run("ls")``."""
@@ -1026,15 +1551,17 @@ class Sandbox:
         self.files = Files(inner.files)
 
     @classmethod
-    def create(cls, *, image: str = "base", memory_mib: int | str = 256, vcpus: int = 1,
+    def create(cls, *, image: str | None = None, memory_mib: int | str = 256, vcpus: int = 1,
                disk_size: int | str | None = None,
+               volumes: Mapping[str, str | tuple[str, str] | VolumeMount] | None = None,
+               volume_store: VolumeStore | None = None,
                timeout: float | None = None, boot_timeout: float = 60.0,
                sandbox_id: str | None = None,
                provider: QemuVmProvider | None = None) -> Sandbox:
         """See AsyncSandbox.create."""
         return cls(_portal.call(AsyncSandbox.create(
             image=image, memory_mib=memory_mib, vcpus=vcpus, disk_size=disk_size,
-            timeout=timeout,
+            volumes=volumes, volume_store=volume_store, timeout=timeout,
             boot_timeout=boot_timeout, sandbox_id=sandbox_id, provider=provider)))
 
     @classmethod
@@ -1132,6 +1659,23 @@ async def _resolve_image(image: str, disk_size: int | str | None
     disk = DiskSpec(serial=ROOT_DISK, path=str(stored.rootfs), format="raw",
                     overlay_size=size)
     return record, (disk,)
+
+
+def _attach_volumes(store: VolumeStore | None, mounts: list[tuple[str, VolumeMount]],
+                    sandbox_id: str) -> list[tuple[VolumeAttachment, VolumeMount]]:
+    """Lock every volume for ``sandbox_id`` (all or none). Raises VolumeNotFound, VolumeInUse."""
+    if not mounts:
+        return []
+    store = store or VolumeStore()
+    out: list[tuple[VolumeAttachment, VolumeMount]] = []
+    try:
+        for name, m in mounts:
+            out.append((store.attach(name, sandbox_id=sandbox_id, read_only=m.read_only), m))
+    except BaseException:
+        for att, _ in out:
+            att.release()
+        raise
+    return out
 
 
 def _check_image(snap: Snapshot) -> None:

@@ -632,7 +632,28 @@ class ExecStream(Stream):
             self.agent.drop_cgroup(self.cgroup)
 
 
-class WriteFileStream(Stream):
+class SinkStream(Stream):
+    """A stream whose incoming data is written to ``self.fd``, granting credit as it goes."""
+
+    fd = -1
+    size = 0
+
+    def on_data(self, channel: int, data: bytes | memoryview) -> None:
+        if self.fd < 0:
+            return
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as exc:
+            self.fail(exc)
+            return
+        self.size += len(data)
+        self.grant(len(data))
+
+
+class WriteFileStream(SinkStream):
     """Receive a file: temp file in the same directory, fsync, rename."""
 
     def start(self) -> None:
@@ -657,20 +678,6 @@ class WriteFileStream(Stream):
         self.tmp = os.path.join(parent, name)
         self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.size = 0
-
-    def on_data(self, channel: int, data: bytes | memoryview) -> None:
-        if self.fd < 0:
-            return
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
-        except OSError as exc:
-            self.fail(exc)
-            return
-        self.size += len(data)
-        self.grant(len(data))
 
     def on_eof(self, channel: int) -> None:
         if self.fd < 0:
@@ -796,6 +803,292 @@ class ListStream(Stream):
         if batch:
             self.event({"event": "entries", "entries": batch})
         self.reply({"count": count})
+
+
+# --------------------------------------------------------------------------- tar streams
+
+TAR_BLOCK = 512
+SKIPPED_REPORTED = 100  # refused/unreadable entries named in a reply
+
+
+def _tarfile() -> Any:
+    """tarfile, imported on first use (not at boot) and outside any chroot: imports
+    inside an image's root would look for modules there."""
+    import copy  # noqa: F401 - safe_member's, loaded here
+    import tarfile
+
+    return tarfile
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def safe_member(ti: Any, dest: str) -> Any:
+    """A copy of tar member ``ti`` that is safe to extract into ``dest``.
+
+    The equivalent of tarfile's ``data`` filter (this guest's Python predates
+    it): no absolute names, nothing outside ``dest``, no links leading out of
+    it, no device files or fifos, owned by root, no set-id bits or group/other
+    write. Also refuses to write through a symlink. Raises GuestFail saying why.
+    """
+    name = ti.name
+    if not name or len(name) > 4096 or "\x00" in name or "\x00" in (ti.linkname or ""):
+        raise GuestFail("unsafe_member", "bad name")
+    name = name.lstrip("/")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise GuestFail("unsafe_member", "'..' in its name")
+    target = os.path.realpath(os.path.join(dest, *parts))
+    if not _inside(target, dest):
+        raise GuestFail("unsafe_member", "it would be outside the destination")
+    cur = dest
+    for p in parts[:-1]:
+        cur = os.path.join(cur, p)
+        if os.path.islink(cur):
+            raise GuestFail("unsafe_member", "it would be written through a symlink")
+    mode = ti.mode & 0o755
+    if ti.isreg() or ti.islnk():
+        if not mode & 0o100:
+            mode &= ~0o111
+        mode |= 0o600
+    elif ti.isdir():
+        mode |= 0o700
+    elif not ti.issym():
+        raise GuestFail("unsafe_member", "a special file")
+    if ti.issym() or ti.islnk():
+        link = ti.linkname
+        if not link or os.path.isabs(link):
+            raise GuestFail("unsafe_member", "a link to an absolute path")
+        base = os.path.dirname(os.path.join(dest, *parts)) if ti.issym() else dest
+        if not _inside(os.path.realpath(os.path.join(base, link)), dest):
+            raise GuestFail("unsafe_member", "a link leading outside the destination")
+    leaf = os.path.join(dest, *parts)
+    if parts and os.path.islink(leaf) and not ti.issym():
+        os.unlink(leaf)  # replace the symlink, never write through it
+    import copy  # already loaded by _tarfile()
+
+    out = copy.copy(ti)
+    out.name = "/".join(parts) or "."
+    out.mode = mode
+    out.uid = out.gid = 0
+    out.uname = out.gname = "root"
+    return out
+
+
+class UntarStream(SinkStream):
+    """Receive a tar stream and extract it into a guest directory (created if missing).
+
+    The agent is single-threaded: the stream is spooled into an unlinked temp
+    file in the destination's file system and extracted in one go at EOF
+    (other operations wait meanwhile). Members are sanitized by ``safe_member``;
+    refused ones are skipped and named in the reply.
+    """
+
+    def start(self) -> None:
+        self.fd = -1
+        self.size = 0
+        self.tarfile = _tarfile()
+        self.path = check_path(self.req.get("path"))
+        with self.agent.in_root():
+            os.makedirs(self.path, mode=0o755, exist_ok=True)
+            if not os.path.isdir(self.path):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", self.path)
+            spool = os.path.join(self.path, f".sandvm-untar-{os.getpid()}-{self.sid}")
+            self.fd = os.open(spool, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.unlink(spool)
+
+    def on_eof(self, channel: int) -> None:
+        if self.fd < 0:
+            return
+        try:
+            with self.agent.in_root():
+                res = self._extract()
+        except self.tarfile.TarError as exc:
+            self.fail(GuestFail("invalid_archive", f"bad tar stream: {exc}"))
+            return
+        except Exception as exc:  # noqa: BLE001 - the host gets the reason
+            self.fail(exc)
+            return
+        self.reply(res)
+
+    def _extract(self) -> dict[str, Any]:
+        tarfile = self.tarfile
+        dest = os.path.realpath(self.path)
+        counts = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0}
+        skipped: list[str] = []
+
+        def members(tar: Any) -> Any:
+            for ti in tar:
+                try:
+                    safe = safe_member(ti, dest)
+                except GuestFail as exc:
+                    if len(skipped) < SKIPPED_REPORTED:
+                        skipped.append(f"{ti.name[:300]}: {exc}")
+                    continue
+                if safe.isdir():
+                    counts["dirs"] += 1
+                elif safe.issym():
+                    counts["symlinks"] += 1
+                else:
+                    counts["files"] += 1
+                    counts["bytes"] += safe.size if safe.isreg() else 0
+                yield safe
+
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        kw = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        with os.fdopen(os.dup(self.fd), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            tar.extractall(dest, members=members(tar), numeric_owner=True, **kw)
+        return {**counts, "skipped": skipped, "received": self.size}
+
+    def cleanup(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class TarStream(Stream):
+    """Send a guest directory tree as a tar stream (PAX), paced by the window.
+
+    Regular files, directories, symlinks and hard links; other file types and
+    entries that vanish or cannot be read are skipped and named in the reply.
+    Refuses (file_too_large) a tree over the caller's entry or byte caps.
+    """
+
+    def start(self) -> None:
+        self.tarfile = _tarfile()
+        self.pending = memoryview(b"")
+        path = check_path(self.req.get("path"))
+        cap, max_files = self.req.get("max_bytes"), self.req.get("max_files")
+        if not isinstance(cap, int) or cap < 0 or not isinstance(max_files, int) \
+                or max_files < 1:
+            raise GuestFail("invalid_request", "max_bytes and max_files must be positive ints")
+        self.cap, self.max_files = cap, max_files
+        self.counts = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0}
+        self.skipped: list[str] = []
+        with self.agent.in_root():
+            if not stat_mod.S_ISDIR(os.stat(path).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
+        self.gen = self._entries(path)
+        self.agent.loop.call_later(0, self._pump)
+
+    def _skip(self, arc: str, why: str) -> None:
+        if len(self.skipped) < SKIPPED_REPORTED:
+            self.skipped.append(f"{arc[:300]}: {why}")
+
+    def _header(self, ti: Any) -> bytes:
+        entries = sum(self.counts[k] for k in ("files", "dirs", "symlinks"))
+        if entries >= self.max_files:
+            raise GuestFail("file_too_large", f"the tree holds more than {self.max_files}"
+                                              " entries: pass a larger max_files")
+        return bytes(ti.tobuf(self.tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def _entries(self, top: str) -> Any:
+        """Tar bytes of everything under ``top``; advanced only inside in_root()."""
+        tarfile = self.tarfile
+        inodes: dict[tuple[int, int], str] = {}
+        stack = [(top, "")]
+        while stack:
+            d, prefix = stack.pop()
+            try:
+                with os.scandir(d) as it:
+                    names = sorted(e.name for e in it)
+            except OSError as exc:
+                self._skip(prefix or ".", exc.strerror or str(exc))
+                continue
+            subdirs = []
+            for name in names:
+                full, arc = os.path.join(d, name), prefix + name
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue  # gone meanwhile
+                ti = tarfile.TarInfo(arc)
+                ti.mode = stat_mod.S_IMODE(st.st_mode)
+                ti.uid, ti.gid, ti.mtime = st.st_uid, st.st_gid, int(st.st_mtime)
+                if stat_mod.S_ISDIR(st.st_mode):
+                    ti.type = tarfile.DIRTYPE
+                    yield self._header(ti)
+                    self.counts["dirs"] += 1
+                    subdirs.append((full, arc + "/"))
+                elif stat_mod.S_ISLNK(st.st_mode):
+                    try:
+                        ti.linkname = os.readlink(full)
+                    except OSError:
+                        continue
+                    ti.type = tarfile.SYMTYPE
+                    yield self._header(ti)
+                    self.counts["symlinks"] += 1
+                elif stat_mod.S_ISREG(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    if st.st_nlink > 1 and key in inodes:
+                        ti.type, ti.linkname = tarfile.LNKTYPE, inodes[key]
+                        yield self._header(ti)
+                        self.counts["files"] += 1
+                        continue
+                    if self.counts["bytes"] + st.st_size > self.cap:
+                        raise GuestFail("file_too_large",
+                                        f"the tree holds more than {self.cap} bytes of"
+                                        " files: pass a larger max_bytes")
+                    try:
+                        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    except OSError as exc:
+                        self._skip(arc, exc.strerror or str(exc))
+                        continue
+                    try:
+                        ti.size = st.st_size
+                        yield self._header(ti)
+                        self.counts["files"] += 1
+                        self.counts["bytes"] += st.st_size
+                        if st.st_nlink > 1:
+                            inodes[key] = arc
+                        left = st.st_size
+                        while left > 0:
+                            data = os.read(fd, min(READ_CHUNK, left))
+                            if not data:  # the file shrank: keep the archive consistent
+                                data = bytes(min(READ_CHUNK, left))
+                            left -= len(data)
+                            yield data
+                        if st.st_size % TAR_BLOCK:
+                            yield bytes(TAR_BLOCK - st.st_size % TAR_BLOCK)
+                    finally:
+                        os.close(fd)
+                else:
+                    self._skip(arc, "a special file")
+            stack.extend(reversed(subdirs))
+        yield bytes(2 * TAR_BLOCK)
+
+    def _pump(self) -> None:
+        if self.closed:
+            return
+        try:
+            with self.agent.in_root():
+                self._fill()
+        except Exception as exc:  # noqa: BLE001 - the host gets the reason
+            self.fail(exc)
+
+    def _fill(self) -> None:
+        while not self.closed and self.send_window > 0:
+            if not self.pending:
+                try:
+                    self.pending = memoryview(next(self.gen))
+                except StopIteration:
+                    self.send(wire.encode(wire.EOF, self.sid, bytes((wire.CH_STDOUT,))))
+                    self.reply({**self.counts, "skipped": self.skipped})
+                    return
+                continue
+            n = min(len(self.pending), READ_CHUNK, self.send_window)
+            data = bytes(self.pending[:n])
+            self.pending = self.pending[n:]
+            self.send_window -= n
+            self.agent.transport.send_data(self.sid, wire.CH_STDOUT, data)
+
+    def window_opened(self) -> None:
+        self._pump()
+
+    def cleanup(self) -> None:
+        with contextlib.suppress(Exception):
+            self.gen.close()  # closes the file it was reading
 
 
 def check_path(p: Any) -> str:
@@ -924,6 +1217,37 @@ def mount_root(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
     return {"root": IMAGE_ROOT, "device": dev, "size": st.f_blocks * st.f_frsize}
 
 
+def mount_volume(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    """Mount the ext4 volume on the disk ``serial`` at ``path`` inside the root.
+
+    The mount point is created (``mkdir -p``) and mounted while chrooted into
+    the image's root, so a symlink on the way can never lead out of it. A
+    read-only volume whose journal needs replaying is mounted without it.
+    """
+    serial = req.get("serial")
+    read_only = req.get("read_only", False)
+    if not isinstance(serial, str) or not isinstance(read_only, bool):
+        raise GuestFail("invalid_request", "serial must be a string, read_only a bool")
+    path = check_path(req.get("path"))
+    if serial in agent.volumes:
+        return {"path": agent.volumes[serial], "already": True}
+    dev = find_disk(serial)
+    flags = MS_NOSUID | MS_NODEV | (MS_RDONLY if read_only else 0)
+    with agent.in_root():
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "mount point is not a directory", path)
+        try:
+            _mount(dev, path, "ext4", flags, "" if read_only else "errors=remount-ro")
+        except OSError:
+            if not read_only:
+                raise
+            _mount(dev, path, "ext4", flags, "noload")
+        st = os.statvfs(path)
+    agent.volumes[serial] = path
+    return {"path": path, "device": dev, "size": st.f_blocks * st.f_frsize}
+
+
 RNDADDENTROPY = 0x40085203
 RNDRESEEDCRNG = 0x5207
 
@@ -1011,6 +1335,8 @@ STREAM_OPS: dict[str, type[Stream]] = {
     "write_file": WriteFileStream,
     "read_file": ReadFileStream,
     "list": ListStream,
+    "untar": UntarStream,
+    "tar": TarStream,
 }
 
 
@@ -1032,6 +1358,7 @@ class Agent:
         }
         # with an image: workloads and file operations see IMAGE_ROOT as "/"
         self.root: str | None = None
+        self.volumes: dict[str, str] = {}  # disk serial -> where it is mounted
         self.host_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.cg_base = os.path.join(CGROUP_ROOT, "sandvm")
         self.cg_home = os.path.join(CGROUP_ROOT, "agent")
@@ -1301,6 +1628,11 @@ class Agent:
                     res = configure(self, req)
                 elif op == "mount_root":
                     res = mount_root(self, req)
+                elif op == "mount_volume":
+                    res = mount_volume(self, req)
+                elif op == "sync":
+                    os.sync()  # e.g. before the host kills a VM with volumes
+                    res = {}
                 else:
                     with self.in_root():
                         res = simple_op(req)

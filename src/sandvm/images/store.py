@@ -35,6 +35,7 @@ from sandvm.images.manifest import load_json, parse_config, parse_manifest
 from sandvm.images.model import ImageConfig, ImportedImage, LayerRef
 
 SOURCE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:")
+DEFAULT_IMAGE = "debian"  # the default once `sandvm image build-default` has built it
 DEFAULT_CACHE_MAX = 20 << 30
 
 
@@ -310,3 +311,18 @@ def _allocated(p: Path) -> int:
         return os.lstat(p).st_blocks * 512
     except OSError:
         return 0
+
+
+def default_image() -> str:
+    """The image a sandbox gets when none is named: ``$SANDVM_DEFAULT_IMAGE``, else
+    ``debian`` once `sandvm image build-default` built it, else ``base``."""
+    env = os.environ.get("SANDVM_DEFAULT_IMAGE")
+    if env:
+        return env
+    refs_file = (Path(os.environ["SANDVM_IMAGE_STORE"]) if os.environ.get(
+        "SANDVM_IMAGE_STORE") else sandvm_home() / "images") / "refs.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        ref = json.loads(refs_file.read_text()).get(DEFAULT_IMAGE)
+        if isinstance(ref, dict) and str(ref.get("source", "")).startswith("mmdebstrap:"):
+            return DEFAULT_IMAGE
+    return BUILTIN_IMAGES[0]
