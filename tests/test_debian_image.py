@@ -218,3 +218,20 @@ def test_second_call_is_a_cache_hit(built: Built, monkeypatch: pytest.MonkeyPatc
         with pytest.raises(AssertionError, match="ran again"):
             build_default(built.store, **kwargs)
     assert not list((built.store.root / "tmp").iterdir())
+
+
+@pytest.mark.qemu
+def test_debian_boots_as_the_default_with_pip(built: Built,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandvm import Sandbox
+
+    monkeypatch.setenv("SANDVM_IMAGE_STORE", str(built.store.root))
+    monkeypatch.delenv("SANDVM_DEFAULT_IMAGE", raising=False)
+    sb = Sandbox.create()  # no image named: `debian`, now that it is built
+    try:
+        assert sb.info["image"] == "debian"
+        r = sb.commands.run("cat /etc/debian_version; python3 -m pip --version; pwd")
+        version, pip, cwd = r.stdout.splitlines()
+        assert version.startswith("12.") and pip.startswith("pip ") and cwd == "/root"
+    finally:
+        sb.kill()

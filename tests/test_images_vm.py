@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ import pytest
 from oci_build import Dir, File, Symlink, build_docker_archive, build_layout
 from sandvm import Sandbox
 from sandvm.assets import sandvm_home
-from sandvm.errors import InvalidSpec, SnapshotIncompatible, UnknownImage
+from sandvm.errors import InvalidSpec, SandvmError, SnapshotCorrupt, UnknownImage
+from sandvm.images.store import ImageStore
 from sandvm.snapshots import SnapshotStore
 
 pytestmark = pytest.mark.qemu
@@ -113,6 +115,10 @@ def test_snapshot_keeps_the_disk_and_clones_diverge(image_sb: Any, tmp_path: Pat
     image_sb.files.write("/app/state", "before")
     snap = image_sb.snapshot("with-disk", store=store)
     assert "disk-root.qcow2" in snap.files and snap.image is not None
+    # a wrapped uid (-1 to setresuid) must never run as root
+    with pytest.raises(SandvmError, match="out of range"):
+        image_sb.commands.run("id -u", user="4294967295")
+    assert image_sb.commands.run("id -u; id -g", user="4242").stdout == "4242\n0\n"
     image_sb.files.write("/app/state", "original changed")
     a = Sandbox.from_snapshot(snap, store=store)
     b = Sandbox.from_snapshot(snap, store=store)
@@ -133,14 +139,43 @@ def test_snapshot_keeps_the_disk_and_clones_diverge(image_sb: Any, tmp_path: Pat
     assert image_sb.files.read("/app/state") == "original changed"
 
 
-def test_snapshot_refused_when_its_rootfs_is_gone(image_sb: Any, tmp_path: Path) -> None:
+def test_snapshot_outlives_its_image_and_clones_outlive_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot carries the image's root filesystem (hard-linked): removing the image,
+    or the snapshot under running clones, breaks nothing; a clone can be saved again."""
+    monkeypatch.setenv("SANDVM_IMAGE_STORE", str(tmp_path / "images"))
     store = SnapshotStore(tmp_path / "snaps")
-    snap = image_sb.snapshot("needs-rootfs", store=store)
-    manifest = json.loads((snap.path / "manifest.json").read_text())
-    manifest["image"]["build_id"] = "another-build"
-    (snap.path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SnapshotIncompatible, match="rebuilt"):
-        Sandbox.from_snapshot("needs-rootfs", store=store)
+    layout = tmp_path / "own"
+    build_layout(layout, tiny_layers("own-image"), config={"Env": ["PATH=/bin"]})
+    images = ImageStore()
+    images.load(layout, name="tests/own:1")
+    sb = Sandbox.create(image="tests/own:1", disk_size="128M")
+    try:
+        sb.files.write("/app/state", "one")
+        snap = sb.snapshot("first", store=store)
+        assert {"disk-root.qcow2", "image-root.ext4"} <= set(snap.files)
+    finally:
+        sb.kill()
+    images.rm("tests/own:1")  # its blobs and root filesystem are deleted
+    assert not any((tmp_path / "images" / "rootfs").iterdir())
+    clone = Sandbox.from_snapshot(snap, store=store)
+    try:
+        store.remove("first")  # the clone runs on its own links
+        clone.files.write("/app/state", "two")
+        again = clone.snapshot("second", store=store, stop=True)
+    finally:
+        clone.kill()
+    last = Sandbox.from_snapshot(again, store=store)
+    try:
+        assert last.commands.run("cat /app/state /app/marker").stdout == "twoown-image"
+    finally:
+        last.kill()
+    # a damaged image file inside the snapshot is refused, never restored
+    with open(again.path / "image-root.ext4", "r+b") as f:
+        f.seek(2048)
+        f.write(b"\xff" * 16)
+    with pytest.raises(SnapshotCorrupt):
+        Sandbox.from_snapshot("second", store=store, verify="full")
 
 
 def test_bad_image_input_is_refused_before_booting(tmp_path: Path) -> None:
@@ -175,3 +210,27 @@ def test_cli_runs_an_archive_and_the_entrypoint(tmp_path: Path, layout: Path) ->
     r = subprocess.run([*sandvm, "run", "--image", "tests/tiny:1", "--", "true"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown_image" in r.stderr
+
+
+def test_cli_pulls_from_a_real_registry_and_runs_it(tmp_path: Path, layout: Path) -> None:
+    from registry_server import RealRegistry, missing_tools
+
+    reason = missing_tools()
+    if reason:
+        pytest.fail(reason) if os.environ.get("CI") else pytest.skip(reason)
+    sandvm = [sys.executable, "-m", "sandvm.cli"]
+    env = {**os.environ, "SANDVM_IMAGE_STORE": str(tmp_path / "store")}
+    with RealRegistry(tmp_path / "registry") as reg:
+        reg.push(layout, "latest", "tests/tiny:2")
+        ref = f"{reg.host}/tests/tiny:2"
+        r = subprocess.run([*sandvm, "image", "pull", ref], capture_output=True, text=True,
+                           timeout=240, env=env)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(f"{ref} sha256:")
+        missing = subprocess.run([*sandvm, "image", "pull", f"{reg.host}/tests/tiny:nope"],
+                                 capture_output=True, text=True, timeout=60, env=env)
+        assert missing.returncode == 2 and "image_not_found" in missing.stderr
+    # the registry is gone: running needs only the local cache
+    r = subprocess.run([*sandvm, "run", "--image", ref, "--", "cat", "/app/marker"],
+                       capture_output=True, text=True, timeout=240, env=env)
+    assert (r.returncode, r.stdout) == (0, "layout-image"), r.stderr

@@ -190,7 +190,7 @@ def test_hostile_tar_stays_inside(tmp_path: Path) -> None:
         (_entry("p", tarfile.SYMTYPE, "."), b""),
         (_entry("dir", tarfile.DIRTYPE, mode=0o755), b""),
         (_entry("d", tarfile.SYMTYPE, "dir"), b""),
-        (_entry("d/through"), b"x"),  # written through a symlink
+        (_entry("d/through"), b"x"),  # d is not yet a symlink: a dir; d is then refused
         (_entry("up", tarfile.SYMTYPE, "dir/../.."), b""),
         (_entry("h", tarfile.LNKTYPE, "../../etc/passwd"), b""),
         (_entry("h2", tarfile.LNKTYPE, "d/x"), b""),
@@ -208,11 +208,13 @@ def test_hostile_tar_stays_inside(tmp_path: Path) -> None:
     for p in dest.rglob("*"):
         assert os.path.realpath(p).startswith(str(dest.resolve())), p
     reasons = "\n".join(ex.skipped)
-    for name in ("../escape.txt", "d/through", "up", "h:", "h2", "dev", "fifo"):
+    for name in ("../escape.txt", "d: a symlink over a directory", "up", "h:", "h2", "dev",
+                 "fifo"):
         assert name in reasons
+    assert (dest / "d" / "through").read_text() == "x" and not (dest / "d").is_symlink()
     assert "l: a symlink leading outside" in reasons  # removed once p made it escape
     r = ex.result(["guest-side: special"])
-    assert (r.files, r.symlinks) == (4, 2) and r.skipped[-1] == "guest-side: special"
+    assert (r.files, r.symlinks) == (5, 1) and r.skipped[-1] == "guest-side: special"
 
 
 def test_tar_caps(tmp_path: Path) -> None:
@@ -385,3 +387,16 @@ def test_cli_volume_commands_and_run(tmp_path: Path) -> None:
     assert info["size"] == 32 << 20 and info["attachments"] == [] and info["disk_bytes"] > 0
     r = sandvm("volume", "rm", "clidata", "nope")
     assert r.returncode == 1 and "removed clidata" in r.stdout and "nope" in r.stderr
+
+
+def test_links_are_made_last_so_a_broken_stream_leaves_none(tmp_path: Path) -> None:
+    """A tar that plants a link which only escapes once later links exist, then breaks
+    off (here: the entry cap), leaves no symlink at all."""
+    data = _tar([(_entry("x", tarfile.DIRTYPE, mode=0o755), b""),
+                 (_entry("x/esc", tarfile.SYMTYPE, "d/../d/../.."), b""),
+                 (_entry("x/d", tarfile.SYMTYPE, "."), b""),
+                 (_entry("d", tarfile.SYMTYPE, "."), b""),
+                 *[(_entry(f"f{i}"), b"") for i in range(20)]])
+    with pytest.raises(FileTooLarge):
+        _extract(tmp_path, data, max_files=10)
+    assert not [p for p in (tmp_path / "cage").rglob("*") if p.is_symlink()]

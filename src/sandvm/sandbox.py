@@ -61,7 +61,7 @@ from sandvm.errors import (
     SandvmError,
     SnapshotIncompatible,
 )
-from sandvm.providers.qemu import QemuVm, QemuVmProvider, qemu_img
+from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 from sandvm.volumes import VolumeAttachment, VolumeMount, VolumeStore, parse_mounts
@@ -337,7 +337,7 @@ class _TreeExtractor:
         self.announced = 0
         self.counts = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0}
         self.skipped: list[str] = []
-        self.links: list[list[str]] = []
+        self.links: list[tuple[list[str], str]] = []
 
     def _skip(self, name: str, why: str) -> None:
         if len(self.skipped) < _SKIPPED_KEPT:
@@ -369,10 +369,11 @@ class _TreeExtractor:
         if m.issym() and not _confined(self.dest, parts[:-1], m.linkname):
             return parts, "a symlink leading outside the destination"
         if m.islnk():
-            lparts = m.linkname.split("/")
-            if m.linkname.startswith("/") or ".." in lparts or any(
+            lparts = [p for p in m.linkname.split("/") if p not in ("", ".")]
+            target = self.dest.joinpath(*lparts)
+            if m.linkname.startswith("/") or ".." in lparts or not lparts or any(
                     self.dest.joinpath(*lparts[:i + 1]).is_symlink()
-                    for i in range(len(lparts))):
+                    for i in range(len(lparts))) or not target.is_file():
                 return parts, "a hard link to something that is not a file of the tree"
         return parts, None
 
@@ -387,13 +388,16 @@ class _TreeExtractor:
             self._skip(m.name, why)
             return None
         leaf = self.dest.joinpath(*parts)
-        if parts and leaf.is_symlink() and not safe.issym():
-            leaf.unlink()  # replace it: never write through it
+        if parts and (leaf.is_symlink() or (leaf.exists() and not leaf.is_dir())):
+            # replace it, never write through it (nor into a file hard-linked elsewhere)
+            leaf.unlink()
         if safe.isdir():
             self.counts["dirs"] += 1
         elif safe.issym():
-            self.counts["symlinks"] += 1
-            self.links.append(parts)
+            # symlinks are made once every file is written: nothing is ever written
+            # through one, and a stream that breaks off leaves none behind
+            self.links.append((parts, safe.linkname))
+            return None
         else:
             self.counts["files"] += 1
             self.counts["bytes"] += safe.size if safe.isreg() else 0
@@ -401,16 +405,40 @@ class _TreeExtractor:
 
     def run(self, fd: int) -> None:
         """Read the stream from pipe ``fd`` (closed when done) and extract it."""
-        with os.fdopen(fd, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        from sandvm.images.layers import capped_tarinfo
+
+        with os.fdopen(fd, "rb") as f, tarfile.open(fileobj=f, mode="r|",
+                                                    tarinfo=capped_tarinfo()) as tar:
             tar.extractall(self.dest, members=self._members(tar), filter=self._filter)
-        for parts in self.links:
+        made = []
+        for parts, target in self.links:
             leaf = self.dest.joinpath(*parts)
-            with contextlib.suppress(OSError):
-                if leaf.is_symlink() and not _confined(self.dest, parts[:-1],
-                                                       os.readlink(leaf)):
-                    leaf.unlink()
-                    self.counts["symlinks"] -= 1
+            if any(self.dest.joinpath(*parts[:i + 1]).is_symlink()
+                   for i in range(len(parts) - 1)) or not _confined(self.dest, parts[:-1],
+                                                                    target):
+                self._skip("/".join(parts), "a symlink leading outside the destination")
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if leaf.is_dir() and not leaf.is_symlink():
+                    self._skip("/".join(parts), "a symlink over a directory")
+                    continue
+                leaf.unlink()
+            os.symlink(target, leaf)
+            made.append(parts)
+        # links made later can change where earlier ones lead (l -> p/.., then p -> .):
+        # check every one against the final tree until nothing changes
+        root = os.path.realpath(self.dest)
+        changed = True
+        while changed:
+            changed = False
+            for parts in list(made):
+                real = os.path.realpath(self.dest.joinpath(*parts))
+                if real != root and not real.startswith(root + os.sep):
+                    self.dest.joinpath(*parts).unlink()
+                    made.remove(parts)
                     self._skip("/".join(parts), "a symlink leading outside the destination")
+                    changed = True
+        self.counts["symlinks"] += len(made)
 
     def result(self, guest_skipped: Any) -> DirTransfer:
         extra = [str(s)[:400] for s in guest_skipped[:_SKIPPED_KEPT]] if isinstance(
@@ -1132,7 +1160,6 @@ class AsyncSandbox:
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
         assets, accel = await prov._resolve()
         _check_compatible(snap, accel, await _qemu_version(assets.qemu))
-        _check_image(snap)
         source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap)
         sid = sandbox_id or new_id("sb")
         await prov.create_vm_with_spec(sid, snap.spec)
@@ -1241,18 +1268,24 @@ class AsyncSandbox:
         return snap
 
     async def _export_disks(self, staging: Path) -> None:
-        """Copy the disk layers frozen by the last save into ``staging``, each made
-        self-contained over its image (rebased when it sits on other layers)."""
+        """Write each disk frozen by the last save into ``staging`` as a self-contained
+        pair: ``image-<serial>.ext4`` (a hard link to, or copy of, the image's root
+        filesystem) and ``disk-<serial>.qcow2`` (every write since, folded into one
+        layer whose backing file is that image, named relatively)."""
         for serial, frozen in self._vm.frozen_disks.items():
+            image = self._vm.disk_images[serial]
+            pinned = staging / f"image-{serial}.ext4"
+            await asyncio.to_thread(_link_or_copy, image, pinned)
             dst = staging / f"disk-{serial}.qcow2"
             await asyncio.to_thread(sparse_copy, frozen, dst)
-            base = (self._image or {}).get("rootfs")
-            if serial == ROOT_DISK and base:
-                info = await qemu_img("info", "--output=json", "-U", str(dst))
-                if json.loads(info).get("full-backing-filename") != base:
-                    # fold every layer between this one and the image into it
-                    await qemu_img("rebase", "-q", "-f", "qcow2", "-b", base, "-F", "raw",
-                                   str(dst))
+            info = await qemu_img("info", "--output=json", "-U", str(dst))
+            if json.loads(info).get("full-backing-filename") != str(image):
+                # fold every layer between this one and the image into it
+                await qemu_img("rebase", "-q", "-f", "qcow2", "-b", str(image), "-F", "raw",
+                               str(dst))
+            # same content, now found beside it wherever the snapshot is moved
+            await qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", pinned.name, "-F", "raw",
+                           str(dst))
 
     @property
     def last_snapshot_times(self) -> dict[str, float]:
@@ -1268,7 +1301,11 @@ class AsyncSandbox:
         """
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
             raise InvalidSpec(f"fork needs 1 to 256 copies, not {n!r}")
-        tmp_store = SnapshotStore(runtime_root() / "fork-snapshots")
+        # in the runtime dir (tmpfs), unless the sandbox has disks: their layers (and
+        # the image under them) are linked from the copies, so they stay on disk
+        fork_root = (runtime_root() if not self._vm.disk_tops
+                     else disk_root().parent) / "fork-snapshots"
+        tmp_store = SnapshotStore(fork_root)
         snap = await self.snapshot(new_id("fork"), store=tmp_store)
         try:
             results = await asyncio.gather(
@@ -1678,18 +1715,8 @@ def _attach_volumes(store: VolumeStore | None, mounts: list[tuple[str, VolumeMou
     return out
 
 
-def _check_image(snap: Snapshot) -> None:
-    """A snapshot with a disk needs the very root filesystem it was taken over."""
-    if snap.image is None:
-        return
-    rootfs = Path(str(snap.image.get("rootfs", "")))
+def _link_or_copy(src: Path, dst: Path) -> None:
     try:
-        record = json.loads(rootfs.with_suffix(".json").read_text())
-    except (OSError, ValueError):
-        record = None
-    if not rootfs.is_file() or not isinstance(record, dict) or \
-            record.get("build_id") != snap.image.get("build_id"):
-        raise SnapshotIncompatible(
-            f"snapshot {snap.name!r} was taken over image {snap.image.get('name')!r}, whose"
-            f" root filesystem ({rootfs}) is gone or was rebuilt since: its disk layer cannot"
-            " be used; take the snapshot again")
+        os.link(src, dst)
+    except OSError:  # another file system
+        sparse_copy(src, dst)

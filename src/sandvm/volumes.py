@@ -405,15 +405,14 @@ class VolumeStore:
             disk_bytes = 0
         attachments: tuple[Attachment, ...] = ()
         with _open_lock(d) as fd:
+            # a shared probe: it never makes a starting read-write attach fail
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # a writer holds it
                 attachments = tuple(self._holders(d))
             else:
-                # nobody holds it: any holder record left is stale
-                for p in (d / HOLDERS_DIR).glob("*"):
-                    with contextlib.suppress(OSError):
-                        p.unlink()
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                attachments = tuple(self._holders(d))
         return VolumeInfo(volume=vol, disk_bytes=disk_bytes, attachments=attachments)
 
     def rm(self, name: str) -> None:

@@ -1143,7 +1143,7 @@ def resolve_user(spec: Any) -> User:
     if entry is not None:
         uid, gid, home, uname = int(entry[2]), int(entry[3]), entry[5], entry[0]
     elif name.isdigit():
-        uid, gid, home, uname = int(name), int(name) if not group else 0, "/", ""
+        uid, gid, home, uname = int(name), 0, "/", ""  # as runc: no entry, group 0
     else:
         raise GuestFail("invalid_request", f"user {name!r} is not in the image's /etc/passwd")
     if group:
@@ -1157,7 +1157,8 @@ def resolve_user(spec: Any) -> User:
             raise GuestFail("invalid_request", f"group {group!r} is not in the image's /etc/group")
     extra = tuple(sorted({int(e[2]) for e in groups if uname and uname in e[3].split(",")
                           and e[2].isdigit()} | {gid}))
-    if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
+    # 2**32-1 is -1 to setresuid ("unchanged"): it would leave the command root
+    if not (0 <= uid < (1 << 32) - 1 and 0 <= gid < (1 << 32) - 1):
         raise GuestFail("invalid_request", f"user {spec!r} has ids out of range")
     return User(uid, gid, extra, home)
 
@@ -1206,6 +1207,9 @@ def mount_root(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
         os.close(fd)
     for sub, mode in (("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("tmp", 0o1777)):
         path = os.path.join(IMAGE_ROOT, sub)
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            # mounting there would follow the image's link out of its root
+            raise GuestFail("image_invalid", f"/{sub} in the image is not a directory")
         if not os.path.lexists(path):
             os.mkdir(path, mode)
     _mount("proc", os.path.join(IMAGE_ROOT, "proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -1358,6 +1362,7 @@ class Agent:
         }
         # with an image: workloads and file operations see IMAGE_ROOT as "/"
         self.root: str | None = None
+        self.root_depth = 0  # > 0 while inside in_root()
         self.volumes: dict[str, str] = {}  # disk serial -> where it is mounted
         self.host_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.cg_base = os.path.join(CGROUP_ROOT, "sandvm")
@@ -1457,13 +1462,16 @@ class Agent:
         The agent is single-threaded: it chroots into the image for the call
         and back out through the fd it holds on its own root.
         """
-        if self.root is None:
-            yield
+        if self.root is None or self.root_depth:
+            yield  # no image, or already inside (nested calls, e.g. cleanup on failure)
             return
         os.chroot(self.root)
+        os.chdir("/")  # relative paths, "" and "." in PATH resolve inside the image too
+        self.root_depth += 1
         try:
             yield
         finally:
+            self.root_depth -= 1
             os.fchdir(self.host_root_fd)
             os.chroot(".")
             os.chdir("/")

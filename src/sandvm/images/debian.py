@@ -169,14 +169,10 @@ def build_default(store: ImageStore | None = None, *, name: str = DEFAULT_NAME,
                                  seconds=seconds)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        store.tag(name, image, source=f"{SOURCE_PREFIX}{suite}")
         say("building the root filesystem")
-        try:
-            store.ensure_rootfs(image, _percent(say))
-        except BaseException:
-            with contextlib.suppress(ImageError):
-                store.rm(name)
-            raise
+        # built before it is named: a failed rebuild leaves the previous image in place
+        store.ensure_rootfs(image, _percent(say))
+        store.tag(name, image, source=f"{SOURCE_PREFIX}{suite}")
     store.enforce_cap()
     stored = store.get(name)
     say(f"{name}: built in {seconds:.0f} s, root filesystem"

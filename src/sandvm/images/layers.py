@@ -81,6 +81,12 @@ class _HeaderTooLarge(tarfile.TarError):
     pass
 
 
+def capped_tarinfo() -> type[tarfile.TarInfo]:
+    """The TarInfo class to pass to ``tarfile.open`` for untrusted tars: it refuses
+    extended headers over 1 MiB before they are read into memory."""
+    return _CappedTarInfo
+
+
 class _CappedTarInfo(tarfile.TarInfo):
     """A TarInfo that refuses huge extended headers before tarfile reads them into memory."""
 

@@ -30,7 +30,7 @@ from typing import Any
 from sandvm._files import LIBC, move_file, preallocate_like, runtime_root, sparse_copy
 from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.assets import Assets, find_assets, sandvm_home
-from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
+from sandvm.core import DiskSpec, VmSpec, VmState, VmView, validate_vm_id
 from sandvm.errors import (
     AgentDisconnected,
     AgentError,
@@ -160,6 +160,21 @@ def _disk_args(spec: VmSpec, disk_paths: dict[str, Path]) -> list[str]:
                           f"readonly={'on' if ro else 'off'},discard=unmap,detect-zeroes=unmap",
                 "-device", f"virtio-blk-device,drive=disk-{d.serial},serial={d.serial}"]
     return out
+
+
+def qcow2_backing(path: Path) -> str | None:
+    """The backing file name in a qcow2 header (None if it has none or is not qcow2)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(20)
+        if len(head) < 20 or head[:4] != b"QFI\xfb":
+            return None
+        offset, size = struct.unpack(">QI", head[8:20])
+        if not offset or not 0 < size <= 1023:
+            return None
+        f.seek(offset)
+        return f.read(size).decode(errors="replace")
 
 
 async def qemu_img(*args: str) -> str:
@@ -370,6 +385,7 @@ class QemuVm:
         self.diskdir: Path | None = None  # this VM's disk overlays (on disk)
         self.disk_tops: dict[str, Path] = {}  # serial -> the overlay QEMU writes now
         self.frozen_disks: dict[str, Path] = {}  # serial -> layer frozen by save_state
+        self.disk_images: dict[str, Path] = {}  # serial -> the raw image under its layers
 
     @property
     def pid(self) -> int | None:
@@ -402,8 +418,9 @@ class QemuVm:
             try:
                 for d in self.spec.disks:
                     if d.overlay_size is not None:
+                        backing = await asyncio.to_thread(self._pin, d)
                         disk_paths[d.serial] = self.diskdir / f"{d.serial}-0.qcow2"
-                        await make_overlay(Path(d.path), d.format, disk_paths[d.serial],
+                        await make_overlay(backing, d.format, disk_paths[d.serial],
                                            d.overlay_size)
             except BaseException:
                 await self._cleanup_files()
@@ -606,6 +623,28 @@ class QemuVm:
         else:
             await asyncio.to_thread(sparse_copy, self.rundir / "mem", dest / "mem",
                                     into_existing=copy_ram)
+
+    def _pin(self, d: DiskSpec) -> Path:
+        """Hard-link a disk's read-only layers into this VM's disk dir, so the VM keeps
+        working (and can be snapshotted) when the image or snapshot they came from is
+        removed. Returns the path to put the overlay on; records the bottom raw image
+        in ``disk_images``. Falls back to the files in place across file systems."""
+        assert self.diskdir is not None
+        src = Path(d.path)
+        names = [(src, f"{d.serial}-layer{src.suffix}")]
+        if d.format == "qcow2":
+            rel = qcow2_backing(src)
+            if rel and not rel.startswith("/"):
+                names.append((src.parent / rel, rel))  # keeps the relative name valid
+        pinned = []
+        for path, name in names:
+            try:
+                os.link(path, self.diskdir / name)
+                pinned.append(self.diskdir / name)
+            except OSError:
+                pinned.append(path)
+        self.disk_images[d.serial] = pinned[-1] if d.format == "qcow2" else pinned[0]
+        return pinned[0]
 
     async def _freeze_disks(self) -> None:
         """While stopped: make each overlay read-only and let QEMU write a new one on top.

@@ -60,7 +60,9 @@ FILES = ("state", "mem")
 # use a full RAM file built once from parent + diff (cached in the runtime dir)
 RAM_KINDS = {"file": ("state", "mem"), "stream": ("state",), "diff": ("state", "mem.diff")}
 # a disk's layer: everything written to it since its image, as a qcow2 over the image
-DISK_FILE = re.compile(r"disk-([a-z0-9][a-z0-9-]{0,19})\.qcow2")
+# and the image's root filesystem under it (a hard link to the image cache's file)
+DISK_FILE = re.compile(r"disk-([a-z0-9][a-z0-9-]{0,19})\.qcow2|image-([a-z0-9][a-z0-9-]{0,19})"
+                       r"\.ext4")
 MAX_MANIFEST = 1 << 20
 ONCE_THRESHOLD = 1 << 20  # files larger than this are hashed once per process by default
 
