@@ -234,3 +234,17 @@ def test_cli_pulls_from_a_real_registry_and_runs_it(tmp_path: Path, layout: Path
     r = subprocess.run([*sandvm, "run", "--image", ref, "--", "cat", "/app/marker"],
                        capture_output=True, text=True, timeout=240, env=env)
     assert (r.returncode, r.stdout) == (0, "layout-image"), r.stderr
+
+
+def test_fork_of_an_image_sandbox_and_saving_a_child(image_sb: Any, tmp_path: Path) -> None:
+    image_sb.files.write("/app/forked", "parent state")
+    children = image_sb.fork(2)
+    try:
+        children[0].files.write("/app/forked", "child 0")
+        assert children[1].files.read("/app/forked") == "parent state"
+        # the fork's snapshot is gone; a child still saves (its layers are pinned)
+        snap = children[0].snapshot("child", store=SnapshotStore(tmp_path / "s"), stop=True)
+        assert "image-root.ext4" in snap.files
+    finally:
+        for c in children:
+            c.kill()
