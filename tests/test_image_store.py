@@ -121,3 +121,22 @@ def test_default_image_is_debian_once_built(tmp_path: Path,
     assert default_image() == "debian"
     monkeypatch.setenv("SANDVM_DEFAULT_IMAGE", "tools/x:1")
     assert default_image() == "tools/x:1"
+
+
+@needs_root
+def test_prune_keeps_the_blobs_of_an_import_in_flight(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path / "store")
+    build_layout(tmp_path / "lay", _layers("racing"), tag="r")  # type: ignore[arg-type]
+    from sandvm.images.oci import import_layout
+
+    other = ImageStore(tmp_path / "store")  # as another process would
+    with store.importing():
+        image = import_layout(tmp_path / "lay", store.blobs)  # blobs in, not yet named
+        (store.blobs.partial_path(image.layers[0].digest)).write_bytes(b"half")
+        other.prune()
+        assert all(store.blobs.has(x.digest) for x in image.layers)
+        assert store.blobs.has(image.manifest_digest)
+        assert store.blobs.partial_path(image.layers[0].digest).exists()
+    other.prune()  # no import any more: unnamed blobs and partials go
+    assert store.blobs.digests() == []
+    assert not store.blobs.partial_path(image.layers[0].digest).exists()

@@ -120,6 +120,8 @@ def test_snapshot_keeps_the_disk_and_clones_diverge(image_sb: Any, tmp_path: Pat
         image_sb.commands.run("id -u", user="4294967295")
     assert image_sb.commands.run("id -u; id -g", user="4242").stdout == "4242\n0\n"
     image_sb.files.write("/app/state", "original changed")
+    # the layer frozen for the snapshot was merged back: the VM stays on one overlay
+    assert [p.name for p in image_sb._a._vm.diskdir.glob("root-*.qcow2")] == ["root-0.qcow2"]
     a = Sandbox.from_snapshot(snap, store=store)
     b = Sandbox.from_snapshot(snap, store=store)
     try:

@@ -590,17 +590,14 @@ def image() -> None:
 def image_pull(ref: str, insecure: tuple[str, ...], username: str | None,
                password: str | None) -> None:
     """Pull REF (e.g. 127.0.0.1:5000/tools/py:3.11) and build its root filesystem."""
-    from sandvm.images.registry import parse_reference, pull
     from sandvm.images.store import ImageStore
 
     try:
-        store = ImageStore()
-        name = str(parse_reference(ref))
-        with _progress("pull") as prog:
-            imported = pull(ref, store.blobs, insecure_registries=insecure,
-                            username=username, password=password, progress=prog)
-        with _build_progress() as prog:
-            img = store.add_pulled(name, imported, source=f"registry:{name}", progress=prog)
+        with _progress("pull") as prog:  # one live display for the pull and the build
+            img = ImageStore().pull(
+                ref, insecure_registries=insecure, username=username, password=password,
+                progress=prog, build_progress=(lambda d, t: prog("rootfs", d, t)) if prog
+                else None)
     except SandvmError as exc:
         _fail(exc)
         return

@@ -1233,6 +1233,7 @@ class AsyncSandbox:
             if stop:
                 await self.kill()
             else:
+                await self._vm.merge_disks()
                 await self._step_clock()
             if parent_snap is not None:
                 await asyncio.to_thread(write_diff, parent_snap.path / "mem", fast / "mem",

@@ -26,10 +26,10 @@ from sandvm.errors import SetupError
 
 BUILDER_VERSION = "3"
 # qemu-utils: qcow2 overlays; e2fsprogs: `mke2fs -d <dir>` builds an image's ext4
-# rootfs; zstd: zstd layers; mmdebstrap: the `debian` image; skopeo + docker-registry:
-# the loopback registry tests
-HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "e2fsprogs", "zstd", "mmdebstrap",
-                 "skopeo", "docker-registry")
+# rootfs; fakeroot: that build as a non-root user; zstd: zstd layers; mmdebstrap: the
+# `debian` image; skopeo + docker-registry: the loopback registry tests
+HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "e2fsprogs", "fakeroot", "zstd",
+                 "mmdebstrap", "skopeo", "docker-registry")
 KERNEL_META = "linux-image-cloud-amd64"
 GUEST_PACKAGES = (
     "busybox-static",

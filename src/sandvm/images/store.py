@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from sandvm.images.model import ImageConfig, ImportedImage, LayerRef
 SOURCE_PREFIXES = ("oci:", "oci-archive:", "docker-archive:")
 DEFAULT_IMAGE = "debian"  # the default once `sandvm image build-default` has built it
 DEFAULT_CACHE_MAX = 20 << 30
+IMPORT_GRACE = 3600.0  # while imports run, unnamed files younger than this are kept
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,27 @@ class ImageStore:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def importing(self) -> Iterator[None]:
+        """Held (shared, any number at once) while an image's blobs are written before
+        it has a name: a prune meanwhile, in any process, keeps recent unnamed blobs,
+        partial downloads and builds instead of deleting them under the import."""
+        with open(self.root / ".imports", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _imports_in_flight(self) -> bool:
+        with open(self.root / ".imports", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
     def _refs(self) -> dict[str, dict[str, Any]]:
         try:
             doc = json.loads((self.root / "refs.json").read_text())
@@ -175,7 +197,9 @@ class ImageStore:
     def get(self, name: str) -> StoredImage:
         """A named or source image, its rootfs built. Raises UnknownImage, ImageError."""
         if name.startswith(SOURCE_PREFIXES):
-            image = self.import_source(name)
+            with self.importing():
+                image = self.import_source(name)
+                record = self.ensure_rootfs(image)
         else:
             ref = self._refs().get(name)
             if ref is None:
@@ -185,7 +209,7 @@ class ImageStore:
                     " `sandvm image pull` or `sandvm image load`, or name a source such as"
                     " oci:./layout:tag")
             image = self.imported(ref["manifest"])
-        record = self.ensure_rootfs(image)
+            record = self.ensure_rootfs(image)
         return StoredImage(name=name, manifest_digest=image.manifest_digest,
                            config=image.config, rootfs=self.rootfs_path(image.manifest_digest),
                            build_id=str(record.get("build_id", "")),
@@ -214,21 +238,40 @@ class ImageStore:
 
         if not path.exists():
             raise ImageNotFound(f"{path} does not exist")
-        image = (import_layout(path, self.blobs, ref=ref) if path.is_dir()
-                 else import_archive(path, self.blobs, ref=ref))
-        name = name or default_name(path, image, ref=ref)
-        self.ensure_rootfs(image, progress)  # a bad layer fails here: nothing gets named
-        self.tag(name, image, source=str(path.resolve()))
+        with self.importing():
+            image = (import_layout(path, self.blobs, ref=ref) if path.is_dir()
+                     else import_archive(path, self.blobs, ref=ref))
+            name = name or default_name(path, image, ref=ref)
+            self.ensure_rootfs(image, progress)  # a bad layer fails here: nothing is named
+            self.tag(name, image, source=str(path.resolve()))
         self.enforce_cap()
         return self.get(name)
 
     def add_pulled(self, name: str, image: ImportedImage, *, source: str,
                    progress: Callable[[int, int], None] | None = None) -> StoredImage:
-        """Name a pulled image and build its rootfs."""
-        self.ensure_rootfs(image, progress)
-        self.tag(name, image, source=source)
+        """Name a pulled image and build its rootfs (call it inside ``importing()``,
+        with the pull)."""
+        with self.importing():
+            self.ensure_rootfs(image, progress)
+            self.tag(name, image, source=source)
         self.enforce_cap()
         return self.get(name)
+
+    def pull(self, ref: str, *, insecure_registries: Sequence[str] = (),
+             username: str | None = None, password: str | None = None,
+             progress: Callable[[str, int, int], None] | None = None,
+             build_progress: Callable[[int, int], None] | None = None) -> StoredImage:
+        """Pull ``ref`` from its registry, build its rootfs and name it ``ref``
+        (normalised). Raises ImageError and its subclasses, RegistryError."""
+        from sandvm.images.registry import parse_reference
+        from sandvm.images.registry import pull as registry_pull
+
+        name = str(parse_reference(ref))
+        with self.importing():
+            imported = registry_pull(ref, self.blobs, insecure_registries=insecure_registries,
+                                     username=username, password=password, progress=progress)
+            return self.add_pulled(name, imported, source=f"registry:{name}",
+                                   progress=build_progress)
 
     # ------------------------------------------------------------------ listing, removal
 
@@ -273,20 +316,28 @@ class ImageStore:
         """Remove blobs, root filesystems and partial downloads no name uses; return bytes."""
         freed = 0
         with self.lock():
+            # imports in flight (here or elsewhere): their unnamed files are kept
+            busy = self._imports_in_flight()
+            recent = time.time() - IMPORT_GRACE
+
+            def unused(p: Path) -> bool:
+                return not busy or _mtime(p) < recent
+
             keep_blobs, keep_manifests = self._referenced()
             for digest in self.blobs.digests():
-                if digest not in keep_blobs:
+                if digest not in keep_blobs and unused(self.blobs.path(digest)):
                     freed += _allocated(self.blobs.path(digest))
                     self.blobs.remove(digest)
             keep_fs = {parse_digest(m) for m in keep_manifests}
             for p in (self.root / "rootfs").iterdir():
-                if p.name.split(".")[0] not in keep_fs:
+                if p.name.split(".")[0] not in keep_fs and unused(p):
                     freed += _allocated(p)
                     p.unlink(missing_ok=True)
             for d in (self.blobs.root / "partial", self.root / "tmp"):
                 for p in d.iterdir():
-                    freed += _allocated(p)
-                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+                    if not busy:
+                        freed += _allocated(p)
+                        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return freed
 
     def size(self) -> int:
@@ -309,6 +360,13 @@ class ImageStore:
                 fs.unlink(missing_ok=True)
                 rec.unlink(missing_ok=True)
         return freed
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return os.lstat(p).st_mtime
+    except OSError:
+        return 0.0
 
 
 def _allocated(p: Path) -> int:

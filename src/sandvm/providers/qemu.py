@@ -664,6 +664,34 @@ class QemuVm:
             self.frozen_disks[serial] = top
             self.disk_tops[serial] = new
 
+    async def merge_disks(self, *, timeout: float = 300.0) -> None:
+        """After the frozen layers were exported: fold each disk's new top back into its
+        frozen layer (an active ``block-commit``, the VM running on), so every snapshot
+        does not leave one more layer under the VM. Raises QmpError."""
+        for serial, frozen in list(self.frozen_disks.items()):
+            top, job = self.disk_tops[serial], f"merge-{serial}"
+            await self._qmp("block-commit", {"job-id": job, "device": f"disk-{serial}",
+                                             "base": str(frozen), "auto-dismiss": True})
+            deadline = time.monotonic() + timeout
+            completing = False
+            while True:
+                jobs = await self._qmp("query-block-jobs")
+                mine = [j for j in jobs if j.get("device") == job] if isinstance(
+                    jobs, list) else []
+                if not mine:
+                    break  # finished (and dismissed)
+                if mine[0].get("ready") and not completing:
+                    await self._qmp("block-job-complete", {"device": job})
+                    completing = True
+                if time.monotonic() > deadline:
+                    await self._qmp("block-job-cancel", {"device": job, "force": True})
+                    raise QmpError(f"merging disk {serial}'s layers did not finish in"
+                                   f" {timeout:.0f} s")
+                await asyncio.sleep(0.005)
+            self.disk_tops[serial] = frozen
+            del self.frozen_disks[serial]
+            top.unlink(missing_ok=True)
+
     async def shutdown(self) -> None:
         """Kill QEMU (if running) and remove everything it had. Idempotent."""
         self._stopping = True
