@@ -25,6 +25,7 @@ from sandvm.errors import (
     InvalidSpec,
     SandvmError,
     SnapshotAlreadyExists,
+    VmNotFound,
 )
 
 
@@ -192,9 +193,17 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
                env: dict[str, str], workdir: str | None, interactive: bool,
                source: str | None = None, snapshot_to: str | None = None,
                disk_size: str | None = None, user: str | None = None,
-               volumes: dict[str, tuple[str, str]] | None = None) -> int:
-    sb = await _start(image=image, memory=memory, cpus=cpus, source=source,
-                      disk_size=disk_size, volumes=volumes)
+               volumes: dict[str, tuple[str, str]] | None = None,
+               attach_id: str | None = None) -> int:
+    manager = None
+    if attach_id is not None:  # `sandvm exec`: a managed sandbox, left running after
+        from sandvm.runtime.manager import SandboxManager
+
+        manager = SandboxManager()
+        sb = await manager.attach(attach_id)
+    else:
+        sb = await _start(image=image, memory=memory, cpus=cpus, source=source,
+                          disk_size=disk_size, volumes=volumes)
     loop = asyncio.get_running_loop()
     if not cmd:  # the image's Entrypoint + Cmd
         cfg = (sb._image or {}).get("config") or {}
@@ -264,7 +273,11 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
-        await sb.kill()
+        if manager is not None:
+            with contextlib.suppress(SandvmError):
+                await manager.detach(sb)
+        else:
+            await sb.kill()
 
 
 @main.command(context_settings={"ignore_unknown_options": True,
@@ -313,10 +326,21 @@ def run(image: str | None, memory: str, cpus: int, timeout: float | None,
         if disk_size is not None:
             parse_size(disk_size, what="--disk-size")
         volumes = _parse_volumes(volume_specs, image=image)
-        code = asyncio.run(_run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
-                                env=_parse_env(envs), workdir=workdir,
-                                interactive=interactive, source=source,
-                                disk_size=disk_size, user=user, volumes=volumes))
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    env = _parse_env(envs)
+    _run_and_exit(lambda: _run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
+                               env=env, workdir=workdir,
+                               interactive=interactive, source=source,
+                               disk_size=disk_size, user=user, volumes=volumes))
+
+
+def _run_and_exit(make: Callable[[], Any]) -> None:
+    """Run the command coroutine ``make()`` and exit with its code (127: no such
+    command, 130: interrupted, 141: our reader went away, 1/2: sandvm errors)."""
+    try:
+        code = asyncio.run(make())
     except CommandNotFound as exc:
         click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
         code = 127
@@ -691,6 +715,155 @@ def image_build_default(name: str, suite: str, packages: str, force: bool) -> No
         _fail(exc)
         return
     _echo_image(img)
+
+
+
+# --------------------------------------------------------------------------- managed sandboxes
+
+
+def _manager() -> Any:
+    from sandvm.runtime.manager import SandboxManager
+
+    return SandboxManager()
+
+
+@main.command("create")
+@click.option("--image", default=None, help="Guest image (as for `sandvm run`).")
+@click.option("--memory", default="256M", show_default=True, help="Guest memory.")
+@click.option("--cpus", default=1, show_default=True, type=int, help="vCPUs.")
+@click.option("--disk-size", default=None, metavar="SIZE", help="Root disk size for an image.")
+@click.option("--ttl", default=300.0, show_default=True, type=float,
+              help="Seconds until the sandbox is killed (extend with `sandvm extend`).")
+@click.option("--ticket", "show_ticket", is_flag=True,
+              help="Also print a reclaim ticket (on a second line).")
+def create_cmd(image: str | None, memory: str, cpus: int, disk_size: str | None, ttl: float,
+               show_ticket: bool) -> None:
+    """Start a sandbox that outlives this command; print its id.
+
+    Use it with `sandvm exec ID -- CMD`, `sandvm ls`, `sandvm logs ID`, `sandvm kill ID`.
+    """
+    from sandvm.images.store import default_image
+
+    async def go() -> tuple[str, str]:
+        m = _manager()
+        sb = await m.create(ttl=ttl, image=image or default_image(),
+                            memory_mib=parse_memory(memory), vcpus=cpus, disk_size=disk_size)
+        return sb.sandbox_id, await m.detach(sb)
+
+    try:
+        sid, ticket = asyncio.run(go())
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    click.echo(sid)
+    if show_ticket:
+        click.echo(ticket)
+
+
+@main.command("exec", context_settings={"ignore_unknown_options": True,
+                                        "allow_interspersed_args": False})
+@click.argument("sandbox_id")
+@click.option("--timeout", type=float, default=None, help="Kill the command after N seconds.")
+@click.option("-e", "--env", "envs", multiple=True, metavar="KEY=VAL", help="Set a variable.")
+@click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
+@click.option("-u", "--user", default=None, metavar="USER[:GROUP]", help="Run as this user.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_cmd(sandbox_id: str, timeout: float | None, envs: tuple[str, ...],
+             workdir: str | None, user: str | None, interactive: bool,
+             cmd: tuple[str, ...]) -> None:
+    """Run CMD in the managed sandbox SANDBOX_ID (it keeps running afterwards)."""
+    argv = list(cmd)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        raise click.UsageError("give a command after --, e.g. sandvm exec ID -- uname -a")
+    env = _parse_env(envs)
+    _run_and_exit(lambda: _run(argv, image="base", memory=0, cpus=1, timeout=timeout,
+                               env=env, workdir=workdir, interactive=interactive, user=user,
+                               attach_id=sandbox_id))
+
+
+@main.command("ls")
+@click.option("--all", "show_all", is_flag=True, help="Also list ended sandboxes.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def ls_cmd(show_all: bool, as_json: bool) -> None:
+    """List managed sandboxes (those made by `sandvm create`)."""
+    from dataclasses import asdict
+
+    try:
+        items = _manager().ls(include_ended=show_all)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([asdict(i) for i in items], indent=2))
+        return
+    for i in items:
+        left = f"{i.expires_in:.0f}s left" if i.expires_in is not None else ""
+        click.echo(f"{i.sandbox_id}  {i.state:8}  {i.image:20}  {left}"
+                   + (f"  {i.end_reason}" if i.end_reason else ""))
+
+
+@main.command("logs")
+@click.argument("sandbox_id")
+def logs_cmd(sandbox_id: str) -> None:
+    """Show a managed sandbox's journal (every operation and its result) and the
+    tail of its guest console."""
+    from datetime import datetime
+    from pathlib import Path
+
+    m = _manager()
+    rec = m.journal.get(sandbox_id)
+    if rec is None:
+        _fail(VmNotFound(sandbox_id))
+        return
+    for e in m.journal.events(sandbox_id):
+        when = datetime.fromtimestamp(e["ts"]).strftime("%H:%M:%S.%f")[:-3]
+        status = "" if e["phase"] == "intent" else (" ok" if e["ok"] else " failed")
+        detail = f" {json.dumps(e['detail'])}" if e["detail"] else ""
+        click.echo(f"{when}  {e['op']:8} {e['phase']}{status}{detail}")
+    if rec.state == "ended":
+        click.echo(f"ended: {rec.end_reason}")
+    elif rec.rundir:
+        console = Path(rec.rundir) / "console.log"
+        with contextlib.suppress(OSError):
+            tail = console.read_bytes()[-4096:].decode(errors="replace")
+            click.echo("--- guest console ---")
+            click.echo(tail.rstrip("\n"))
+
+
+@main.command("kill")
+@click.argument("sandbox_ids", nargs=-1, required=True)
+def kill_cmd(sandbox_ids: tuple[str, ...]) -> None:
+    """Destroy managed sandboxes."""
+    m = _manager()
+    _remove_each(sandbox_ids, lambda sid: asyncio.run(m.kill(sid)))
+
+
+@main.command("extend")
+@click.argument("sandbox_id")
+@click.option("--ttl", required=True, type=float, help="Seconds to live from now.")
+def extend_cmd(sandbox_id: str, ttl: float) -> None:
+    """Set a managed sandbox's remaining lifetime."""
+    try:
+        _manager().set_ttl(sandbox_id, ttl)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    click.echo(f"{sandbox_id}: {ttl:.0f}s left")
+
+
+@main.command("gc")
+def gc_cmd() -> None:
+    """Clean up after managed sandboxes whose keeper died (e.g. a SIGKILLed host)."""
+    from sandvm.providers.qemu import disk_root, sweep_stale_rundirs
+
+    repaired = _manager().gc()
+    swept = sweep_stale_rundirs() + sweep_stale_rundirs(disk_root())
+    for sid in repaired:
+        click.echo(f"repaired {sid} (repair-needed: its keeper was gone)")
+    click.echo(f"{len(repaired)} sandboxes repaired, {len(swept)} stale directories removed")
 
 
 if __name__ == "__main__":

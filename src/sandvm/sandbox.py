@@ -1051,8 +1051,12 @@ class AsyncSandbox:
                      volume_store: VolumeStore | None = None,
                      timeout: float | None = None, boot_timeout: float = 60.0,
                      sandbox_id: str | None = None,
-                     provider: QemuVmProvider | None = None) -> AsyncSandbox:
+                     provider: QemuVmProvider | None = None,
+                     keeper_job: dict[str, Any] | None = None) -> AsyncSandbox:
         """Boot a new sandbox and wait until its agent is ready.
+
+        ``keeper_job`` (for sandvm's runtime manager) starts the VM under a keeper
+        process so that it can be detached and outlive this process.
 
         ``image``: None for the default (``debian`` once `sandvm image
         build-default` built it, else ``base``; ``$SANDVM_DEFAULT_IMAGE`` wins),
@@ -1094,6 +1098,10 @@ class AsyncSandbox:
                           disks=disks + vdisks)
             prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
             await prov.create_vm_with_spec(sid, spec)
+            if keeper_job is not None:
+                if attached:
+                    raise InvalidSpec("a detachable sandbox cannot have volumes yet")
+                prov.make_detachable(sid, keeper_job)
             return await cls._launch(prov, sid, prov.start_vm(sid), timeout, image=image_info,
                                      volumes=attached)
         except BaseException:
@@ -1361,8 +1369,25 @@ class AsyncSandbox:
         await self._conn().call({"op": "configure", "time_ns": time.time_ns()},
                                 timeout=self.op_timeout)
 
+    async def _let_go(self) -> None:
+        """Detach: close our connections and leave the VM running under its keeper.
+        This object is unusable afterwards. Raises SandboxStateError if the sandbox
+        was not created detachable."""
+        self._conn()
+        if self._vm.keeper_pid is None:
+            raise SandboxStateError(f"sandbox {self.sandbox_id} was not created detachable:"
+                                    " create it through sandvm's runtime (`sandvm create`)")
+        self._detached = True
+        self._closed = True
+        if self._lifetime_handle is not None:
+            self._lifetime_handle.cancel()
+        await self._vm.detach()
+
     def _conn(self) -> AgentConnection:
         if self._closed:
+            if getattr(self, "_detached", False):
+                raise SandboxStateError(f"sandbox {self.sandbox_id} was detached: reclaim it"
+                                        " with its ticket")
             raise SandboxStateError(f"sandbox {self.sandbox_id} has been killed")
         if self._vm.failure is not None:
             raise self._vm.failure
@@ -1595,12 +1620,14 @@ class Sandbox:
                volume_store: VolumeStore | None = None,
                timeout: float | None = None, boot_timeout: float = 60.0,
                sandbox_id: str | None = None,
-               provider: QemuVmProvider | None = None) -> Sandbox:
+               provider: QemuVmProvider | None = None,
+               keeper_job: dict[str, Any] | None = None) -> Sandbox:
         """See AsyncSandbox.create."""
         return cls(_portal.call(AsyncSandbox.create(
             image=image, memory_mib=memory_mib, vcpus=vcpus, disk_size=disk_size,
             volumes=volumes, volume_store=volume_store, timeout=timeout,
-            boot_timeout=boot_timeout, sandbox_id=sandbox_id, provider=provider)))
+            boot_timeout=boot_timeout, sandbox_id=sandbox_id, provider=provider,
+            keeper_job=keeper_job)))
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot | str | Path, *,

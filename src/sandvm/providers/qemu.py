@@ -80,20 +80,41 @@ def host_tsc_khz() -> int | None:
 OWNER_FILE = "owner"
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The start time (clock ticks since boot) of ``pid``, or None if it is gone."""
+def proc_start_time(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of ``pid``; None if it is gone or a
+    zombie (dead, not reaped: an orphan's new parent may never reap it)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
     # field 22; the command name (field 2) may contain spaces, so split after ')'
-    return stat.rpartition(")")[2].split()[19]
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours is gone for our purposes
+    return (_proc_state(pid) or "Z") != "Z"
+
+
+def _proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
 
 
 def write_owner(rundir: Path) -> None:
     """Record which process owns ``rundir`` (pid and its start time, robust to pid reuse)."""
-    (rundir / OWNER_FILE).write_text(f"{os.getpid()} {_proc_start_time(os.getpid())}\n")
+    (rundir / OWNER_FILE).write_text(f"{os.getpid()} {proc_start_time(os.getpid())}\n")
 
 
 def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
@@ -109,7 +130,7 @@ def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
             pid_s, start = (d / OWNER_FILE).read_text().split()
         except (OSError, ValueError):
             continue
-        if _proc_start_time(int(pid_s)) != start:
+        if proc_start_time(int(pid_s)) != start:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -386,13 +407,23 @@ class QemuVm:
         self.disk_tops: dict[str, Path] = {}  # serial -> the overlay QEMU writes now
         self.frozen_disks: dict[str, Path] = {}  # serial -> layer frozen by save_state
         self.disk_images: dict[str, Path] = {}  # serial -> the raw image under its layers
+        # detachable VMs: QEMU's parent is a keeper process (runtime/keeper.py), not us
+        self.keeper_job: dict[str, Any] | None = None
+        self.keeper_pid: int | None = None
+        self.qemu_pid: int | None = None
+        self.detached = False
 
     @property
     def pid(self) -> int | None:
+        """QEMU's pid."""
+        if self.qemu_pid is not None:
+            return self.qemu_pid
         return self.proc.pid if self.proc else None
 
     @property
     def alive(self) -> bool:
+        if self.proc is None and self.keeper_pid is not None:  # attached from elsewhere
+            return self.failure is None and _pid_alive(self.keeper_pid)
         return self.proc is not None and self.proc.returncode is None and self.failure is None
 
     async def boot(self, *, timeout: float = DEFAULT_BOOT_TIMEOUT,
@@ -432,16 +463,19 @@ class QemuVm:
         self.restored_from = restore_from
         # RAM mapped privately from a snapshot file (not a file of our own)?
         self.private_ram = restore_from is not None and (restore_from / "mem").exists()
-        stderr_log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
-                preexec_fn=_set_pdeathsig)
-        except OSError as exc:
-            await self._cleanup_files()
-            raise VmBootError(f"cannot start {argv[0]}: {exc}") from exc
-        finally:
-            stderr_log.close()
+        if self.keeper_job is not None:
+            await self._start_keeper(argv)
+        else:
+            stderr_log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
+                    preexec_fn=_set_pdeathsig)
+            except OSError as exc:
+                await self._cleanup_files()
+                raise VmBootError(f"cannot start {argv[0]}: {exc}") from exc
+            finally:
+                stderr_log.close()
         _LIVE.add(self)
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
         try:
@@ -477,7 +511,10 @@ class QemuVm:
 
     async def _wait_socket(self, path: Path) -> None:
         while True:
-            if self.proc is None or self.proc.returncode is not None:
+            if self.proc is None and self.keeper_pid is not None:  # attached
+                if not _pid_alive(self.keeper_pid):
+                    raise VmBootError(f"sandbox {self.vm_id}'s keeper is gone")
+            elif self.proc is None or self.proc.returncode is not None:
                 raise VmBootError(f"QEMU exited with status {self.proc and self.proc.returncode}"
                                   f" before accepting connections.{self._diagnostics()}")
             if path.exists():
@@ -528,8 +565,94 @@ class QemuVm:
             return self._crashed(self.proc.returncode)
         return None
 
+    async def _start_keeper(self, argv: list[str]) -> None:
+        """Start QEMU under a keeper in its own session (it outlives this process)."""
+        import sys
+
+        assert self.rundir is not None and self.keeper_job is not None
+        keeper = Path(__file__).resolve().parent.parent / "runtime" / "keeper.py"
+        job = {**self.keeper_job, "argv": argv, "rundir": str(self.rundir),
+               "diskdir": str(self.diskdir) if self.diskdir else None,
+               "sandbox_id": self.vm_id}
+        with open(self.rundir / "keeper.log", "wb") as log:
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-I", "-S", str(keeper), stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+            except OSError as exc:
+                await self._cleanup_files()
+                raise VmBootError(f"cannot start the VM's keeper: {exc}") from exc
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(job).encode())
+        await self.proc.stdin.drain()
+        self.proc.stdin.close()
+        try:
+            line = await asyncio.wait_for(self.proc.stdout.readline(), 30.0)
+        except TimeoutError:
+            line = b""
+        if not line.startswith(b"started "):
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+            tail = _tail(self.rundir / "keeper.log", 8)
+            await self._cleanup_files()
+            raise VmBootError(f"the VM's keeper did not start QEMU: {tail or 'no output'}")
+        await self.proc.wait()  # the keeper forked away from it: watched by pid from now
+        self.proc = None
+        self.qemu_pid, self.keeper_pid = (int(x) for x in line.split()[1:3])
+
+    async def detach(self) -> None:
+        """Let go of a detachable VM: close our connections, leave it running under its
+        keeper. Allowed once booted; the VM is then someone else's (``attach``)."""
+        if self.keeper_pid is None:
+            raise InvalidTransition(VmState.RUNNING, VmState.RUNNING, vm_id=self.vm_id)
+        self.detached = True
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self.agent is not None:
+            await self.agent.close()
+        if self.qmp is not None:
+            await self.qmp.close()
+        _LIVE.discard(self)
+
+    @classmethod
+    async def attach(cls, vm_id: str, spec: VmSpec, *, assets: Assets, accel: str,
+                     rundir: Path, diskdir: Path | None, keeper_pid: int, qemu_pid: int,
+                     timeout: float = 10.0) -> QemuVm:
+        """Take over a running detachable VM (from its runtime dir). Raises VmBootError
+        if it is gone or does not answer."""
+        vm = cls(vm_id, spec, assets=assets, accel=accel)
+        vm._booted = True
+        vm.rundir, vm.diskdir = rundir, diskdir
+        vm.keeper_pid, vm.qemu_pid = keeper_pid, qemu_pid
+        if diskdir is not None:
+            tops = sorted(diskdir.glob("*-[0-9]*.qcow2"))
+            for top in tops:
+                serial = top.stem.rsplit("-", 1)[0]
+                vm.disk_tops[serial] = top
+            for img in diskdir.glob("*-layer.*"):
+                vm.disk_images[img.name.split("-layer")[0]] = img
+        if not _pid_alive(keeper_pid):
+            raise VmBootError(f"sandbox {vm_id} is gone (its keeper, pid {keeper_pid}, exited)")
+        try:
+            await asyncio.wait_for(vm._connect(), timeout)
+        except (TimeoutError, SandvmError) as exc:
+            raise VmBootError(f"cannot reattach to sandbox {vm_id}: {exc}") from None
+        vm._monitor = asyncio.get_running_loop().create_task(vm._watch())
+        return vm
+
     async def _watch(self) -> None:
-        assert self.proc is not None
+        if self.proc is None:  # attached: the keeper is not our child
+            assert self.keeper_pid is not None
+            while _pid_alive(self.keeper_pid):
+                await asyncio.sleep(0.2)
+            if not self._stopping:
+                failure = self._crashed(None)
+                if self.agent is not None:
+                    self.agent.fail(failure)
+                await self._release()
+            return
         code = await self.proc.wait()
         if not self._stopping:
             failure = self._crashed(code)
@@ -706,7 +829,18 @@ class QemuVm:
             if self.proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     self.proc.kill()
+                if self.qemu_pid is not None:  # its keeper is gone: QEMU follows (PDEATHSIG)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.qemu_pid, signal.SIGKILL)
                 await self.proc.wait()
+        elif self.proc is None and self.keeper_pid is not None:
+            for _ in range(40):
+                if not _pid_alive(self.keeper_pid):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.keeper_pid, signal.SIGTERM)
         if self._monitor is not None and self._monitor is not asyncio.current_task():
             with contextlib.suppress(BaseException):
                 await self._monitor
@@ -720,9 +854,11 @@ class QemuVm:
 
     def kill_now(self) -> None:
         """Synchronous last resort (interpreter exit): SIGKILL QEMU, remove its files."""
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
+        for pid in (self.qemu_pid, self.proc.pid if self.proc is not None
+                    and self.proc.returncode is None else None):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for d in (self.rundir, self.diskdir):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)
@@ -745,6 +881,7 @@ class _Entry:
     vm: QemuVm | None = None
     snapshots: list[str] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    keeper_job: dict[str, Any] | None = None
 
 
 class QemuVmProvider:
@@ -795,6 +932,18 @@ class QemuVmProvider:
             raise VmAlreadyExists(vm_id)
         self._entries[vm_id] = _Entry(spec=spec)  # no await in between: atomic
 
+    def make_detachable(self, vm_id: str, keeper_job: dict[str, Any]) -> None:
+        """Start the Created VM ``vm_id`` under a keeper (``keeper_job`` names the
+        journal), so it can outlive this process. Raises VmNotFound."""
+        self._get(vm_id).keeper_job = dict(keeper_job)
+
+    async def adopt_vm(self, vm_id: str, vm: QemuVm) -> None:
+        """Register a VM attached from elsewhere (``QemuVm.attach``) as Running."""
+        validate_vm_id(vm_id)
+        if vm_id in self._entries and self._entries[vm_id].state is not VmState.DESTROYED:
+            raise VmAlreadyExists(vm_id)
+        self._entries[vm_id] = _Entry(spec=vm.spec, state=VmState.RUNNING, vm=vm)
+
     async def restore_vm(self, vm_id: str, snapshot_dir: Path) -> None:
         """Start a Created VM from a snapshot directory instead of booting it (its spec
         must be the snapshot's). Raises InvalidTransition, VmBootError."""
@@ -805,6 +954,7 @@ class QemuVmProvider:
                 raise InvalidTransition(e.state, VmState.RUNNING, vm_id=vm_id)
             assets, accel = await self._resolve()
             vm = QemuVm(vm_id, e.spec, assets=assets, accel=accel)
+            vm.keeper_job = e.keeper_job
             await vm.boot(timeout=self.boot_timeout, restore_from=snapshot_dir)
             e.vm = vm
             e.state = VmState.RUNNING
@@ -822,6 +972,7 @@ class QemuVmProvider:
                 return
             assets, accel = await self._resolve()
             vm = QemuVm(vm_id, e.spec, assets=assets, accel=accel)
+            vm.keeper_job = e.keeper_job
             await vm.boot(timeout=self.boot_timeout)
             e.vm = vm
             e.state = VmState.RUNNING

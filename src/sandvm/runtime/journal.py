@@ -1,0 +1,202 @@
+"""The runtime's journal: SQLite (WAL, synchronous writes) under ``$SANDVM_HOME/runtime``.
+
+Every effect on a managed sandbox is recorded as an *intent* before it happens and a
+*result* after, so a manager that was SIGKILLed in between can tell, on restart, what
+it owned and what may be half-done. The ``sandboxes`` table is the current state,
+rebuilt from the same writes. Nothing secret is ever written here: callers pass only
+ids, paths, sizes and reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,              -- starting | running | ended
+    created REAL NOT NULL,
+    deadline REAL,                    -- TTL: killed after this time (epoch seconds)
+    keeper_pid INTEGER, keeper_start TEXT,
+    qemu_pid INTEGER,
+    rundir TEXT, diskdir TEXT,
+    record TEXT NOT NULL DEFAULT '{}', -- spec, image, accelerator: what reattaching needs
+    ticket_sha256 TEXT,               -- a detach ticket, hashed
+    ended REAL, end_reason TEXT
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    sandbox_id TEXT NOT NULL,
+    op TEXT NOT NULL,
+    phase TEXT NOT NULL,              -- intent | result
+    intent_seq INTEGER,               -- for a result: its intent
+    ok INTEGER,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, seq);
+"""
+
+_FIELDS = ("state", "deadline", "keeper_pid", "keeper_start", "qemu_pid", "rundir", "diskdir",
+           "record", "ticket_sha256", "ended", "end_reason")
+
+
+def journal_path() -> Path:
+    """``$SANDVM_JOURNAL`` or ``$SANDVM_HOME/runtime/journal.db``."""
+    env = os.environ.get("SANDVM_JOURNAL")
+    if env:
+        return Path(env)
+    from sandvm.assets import sandvm_home
+
+    return sandvm_home() / "runtime" / "journal.db"
+
+
+@dataclass(frozen=True)
+class SandboxRecord:
+    """One managed sandbox as the journal knows it."""
+
+    id: str
+    state: str
+    created: float
+    deadline: float | None
+    keeper_pid: int | None
+    keeper_start: str | None
+    qemu_pid: int | None
+    rundir: str | None
+    diskdir: str | None
+    record: dict[str, Any]
+    ticket_sha256: str | None
+    ended: float | None
+    end_reason: str | None
+
+
+class Journal:
+    """Intent/result log and sandbox table. One connection per process and thread."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or journal_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fresh = not self.path.exists()
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                   check_same_thread=False)
+        if fresh:
+            os.chmod(self.path, 0o600)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ events
+
+    def intent(self, sandbox_id: str, op: str, **detail: Any) -> int:
+        """Record that ``op`` is about to happen; returns its sequence number."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO events (ts, sandbox_id, op, phase, detail)"
+                             " VALUES (?, ?, ?, 'intent', ?)",
+                             (time.time(), sandbox_id, op, json.dumps(detail)))
+            return int(cur.lastrowid or 0)
+
+    def result(self, seq: int, *, ok: bool, **detail: Any) -> None:
+        """Record how the intent ``seq`` ended."""
+        with self._tx() as db:
+            row = db.execute("SELECT sandbox_id, op FROM events WHERE seq = ?", (seq,)).fetchone()
+            if row is None:
+                raise KeyError(f"no intent {seq} in the journal")
+            db.execute("INSERT INTO events (ts, sandbox_id, op, phase, intent_seq, ok, detail)"
+                       " VALUES (?, ?, ?, 'result', ?, ?, ?)",
+                       (time.time(), row[0], row[1], seq, int(ok), json.dumps(detail)))
+
+    def events(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """Every event of one sandbox, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, ts, op, phase, intent_seq, ok, detail FROM events"
+            " WHERE sandbox_id = ? ORDER BY seq", (sandbox_id,)).fetchall()
+        return [{"seq": r[0], "ts": r[1], "op": r[2], "phase": r[3], "intent_seq": r[4],
+                 "ok": None if r[5] is None else bool(r[5]), "detail": json.loads(r[6])}
+                for r in rows]
+
+    def unfinished(self, sandbox_id: str) -> list[dict[str, Any]]:
+        """Intents of ``sandbox_id`` that have no result (effects that may be half-done)."""
+        done = {e["intent_seq"] for e in self.events(sandbox_id) if e["phase"] == "result"}
+        return [e for e in self.events(sandbox_id)
+                if e["phase"] == "intent" and e["seq"] not in done]
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def add(self, sandbox_id: str, **fields: Any) -> None:
+        """Record a new sandbox (state ``starting`` unless given)."""
+        fields.setdefault("state", "starting")
+        bad = set(fields) - set(_FIELDS)
+        if bad:
+            raise KeyError(f"unknown sandbox fields {sorted(bad)}")
+        if "record" in fields:
+            fields["record"] = json.dumps(fields["record"])
+        cols = ", ".join(["id", "created", *fields])
+        marks = ", ".join("?" * (len(fields) + 2))
+        with self._tx() as db:
+            db.execute(f"INSERT INTO sandboxes ({cols}) VALUES ({marks})",
+                       (sandbox_id, time.time(), *fields.values()))
+
+    def update(self, sandbox_id: str, **fields: Any) -> None:
+        """Change fields of a sandbox. Raises KeyError for an unknown field or sandbox."""
+        bad = set(fields) - set(_FIELDS)
+        if bad:
+            raise KeyError(f"unknown sandbox fields {sorted(bad)}")
+        if "record" in fields:
+            fields["record"] = json.dumps(fields["record"])
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        with self._tx() as db:
+            cur = db.execute(f"UPDATE sandboxes SET {sets} WHERE id = ?",
+                             (*fields.values(), sandbox_id))
+            if cur.rowcount != 1:
+                raise KeyError(f"no sandbox {sandbox_id!r} in the journal")
+
+    def end(self, sandbox_id: str, reason: str) -> bool:
+        """Mark a sandbox ended (first reason wins); False if it already was."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE sandboxes SET state = 'ended', ended = ?, end_reason = ?"
+                             " WHERE id = ? AND state != 'ended'",
+                             (time.time(), reason, sandbox_id))
+            return cur.rowcount == 1
+
+    def get(self, sandbox_id: str) -> SandboxRecord | None:
+        row = self._db.execute("SELECT id, state, created, deadline, keeper_pid, keeper_start,"
+                               " qemu_pid, rundir, diskdir, record, ticket_sha256, ended,"
+                               " end_reason FROM sandboxes WHERE id = ?",
+                               (sandbox_id,)).fetchone()
+        return _record(row) if row else None
+
+    def sandboxes(self, *, include_ended: bool = False) -> list[SandboxRecord]:
+        where = "" if include_ended else " WHERE state != 'ended'"
+        rows = self._db.execute("SELECT id, state, created, deadline, keeper_pid, keeper_start,"
+                                " qemu_pid, rundir, diskdir, record, ticket_sha256, ended,"
+                                " end_reason FROM sandboxes" + where +
+                                " ORDER BY created").fetchall()
+        return [_record(r) for r in rows]
+
+
+def _record(row: tuple[Any, ...]) -> SandboxRecord:
+    return SandboxRecord(id=row[0], state=row[1], created=row[2], deadline=row[3],
+                         keeper_pid=row[4], keeper_start=row[5], qemu_pid=row[6],
+                         rundir=row[7], diskdir=row[8], record=json.loads(row[9] or "{}"),
+                         ticket_sha256=row[10], ended=row[11], end_reason=row[12])

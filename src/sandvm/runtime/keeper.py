@@ -1,0 +1,120 @@
+"""The keeper of one detachable sandbox: QEMU's parent, so the VM outlives its creator.
+
+Started by the creating process in a session of its own (``python -I -S keeper.py``,
+stdlib only and small: it runs as long as the VM). It reads its job as JSON on stdin:
+``{"argv", "rundir", "diskdir", "sandbox_id", "journal"}``, starts QEMU with
+PDEATHSIG (QEMU dies with its keeper), prints ``started <qemu pid> <keeper pid>``
+and then (it forked away first, so it is not the creator's child):
+
+- enforces the sandbox's TTL: the deadline is re-read from the journal every
+  second (so it can be extended), and an expired VM is killed and recorded so;
+- on SIGTERM kills QEMU;
+- when QEMU is gone, for whatever reason, removes the VM's runtime and disk
+  directories and records the end in the journal (the first reason recorded wins).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+OWNER_FILE = "owner"
+
+
+def _load_journal() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "sandvm_journal", Path(__file__).with_name("journal.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sandvm_journal"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[19]
+
+
+def _child_setup() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: QEMU dies with us
+    if os.environ.get("SANDVM_QEMU_THP", "") != "1":
+        libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE, as for every sandvm QEMU
+
+
+def main() -> int:
+    if os.fork() > 0:  # not the creator's child: reparented when the creator is gone
+        os._exit(0)
+    job = json.loads(sys.stdin.read())
+    rundir, diskdir = Path(job["rundir"]), job.get("diskdir")
+    sid = job["sandbox_id"]
+    me = f"{os.getpid()} {_start_time(os.getpid())}\n"
+    for d in (rundir, diskdir):
+        if d:
+            (Path(d) / OWNER_FILE).write_text(me)  # sweeps see us, not the creator
+    journal = _load_journal().Journal(Path(job["journal"]))
+    with open(rundir / "qemu.log", "wb") as log:
+        qemu = subprocess.Popen(job["argv"], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=log, preexec_fn=_child_setup)
+    (rundir / "qemu.pid").write_text(f"{qemu.pid}\n")
+    journal.update(sid, keeper_pid=os.getpid(), keeper_start=me.split()[1],
+                   qemu_pid=qemu.pid, state="running", rundir=str(rundir), diskdir=diskdir)
+    print(f"started {qemu.pid} {os.getpid()}", flush=True)
+    sys.stdout.close()
+    os.close(1)
+    os.open(os.devnull, os.O_WRONLY)
+
+    reason: list[str] = []
+
+    def on_term(*_: Any) -> None:
+        reason.append("killed")
+        qemu.kill()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the creator's Ctrl-C is not ours
+    deadline: float | None = None  # the last one read: kept when the journal fails
+    while True:
+        try:
+            code = qemu.wait(timeout=1.0)
+            break
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            rec = journal.get(sid)
+        except Exception:  # noqa: BLE001 - a busy or damaged journal must not kill the VM
+            rec = False
+        if rec is None or (rec and rec.state == "ended"):
+            reason.append(rec.end_reason if rec else "forgotten by the journal")
+            qemu.kill()
+            continue
+        if rec:
+            deadline = rec.deadline
+        if deadline is not None and time.time() >= deadline:
+            reason.append("expired: its TTL ran out")
+            qemu.kill()
+            qemu.wait()
+            with contextlib.suppress(Exception):  # the end below records it if it can
+                journal.result(journal.intent(sid, "expire", deadline=deadline), ok=True)
+    for d in (rundir, diskdir):
+        if d:
+            shutil.rmtree(d, ignore_errors=True)
+    try:
+        journal.end(sid, reason[0] if reason else f"stopped (QEMU exited with status {code})")
+    except Exception:  # noqa: BLE001 - nothing more to do; `sandvm gc` repairs the record
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

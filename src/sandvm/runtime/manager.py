@@ -1,0 +1,240 @@
+"""The sandbox manager: sandboxes that outlive the process that made them.
+
+A managed sandbox runs under a keeper process (``runtime/keeper.py``) and is
+recorded in the journal, intent before every effect and result after. Any process
+of the same user can then list it, attach to it by id, detach from it (getting a
+ticket), reclaim it by ticket (once), extend its TTL or kill it. ``gc`` (also run
+on every listing) finds sandboxes whose keeper died — e.g. SIGKILLed — removes
+what they left behind and records them as ``repair-needed``.
+
+States in the journal: ``starting`` → ``running`` → ``ended`` (with a reason).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandvm.core import ROOT_DISK, DiskSpec, VmSpec, new_id, validate_vm_id
+from sandvm.errors import InvalidSpec, SandboxStateError, SandvmError, VmNotFound
+from sandvm.providers.qemu import QemuVm, QemuVmProvider, proc_start_time
+from sandvm.runtime.journal import Journal, SandboxRecord
+from sandvm.sandbox import AsyncSandbox
+
+DEFAULT_TTL = 300.0
+MAX_TTL = 7 * 24 * 3600.0
+
+
+def _sha(ticket: str) -> str:
+    return hashlib.sha256(ticket.encode()).hexdigest()
+
+
+def keeper_alive(rec: SandboxRecord) -> bool:
+    """Whether the sandbox's keeper process still runs (pid and start time match)."""
+    return rec.keeper_pid is not None and rec.keeper_start is not None and \
+        proc_start_time(rec.keeper_pid) == rec.keeper_start
+
+
+@dataclass(frozen=True)
+class ManagedInfo:
+    """One line of ``sandvm ls``."""
+
+    sandbox_id: str
+    state: str
+    image: str
+    created: float
+    expires_in: float | None
+    qemu_pid: int | None
+    end_reason: str | None = None
+
+
+def _check_ttl(ttl: float) -> float:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_TTL:
+        raise InvalidSpec(f"ttl must be seconds between 0 and {MAX_TTL:.0f}, got {ttl!r}")
+    return float(ttl)
+
+
+class SandboxManager:
+    """Creates, attaches to, detaches from and reaps managed sandboxes (one journal)."""
+
+    def __init__(self, journal: Journal | None = None) -> None:
+        self.journal = journal or Journal()
+
+    # ------------------------------------------------------------------ create / attach
+
+    async def create(self, *, ttl: float = DEFAULT_TTL, sandbox_id: str | None = None,
+                     **create_args: Any) -> AsyncSandbox:
+        """A new sandbox under a keeper, alive for ``ttl`` seconds unless extended.
+
+        ``create_args`` are AsyncSandbox.create's. Raises what it raises.
+        """
+        ttl = _check_ttl(ttl)
+        sid = validate_vm_id(sandbox_id or new_id("sb"))
+        seq = self.journal.intent(sid, "create", ttl=ttl)
+        # provisional: covers the boot (a creator that dies meanwhile leaves no VM for
+        # long); the TTL itself counts from when the sandbox is ready
+        self.journal.add(sid, deadline=time.time() + ttl + 120.0)
+        try:
+            sb = await AsyncSandbox.create(sandbox_id=sid, timeout=None,
+                                           keeper_job={"journal": str(self.journal.path)},
+                                           **create_args)
+        except BaseException as exc:
+            self.journal.end(sid, f"failed to start: {exc}")
+            self.journal.result(seq, ok=False, error=type(exc).__name__)
+            raise
+        spec = sb._vm.spec
+        self.journal.update(sid, deadline=time.time() + ttl, record={
+            "image": sb._image, "accelerator": sb._vm.accel,
+            "spec": {"image": spec.image, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus}})
+        self.journal.result(seq, ok=True, qemu_pid=sb._vm.pid)
+        return sb
+
+    def get(self, sandbox_id: str) -> SandboxRecord:
+        """The live sandbox ``sandbox_id``. Raises VmNotFound (unknown or ended)."""
+        rec = self.journal.get(sandbox_id)
+        if rec is None:
+            raise VmNotFound(sandbox_id)
+        if rec.state == "ended" or not keeper_alive(rec):
+            self.gc()
+            raise SandboxStateError(f"sandbox {sandbox_id} has ended"
+                                    f" ({(self.journal.get(sandbox_id) or rec).end_reason})")
+        return rec
+
+    async def attach(self, sandbox_id: str) -> AsyncSandbox:
+        """Take over a running managed sandbox by id (same user, same host). Raises
+        VmNotFound, SandboxStateError (ended), VmBootError (does not answer)."""
+        rec = self.get(sandbox_id)
+        if rec.rundir is None or rec.keeper_pid is None or rec.qemu_pid is None:
+            raise SandboxStateError(f"sandbox {sandbox_id} is still starting")
+        seq = self.journal.intent(sandbox_id, "attach")
+        prov = QemuVmProvider()
+        assets, accel = await prov._resolve()
+        spec_d = rec.record.get("spec") or {}
+        image = rec.record.get("image")
+        disks: tuple[DiskSpec, ...] = ()
+        if image is not None:  # the spec only describes the VM; its disks are in diskdir
+            disks = (DiskSpec(serial=ROOT_DISK, path=str(image["rootfs"]), format="raw",
+                              overlay_size=int(image["disk_size"])),)
+        spec = VmSpec(image=spec_d.get("image", "base"), memory_mib=spec_d.get("memory_mib", 256),
+                      vcpus=spec_d.get("vcpus", 1), disks=disks)
+        try:
+            vm = await QemuVm.attach(sandbox_id, spec, assets=assets,
+                                     accel=rec.record.get("accelerator", accel),
+                                     rundir=Path(rec.rundir),
+                                     diskdir=Path(rec.diskdir) if rec.diskdir else None,
+                                     keeper_pid=rec.keeper_pid, qemu_pid=rec.qemu_pid)
+        except SandvmError as exc:
+            self.journal.result(seq, ok=False, error=exc.code)
+            raise
+        await prov.adopt_vm(sandbox_id, vm)
+        sb = AsyncSandbox(sandbox_id=sandbox_id, provider=prov, vm=vm, lifetime=None)
+        sb._image = image
+        self.journal.result(seq, ok=True)
+        return sb
+
+    async def detach(self, sb: AsyncSandbox) -> str:
+        """Let go of ``sb`` (it keeps running); returns the ticket that reclaims it,
+        once. Raises SandboxStateError."""
+        ticket = f"sbt_{secrets.token_urlsafe(24)}"
+        seq = self.journal.intent(sb.sandbox_id, "detach")
+        await sb._let_go()
+        self.journal.update(sb.sandbox_id, ticket_sha256=_sha(ticket))
+        self.journal.result(seq, ok=True)
+        return ticket
+
+    async def reclaim(self, ticket: str, *, destroy: bool = False) -> AsyncSandbox | None:
+        """Take over the sandbox a ticket was issued for (the ticket is then spent); with
+        ``destroy`` kill it instead. Raises SandboxStateError for an unknown, spent or
+        forged ticket or an ended sandbox."""
+        if not isinstance(ticket, str) or not ticket.startswith("sbt_") or len(ticket) > 100:
+            raise SandboxStateError("not a sandvm reclaim ticket")
+        digest = _sha(ticket)
+        match = next((r for r in self.journal.sandboxes() if r.ticket_sha256 is not None
+                      and secrets.compare_digest(r.ticket_sha256, digest)), None)
+        if match is None:
+            raise SandboxStateError("unknown or already used reclaim ticket")
+        self.journal.update(match.id, ticket_sha256=None)  # spent, whatever happens next
+        if destroy:
+            await self.kill(match.id)
+            return None
+        return await self.attach(match.id)
+
+    # ------------------------------------------------------------------ lifetime
+
+    def set_ttl(self, sandbox_id: str, ttl: float) -> float:
+        """Let the sandbox live ``ttl`` more seconds from now; returns the new deadline."""
+        ttl = _check_ttl(ttl)
+        self.get(sandbox_id)
+        deadline = time.time() + ttl
+        seq = self.journal.intent(sandbox_id, "set_ttl", ttl=ttl)
+        self.journal.update(sandbox_id, deadline=deadline)
+        self.journal.result(seq, ok=True)
+        return deadline
+
+    async def kill(self, sandbox_id: str, *, reason: str = "killed") -> None:
+        """Destroy a managed sandbox (idempotent for ended ones). Raises VmNotFound."""
+        rec = self.journal.get(sandbox_id)
+        if rec is None:
+            raise VmNotFound(sandbox_id)
+        if rec.state == "ended":
+            return
+        seq = self.journal.intent(sandbox_id, "kill", reason=reason)
+        self.journal.end(sandbox_id, reason)  # the keeper sees it and stops QEMU
+        if keeper_alive(rec):
+            assert rec.keeper_pid is not None
+            import os
+            import signal
+
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.keeper_pid, signal.SIGTERM)
+            for _ in range(100):
+                if not keeper_alive(rec):
+                    break
+                await asyncio.sleep(0.05)
+        self._remove_dirs(rec)
+        self.journal.result(seq, ok=True)
+
+    # ------------------------------------------------------------------ listing, repair
+
+    def ls(self, *, include_ended: bool = False) -> list[ManagedInfo]:
+        """Managed sandboxes (after a ``gc``), oldest first."""
+        self.gc()
+        now = time.time()
+        return [ManagedInfo(sandbox_id=r.id, state=r.state,
+                            image=str((r.record.get("spec") or {}).get("image", "?")),
+                            created=r.created,
+                            expires_in=None if r.deadline is None or r.state == "ended"
+                            else max(0.0, r.deadline - now),
+                            qemu_pid=r.qemu_pid if r.state != "ended" else None,
+                            end_reason=r.end_reason)
+                for r in self.journal.sandboxes(include_ended=include_ended)]
+
+    def gc(self) -> list[str]:
+        """Find managed sandboxes whose keeper is gone (killed, crashed host process):
+        remove their runtime and disk dirs and record them ``repair-needed``. Also
+        ends ``starting`` records older than a minute with no keeper. Returns ids."""
+        repaired = []
+        for rec in self.journal.sandboxes():
+            if keeper_alive(rec):
+                continue
+            if rec.state == "starting" and time.time() - rec.created < 60 and \
+                    rec.keeper_pid is None:
+                continue  # still being created by someone
+            self._remove_dirs(rec)
+            if self.journal.end(rec.id, "repair-needed: its keeper was gone; its files"
+                                        " were removed"):
+                repaired.append(rec.id)
+        return repaired
+
+    @staticmethod
+    def _remove_dirs(rec: SandboxRecord) -> None:
+        for d in (rec.rundir, rec.diskdir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
