@@ -95,13 +95,14 @@ def doctor(as_json: bool, refresh: bool) -> None:
     sys.exit(1 if report.health == UNSUPPORTED else 0)
 
 
-def _remove_each(names: tuple[str, ...], remove: Callable[[str], None]) -> None:
+def _remove_each(names: tuple[str, ...], remove: Callable[[str], None], *,
+                 done: str = "removed") -> None:
     """``remove`` every name, reporting each; exit 1 if any failed."""
     code = 0
     for n in names:
         try:
             remove(n)
-            click.echo(f"removed {n}")
+            click.echo(f"{done} {n}")
         except SandvmError as exc:
             click.echo(f"sandvm: error [{exc.code}]: {exc.message}", err=True)
             code = 1
@@ -838,7 +839,7 @@ def logs_cmd(sandbox_id: str) -> None:
 def kill_cmd(sandbox_ids: tuple[str, ...]) -> None:
     """Destroy managed sandboxes."""
     m = _manager()
-    _remove_each(sandbox_ids, lambda sid: asyncio.run(m.kill(sid)))
+    _remove_each(sandbox_ids, lambda sid: asyncio.run(m.kill(sid)), done="killed")
 
 
 @main.command("extend")
