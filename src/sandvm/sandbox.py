@@ -87,6 +87,9 @@ LIST_CAP = 100_000  # entries in one listing (the guest stops there too)
 _HOST_GRACE = 10.0  # the host waits this long past a command's timeout for the guest
 
 OutputCallback = Callable[[str], Any]
+#: ``(channel, data)`` for every chunk of raw output: channel 1 stdout, 2 stderr. May be
+#: a coroutine function; while it awaits, no more output is read (backpressure).
+RawOutputCallback = Callable[[int, bytes], Any]
 StdinSource = bytes | str | Iterable[bytes] | AsyncIterable[bytes] | None
 SIGNALS = {"SIGINT": signal_mod.SIGINT, "SIGTERM": signal_mod.SIGTERM,
            "SIGKILL": signal_mod.SIGKILL, "SIGHUP": signal_mod.SIGHUP,
@@ -480,13 +483,21 @@ def _count(msg: dict[str, Any], key: str) -> int:
 
 
 class _Output:
-    def __init__(self, cb: OutputCallback | None) -> None:
+    def __init__(self, cb: OutputCallback | None, raw: RawOutputCallback | None = None,
+                 channel: int = 0) -> None:
         self.buf = bytearray()
         self.cb = cb
+        self.raw = raw
+        self.channel = channel
         self.truncated = False
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     async def feed(self, data: bytes) -> None:
+        if self.raw is not None:  # the callback keeps the output: nothing kept here
+            r = self.raw(self.channel, data)
+            if asyncio.iscoroutine(r):
+                await r
+            return
         room = OUTPUT_CAP - len(self.buf)
         if room >= len(data):
             self.buf += data
@@ -509,12 +520,13 @@ class AsyncCommandHandle:
 
     def __init__(self, stream: HostStream, *, timeout: float | None, check: bool,
                  on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
-                 stdin: StdinSource, stdin_open: bool) -> None:
+                 stdin: StdinSource, stdin_open: bool,
+                 raw_output: RawOutputCallback | None = None) -> None:
         self._stream = stream
         self._timeout = timeout
         self._check = check
-        self._out = _Output(on_stdout)
-        self._err = _Output(on_stderr)
+        self._out = _Output(on_stdout, raw_output, wire.CH_STDOUT)
+        self._err = _Output(on_stderr, raw_output, wire.CH_STDERR)
         self._stdin_open = stdin_open
         self._pid: int | None = None
         self._started = asyncio.get_running_loop().create_future()
@@ -679,9 +691,13 @@ class AsyncCommands:
     async def _run(self, cmd: str | list[str], *, env: dict[str, str] | None,
                    cwd: str | None, stdin: StdinSource, timeout: float | None,
                    on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
-                   background: bool, check: bool, user: str | None = None
+                   background: bool, check: bool, user: str | None = None,
+                   raw_output: RawOutputCallback | None = None
                    ) -> CommandResult | AsyncCommandHandle:
-        """The one implementation behind AsyncCommands.run and Commands.run."""
+        """The one implementation behind AsyncCommands.run and Commands.run.
+
+        ``raw_output`` (sandvm's isolation runtime) receives the output as bytes
+        instead of the handle keeping it (then ``stdout``/``stderr`` stay empty)."""
         req: dict[str, Any] = {"op": "exec"}
         image = self._sb._image
         if image is not None:
@@ -717,7 +733,8 @@ class AsyncCommands:
         conn = self._sb._conn()
         stream = await conn.open(req)
         handle = AsyncCommandHandle(stream, timeout=timeout, check=check, on_stdout=on_stdout,
-                                    on_stderr=on_stderr, stdin=stdin, stdin_open=stdin_open)
+                                    on_stderr=on_stderr, stdin=stdin, stdin_open=stdin_open,
+                                    raw_output=raw_output)
         if background:
             try:
                 await asyncio.wait_for(asyncio.shield(handle._started), self._sb.op_timeout)

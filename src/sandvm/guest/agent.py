@@ -1296,6 +1296,94 @@ def configure(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
     return done
 
 
+STATS_CAP = 1 << 62  # every value of a stats reply is an int in [0, STATS_CAP]
+
+
+def _int_file(path: str, key: str | None = None) -> int | None:
+    """An int from a cgroup file (``key``: the line ``key N`` of a flat-keyed file)."""
+    text = _read(path)
+    try:
+        if key is None:
+            return int(text.split()[0])
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == key:
+                return int(v)
+    except (ValueError, IndexError):
+        pass
+    return None
+
+
+def command_stats(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    """CPU time, memory and process count of the running command ``pid`` (its cgroup,
+    else the leader alone), as capped ints; ``running`` False once it is gone."""
+    pid = req.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise GuestFail("invalid_request", "pid must be a positive int")
+    st = agent.procs.get(pid)
+    if st is None:
+        return {"running": False, "cpu_usec": 0, "memory_bytes": 0, "processes": 0}
+    cpu = mem = procs = None
+    if st.cgroup:
+        cpu = _int_file(os.path.join(st.cgroup, "cpu.stat"), "usage_usec")
+        mem = _int_file(os.path.join(st.cgroup, "memory.current"))
+        procs = _int_file(os.path.join(st.cgroup, "pids.current"))
+        if procs is None:
+            procs = len(agent.cgroup_pids(st.cgroup))
+    if cpu is None or mem is None:
+        fields = _read(f"/proc/{pid}/stat").rpartition(")")[2].split()
+        tick = os.sysconf("SC_CLK_TCK") or 100
+        with contextlib.suppress(ValueError, IndexError):
+            if cpu is None:
+                cpu = (int(fields[11]) + int(fields[12])) * 1_000_000 // tick
+            if mem is None:
+                mem = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    return {"running": True, "cpu_usec": min(max(cpu or 0, 0), STATS_CAP),
+            "memory_bytes": min(max(mem or 0, 0), STATS_CAP),
+            "processes": min(max(procs or 1, 1), STATS_CAP)}
+
+
+def mount_tmpfs(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    """Mount a private tmpfs (nosuid, nodev, noexec) at ``path`` inside the root, owned
+    by ``user`` (a name or uid[:gid] of the image, default root) with ``mode``; a path
+    already holding a tmpfs is only re-owned. For secrets: they never touch a disk."""
+    path = check_path(req.get("path"))
+    mode = req.get("mode", 0o700)
+    size = req.get("size", 4 << 20)
+    if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise GuestFail("invalid_request", "mode must be an int between 0 and 0o777")
+    if not isinstance(size, int) or not 4096 <= size <= 1 << 30:
+        raise GuestFail("invalid_request", "size must be between 4 KiB and 1 GiB")
+    with agent.in_root():
+        user = resolve_user(req["user"]) if req.get("user") not in (None, "") else None
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise NotADirectoryError(errno.ENOTDIR, "mount point is not a directory", path)
+        if not os.path.ismount(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   f"mode={mode:o},size={size}")
+        os.chmod(path, mode)
+        if user is not None:
+            os.chown(path, user.uid, user.gid)
+    return {"path": path, "uid": user.uid if user else 0, "gid": user.gid if user else 0}
+
+
+def chown(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    """Give ``path`` (not following a final symlink) to ``user`` with ``mode``."""
+    path = check_path(req.get("path"))
+    mode = req.get("mode")
+    if mode is not None and (not isinstance(mode, int) or not 0 <= mode <= 0o7777):
+        raise GuestFail("invalid_request", "mode must be an int between 0 and 0o7777")
+    with agent.in_root():
+        user = resolve_user(req.get("user") or "0")
+        if os.path.islink(path):
+            raise GuestFail("invalid_request", f"{path} is a symbolic link"[:300])
+        os.lchown(path, user.uid, user.gid)
+        if mode is not None:
+            os.chmod(path, mode)
+    return {"uid": user.uid, "gid": user.gid}
+
+
 def simple_op(req: dict[str, Any]) -> dict[str, Any]:
     op = req.get("op")
     path = check_path(req.get("path"))
@@ -1390,6 +1478,11 @@ class Agent:
             # children have controllers enabled
             os.makedirs(self.cg_home, exist_ok=True)
             self._join_cgroup(self.cg_home)
+            # per-command memory.current and pids.current (for the "stats" op)
+            for ctl in ("+memory", "+pids"):
+                with contextlib.suppress(OSError), \
+                        open(os.path.join(self.cg_base, "cgroup.subtree_control"), "w") as f:
+                    f.write(ctl)
             self._reserve_memory()
             # cgroups left by an earlier agent process (it was killed): remove them
             # once whatever still runs in them is gone
@@ -1638,6 +1731,12 @@ class Agent:
                     res = mount_root(self, req)
                 elif op == "mount_volume":
                     res = mount_volume(self, req)
+                elif op == "stats":
+                    res = command_stats(self, req)
+                elif op == "mount_tmpfs":
+                    res = mount_tmpfs(self, req)
+                elif op == "chown":
+                    res = chown(self, req)
                 elif op == "sync":
                     os.sync()  # e.g. before the host kills a VM with volumes
                     res = {}

@@ -631,8 +631,11 @@ class QemuVm:
             for top in tops:
                 serial = top.stem.rsplit("-", 1)[0]
                 vm.disk_tops[serial] = top
-            for img in diskdir.glob("*-layer.*"):
-                vm.disk_images[img.name.split("-layer")[0]] = img
+            for img in diskdir.glob("*-layer.*"):  # a raw image pinned by _pin
+                if img.suffix != ".qcow2":
+                    vm.disk_images[img.name.split("-layer")[0]] = img
+            for img in diskdir.glob("image-*.ext4"):  # the image under a pinned layer
+                vm.disk_images[img.stem.removeprefix("image-")] = img
         if not _pid_alive(keeper_pid):
             raise VmBootError(f"sandbox {vm_id} is gone (its keeper, pid {keeper_pid}, exited)")
         try:
