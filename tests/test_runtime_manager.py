@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,3 +164,80 @@ def test_gc_repairs_a_sandbox_whose_keeper_was_killed(journal_env: dict[str, str
     assert "repair-needed" in (fixed.end_reason or "")
     assert rec.rundir and not Path(rec.rundir).exists()
     assert m.gc() == []  # nothing twice
+
+
+CREATOR = """
+import asyncio, sys
+from sandvm.runtime.manager import SandboxManager
+async def main():
+    m = SandboxManager()
+    sb = await m.create(ttl=120)
+    await sb.commands.run("echo hi > /root/f")
+    print(sb.sandbox_id, await m.detach(sb), flush=True)
+    await asyncio.sleep(30)
+print("ready", flush=True)
+asyncio.run(main())
+"""
+
+
+def test_killing_the_managing_process_anywhere_leaks_nothing(
+        journal_env: dict[str, str]) -> None:
+    """SIGKILL the process that creates a sandbox at spread-out points (before the
+    keeper exists, while the VM boots, while it runs a command, after it detached):
+    afterwards every sandbox is either reattachable and works, or repaired with
+    nothing left behind — no QEMU, no runtime or disk dir."""
+    import random
+
+    rng = random.Random(7)
+    try:
+        _kill_creators(journal_env, rng)
+    finally:  # whatever fails below, no VM outlives the test
+        cleanup = SandboxManager()
+        for r in cleanup.journal.sandboxes():
+            asyncio.run(cleanup.kill(r.id))
+
+
+def _kill_creators(journal_env: dict[str, str], rng: Any) -> None:
+    from sandvm.providers.qemu import disk_root
+    from sandvm.providers.qemu import runtime_root as rt_root
+
+    for delay in (0.0, 0.4, 1.5, rng.uniform(2.5, 4.0), 9.0):  # after its imports
+        p = subprocess.Popen([sys.executable, "-c", CREATOR], env=journal_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        time.sleep(delay)
+        p.kill()
+        p.wait()
+    time.sleep(1.0)  # let keepers that were mid-start settle
+    m = SandboxManager()
+    m.gc(starting_grace=0.0)
+    records = m.journal.sandboxes(include_ended=True)
+    assert 4 <= len(records) <= 5  # one killed before its first write leaves none
+    live = [r for r in records if r.state != "ended"]
+    for r in records:
+        if r.state == "ended":
+            assert not keeper_alive(r) and _gone(r.qemu_pid)
+            for d in (r.rundir, r.diskdir):
+                assert not d or not Path(d).exists(), d
+    for r in live:  # the VM outlived its creator: take it over, use it, end it
+        assert keeper_alive(r)
+        sb = asyncio.run(_use_and_kill(m, r.id))
+        assert sb == "ok"
+    # nothing of ours is left on the host
+    owners = [d for d in rt_root().iterdir() if (d / "owner").exists()] + \
+        [d for d in disk_root().iterdir() if (d / "owner").exists()]
+    mine = {Path(r.rundir).name for r in records if r.rundir} | \
+        {Path(r.diskdir).name for r in records if r.diskdir}
+    assert not [d for d in owners if d.name in mine]
+    for r in m.journal.sandboxes(include_ended=True):
+        assert r.state == "ended" and _wait_gone(r.qemu_pid) and _wait_gone(r.keeper_pid)
+
+
+async def _use_and_kill(m: SandboxManager, sid: str) -> str:
+    sb = await m.attach(sid)
+    try:
+        out = (await sb.commands.run("echo ok")).stdout.strip()
+    finally:
+        await m.detach(sb)
+        await m.kill(sid)
+    return out

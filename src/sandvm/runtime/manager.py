@@ -216,21 +216,27 @@ class SandboxManager:
                             end_reason=r.end_reason)
                 for r in self.journal.sandboxes(include_ended=include_ended)]
 
-    def gc(self) -> list[str]:
+    def gc(self, *, starting_grace: float = 60.0) -> list[str]:
         """Find managed sandboxes whose keeper is gone (killed, crashed host process):
         remove their runtime and disk dirs and record them ``repair-needed``. Also
-        ends ``starting`` records older than a minute with no keeper. Returns ids."""
+        ends ``starting`` records older than ``starting_grace`` seconds that never got
+        a keeper (their creator died first), and removes runtime and disk dirs whose
+        owner is dead. Returns the repaired ids."""
+        from sandvm.providers.qemu import disk_root, sweep_stale_rundirs
+
         repaired = []
         for rec in self.journal.sandboxes():
             if keeper_alive(rec):
                 continue
-            if rec.state == "starting" and time.time() - rec.created < 60 and \
+            if rec.state == "starting" and time.time() - rec.created < starting_grace and \
                     rec.keeper_pid is None:
                 continue  # still being created by someone
             self._remove_dirs(rec)
             if self.journal.end(rec.id, "repair-needed: its keeper was gone; its files"
                                         " were removed"):
                 repaired.append(rec.id)
+        sweep_stale_rundirs()
+        sweep_stale_rundirs(disk_root())
         return repaired
 
     @staticmethod
