@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import stat as stat_mod
+from collections.abc import Iterator
 from pathlib import Path
 
 from sandvm.errors import ConfigError
@@ -118,3 +120,13 @@ def sparse_copy(src: Path, dst: Path, *, into_existing: bool = False) -> None:
                 covered = max(covered, end)
 
 
+@contextlib.contextmanager
+def flocked(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """Hold a blocking flock on ``path`` (created if missing) for the block: exclusive,
+    or ``shared``. Released on exit, and by the kernel if this process dies."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

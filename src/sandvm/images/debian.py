@@ -32,7 +32,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-import fcntl
 import hashlib
 import json
 import os
@@ -45,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from sandvm._files import flocked
 from sandvm.core import BUILTIN_IMAGES
 from sandvm.errors import ImageError, ImageInvalid, ImageNotFound
 from sandvm.images.manifest import load_json
@@ -211,12 +211,8 @@ def _cached(store: ImageStore, name: str, suite: str, packages: list[str], *,
 @contextlib.contextmanager
 def _build_lock(store: ImageStore) -> Iterator[None]:
     """One mmdebstrap build per store at a time (the store's own lock stays free)."""
-    with open(store.root / ".mmdebstrap.lock", "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with flocked(store.root / ".mmdebstrap.lock"):
+        yield
 
 
 # ---------------------------------------------------------------------- host apt setup

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandvm._files import flocked
 from sandvm.assets import sandvm_home
 from sandvm.core import BUILTIN_IMAGES
 from sandvm.errors import ImageInvalid, ImageNotFound, UnknownImage
@@ -104,24 +105,16 @@ class ImageStore:
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Exclusive lock for anything that writes refs, rootfs or removes blobs."""
-        with open(self.root / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with flocked(self.root / ".lock"):
+            yield
 
     @contextlib.contextmanager
     def importing(self) -> Iterator[None]:
         """Held (shared, any number at once) while an image's blobs are written before
         it has a name: a prune meanwhile, in any process, keeps recent unnamed blobs,
         partial downloads and builds instead of deleting them under the import."""
-        with open(self.root / ".imports", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with flocked(self.root / ".imports", shared=True):
+            yield
 
     def _imports_in_flight(self) -> bool:
         with open(self.root / ".imports", "a+") as f:

@@ -56,7 +56,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 from sandvm.errors import InvalidSpec, SandboxStateError, UnknownImage
 from sandvm.runtime.port import (
@@ -102,6 +102,8 @@ from sandvm.runtime.port import (
     SecretRef,
     SecretSpec,
     SessionPrepareRequest,
+    expect_request,
+    unknown_ref,
 )
 
 __all__ = [
@@ -120,7 +122,6 @@ __all__ = [
 _EPS = 1e-9
 _HEAD_CAP = 16 << 20
 _MIB = 1 << 20
-T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------- scripts
@@ -433,16 +434,6 @@ class _Ticket:
     used: bool = False
 
 
-def _expect(request: object, cls: type[T]) -> T:
-    if not isinstance(request, cls):
-        raise InvalidSpec(f"expected a {cls.__name__}, got {type(request).__name__}")
-    return request
-
-
-def _unknown(what: str, ident: str) -> NoReturn:
-    raise InvalidSpec(f"unknown {what} {ident!r}: this runtime never issued it")
-
-
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_TEXT else text[:MAX_TEXT - 3] + "..."
 
@@ -498,7 +489,7 @@ class FakeIsolationRuntime:
     @classmethod
     def with_report(cls, report: IsolationCapabilityReport) -> FakeIsolationRuntime:
         """A fake that reports (and obeys) ``report``."""
-        return cls(report=_expect(report, IsolationCapabilityReport))
+        return cls(report=expect_request(report, IsolationCapabilityReport))
 
     @classmethod
     def unsupported_host(cls, adapter_ref: IsolationRuntimeRef | str,
@@ -558,7 +549,7 @@ class FakeIsolationRuntime:
         """Everything written to a process's stdin. Raises InvalidSpec if unknown."""
         proc = self._processes.get(process_id)
         if proc is None:
-            _unknown("process", process_id)
+            unknown_ref("process", process_id)
         return bytes(proc.stdin_log)
 
     def session_state(self, session_id: str) -> str:
@@ -579,7 +570,7 @@ class FakeIsolationRuntime:
     def _session(self, session_id: str) -> _Session:
         sess = self._sessions.get(session_id)
         if sess is None:
-            _unknown("session", session_id)
+            unknown_ref("session", session_id)
         return sess
 
     def _usable(self, session_id: str, *allowed: _State) -> _Session:
@@ -603,7 +594,7 @@ class FakeIsolationRuntime:
     def _proc(self, process_id: str) -> _Proc:
         proc = self._processes.get(process_id)
         if proc is None:
-            _unknown("process", process_id)
+            unknown_ref("process", process_id)
         self._usable(proc.session_id, _State.READY)
         return proc
 
@@ -643,7 +634,7 @@ class FakeIsolationRuntime:
     async def prepare_session(self, request: SessionPrepareRequest) -> IsolationSessionRef:
         """A new PREPARING session. Raises Unsupported, InvalidSpec (id in use)."""
         self._calls.append("prepare_session")
-        request = _expect(request, SessionPrepareRequest)
+        request = expect_request(request, SessionPrepareRequest)
         self._report.require_kind(request.kind)
         sid = request.sandbox_id or self._new_id("sess")
         while request.sandbox_id is None and sid in self._sessions:
@@ -658,7 +649,7 @@ class FakeIsolationRuntime:
     async def resolve_image(self, request: ImageResolveRequest) -> ImageResolution:
         """Resolve one of the fake's images (PREPARING). Raises UnknownImage."""
         self._calls.append("resolve_image")
-        request = _expect(request, ImageResolveRequest)
+        request = expect_request(request, ImageResolveRequest)
         sess = self._preparing(request.session_id)
         if request.image not in self._images:
             raise UnknownImage(f"unknown image {request.image!r}: the fake knows "
@@ -672,7 +663,7 @@ class FakeIsolationRuntime:
     async def prepare_rootfs(self, request: RootfsPrepareRequest) -> RootfsRef:
         """A rootfs for an image this session resolved (PREPARING)."""
         self._calls.append("prepare_rootfs")
-        request = _expect(request, RootfsPrepareRequest)
+        request = expect_request(request, RootfsPrepareRequest)
         sess = self._preparing(request.session_id)
         if request.image not in sess.images:
             raise InvalidSpec("the image was not resolved for this session: call"
@@ -685,7 +676,7 @@ class FakeIsolationRuntime:
     async def resolve_mounts(self, request: MountResolveRequest) -> MountPlan:
         """Record a mount plan (PREPARING). Raises Unsupported without ``mounts``."""
         self._calls.append("resolve_mounts")
-        request = _expect(request, MountResolveRequest)
+        request = expect_request(request, MountResolveRequest)
         sess = self._preparing(request.session_id)
         if request.mounts:
             self._report.require("mounts")
@@ -698,7 +689,7 @@ class FakeIsolationRuntime:
         """Record the network (PREPARING). Raises Unsupported for an allowlist
         without ``egress_allowlist``."""
         self._calls.append("configure_network")
-        request = _expect(request, NetworkPrepareRequest)
+        request = expect_request(request, NetworkPrepareRequest)
         sess = self._preparing(request.session_id)
         if request.egress_allowlist:
             self._report.require("egress_allowlist")
@@ -711,7 +702,7 @@ class FakeIsolationRuntime:
     async def prepare_secrets(self, request: SecretPrepareRequest) -> SecretMaterializationPlan:
         """Keep the values privately; return references (PREPARING)."""
         self._calls.append("prepare_secrets")
-        request = _expect(request, SecretPrepareRequest)
+        request = expect_request(request, SecretPrepareRequest)
         sess = self._preparing(request.session_id)
         plan = SecretMaterializationPlan(
             session_id=sess.ref.session_id, plan_id=self._new_id("secrets"),
@@ -724,20 +715,20 @@ class FakeIsolationRuntime:
     ) -> PreparedEnvironmentRef:
         """Seal the session into its environment (PREPARING → READY). Starts nothing."""
         self._calls.append("prepare_environment")
-        request = _expect(request, EnvironmentPrepareRequest)
+        request = expect_request(request, EnvironmentPrepareRequest)
         sess = self._preparing(request.session_id)
         if sess.rootfs.get(request.rootfs.rootfs_id) != request.rootfs:
-            _unknown("rootfs", request.rootfs.rootfs_id)
+            unknown_ref("rootfs", request.rootfs.rootfs_id)
         if request.mounts is not None and (
                 sess.mounts.get(request.mounts.plan_id) != request.mounts):
-            _unknown("mount plan", request.mounts.plan_id)
+            unknown_ref("mount plan", request.mounts.plan_id)
         if request.network is not None and (
                 sess.networks.get(request.network.network_id) != request.network):
-            _unknown("network", request.network.network_id)
+            unknown_ref("network", request.network.network_id)
         specs: tuple[SecretSpec, ...] = ()
         if request.secrets is not None:
             if request.secrets.plan_id not in sess.secret_plans:
-                _unknown("secret plan", request.secrets.plan_id)
+                unknown_ref("secret plan", request.secrets.plan_id)
             specs = sess.secret_plans[request.secrets.plan_id]
         for spec in specs:
             value = spec.value.reveal()
@@ -756,10 +747,10 @@ class FakeIsolationRuntime:
     async def start_process(self, request: ProcessStartRequest) -> ProcessStartResult:
         """Start a scripted process (READY only): the only call that starts one."""
         self._calls.append("start_process")
-        request = _expect(request, ProcessStartRequest)
+        request = expect_request(request, ProcessStartRequest)
         sess = self._usable(request.session_id, _State.READY)
         if sess.environment != request.environment:
-            _unknown("environment", request.environment.environment_id)
+            unknown_ref("environment", request.environment.environment_id)
         if request.timeout_seconds is not None:
             self._report.require("process_timeout")
         clash = set(request.env) & set(sess.secret_env)
@@ -784,7 +775,7 @@ class FakeIsolationRuntime:
         ``wait_seconds`` of virtual time pass first. Stdin for an exited process is
         dropped. Raises SandboxStateError if the process was started without stdin."""
         self._calls.append("stream_io")
-        request = _expect(request, ProcessIoRequest)
+        request = expect_request(request, ProcessIoRequest)
         proc = self._proc(request.process_id)
         if (request.stdin or request.close_stdin) and not proc.started_with_stdin:
             raise SandboxStateError(
@@ -804,7 +795,7 @@ class FakeIsolationRuntime:
         """Signal a process: it ends at once unless it ignores the signal, which
         then escalates to SIGKILL after the grace period (virtual time)."""
         self._calls.append("signal_process")
-        request = _expect(request, ProcessSignalRequest)
+        request = expect_request(request, ProcessSignalRequest)
         proc = self._proc(request.process_id)
         proc.run()
         if proc.exited:
@@ -822,7 +813,7 @@ class FakeIsolationRuntime:
     async def collect_stats(self, request: ProcessStatsRequest) -> ProcessStatsSnapshot:
         """Deterministic bounded stats (see the module docstring)."""
         self._calls.append("collect_stats")
-        request = _expect(request, ProcessStatsRequest)
+        request = expect_request(request, ProcessStatsRequest)
         proc = self._proc(request.process_id)
         proc.run()
         running = not proc.exited
@@ -836,7 +827,7 @@ class FakeIsolationRuntime:
         """Kill and release everything of the session (→ CLEANED); idempotent.
         Raises SandboxStateError for a detached session."""
         self._calls.append("cleanup")
-        request = _expect(request, CleanupRequest)
+        request = expect_request(request, CleanupRequest)
         sess = self._session(request.session_id)
         if sess.cleanup is not None:
             return sess.cleanup
@@ -846,7 +837,7 @@ class FakeIsolationRuntime:
     async def detach(self, request: DetachTransferRequest) -> DetachTransferResult:
         """Detach a PREPARING or READY session under a new random ticket."""
         self._calls.append("detach")
-        request = _expect(request, DetachTransferRequest)
+        request = expect_request(request, DetachTransferRequest)
         self._report.require("detach")
         sess = self._usable(request.session_id, _State.PREPARING, _State.READY)
         ticket = ReclaimTicket(sandbox_id=sess.ref.session_id, token=secrets.token_urlsafe(32))
@@ -858,7 +849,7 @@ class FakeIsolationRuntime:
     async def reclaim(self, request: ReclaimRequest) -> ReclaimResult:
         """Take a detached session back by ticket (once): keep it or destroy it."""
         self._calls.append("reclaim")
-        request = _expect(request, ReclaimRequest)
+        request = expect_request(request, ReclaimRequest)
         self._report.require("reclaim")
         key = hashlib.sha256(request.ticket.token.encode()).hexdigest()
         entry = self._tickets.get(key)

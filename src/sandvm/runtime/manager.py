@@ -32,7 +32,8 @@ DEFAULT_TTL = 300.0
 MAX_TTL = 7 * 24 * 3600.0
 
 
-def _sha(ticket: str) -> str:
+def ticket_sha256(ticket: str) -> str:
+    """How a reclaim ticket is stored: its sha256, never the ticket itself."""
     return hashlib.sha256(ticket.encode()).hexdigest()
 
 
@@ -145,7 +146,7 @@ class SandboxManager:
         ticket = f"sbt_{secrets.token_urlsafe(24)}"
         seq = self.journal.intent(sb.sandbox_id, "detach")
         await sb._let_go()
-        self.journal.update(sb.sandbox_id, ticket_sha256=_sha(ticket))
+        self.journal.update(sb.sandbox_id, ticket_sha256=ticket_sha256(ticket))
         self.journal.result(seq, ok=True)
         return ticket
 
@@ -155,7 +156,7 @@ class SandboxManager:
         forged ticket or an ended sandbox."""
         if not isinstance(ticket, str) or not ticket.startswith("sbt_") or len(ticket) > 100:
             raise SandboxStateError("not a sandvm reclaim ticket")
-        digest = _sha(ticket)
+        digest = ticket_sha256(ticket)
         match = next((r for r in self.journal.sandboxes() if r.ticket_sha256 is not None
                       and secrets.compare_digest(r.ticket_sha256, digest)), None)
         if match is None:

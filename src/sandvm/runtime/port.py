@@ -116,6 +116,8 @@ __all__ = [
     "SecretSpec",
     "SecretValue",
     "SessionPrepareRequest",
+    "expect_request",
+    "unknown_ref",
 ]
 
 # ----------------------------------------------------------------------------- limits
@@ -166,6 +168,21 @@ E = TypeVar("E", bound=enum.Enum)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+R = TypeVar("R")
+
+
+def expect_request(request: object, cls: type[R]) -> R:
+    """``request`` if it is a ``cls``; for implementations. Raises InvalidSpec."""
+    if not isinstance(request, cls):
+        raise InvalidSpec(f"expected a {cls.__name__}, got {type(request).__name__}")
+    return request
+
+
+def unknown_ref(what: str, ident: str) -> NoReturn:
+    """Raise InvalidSpec for an id this runtime never issued; for implementations."""
+    raise InvalidSpec(f"unknown {what} {ident!r}: this runtime never issued it")
 
 
 def _bad(message: str) -> NoReturn:

@@ -28,14 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import hashlib
 import os
 import re
 import secrets as secrets_mod
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from sandvm.core import BUILTIN_IMAGES, new_id
 from sandvm.errors import (
@@ -47,7 +46,7 @@ from sandvm.errors import (
     Unsupported,
 )
 from sandvm.runtime.journal import Journal, journal_path
-from sandvm.runtime.manager import SandboxManager, keeper_alive
+from sandvm.runtime.manager import SandboxManager, keeper_alive, ticket_sha256
 from sandvm.runtime.port import (
     KIND_MICROVM,
     MAX_STATS_CPU_SECONDS,
@@ -94,6 +93,8 @@ from sandvm.runtime.port import (
     SecretRef,
     SecretSpec,
     SessionPrepareRequest,
+    expect_request,
+    unknown_ref,
 )
 from sandvm.sandbox import AsyncCommandHandle, AsyncSandbox
 
@@ -110,20 +111,6 @@ class _State(enum.Enum):
     READY = "ready"
     DETACHED = "detached"
     CLEANED = "cleaned"
-
-
-def _unknown(what: str, ident: str) -> NoReturn:
-    raise InvalidSpec(f"unknown {what} {ident!r}: this runtime did not issue it")
-
-
-def _sha(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _expect(request: Any, cls: type) -> Any:
-    if not isinstance(request, cls):
-        raise InvalidSpec(f"expected a {cls.__name__}, got {type(request).__name__}")
-    return request
 
 
 @dataclass
@@ -265,7 +252,7 @@ class QemuIsolationRuntime:
     def _session(self, session_id: str) -> _Session:
         sess = self._sessions.get(session_id)
         if sess is None:
-            _unknown("session", session_id)
+            unknown_ref("session", session_id)
         return sess
 
     def _usable(self, session_id: str, *states: _State) -> _Session:
@@ -286,7 +273,7 @@ class QemuIsolationRuntime:
     def _proc(self, process_id: str) -> _Proc:
         proc = self._processes.get(process_id)
         if proc is None:
-            _unknown("process", process_id)
+            unknown_ref("process", process_id)
         self._usable(proc.session_id, _State.READY)
         if proc.lost:
             raise SandboxStateError(
@@ -381,7 +368,7 @@ class QemuIsolationRuntime:
 
     async def prepare_session(self, request: SessionPrepareRequest) -> IsolationSessionRef:
         """A new PREPARING session (no VM yet). Raises Unsupported, InvalidSpec (id in use)."""
-        request = _expect(request, SessionPrepareRequest)
+        request = expect_request(request, SessionPrepareRequest)
         (await self.capability_report()).require_kind(request.kind)
         sid = request.sandbox_id or new_id("sb")
         if sid in self._sessions or await asyncio.to_thread(self.journal.get, sid) is not None:
@@ -400,7 +387,7 @@ class QemuIsolationRuntime:
 
     async def resolve_image(self, request: ImageResolveRequest) -> ImageResolution:
         """``base`` or an image of the store (PREPARING). Raises UnknownImage, ImageError."""
-        request = _expect(request, ImageResolveRequest)
+        request = expect_request(request, ImageResolveRequest)
         sess = self._usable(request.session_id, _State.PREPARING)
 
         async def resolve() -> ImageResolution:
@@ -423,7 +410,7 @@ class QemuIsolationRuntime:
     async def prepare_rootfs(self, request: RootfsPrepareRequest) -> RootfsRef:
         """Plan the root file system: a private overlay of the image, made when the VM
         boots (PREPARING). Raises InvalidSpec, Unsupported (read_only)."""
-        request = _expect(request, RootfsPrepareRequest)
+        request = expect_request(request, RootfsPrepareRequest)
         sess = self._usable(request.session_id, _State.PREPARING)
         if request.image not in sess.images:
             raise InvalidSpec("the image was not resolved for this session: call"
@@ -447,7 +434,7 @@ class QemuIsolationRuntime:
 
     async def resolve_mounts(self, request: MountResolveRequest) -> MountPlan:
         """An empty mount plan (PREPARING); volumes raise Unsupported (mounts)."""
-        request = _expect(request, MountResolveRequest)
+        request = expect_request(request, MountResolveRequest)
         sess = self._usable(request.session_id, _State.PREPARING)
         if request.mounts:
             (await self.capability_report()).require("mounts")
@@ -457,7 +444,7 @@ class QemuIsolationRuntime:
 
     async def configure_network(self, request: NetworkPrepareRequest) -> NetworkNamespaceRef:
         """No network (PREPARING). An allowlist raises Unsupported (egress_allowlist)."""
-        request = _expect(request, NetworkPrepareRequest)
+        request = expect_request(request, NetworkPrepareRequest)
         sess = self._usable(request.session_id, _State.PREPARING)
         if request.egress_allowlist:
             (await self.capability_report()).require("egress_allowlist")
@@ -474,7 +461,7 @@ class QemuIsolationRuntime:
     async def prepare_secrets(self, request: SecretPrepareRequest) -> SecretMaterializationPlan:
         """Keep the values in memory; return references (PREPARING). File secrets must
         lie under /run/secrets (a tmpfs). Raises InvalidSpec."""
-        request = _expect(request, SecretPrepareRequest)
+        request = expect_request(request, SecretPrepareRequest)
         sess = self._usable(request.session_id, _State.PREPARING)
         for spec in request.secrets:
             if spec.delivery is SecretDelivery.FILE and not (
@@ -500,21 +487,21 @@ class QemuIsolationRuntime:
     ) -> PreparedEnvironmentRef:
         """Boot the session's managed sandbox and deliver its file secrets
         (PREPARING → READY). Starts no workload."""
-        request = _expect(request, EnvironmentPrepareRequest)
+        request = expect_request(request, EnvironmentPrepareRequest)
         sess = self._usable(request.session_id, _State.PREPARING)
         entry = sess.rootfs.get(request.rootfs.rootfs_id)
         if entry is None or entry[0] != request.rootfs:
-            _unknown("rootfs", request.rootfs.rootfs_id)
+            unknown_ref("rootfs", request.rootfs.rootfs_id)
         if request.mounts is not None and sess.mounts.get(request.mounts.plan_id) != \
                 request.mounts:
-            _unknown("mount plan", request.mounts.plan_id)
+            unknown_ref("mount plan", request.mounts.plan_id)
         if request.network is not None and sess.networks.get(request.network.network_id) != \
                 request.network:
-            _unknown("network", request.network.network_id)
+            unknown_ref("network", request.network.network_id)
         specs: tuple[SecretSpec, ...] = ()
         if request.secrets is not None:
             if request.secrets.plan_id not in sess.secret_plans:
-                _unknown("secret plan", request.secrets.plan_id)
+                unknown_ref("secret plan", request.secrets.plan_id)
             specs = sess.secret_plans[request.secrets.plan_id]
         _, image, disk_size = entry
         sid = sess.ref.session_id
@@ -581,10 +568,10 @@ class QemuIsolationRuntime:
 
     async def start_process(self, request: ProcessStartRequest) -> ProcessStartResult:
         """Start ``argv`` in the background in the session's VM (READY only)."""
-        request = _expect(request, ProcessStartRequest)
+        request = expect_request(request, ProcessStartRequest)
         sess = self._usable(request.session_id, _State.READY)
         if sess.environment != request.environment:
-            _unknown("environment", request.environment.environment_id)
+            unknown_ref("environment", request.environment.environment_id)
         clash = set(request.env) & (set(sess.secret_env) | set(sess.missing_secret_env))
         if clash:
             raise InvalidSpec(f"env sets {', '.join(sorted(clash))}, which a secret delivers")
@@ -624,7 +611,7 @@ class QemuIsolationRuntime:
     async def stream_io(self, request: ProcessIoRequest) -> ProcessIoFrame:
         """Write stdin, then return up to ``max_bytes`` of buffered output, waiting up to
         ``wait_seconds`` when there is none. Stdin for an exited process is dropped."""
-        request = _expect(request, ProcessIoRequest)
+        request = expect_request(request, ProcessIoRequest)
         proc = self._proc(request.process_id)
         if (request.stdin or request.close_stdin) and not proc.stdin_open:
             raise SandboxStateError(
@@ -664,7 +651,7 @@ class QemuIsolationRuntime:
     async def signal_process(self, request: ProcessSignalRequest) -> ProcessSignalResult:
         """Signal the command's process group; unless KILL, SIGKILL its whole cgroup after
         ``grace_seconds`` (None: never)."""
-        request = _expect(request, ProcessSignalRequest)
+        request = expect_request(request, ProcessSignalRequest)
         proc = self._proc(request.process_id)
         if proc.done:
             return ProcessSignalResult(process_id=proc.process_id, signal=request.signal,
@@ -689,7 +676,7 @@ class QemuIsolationRuntime:
 
     async def collect_stats(self, request: ProcessStatsRequest) -> ProcessStatsSnapshot:
         """CPU time, memory and process count of the command's cgroup (capped)."""
-        request = _expect(request, ProcessStatsRequest)
+        request = expect_request(request, ProcessStatsRequest)
         proc = self._proc(request.process_id)
         running = not proc.done
         memory = count = 0
@@ -718,7 +705,7 @@ class QemuIsolationRuntime:
     async def cleanup(self, request: CleanupRequest) -> CleanupResult:
         """Kill the session's VM, keeper and processes and remove its dirs (→ CLEANED);
         idempotent. REPAIR_NEEDED says what is left."""
-        request = _expect(request, CleanupRequest)
+        request = expect_request(request, CleanupRequest)
         sess = self._session(request.session_id)
         if sess.cleanup is not None:
             return sess.cleanup
@@ -783,7 +770,7 @@ class QemuIsolationRuntime:
     async def detach(self, request: DetachTransferRequest) -> DetachTransferResult:
         """Hand a READY session's sandbox over under a new ticket (→ DETACHED); its
         processes keep running. A PREPARING session has no VM: SandboxStateError."""
-        request = _expect(request, DetachTransferRequest)
+        request = expect_request(request, DetachTransferRequest)
         (await self.capability_report()).require("detach")
         sess = self._usable(request.session_id, _State.PREPARING, _State.READY)
         if sess.sb is None:
@@ -812,10 +799,10 @@ class QemuIsolationRuntime:
         """Take a detached sandbox back by ticket (once), from this or another process:
         KEEP (usable again) or DESTROY. Raises InvalidSpec (a ticket never issued),
         SandboxStateError (already used, or the sandbox ended)."""
-        request = _expect(request, ReclaimRequest)
+        request = expect_request(request, ReclaimRequest)
         (await self.capability_report()).require("reclaim")
         ticket = request.ticket
-        sid, digest = ticket.sandbox_id, _sha(ticket.token)
+        sid, digest = ticket.sandbox_id, ticket_sha256(ticket.token)
         rec = await asyncio.to_thread(self.journal.get, sid)
         live = rec is not None and rec.ticket_sha256 is not None and \
             secrets_mod.compare_digest(rec.ticket_sha256, digest)
