@@ -169,12 +169,17 @@ class _Proc:
         return len(self.out) + len(self.err)
 
     async def on_output(self, channel: int, data: bytes) -> None:
-        """The raw output callback: waits (backpressure) while the buffer is full."""
-        while self.buffered >= self.cap and not self.done:
-            self.room.clear()
-            await self.room.wait()
-        (self.out if channel == 1 else self.err).extend(data)
-        self.data.set()
+        """The raw output callback: fills the buffer up to its cap and waits for room
+        for the rest (backpressure), so the buffer never holds more than ``cap``."""
+        view = memoryview(data)
+        while view:
+            while self.buffered >= self.cap and not self.done:
+                self.room.clear()
+                await self.room.wait()
+            n = len(view) if self.done else min(len(view), self.cap - self.buffered)
+            (self.out if channel == 1 else self.err).extend(view[:n])
+            view = view[n:]
+            self.data.set()
 
     async def wait(self) -> None:
         assert self.handle is not None
