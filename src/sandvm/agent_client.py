@@ -34,6 +34,10 @@ from sandvm.errors import (
     GuestPermissionDenied,
     InvalidPath,
     InvalidSpec,
+    PortError,
+    PortRefused,
+    PortReset,
+    PortTimeout,
     SandvmError,
 )
 
@@ -74,6 +78,10 @@ _GUEST_CODES: dict[str, type[SandvmError]] = {
     "file_too_large": FileTooLarge,
     "command_not_found": CommandNotFound,
     "invalid_path": InvalidPath,
+    "connection_refused": PortRefused,
+    "connection_reset": PortReset,
+    "connect_timeout": PortTimeout,
+    "connect_failed": PortError,
 }
 
 
@@ -223,9 +231,17 @@ class AgentConnection:
         # a new session id tells the agent that streams of an earlier host (e.g. the
         # one whose VM was snapshotted) are gone
         self.session = secrets.token_hex(8)
+        # until the agent's HELLO: the channel may still hold frames sent to an earlier
+        # host (one that was killed mid-way), even a torn one; they are skipped
+        self._synced = False
+        self._presync = bytearray()
+        self._hello_rejects: list[str] = []
         # let a whole window be in flight without a drain() stall per chunk
         with contextlib.suppress(AttributeError, NotImplementedError):
             writer.transport.set_write_buffer_limits(high=2 * wire.INITIAL_WINDOW)
+        self._drain_above = 0  # buffered bytes below which a write needs no drain()
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            self._drain_above = writer.transport.get_write_buffer_limits()[1]
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
@@ -251,6 +267,10 @@ class AgentConnection:
         try:
             msg = await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except TimeoutError:
+            if self._hello_rejects:
+                raise self._protocol_error(
+                    f"the guest agent sent no valid hello within {timeout:.0f} s; it sent"
+                    f" {self._hello_rejects[-1]}") from None
             raise AgentTimeout(
                 f"the guest agent did not say hello within {timeout:.0f} s") from None
         return self._parse_hello(msg)
@@ -304,7 +324,10 @@ class AgentConnection:
             async with self._write_lock:
                 for part in parts:
                     self._writer.write(part)
-                await asyncio.wait_for(self._writer.drain(), self.write_timeout)
+                # below the high-water mark drain() would not wait: skip wait_for's
+                # task and timer (they cost more than small frames' writes)
+                if self._writer.transport.get_write_buffer_size() > self._drain_above:
+                    await asyncio.wait_for(self._writer.drain(), self.write_timeout)
         except TimeoutError:
             exc = AgentTimeout(f"the guest agent stopped reading for {self.write_timeout:.0f} s")
             self.fail(exc)
@@ -321,6 +344,15 @@ class AgentConnection:
                     reason = await self._eof_hook() if self._eof_hook else None
                     self.fail(reason or AgentDisconnected("the guest agent channel closed"))
                     return
+                if not self._synced:  # skip what an earlier host left unread
+                    self._presync += data
+                    hello = wire.scan_for_hello(self._presync, self._hello_is_ours,
+                                                self._hello_rejects)
+                    del self._hello_rejects[:-1]  # the last reason is enough
+                    if hello is None:
+                        continue
+                    data, self._presync, self._synced = bytes(self._presync), bytearray(), True
+                    self._on_hello(hello)
                 for ftype, sid, payload in self._decoder.feed(data):
                     self._dispatch(ftype, sid, payload)
         except wire.ProtocolViolation as exc:
@@ -332,6 +364,10 @@ class AgentConnection:
         except asyncio.CancelledError:
             self.fail(AgentDisconnected("agent connection closed"))
             raise
+
+    def _hello_is_ours(self, msg: dict[str, Any]) -> bool:
+        # an agent that predates sessions in its HELLO (in an old snapshot) names none
+        return msg.get("role") == "agent" and msg.get("session") in (None, self.session)
 
     def _on_hello(self, msg: dict[str, Any]) -> None:
         if not self._hello.done():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from sandvm.ports import PortMapping
     from sandvm.sandbox import AsyncSandbox
 
 from sandvm.core import check_guest_path, parse_memory, parse_size
@@ -195,13 +196,14 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
                source: str | None = None, snapshot_to: str | None = None,
                disk_size: str | None = None, user: str | None = None,
                volumes: dict[str, tuple[str, str]] | None = None,
-               attach_id: str | None = None) -> int:
+               attach_id: str | None = None, busy_wait: float = 0.0,
+               publish: list[PortMapping] | None = None) -> int:
     manager = None
     if attach_id is not None:  # `sandvm exec`: a managed sandbox, left running after
         from sandvm.runtime.manager import SandboxManager
 
         manager = SandboxManager()
-        sb = await manager.attach(attach_id)
+        sb = await manager.attach(attach_id, wait=busy_wait)
     else:
         sb = await _start(image=image, memory=memory, cpus=cpus, source=source,
                           disk_size=disk_size, volumes=volumes)
@@ -223,6 +225,9 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
             sys.stderr.write(text)
             sys.stderr.flush()
 
+        for m in publish or ():  # listening before the command starts
+            url = await sb.ports.expose(m.guest_port, host=m.host, host_port=m.host_port)
+            click.echo(f"sandvm: guest port {m.guest_port} is at {url}", err=True)
         stdin: Any = _stdin_chunks() if interactive else None
         handle = await sb.commands.run(cmd, env=env or None, cwd=workdir, timeout=timeout,
                                        on_stdout=out, on_stderr=err, stdin=stdin,
@@ -300,19 +305,26 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
               help="Run as this user of the image (default: the image's User).")
 @click.option("-v", "--volume", "volume_specs", multiple=True, metavar="NAME:PATH[:ro]",
               help="Mount volume NAME at PATH (read-write, or read-only with :ro). Repeatable.")
+@click.option("-p", "--publish", "publish_specs", multiple=True,
+              metavar="[HOST:][HOST_PORT:]GUEST_PORT",
+              help="Expose a guest TCP port on the host (127.0.0.1 unless HOST is given;"
+                   " no HOST_PORT: a free one), e.g. -p 8080:8000. Repeatable.")
 @click.argument("cmd", nargs=-1, required=False, type=click.UNPROCESSED)
 def run(image: str | None, memory: str, cpus: int, timeout: float | None,
         envs: tuple[str, ...],
         workdir: str | None, interactive: bool, source: str | None, disk_size: str | None,
-        user: str | None, volume_specs: tuple[str, ...], cmd: tuple[str, ...]) -> None:
+        user: str | None, volume_specs: tuple[str, ...], publish_specs: tuple[str, ...],
+        cmd: tuple[str, ...]) -> None:
     """Boot a microVM (or restore one --from a snapshot), run CMD in it, stream its
     output, exit with its exit code. Without CMD, an image's Entrypoint and Cmd run.
 
     Examples: sandvm run -- python3 -c "print(1)";
     sandvm run --image oci:./layout:latest -- env;
-    sandvm run --volume data:/data -- sh -c 'echo x > /data/f'
+    sandvm run --volume data:/data -- sh -c 'echo x > /data/f';
+    sandvm run -p 8080:8000 -- python3 -m http.server 8000
     """
     from sandvm.images.store import default_image
+    from sandvm.ports import parse_publish
 
     image = image or default_image()
     argv = list(cmd)
@@ -327,6 +339,7 @@ def run(image: str | None, memory: str, cpus: int, timeout: float | None,
         if disk_size is not None:
             parse_size(disk_size, what="--disk-size")
         volumes = _parse_volumes(volume_specs, image=image)
+        publish = [parse_publish(spec) for spec in publish_specs]
     except SandvmError as exc:
         _fail(exc)
         return
@@ -334,7 +347,8 @@ def run(image: str | None, memory: str, cpus: int, timeout: float | None,
     _run_and_exit(lambda: _run(argv, image=image, memory=mem, cpus=cpus, timeout=timeout,
                                env=env, workdir=workdir,
                                interactive=interactive, source=source,
-                               disk_size=disk_size, user=user, volumes=volumes))
+                               disk_size=disk_size, user=user, volumes=volumes,
+                               publish=publish))
 
 
 def _run_and_exit(make: Callable[[], Any]) -> None:
@@ -769,9 +783,12 @@ def create_cmd(image: str | None, memory: str, cpus: int, disk_size: str | None,
 @click.option("-w", "--workdir", default=None, help="Working directory in the guest.")
 @click.option("-u", "--user", default=None, metavar="USER[:GROUP]", help="Run as this user.")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin to the command.")
+@click.option("--busy-wait", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              metavar="SECONDS",
+              help="How long to wait while another process uses the sandbox.")
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_cmd(sandbox_id: str, timeout: float | None, envs: tuple[str, ...],
-             workdir: str | None, user: str | None, interactive: bool,
+             workdir: str | None, user: str | None, interactive: bool, busy_wait: float,
              cmd: tuple[str, ...]) -> None:
     """Run CMD in the managed sandbox SANDBOX_ID (it keeps running afterwards)."""
     argv = list(cmd)
@@ -782,7 +799,7 @@ def exec_cmd(sandbox_id: str, timeout: float | None, envs: tuple[str, ...],
     env = _parse_env(envs)
     _run_and_exit(lambda: _run(argv, image="base", memory=0, cpus=1, timeout=timeout,
                                env=env, workdir=workdir, interactive=interactive, user=user,
-                               attach_id=sandbox_id))
+                               attach_id=sandbox_id, busy_wait=busy_wait))
 
 
 @main.command("ls")
@@ -857,14 +874,20 @@ def extend_cmd(sandbox_id: str, ttl: float) -> None:
 
 @main.command("gc")
 def gc_cmd() -> None:
-    """Clean up after managed sandboxes whose keeper died (e.g. a SIGKILLed host)."""
+    """Repair after processes that died mid-way (e.g. SIGKILLed): close their unfinished
+    operations, kill QEMUs nobody owns, clean up sandboxes whose keeper is gone."""
     from sandvm.providers.qemu import disk_root, sweep_stale_rundirs
 
-    repaired = _manager().gc()
+    rec = asyncio.run(_manager().recover())
     swept = sweep_stale_rundirs() + sweep_stale_rundirs(disk_root())
-    for sid in repaired:
+    for sid, op in rec.interrupted:
+        click.echo(f"interrupted {op} of {sid} (its process ended mid-way)")
+    for pid in rec.orphans_killed:
+        click.echo(f"killed orphaned QEMU pid {pid}")
+    for sid in rec.repaired:
         click.echo(f"repaired {sid} (repair-needed: its keeper was gone)")
-    click.echo(f"{len(repaired)} sandboxes repaired, {len(swept)} stale directories removed")
+    click.echo(f"{len(rec.repaired)} sandboxes repaired, {len(rec.live)} still running,"
+               f" {len(swept)} stale directories removed")
 
 
 if __name__ == "__main__":

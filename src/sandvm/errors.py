@@ -50,7 +50,15 @@ will return, so callers can match on it across versions::
     │   ├── CommandExitError (command_exit)     non-zero exit; carries the result
     │   ├── CommandTimeout (command_timeout)
     │   └── CommandNotFound (command_not_found)
+    ├── PortError (port_error)                  port exposure and TCP tunnels into the guest
+    │   ├── PortInUse (port_in_use)             the host address is taken
+    │   ├── PortRefused (port_refused)          nothing accepts on the guest port
+    │   ├── PortReset (port_reset)              a tunneled connection was reset
+    │   └── PortTimeout (port_timeout)          ports.wait, a connect or a read ran out of time
     └── SandboxStateError (sandbox_state)       operation not allowed in this state
+
+PortRefused, PortReset and PortTimeout are also the builtin ConnectionRefusedError,
+ConnectionResetError and TimeoutError, so code written for sockets catches them.
 """
 
 from __future__ import annotations
@@ -88,6 +96,11 @@ __all__ = [
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
+    "PortError",
+    "PortInUse",
+    "PortRefused",
+    "PortReset",
+    "PortTimeout",
     "ProviderError",
     "QmpError",
     "RegistryError",
@@ -399,8 +412,44 @@ class CommandNotFound(CommandError):
     code = "command_not_found"
 
 
+class PortError(SandvmError):
+    """Port exposure: host listeners and TCP tunnels to guest ports."""
+
+    code = "port_error"
+
+
+class PortInUse(PortError):
+    """The host address and port to listen on are taken (or not allowed)."""
+
+    code = "port_in_use"
+
+
+class PortRefused(PortError, ConnectionRefusedError):
+    """Nothing accepts connections on that guest port (the guest's ECONNREFUSED)."""
+
+    code = "port_refused"
+
+
+class PortReset(PortError, ConnectionResetError):
+    """The tunneled connection was reset by the guest's server or the tunnel broke."""
+
+    code = "port_reset"
+
+
+class PortTimeout(PortError, TimeoutError):
+    """Nothing listened in time (``ports.wait``), or a tunnel connect or read timed out."""
+
+    code = "port_timeout"
+
+
 class SandboxStateError(SandvmError):
     code = "sandbox_state"
+
+
+class SandboxBusy(SandboxStateError):
+    """A managed sandbox is attached by another process (one holder at a time)."""
+
+    code = "sandbox_busy"
 
 
 def _all_subclasses(cls: type[SandvmError]) -> list[type[SandvmError]]:

@@ -61,6 +61,7 @@ from sandvm.errors import (
     SandvmError,
     SnapshotIncompatible,
 )
+from sandvm.ports import AsyncPorts, Ports
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
@@ -1047,6 +1048,7 @@ class AsyncSandbox:
         self.op_timeout = 30.0
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.ports = AsyncPorts(self)
         self._lifetime_handle: asyncio.TimerHandle | None = None
         self._snapshot_times: dict[str, float] = {}
         # the image (name, digest, config, rootfs) of a sandbox with a root disk
@@ -1398,6 +1400,7 @@ class AsyncSandbox:
         self._closed = True
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
+        await self.ports._shutdown()
         await self._vm.detach()
 
     def _conn(self) -> AgentConnection:
@@ -1433,7 +1436,7 @@ class AsyncSandbox:
 
     async def kill(self) -> None:
         """Destroy the VM and everything it had (its volumes' data is synced to them
-        first, and they are released). Idempotent."""
+        first, and they are released; its exposed ports stop listening). Idempotent."""
         if self._closed:
             return
         if any(not m.read_only for _, m in self._volumes) and self._vm.alive:
@@ -1443,6 +1446,7 @@ class AsyncSandbox:
         self._closed = True
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
+        await self.ports._shutdown()  # no new tunnels: host listeners close first
         try:
             with contextlib.suppress(SandvmError):
                 await self._provider.destroy_vm(self.sandbox_id)
@@ -1629,6 +1633,7 @@ class Sandbox:
         self.sandbox_id = inner.sandbox_id
         self.commands = Commands(inner.commands)
         self.files = Files(inner.files)
+        self.ports = Ports(inner.ports)
 
     @classmethod
     def create(cls, *, image: str | None = None, memory_mib: int | str = 256, vcpus: int = 1,

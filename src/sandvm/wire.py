@@ -21,12 +21,15 @@ drained. Control items (EVENT etc.) are capped by count on the host side.
 Frames on a stream: OPEN (JSON request) → any of DATA/EOF/WINDOW/CTRL/EVENT →
 one of REPLY (JSON, final) or RESET (JSON error, final). DATA and EOF payloads
 start with one channel byte (0 stdin / upload, 1 stdout / download, 2 stderr).
+A TCP tunnel (op ``tcp_connect``, feature ``tcp``) carries host → guest bytes on
+channel 0 and guest → host bytes on channel 1; EOF is a half-close, RESET an abort.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -73,7 +76,8 @@ CH_STDIN = 0
 CH_STDOUT = 1
 CH_STDERR = 2
 
-FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream", "flow-control")
+FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream", "flow-control",
+            "tcp")
 
 
 class ProtocolViolation(ValueError):
@@ -147,12 +151,12 @@ class FrameDecoder:
         self._max = max_payload
         self._need: tuple[int, int, int] | None = None  # (type, stream, length)
 
-    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, int, bytes]]:
         # common case: no leftover, parse ``data`` in place; otherwise append to the
         # leftover (amortised O(1)), never re-concatenate
         if self._buf:
             self._buf += data
-            buf: bytes | bytearray = self._buf
+            buf: bytes | bytearray | memoryview = self._buf
         else:
             buf = data
         out: list[tuple[int, int, bytes]] = []
@@ -192,6 +196,49 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes buffered but not yet returned as a frame."""
         return len(self._buf)
+
+
+HELLO_MAX = 16 * 1024  # a HELLO's JSON is a few hundred bytes
+
+
+def scan_for_hello(buf: bytearray, accept: Callable[[dict[str, Any]], bool],
+                   rejected: list[str] | None = None) -> dict[str, Any] | None:
+    """Resynchronise on a peer's HELLO: find, in ``buf``, the first complete HELLO frame
+    on stream 0 whose JSON ``accept`` takes, and return it. ``buf`` is trimmed in place:
+    to what follows that frame when one is found, else to the shortest tail that may
+    still hold one (so it stays small whatever is fed).
+
+    What a reconnecting peer reads first may be anything its predecessor left in the
+    channel: frames of old streams, or the torn tail of one. All of it is skipped;
+    why each complete HELLO was passed over is appended to ``rejected``."""
+    marker = HEADER.pack(MAGIC, HELLO, 0, 0)[:6]
+    keep = max(0, len(buf) - len(marker) + 1)  # where an unfinished candidate starts
+    i = buf.find(marker)
+    while i >= 0:
+        length = int.from_bytes(buf[i + 6:i + HEADER_SIZE], "big")
+        if len(buf) < i + HEADER_SIZE:  # header not complete yet
+            keep = min(keep, i)
+            break
+        end = i + HEADER_SIZE + length
+        if length <= HELLO_MAX:
+            if len(buf) < end:  # maybe a HELLO still arriving; a later one may be whole
+                keep = min(keep, i)
+            else:
+                try:
+                    msg: dict[str, Any] | None = decode_json(bytes(buf[i + HEADER_SIZE:end]))
+                except ProtocolViolation as exc:
+                    msg = None
+                    if rejected is not None:
+                        rejected.append(f"a malformed HELLO ({exc})")
+                if msg is not None:
+                    if accept(msg):
+                        del buf[:end]
+                        return msg
+                    if rejected is not None:
+                        rejected.append("a HELLO that is not this peer's")
+        i = buf.find(marker, i + 1)
+    del buf[:keep]
+    return None
 
 
 def data_header(stream: int, channel: int, size: int) -> bytes:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import shutil
@@ -36,6 +38,7 @@ from sandvm.errors import (
     AgentError,
     InvalidTransition,
     QmpError,
+    SandboxBusy,
     SandvmError,
     SnapshotAlreadyExists,
     Unsupported,
@@ -78,6 +81,7 @@ def host_tsc_khz() -> int | None:
 
 
 OWNER_FILE = "owner"
+HOLDER_FILE = "holder"  # flock'ed by the one process attached to a detachable VM
 
 
 def proc_start_time(pid: int) -> str | None:
@@ -114,7 +118,9 @@ def _proc_state(pid: int) -> str | None:
 
 def write_owner(rundir: Path) -> None:
     """Record which process owns ``rundir`` (pid and its start time, robust to pid reuse)."""
-    (rundir / OWNER_FILE).write_text(f"{os.getpid()} {proc_start_time(os.getpid())}\n")
+    tmp = rundir / f".{OWNER_FILE}.{os.getpid()}"
+    tmp.write_text(f"{os.getpid()} {proc_start_time(os.getpid())}\n")
+    os.replace(tmp, rundir / OWNER_FILE)  # atomic: a sweep never reads half an owner
 
 
 def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
@@ -136,9 +142,45 @@ def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
     return removed
 
 
-def _set_pdeathsig() -> None:
+def orphaned_qemus(root: Path | None = None) -> list[tuple[int, Path]]:
+    """QEMU processes of this user whose runtime dir (under ``root``) is gone or whose
+    owner is dead: the window between fork and PR_SET_PDEATHSIG can leave one behind
+    when its parent is SIGKILLed right then. Returns (pid, runtime dir) pairs."""
+    root = root or runtime_root()
+    prefix = f"path={root}/"
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != os.getuid():
+                continue
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not argv or "qemu-system" not in Path(argv[0]).name:
+            continue
+        chardev = next((a for a in argv if a.startswith("socket,id=agent,")), "")
+        _, _, rest = chardev.partition(prefix)
+        if not rest:
+            continue
+        rundir = root / rest.split("/", 1)[0]
+        try:
+            pid_s, start = (rundir / OWNER_FILE).read_text().split()
+            owner_alive = proc_start_time(int(pid_s)) == start
+        except (OSError, ValueError):
+            owner_alive = False
+        if not owner_alive and proc_start_time(int(entry.name)) is not None:
+            out.append((int(entry.name), rundir))
+    return out
+
+
+def _set_pdeathsig(parent: int) -> None:
     # QEMU dies with the thread that started it: no orphaned VMs if we are killed
     LIBC.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the prctl: it never fires
+        os._exit(1)
     if os.environ.get("SANDVM_QEMU_THP", "") != "1":
         # QEMU madvises its TCG code buffer for huge pages: each clone would then
         # hold its translated code in 2 MiB steps. 4 KiB pages keep idle clones small.
@@ -315,7 +357,7 @@ async def _probe_kvm(assets: Assets, timeout: float) -> tuple[bool, str]:
         argv = build_argv(assets=assets, spec=VmSpec(), accel="kvm", rundir=rundir, probe=True)
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, preexec_fn=_set_pdeathsig)
+            stderr=subprocess.PIPE, preexec_fn=functools.partial(_set_pdeathsig, os.getpid()))
         deadline = time.monotonic() + timeout
         console = rundir / "console.log"
         try:
@@ -412,6 +454,37 @@ class QemuVm:
         self.keeper_pid: int | None = None
         self.qemu_pid: int | None = None
         self.detached = False
+        self._holder_fd: int | None = None  # flock on rundir/holder: we are its one user
+
+    def _hold(self, *, wait: float = 0.0) -> None:
+        """Become the one process that uses this detachable VM (an flock, released by
+        the kernel if we die). Raises SandboxBusy if another process holds it for longer
+        than ``wait`` seconds."""
+        assert self.rundir is not None
+        path = self.rundir / HOLDER_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    raise SandboxBusy(
+                        f"sandbox {self.vm_id} is in use by another process"
+                        f" (pid {holder or '?'}): detach it there, or retry when it is done"
+                        ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._holder_fd = fd
+
+    def _let_go_hold(self) -> None:
+        if self._holder_fd is not None:
+            os.close(self._holder_fd)  # closing the last fd drops the flock
+            self._holder_fd = None
 
     @property
     def pid(self) -> int | None:
@@ -470,7 +543,7 @@ class QemuVm:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     *argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
-                    preexec_fn=_set_pdeathsig)
+                    preexec_fn=functools.partial(_set_pdeathsig, os.getpid()))
             except OSError as exc:
                 await self._cleanup_files()
                 raise VmBootError(f"cannot start {argv[0]}: {exc}") from exc
@@ -600,6 +673,7 @@ class QemuVm:
         await self.proc.wait()  # the keeper forked away from it: watched by pid from now
         self.proc = None
         self.qemu_pid, self.keeper_pid = (int(x) for x in line.split()[1:3])
+        self._hold()  # nobody else knows of it yet: never busy
 
     async def detach(self) -> None:
         """Let go of a detachable VM: close our connections, leave it running under its
@@ -614,14 +688,16 @@ class QemuVm:
             await self.agent.close()
         if self.qmp is not None:
             await self.qmp.close()
+        self._let_go_hold()
         _LIVE.discard(self)
 
     @classmethod
     async def attach(cls, vm_id: str, spec: VmSpec, *, assets: Assets, accel: str,
                      rundir: Path, diskdir: Path | None, keeper_pid: int, qemu_pid: int,
-                     timeout: float = 10.0) -> QemuVm:
-        """Take over a running detachable VM (from its runtime dir). Raises VmBootError
-        if it is gone or does not answer."""
+                     timeout: float = 10.0, wait: float = 0.0) -> QemuVm:
+        """Take over a running detachable VM (from its runtime dir), waiting up to ``wait``
+        seconds for another process that holds it to let go. Raises VmBootError if it is
+        gone or does not answer, SandboxBusy if another process still holds it."""
         vm = cls(vm_id, spec, assets=assets, accel=accel)
         vm._booted = True
         vm.rundir, vm.diskdir = rundir, diskdir
@@ -639,8 +715,13 @@ class QemuVm:
         if not _pid_alive(keeper_pid):
             raise VmBootError(f"sandbox {vm_id} is gone (its keeper, pid {keeper_pid}, exited)")
         try:
+            await asyncio.to_thread(vm._hold, wait=wait)
+        except FileNotFoundError:
+            raise VmBootError(f"sandbox {vm_id} is gone (its runtime dir was removed)") from None
+        try:
             await asyncio.wait_for(vm._connect(), timeout)
         except (TimeoutError, SandvmError) as exc:
+            vm._let_go_hold()
             raise VmBootError(f"cannot reattach to sandbox {vm_id}: {exc}") from None
         vm._monitor = asyncio.get_running_loop().create_task(vm._watch())
         return vm
@@ -852,6 +933,7 @@ class QemuVm:
     async def _release(self) -> None:
         if self.qmp is not None:
             await self.qmp.close()
+        self._let_go_hold()
         await self._cleanup_files()
         _LIVE.discard(self)
 
@@ -862,6 +944,7 @@ class QemuVm:
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        self._let_go_hold()
         for d in (self.rundir, self.diskdir):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)

@@ -40,9 +40,11 @@ CREATE TABLE IF NOT EXISTS events (
     phase TEXT NOT NULL,              -- intent | result
     intent_seq INTEGER,               -- for a result: its intent
     ok INTEGER,
-    detail TEXT NOT NULL DEFAULT '{}'
+    detail TEXT NOT NULL DEFAULT '{}',
+    owner TEXT                        -- for an intent: "pid start-time" of who did it
 );
 CREATE INDEX IF NOT EXISTS events_by_sandbox ON events (sandbox_id, seq);
+CREATE INDEX IF NOT EXISTS events_by_intent ON events (intent_seq);
 """
 
 _FIELDS = ("state", "deadline", "keeper_pid", "keeper_start", "qemu_pid", "rundir", "diskdir",
@@ -92,6 +94,12 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
+        if "owner" not in cols:  # a journal from before owners were recorded
+            with self._tx() as db:  # checked again under the write lock: one adds it
+                if "owner" not in {r[1] for r in db.execute("PRAGMA table_info(events)")}:
+                    db.execute("ALTER TABLE events ADD COLUMN owner TEXT")
+        self._owner = _me()
 
     def close(self) -> None:
         self._db.close()
@@ -111,9 +119,9 @@ class Journal:
     def intent(self, sandbox_id: str, op: str, **detail: Any) -> int:
         """Record that ``op`` is about to happen; returns its sequence number."""
         with self._tx() as db:
-            cur = db.execute("INSERT INTO events (ts, sandbox_id, op, phase, detail)"
-                             " VALUES (?, ?, ?, 'intent', ?)",
-                             (time.time(), sandbox_id, op, json.dumps(detail)))
+            cur = db.execute("INSERT INTO events (ts, sandbox_id, op, phase, detail, owner)"
+                             " VALUES (?, ?, ?, 'intent', ?, ?)",
+                             (time.time(), sandbox_id, op, json.dumps(detail), self._owner))
             return int(cur.lastrowid or 0)
 
     def result(self, seq: int, *, ok: bool, **detail: Any) -> None:
@@ -141,6 +149,21 @@ class Journal:
         return [e for e in self.events(sandbox_id)
                 if e["phase"] == "intent" and e["seq"] not in done]
 
+    def interrupted(self) -> list[dict[str, Any]]:
+        """Intents, of any sandbox, that have no result and whose process is gone: effects
+        a SIGKILL (or a crash) may have left half-done. Oldest first."""
+        rows = self._db.execute(
+            "SELECT i.seq, i.ts, i.sandbox_id, i.op, i.detail, i.owner FROM events i"
+            " WHERE i.phase = 'intent' AND NOT EXISTS (SELECT 1 FROM events r"
+            " WHERE r.phase = 'result' AND r.intent_seq = i.seq) ORDER BY i.seq").fetchall()
+        out = []
+        for seq, ts, sid, op, detail, owner in rows:
+            if owner is not None and _alive(owner):
+                continue  # still being done by a live process
+            out.append({"seq": seq, "ts": ts, "sandbox_id": sid, "op": op,
+                        "detail": json.loads(detail), "owner": owner})
+        return out
+
     # ------------------------------------------------------------------ sandboxes
 
     def add(self, sandbox_id: str, **fields: Any) -> None:
@@ -157,19 +180,24 @@ class Journal:
             db.execute(f"INSERT INTO sandboxes ({cols}) VALUES ({marks})",
                        (sandbox_id, time.time(), *fields.values()))
 
-    def update(self, sandbox_id: str, **fields: Any) -> None:
-        """Change fields of a sandbox. Raises KeyError for an unknown field or sandbox."""
+    def update(self, sandbox_id: str, *, unless_ended: bool = False, **fields: Any) -> bool:
+        """Change fields of a sandbox; with ``unless_ended`` only of one not ended yet
+        (returns False if it was). Raises KeyError for an unknown field or sandbox."""
         bad = set(fields) - set(_FIELDS)
         if bad:
             raise KeyError(f"unknown sandbox fields {sorted(bad)}")
         if "record" in fields:
             fields["record"] = json.dumps(fields["record"])
         sets = ", ".join(f"{k} = ?" for k in fields)
+        where = "id = ? AND state != 'ended'" if unless_ended else "id = ?"
         with self._tx() as db:
-            cur = db.execute(f"UPDATE sandboxes SET {sets} WHERE id = ?",
+            cur = db.execute(f"UPDATE sandboxes SET {sets} WHERE {where}",
                              (*fields.values(), sandbox_id))
-            if cur.rowcount != 1:
-                raise KeyError(f"no sandbox {sandbox_id!r} in the journal")
+            if cur.rowcount == 1:
+                return True
+            if db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone():
+                return False
+        raise KeyError(f"no sandbox {sandbox_id!r} in the journal")
 
     def end(self, sandbox_id: str, reason: str) -> bool:
         """Mark a sandbox ended (first reason wins); False if it already was."""
@@ -193,6 +221,28 @@ class Journal:
                                 " end_reason FROM sandboxes" + where +
                                 " ORDER BY created").fetchall()
         return [_record(r) for r in rows]
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _me() -> str:
+    return f"{os.getpid()} {_start_time(os.getpid())}"
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process ``"pid start-time"`` still runs (not a reused pid)."""
+    try:
+        pid_s, start = owner.split()
+        return _start_time(int(pid_s)) == start
+    except ValueError:
+        return False
 
 
 def _record(row: tuple[Any, ...]) -> SandboxRecord:

@@ -46,43 +46,65 @@ def _start_time(pid: int) -> str:
         return f.read().rpartition(")")[2].split()[19]
 
 
-def _child_setup() -> None:
+def _child_setup(parent: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: QEMU dies with us
+    if os.getppid() != parent:  # we died before the prctl: it would never fire
+        os._exit(1)
     if os.environ.get("SANDVM_QEMU_THP", "") != "1":
         libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE, as for every sandvm QEMU
 
 
 def main() -> int:
+    reason: list[str] = []
+    started: list[subprocess.Popen[bytes]] = []
+
+    def on_term(*_: Any) -> None:  # installed first: a SIGTERM never finds us without it
+        reason.append("killed")
+        for proc in started:
+            proc.kill()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the creator's Ctrl-C is not ours
     if os.fork() > 0:  # not the creator's child: reparented when the creator is gone
         os._exit(0)
     job = json.loads(sys.stdin.read())
     rundir, diskdir = Path(job["rundir"]), job.get("diskdir")
     sid = job["sandbox_id"]
-    me = f"{os.getpid()} {_start_time(os.getpid())}\n"
-    for d in (rundir, diskdir):
-        if d:
-            (Path(d) / OWNER_FILE).write_text(me)  # sweeps see us, not the creator
-    journal = _load_journal().Journal(Path(job["journal"]))
-    with open(rundir / "qemu.log", "wb") as log:
-        qemu = subprocess.Popen(job["argv"], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=log, preexec_fn=_child_setup)
-    (rundir / "qemu.pid").write_text(f"{qemu.pid}\n")
-    journal.update(sid, keeper_pid=os.getpid(), keeper_start=me.split()[1],
-                   qemu_pid=qemu.pid, state="running", rundir=str(rundir), diskdir=diskdir)
-    print(f"started {qemu.pid} {os.getpid()}", flush=True)
-    sys.stdout.close()
+    keeper_pid = os.getpid()
+    me = f"{keeper_pid} {_start_time(keeper_pid)}\n"
+    try:
+        for d in (rundir, diskdir):
+            if d:
+                tmp = Path(d) / f".{OWNER_FILE}.{keeper_pid}"
+                tmp.write_text(me)
+                os.replace(tmp, Path(d) / OWNER_FILE)  # sweeps see us, not the creator
+        journal = _load_journal().Journal(Path(job["journal"]))
+        with open(rundir / "qemu.log", "wb") as log:
+            qemu = subprocess.Popen(job["argv"], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=log, preexec_fn=lambda: _child_setup(keeper_pid))
+        started.append(qemu)
+        if reason:  # SIGTERM while it started
+            qemu.kill()
+        (rundir / "qemu.pid").write_text(f"{qemu.pid}\n")
+        if reason or not journal.update(
+                sid, unless_ended=True, keeper_pid=keeper_pid, keeper_start=me.split()[1],
+                qemu_pid=qemu.pid, state="running", rundir=str(rundir), diskdir=diskdir):
+            raise SystemExit(1)  # killed, or ended (e.g. repaired) while we started
+    except BaseException:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+        for d in (rundir, diskdir):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        raise
+    with contextlib.suppress(OSError):  # a creator that died meanwhile reads nothing
+        print(f"started {qemu.pid} {keeper_pid}", flush=True)
+        sys.stdout.close()
     os.close(1)
     os.open(os.devnull, os.O_WRONLY)
 
-    reason: list[str] = []
-
-    def on_term(*_: Any) -> None:
-        reason.append("killed")
-        qemu.kill()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the creator's Ctrl-C is not ours
     deadline: float | None = None  # the last one read: kept when the journal fails
     while True:
         try:

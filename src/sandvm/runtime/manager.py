@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import secrets
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,16 @@ def keeper_alive(rec: SandboxRecord) -> bool:
     """Whether the sandbox's keeper process still runs (pid and start time match)."""
     return rec.keeper_pid is not None and rec.keeper_start is not None and \
         proc_start_time(rec.keeper_pid) == rec.keeper_start
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What ``SandboxManager.recover`` found after a restart."""
+
+    live: tuple[str, ...]  # sandboxes whose VM still runs: attach to them
+    repaired: tuple[str, ...]  # ended now as repair-needed, their files removed
+    interrupted: tuple[tuple[str, str], ...]  # (sandbox id, op) cut off mid-way
+    orphans_killed: tuple[int, ...]  # QEMU pids that had no live owner
 
 
 @dataclass(frozen=True)
@@ -108,9 +120,11 @@ class SandboxManager:
                                     f" ({(self.journal.get(sandbox_id) or rec).end_reason})")
         return rec
 
-    async def attach(self, sandbox_id: str) -> AsyncSandbox:
-        """Take over a running managed sandbox by id (same user, same host). Raises
-        VmNotFound, SandboxStateError (ended), VmBootError (does not answer)."""
+    async def attach(self, sandbox_id: str, *, wait: float = 0.0) -> AsyncSandbox:
+        """Take over a running managed sandbox by id (same user, same host); one process
+        holds a sandbox at a time, and this waits up to ``wait`` seconds for another
+        holder to let go. Raises VmNotFound, SandboxStateError (ended), SandboxBusy
+        (still held elsewhere), VmBootError (does not answer)."""
         rec = self.get(sandbox_id)
         if rec.rundir is None or rec.keeper_pid is None or rec.qemu_pid is None:
             raise SandboxStateError(f"sandbox {sandbox_id} is still starting")
@@ -130,7 +144,8 @@ class SandboxManager:
                                      accel=rec.record.get("accelerator", accel),
                                      rundir=Path(rec.rundir),
                                      diskdir=Path(rec.diskdir) if rec.diskdir else None,
-                                     keeper_pid=rec.keeper_pid, qemu_pid=rec.qemu_pid)
+                                     keeper_pid=rec.keeper_pid, qemu_pid=rec.qemu_pid,
+                                     wait=wait)
         except SandvmError as exc:
             self.journal.result(seq, ok=False, error=exc.code)
             raise
@@ -188,17 +203,18 @@ class SandboxManager:
             return
         seq = self.journal.intent(sandbox_id, "kill", reason=reason)
         self.journal.end(sandbox_id, reason)  # the keeper sees it and stops QEMU
+        rec = self.journal.get(sandbox_id) or rec  # a keeper may have registered meanwhile
         if keeper_alive(rec):
             assert rec.keeper_pid is not None
-            import os
-            import signal
-
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.keeper_pid, signal.SIGTERM)
             for _ in range(100):
                 if not keeper_alive(rec):
                     break
                 await asyncio.sleep(0.05)
+            else:  # a keeper that does not stop is killed; QEMU follows it (PDEATHSIG)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(rec.keeper_pid, signal.SIGKILL)
         self._remove_dirs(rec)
         self.journal.result(seq, ok=True)
 
@@ -216,6 +232,37 @@ class SandboxManager:
                             qemu_pid=r.qemu_pid if r.state != "ended" else None,
                             end_reason=r.end_reason)
                 for r in self.journal.sandboxes(include_ended=include_ended)]
+
+    async def recover(self, *, starting_grace: float = 60.0) -> Recovery:
+        """What a manager does on restart (and ``sandvm gc`` on demand), for operations a
+        dead process left without a result: a sandbox whose ``create`` never finished
+        may be half set up, so it is killed and recorded repair-needed; an unfinished
+        ``kill`` is finished; the others (attach, detach, reclaim, set_ttl) left the
+        sandbox as it was. Each is then recorded as interrupted. It also kills QEMU
+        processes that no live process owns, runs ``gc`` and says which sandboxes still
+        run (attach to them)."""
+        from sandvm.providers.qemu import orphaned_qemus
+
+        interrupted = []
+        for e in self.journal.interrupted():
+            sid, op = e["sandbox_id"], e["op"]
+            rec = self.journal.get(sid)
+            if rec is not None and rec.state != "ended" and op in ("create", "kill"):
+                reason = ("repair-needed: its creator ended before the sandbox was ready"
+                          if op == "create" else str(e["detail"].get("reason", "killed")))
+                await self.kill(sid, reason=reason)
+            self.journal.result(e["seq"], ok=False, interrupted=True,
+                                error="its process ended before the operation finished")
+            interrupted.append((sid, op))
+        killed = []
+        for pid, _rundir in orphaned_qemus():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        repaired = self.gc(starting_grace=starting_grace)
+        live = tuple(r.id for r in self.journal.sandboxes() if keeper_alive(r))
+        return Recovery(live=live, repaired=tuple(repaired), interrupted=tuple(interrupted),
+                        orphans_killed=tuple(killed))
 
     def gc(self, *, starting_grace: float = 60.0) -> list[str]:
         """Find managed sandboxes whose keeper is gone (killed, crashed host process):

@@ -46,7 +46,7 @@ from sandvm.errors import (
     Unsupported,
 )
 from sandvm.runtime.journal import Journal, journal_path
-from sandvm.runtime.manager import SandboxManager, keeper_alive, ticket_sha256
+from sandvm.runtime.manager import Recovery, SandboxManager, keeper_alive, ticket_sha256
 from sandvm.runtime.port import (
     KIND_MICROVM,
     MAX_STATS_CPU_SECONDS,
@@ -878,6 +878,12 @@ class QemuIsolationRuntime:
         sess.missing_secret_env = tuple(str(n) for n in mine.get("secret_env") or ())
         self._sessions[rec.id] = sess
         return sess
+
+    async def recover(self) -> Recovery:
+        """Repair after managing processes that died (run it when a service that stands
+        on this runtime starts): see ``SandboxManager.recover``. Sandboxes listed as live
+        still run; reclaim them by ticket, or attach to them by id."""
+        return await self.manager.recover()
 
     async def aclose(self) -> None:
         """Clean up every session this runtime still holds (not detached ones), then

@@ -1,0 +1,636 @@
+"""The host-side egress proxy: what a sandbox may reach on the network, and how.
+
+sandvm VMs have no network device. A workload's HTTP(S) traffic goes to a proxy
+listener inside the guest (``HTTP_PROXY``/``HTTPS_PROXY`` point at it), over the agent
+channel, to an :class:`EgressProxy` on the host, which applies the sandbox's
+:class:`NetworkPolicy` and makes the connection itself:
+
+- deny by default; allowed hosts are exact names or ``*.`` wildcards (``*.example.org``
+  matches ``a.example.org`` and ``a.b.example.org``, not ``example.org``);
+- IP literals are refused, in the policy and in requests: name the host;
+- the proxy resolves the name itself and connects to an address it checked (a DNS
+  answer cannot rebind the connection elsewhere); addresses that are not global
+  (private, loopback, link-local, cloud metadata, CGNAT, ...) are refused unless a
+  CIDR in ``allow_ips`` names them;
+- allowed ports (443 only, by default); HTTPS through ``CONNECT``; plain HTTP
+  (absolute-form requests) only with ``allow_http``;
+- connect and idle timeouts, a byte cap for the whole sandbox, a connection cap;
+- every decision is an :class:`EgressEvent` with its reason: kept in memory, handed to
+  subscribers, and appended to a JSON-lines audit file when one is given;
+- ``set_policy`` replaces the policy atomically: new requests see the new one at
+  once, and open tunnels the new one refuses are closed.
+
+A refused request gets ``403`` (``502``/``504`` for upstream failures) with the
+reason in an ``X-Sandvm-Reason`` header and in the body, so ``curl -v`` or Python's
+error message in the guest says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandvm.errors import InvalidSpec
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+MAX_HEAD = 16 * 1024  # a request line + headers
+HEAD_TIMEOUT = 10.0  # to send them
+CHUNK = 64 * 1024
+MAX_EVENTS = 1000  # kept in memory per proxy
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive",
+                "te", "trailer", "upgrade"}
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def _ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def normalize_host(host: str) -> str:
+    """A host name in the form the policy compares: lower case, IDNA (punycode), no
+    trailing dot. Raises InvalidSpec for an IP literal or a malformed name."""
+    if not isinstance(host, str) or not host:
+        raise InvalidSpec(f"host names must be non-empty strings, got {host!r}")
+    h = host.strip().rstrip(".").lower()
+    if _ip_literal(h):
+        raise InvalidSpec(f"{host!r} is an IP address: IP literals are refused, name the host")
+    try:
+        h = h.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise InvalidSpec(f"{host!r} is not a valid host name") from None
+    labels = h.split(".")
+    if len(h) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise InvalidSpec(f"{host!r} is not a valid host name")
+    return h
+
+
+def _normalize_pattern(pattern: str) -> str:
+    if not isinstance(pattern, str):
+        raise InvalidSpec(f"allowed hosts must be strings, got {pattern!r}")
+    p = pattern.strip().lower()
+    if p.startswith("*."):
+        rest = normalize_host(p[2:])
+        if "." not in rest:
+            raise InvalidSpec(f"{pattern!r} is too broad: a wildcard needs a domain with a"
+                              " dot under it, e.g. *.example.org")
+        return "*." + rest
+    if "*" in p:
+        raise InvalidSpec(f"{pattern!r}: a wildcard may only be a leading '*.',"
+                          " e.g. *.example.org")
+    return normalize_host(p)
+
+
+def _port(p: Any) -> int:
+    if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
+        raise InvalidSpec(f"ports must be integers from 1 to 65535, got {p!r}")
+    return p
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """What one sandbox may reach. The default allows nothing.
+
+    ``allow``: host names and ``*.`` wildcards. ``ports``: destination ports (443).
+    ``allow_http``: plain HTTP requests too (their ports must be listed, e.g. 80).
+    ``allow_ips``: CIDRs of non-global addresses (private, loopback, ...) that may be
+    reached anyway. ``connect_timeout``/``idle_timeout``: seconds. ``max_bytes``: bytes
+    through the proxy, both ways, over the sandbox's life (None: no cap).
+    ``max_connections``: open at once. Raises InvalidSpec for anything malformed.
+    """
+
+    allow: tuple[str, ...] = ()
+    ports: tuple[int, ...] = (443,)
+    allow_http: bool = False
+    allow_ips: tuple[str, ...] = ()
+    connect_timeout: float = 10.0
+    idle_timeout: float = 120.0
+    max_bytes: int | None = None
+    max_connections: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("allow", "ports", "allow_ips"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+                raise InvalidSpec(f"NetworkPolicy.{name} must be a list, got {value!r}")
+        allow = tuple(dict.fromkeys(_normalize_pattern(p) for p in self.allow))
+        ports = tuple(sorted({_port(p) for p in self.ports}))
+        nets = []
+        for cidr in self.allow_ips:
+            try:
+                nets.append(str(ipaddress.ip_network(cidr, strict=False)))
+            except (ValueError, TypeError):
+                raise InvalidSpec(f"allow_ips: {cidr!r} is not an address or CIDR,"
+                                  " e.g. 10.0.0.0/8") from None
+        for name in ("connect_timeout", "idle_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 86400:
+                raise InvalidSpec(f"NetworkPolicy.{name} must be seconds in (0, 86400],"
+                                  f" got {v!r}")
+        mb = self.max_bytes
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 0):
+            raise InvalidSpec(f"NetworkPolicy.max_bytes must be a byte count or None, got {mb!r}")
+        mc = self.max_connections
+        if isinstance(mc, bool) or not isinstance(mc, int) or not 1 <= mc <= 10_000:
+            raise InvalidSpec(f"NetworkPolicy.max_connections must be 1..10000, got {mc!r}")
+        if not isinstance(self.allow_http, bool):
+            raise InvalidSpec(f"NetworkPolicy.allow_http must be a bool, got {self.allow_http!r}")
+        object.__setattr__(self, "allow", allow)
+        object.__setattr__(self, "ports", ports)
+        object.__setattr__(self, "allow_ips", tuple(dict.fromkeys(nets)))
+
+    @property
+    def _networks(self) -> list[IpNetwork]:
+        return [ipaddress.ip_network(n) for n in self.allow_ips]
+
+    def check_host(self, host: str, port: int, *, scheme: str = "https") -> str | None:
+        """Why ``host:port`` is refused (None: allowed by name and port)."""
+        if scheme == "http" and not self.allow_http:
+            return "plain HTTP is not allowed by this sandbox's policy (use HTTPS)"
+        try:
+            h = normalize_host(host)
+        except InvalidSpec as exc:
+            return exc.message
+        if port not in self.ports:
+            allowed = ", ".join(map(str, self.ports)) or "none"
+            return f"port {port} is not allowed (allowed: {allowed})"
+        for p in self.allow:
+            if h == p or (p.startswith("*.") and h.endswith(p[1:])):
+                return None
+        return f"{h} is not on this sandbox's allow list"
+
+    def check_address(self, address: str) -> str | None:
+        """Why connecting to ``address`` is refused (None: allowed)."""
+        ip: IpAddress = ipaddress.ip_address(address)
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if any(ip in net for net in self._networks):
+            return None
+        if ip.is_global and not ip.is_multicast:
+            return None
+        kind = ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local
+                else "private" if ip.is_private else "non-public")
+        extra = " (cloud metadata)" if str(ip) in ("169.254.169.254", "fd00:ec2::254") else ""
+        return f"{address} is a {kind} address{extra}; allow it explicitly with allow_ips"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class EgressEvent:
+    """One decision or outcome of the egress proxy, for the audit log.
+
+    ``action``: ``allow`` (a connection was made), ``deny`` (refused by the policy),
+    ``error`` (allowed but failed: resolution, connect, timeout) or ``close`` (a
+    connection ended; with its byte counts)."""
+
+    ts: float
+    sandbox_id: str
+    action: str
+    method: str
+    host: str
+    port: int
+    reason: str
+    address: str | None = None
+    bytes_out: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0
+
+
+class AuditLog:
+    """Events of one proxy: the last MAX_EVENTS in memory, subscribers, a JSONL file."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._events: collections.deque[EgressEvent] = collections.deque(maxlen=MAX_EVENTS)
+        self._subscribers: list[Callable[[EgressEvent], None]] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def record(self, event: EgressEvent) -> None:
+        self._events.append(event)
+        if self.path is not None:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, (json.dumps(asdict(event)) + "\n").encode())
+            finally:
+                os.close(fd)
+        for fn in list(self._subscribers):
+            with contextlib.suppress(Exception):  # an observer's bug never breaks egress
+                fn(event)
+
+    def subscribe(self, fn: Callable[[EgressEvent], None]) -> Callable[[], None]:
+        """Call ``fn`` with every event from now on; returns what unsubscribes it."""
+        self._subscribers.append(fn)
+        return lambda: self._subscribers.remove(fn) if fn in self._subscribers else None
+
+    def events(self) -> list[EgressEvent]:
+        return list(self._events)
+
+    def __iter__(self) -> Iterator[EgressEvent]:
+        return iter(self.events())
+
+
+# --------------------------------------------------------------------------- proxy
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """The host's own resolver (getaddrinfo), addresses in its order, no duplicates."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class _Tunnel:
+    method: str
+    host: str
+    port: int
+    address: str
+    scheme: str
+    writers: tuple[asyncio.StreamWriter, ...]
+    started: float = field(default_factory=time.monotonic)
+    last: float = field(default_factory=time.monotonic)
+    bytes_out: int = 0
+    bytes_in: int = 0
+    closed_reason: str | None = None
+
+    def abort(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        for w in self.writers:
+            with contextlib.suppress(Exception):
+                w.transport.abort()
+
+
+_STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed",
+                429: "Too Many Requests", 431: "Request Header Fields Too Large",
+                502: "Bad Gateway", 504: "Gateway Timeout"}
+
+
+class EgressProxy:
+    """The egress proxy of one sandbox. ``handle`` serves one client connection (a pair
+    of asyncio streams: a TCP connection, or a stream over the agent channel)."""
+
+    def __init__(self, policy: NetworkPolicy | None = None, *, sandbox_id: str = "-",
+                 resolver: Resolver | None = None, audit: AuditLog | None = None) -> None:
+        self._policy = policy or NetworkPolicy()
+        self.sandbox_id = sandbox_id
+        self.resolver = resolver or system_resolver
+        self.audit = audit or AuditLog()
+        self._tunnels: set[_Tunnel] = set()
+        self._clients: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self.bytes_total = 0
+        self._closed = False
+
+    @property
+    def policy(self) -> NetworkPolicy:
+        return self._policy
+
+    @property
+    def active(self) -> int:
+        """Connections open through the proxy now."""
+        return len(self._tunnels)
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
+        """Replace the policy, atomically: requests from now on see only the new one,
+        and open connections it refuses are closed (audited as ``close``)."""
+        if not isinstance(policy, NetworkPolicy):
+            raise InvalidSpec(f"expected a NetworkPolicy, got {type(policy).__name__}")
+        self._policy = policy
+        for t in list(self._tunnels):
+            why = policy.check_host(t.host, t.port, scheme=t.scheme) or \
+                policy.check_address(t.address)
+            if why is not None:
+                t.abort(f"the policy changed: {why}")
+
+    async def aclose(self) -> None:
+        """Close every connection and wait for their last events; later requests are
+        refused."""
+        self._closed = True
+        for t in list(self._tunnels):
+            t.abort("the sandbox's network was closed")
+        for w in list(self._clients):
+            with contextlib.suppress(Exception):
+                w.transport.abort()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=5.0)
+
+    def _event(self, action: str, method: str, host: str, port: int, reason: str,
+               **extra: Any) -> None:
+        self.audit.record(EgressEvent(ts=time.time(), sandbox_id=self.sandbox_id,
+                                      action=action, method=method, host=host[:255],
+                                      port=port, reason=reason, **extra))
+
+    async def serve_tcp(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
+        """Serve on a TCP listener (tests, benchmarks, or a host-side proxy)."""
+        return await asyncio.start_server(self.handle, host, port)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve one client connection: one CONNECT tunnel or one plain HTTP request."""
+        self._clients.add(writer)
+        me = asyncio.current_task()
+        if me is not None:
+            self._handlers.add(me)
+        method, host, port = "?", "?", 0
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            except asyncio.LimitOverrunError:
+                raise _Refused(431, f"request head larger than {MAX_HEAD} bytes") from None
+            except (asyncio.IncompleteReadError, TimeoutError):
+                return  # nothing to answer: the client left or never spoke
+            if len(head) > MAX_HEAD:
+                raise _Refused(431, f"request head larger than {MAX_HEAD} bytes")
+            method, target, version, headers = _parse_head(head)
+            if method == "CONNECT":
+                host, port = _split_authority(target, default_port=443)
+                scheme = "https"
+            else:
+                scheme, host, port, path = _split_absolute(target)
+            await self._serve(reader, writer, method=method, scheme=scheme, host=host,
+                              port=port, version=version, headers=headers,
+                              path=None if method == "CONNECT" else path)
+        except _Refused as r:
+            action = "deny" if r.status in (403, 429) else "error"
+            if r.status in (400, 405, 431):
+                action = "deny"
+            self._event(action, method, host, port, r.reason)
+            await _reply_error(writer, r.status, r.reason)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._clients.discard(writer)
+            if me is not None:
+                self._handlers.discard(me)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     method: str, scheme: str, host: str, port: int, version: str,
+                     headers: list[tuple[str, str]], path: str | None) -> None:
+        policy = self._policy  # one policy for the whole decision
+        if self._closed:
+            raise _Refused(403, "the sandbox's network is closed")
+        why = policy.check_host(host, port, scheme=scheme)
+        if why is not None:
+            raise _Refused(403, why)
+        if policy.max_bytes is not None and self.bytes_total >= policy.max_bytes:
+            raise _Refused(403, f"the sandbox's egress byte cap ({policy.max_bytes} bytes)"
+                                " is used up")
+        if len(self._tunnels) >= policy.max_connections:
+            raise _Refused(429, f"too many connections open ({policy.max_connections})")
+        name = normalize_host(host)
+        try:
+            addresses = await asyncio.wait_for(self.resolver(name, port),
+                                               policy.connect_timeout)
+        except TimeoutError:
+            raise _Refused(504, f"resolving {name} timed out") from None
+        except (OSError, UnicodeError) as exc:
+            raise _Refused(502, f"cannot resolve {name}: {exc}") from None
+        refusals = []
+        allowed = []
+        for a in addresses:
+            why = policy.check_address(a)
+            if why is None:
+                allowed.append(a)
+            else:
+                refusals.append(why)
+        if not allowed:
+            raise _Refused(403, f"{name} resolves only to refused addresses: "
+                                f"{refusals[0] if refusals else 'none'}")
+        upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        address = allowed[0]
+        deadline = time.monotonic() + policy.connect_timeout
+        last_error = ""
+        for address in allowed:  # the checked address itself: nothing re-resolves it
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                upstream = await asyncio.wait_for(
+                    asyncio.open_connection(address, port, limit=CHUNK), left)
+                break
+            except TimeoutError:
+                last_error = "timed out"
+            except OSError as exc:
+                last_error = os.strerror(exc.errno) if exc.errno else str(exc)
+        if upstream is None:
+            status = 504 if last_error in ("timed out", "") else 502
+            raise _Refused(status, f"cannot connect to {name}:{port} ({address}):"
+                                   f" {last_error or 'timed out'}")
+        up_r, up_w = upstream
+        with contextlib.suppress(OSError):
+            up_w.transport.get_extra_info("socket").setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tun = _Tunnel(method=method, host=name, port=port, address=address, scheme=scheme,
+                      writers=(writer, up_w))
+        self._tunnels.add(tun)
+        self._event("allow", method, name, port, "allowed by the policy", address=address)
+        try:
+            if method == "CONNECT":
+                writer.write(f"{version} 200 Connection established\r\n\r\n".encode())
+                await writer.drain()
+            else:
+                assert path is not None
+                up_w.write(_origin_head(method, path, version, headers, name, port))
+            await self._pipe_both(tun, reader, writer, up_r, up_w, policy)
+        finally:
+            self._tunnels.discard(tun)
+            with contextlib.suppress(Exception):
+                up_w.close()
+            self._event("close", method, name, port, tun.closed_reason or "closed",
+                        address=address, bytes_out=tun.bytes_out, bytes_in=tun.bytes_in,
+                        seconds=round(time.monotonic() - tun.started, 3))
+
+    async def _pipe_both(self, tun: _Tunnel, c_r: asyncio.StreamReader,
+                         c_w: asyncio.StreamWriter, u_r: asyncio.StreamReader,
+                         u_w: asyncio.StreamWriter, policy: NetworkPolicy) -> None:
+        async def watchdog() -> None:
+            while True:
+                idle = self._policy.idle_timeout
+                await asyncio.sleep(min(1.0, idle / 4))
+                if time.monotonic() - tun.last >= self._policy.idle_timeout:
+                    tun.abort(f"idle for {self._policy.idle_timeout:g} s")
+                    return
+
+        dog = asyncio.get_running_loop().create_task(watchdog())
+        try:
+            await asyncio.gather(self._pipe(tun, c_r, u_w, outbound=True),
+                                 self._pipe(tun, u_r, c_w, outbound=False,
+                                            response_head=tun.method != "CONNECT"))
+        finally:
+            dog.cancel()
+
+    async def _pipe(self, tun: _Tunnel, src: asyncio.StreamReader, dst: asyncio.StreamWriter,
+                    *, outbound: bool, response_head: bool = False) -> None:
+        try:
+            while True:
+                if response_head:  # one request per connection: tell the client so
+                    response_head = False
+                    try:
+                        data = _close_head(await src.readuntil(b"\r\n\r\n"))
+                    except (asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+                        tun.abort("the server sent a malformed response head")
+                        return
+                else:
+                    data = await src.read(CHUNK)
+                if not data:
+                    if dst.can_write_eof():
+                        dst.write_eof()  # half-close: the other way may go on
+                    return
+                n = len(data)
+                tun.last = time.monotonic()
+                if outbound:
+                    tun.bytes_out += n
+                else:
+                    tun.bytes_in += n
+                self.bytes_total += n
+                cap = self._policy.max_bytes
+                if cap is not None and self.bytes_total > cap:
+                    for t in list(self._tunnels):
+                        t.abort(f"the sandbox's egress byte cap ({cap} bytes) was reached")
+                    return
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError, RuntimeError):
+            if tun.closed_reason is None:
+                tun.abort("reset")
+            else:
+                tun.abort(tun.closed_reason)
+
+
+# --------------------------------------------------------------------------- HTTP bits
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
+    try:
+        text = head.decode("latin-1")
+    except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
+        raise _Refused(400, "request head is not text") from None
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _Refused(400, "not an HTTP/1.x proxy request")
+    method, target, version = parts
+    if not method.isalpha() or not method.isupper():
+        raise _Refused(400, f"bad method {method[:20]!r}")
+    headers = []
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip():
+            raise _Refused(400, "malformed header line")
+        headers.append((name, value.strip()))
+    return method, target, version, headers
+
+
+def _split_authority(authority: str, *, default_port: int) -> tuple[str, int]:
+    if authority.startswith("["):  # [v6]:port
+        host, _, rest = authority[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port_s = authority.rpartition(":") if ":" in authority else (authority, "", "")
+    if not host:
+        raise _Refused(400, f"no host in {authority[:100]!r}")
+    if _ip_literal(host):
+        raise _Refused(403, f"{host} is an IP address: IP literals are refused, name the host")
+    try:
+        port = int(port_s) if port_s else default_port
+    except ValueError:
+        raise _Refused(400, f"bad port in {authority[:100]!r}") from None
+    if not 1 <= port <= 65535:
+        raise _Refused(400, f"bad port in {authority[:100]!r}")
+    return host, port
+
+
+def _split_absolute(target: str) -> tuple[str, str, int, str]:
+    scheme, sep, rest = target.partition("://")
+    if not sep:
+        raise _Refused(400, "a proxy request needs an absolute URL (http://host/path);"
+                            " HTTPS goes through CONNECT")
+    scheme = scheme.lower()
+    if scheme != "http":
+        raise _Refused(400, f"{scheme}:// is not proxied as a plain request; HTTPS goes"
+                            " through CONNECT")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        raise _Refused(400, "credentials in the URL are refused")
+    host, port = _split_authority(authority, default_port=80)
+    return scheme, host, port, slash + path or "/"
+
+
+def _origin_head(method: str, path: str, version: str, headers: list[tuple[str, str]],
+                 host: str, port: int) -> bytes:
+    out = [f"{method} {path} {version}"]
+    has_host = False
+    for name, value in headers:
+        low = name.lower()
+        if low in _HOP_HEADERS:
+            continue
+        has_host = has_host or low == "host"
+        out.append(f"{name}: {value}")
+    if not has_host:
+        out.append(f"Host: {host}" + ("" if port == 80 else f":{port}"))
+    out.append("Connection: close")
+    return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
+
+
+def _close_head(head: bytes) -> bytes:
+    """A response head with its hop-by-hop headers replaced by ``Connection: close``."""
+    lines = head.split(b"\r\n")
+    kept = [ln for ln in lines[1:] if ln and
+            ln.split(b":", 1)[0].strip().lower().decode("latin-1") not in _HOP_HEADERS]
+    return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
+
+
+async def _reply_error(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+    reason_line = reason.replace("\r", " ").replace("\n", " ")[:500]
+    body = f"sandvm egress: {reason_line}\n".encode()
+    head = (f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
+            f"X-Sandvm-Reason: {reason_line}\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    with contextlib.suppress(Exception):
+        writer.write(head.encode("utf-8", "replace") + body)
+        await asyncio.wait_for(writer.drain(), 5.0)
+
+
+def proxy_env(port: int, *, host: str = "127.0.0.1") -> dict[str, str]:
+    """The environment that sends a workload's HTTP(S) through the proxy at host:port."""
+    url = f"http://{host}:{port}"
+    no_proxy = "localhost,127.0.0.1,::1"
+    return {"HTTP_PROXY": url, "HTTPS_PROXY": url, "http_proxy": url, "https_proxy": url,
+            "NO_PROXY": no_proxy, "no_proxy": no_proxy}

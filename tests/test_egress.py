@@ -1,0 +1,474 @@
+"""The egress proxy against real HTTP/HTTPS servers on loopback, one test per rule.
+
+The proxy serves on a loopback TCP port here (in a sandbox it is reached over the
+agent channel; test_network_vm.py covers that path). Test names resolve through a
+resolver override; every address is in 127.0.0.0/8, so no test sends anything
+anywhere but loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from egress_servers import HalfCloseServer, HttpServer, make_cert
+from sandvm.egress import AuditLog, EgressProxy, NetworkPolicy, proxy_env
+from sandvm.errors import InvalidSpec
+
+LOOP = ("127.0.0.0/8",)
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def https(cert: tuple[Path, Path]) -> Iterator[HttpServer]:
+    with HttpServer("127.0.0.1", tls=cert, label="https-1") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[HttpServer]:
+    with HttpServer("127.0.0.1", label="http-1") as s:
+        yield s
+
+
+def table(mapping: dict[str, list[str]], calls: list[str] | None = None
+          ) -> Callable[[str, int], Any]:
+    async def resolve(host: str, port: int) -> list[str]:
+        if calls is not None:
+            calls.append(host)
+        if host not in mapping:
+            raise OSError(f"no such test host {host}")
+        return list(mapping[host])
+    return resolve
+
+
+NAMES = {n: ["127.0.0.1"] for n in ("pypi.test", "files.pythonhosted.test", "a.example.test",
+                                    "a.b.example.test", "example.test", "other.test")}
+
+
+@asynccontextmanager
+async def proxy(policy: NetworkPolicy, resolver: Any = None, audit: AuditLog | None = None
+                ) -> AsyncIterator[tuple[EgressProxy, int]]:
+    p = EgressProxy(policy, sandbox_id="sb-test", resolver=resolver or table(NAMES),
+                    audit=audit)
+    server = await p.serve_tcp()
+    try:
+        yield p, server.sockets[0].getsockname()[1]
+    finally:
+        await p.aclose()
+        server.close()
+        await server.wait_closed()
+
+
+def client(port: int, cert: tuple[Path, Path]) -> httpx.AsyncClient:
+    ctx = ssl.create_default_context(cafile=str(cert[0]))
+    return httpx.AsyncClient(proxy=f"http://127.0.0.1:{port}", verify=ctx, timeout=10)
+
+
+async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send ``request`` to the proxy; the status, headers and body it answers."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(request)
+    await w.drain()
+    head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode().rstrip("\r\n").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    body = await r.readexactly(int(headers.get("Content-Length", "0")))
+    w.close()
+    return int(lines[0].split()[1]), headers, body
+
+
+async def cut(r: asyncio.StreamReader) -> bool:
+    """Whether the proxy ended this connection (EOF or reset) within 5 s."""
+    try:
+        return await asyncio.wait_for(r.read(), 5) == b""
+    except ConnectionResetError:
+        return True
+
+
+def policy(**kw: Any) -> NetworkPolicy:
+    kw.setdefault("allow_ips", LOOP)
+    return NetworkPolicy(**kw)
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def test_allowed_host_over_https(https: HttpServer, cert: tuple[Path, Path]) -> None:
+    async def go() -> None:
+        audit = AuditLog()
+        async with proxy(policy(allow=["pypi.test"], ports=[https.port]), audit=audit) as (
+                p, port), client(port, cert) as c:
+            r = await c.get(f"https://pypi.test:{https.port}/")
+            assert (r.status_code, r.text) == (200, "hello from https-1\n")
+            r = await c.get(f"https://pypi.test:{https.port}/bytes/300000")
+            assert len(r.content) == 300000
+        actions = [(e.action, e.host) for e in audit]
+        assert ("allow", "pypi.test") in actions and ("close", "pypi.test") in actions
+        closed = [e for e in audit if e.action == "close"]
+        assert sum(e.bytes_in for e in closed) > 300000
+        assert all(e.address == "127.0.0.1" for e in closed)
+        assert p.active == 0
+    asyncio.run(go())
+
+
+def test_default_policy_denies_everything(https: HttpServer) -> None:
+    async def go() -> None:
+        async with proxy(NetworkPolicy()) as (_, port):
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{https.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 403
+            assert "port" in headers["X-Sandvm-Reason"] or "allow list" in headers[
+                "X-Sandvm-Reason"]
+            status, headers, _ = await raw(port, b"CONNECT pypi.test:443 HTTP/1.1\r\n\r\n")
+            assert status == 403
+            assert headers["X-Sandvm-Reason"] == "pypi.test is not on this sandbox's allow list"
+    asyncio.run(go())
+
+
+def test_not_on_the_list_is_refused_with_a_reason(https: HttpServer,
+                                                  cert: tuple[Path, Path]) -> None:
+    async def go() -> None:
+        audit = AuditLog()
+        async with proxy(policy(allow=["pypi.test"], ports=[https.port]), audit=audit) as (
+                _, port):
+            async with client(port, cert) as c:
+                with pytest.raises(httpx.ProxyError, match="403"):
+                    await c.get(f"https://other.test:{https.port}/")
+            status, headers, body = await raw(
+                port, f"CONNECT other.test:{https.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 403
+            assert headers["X-Sandvm-Reason"] == "other.test is not on this sandbox's allow list"
+            assert b"not on this sandbox's allow list" in body
+        denied = [e for e in audit if e.action == "deny"]
+        assert denied and denied[0].host == "other.test" and "allow list" in denied[0].reason
+    asyncio.run(go())
+
+
+def test_wildcards(https: HttpServer, cert: tuple[Path, Path]) -> None:
+    async def go() -> None:
+        async with proxy(policy(allow=["*.example.test"], ports=[https.port])) as (
+                _, port), client(port, cert) as c:
+            for ok in ("a.example.test", "a.b.example.test"):
+                r = await c.get(f"https://{ok}:{https.port}/")
+                assert r.status_code == 200, ok
+            with pytest.raises(httpx.ProxyError, match="403"):
+                await c.get(f"https://example.test:{https.port}/")  # not the apex
+    asyncio.run(go())
+
+
+def test_ip_literals_are_refused(https: HttpServer) -> None:
+    async def go() -> None:
+        async with proxy(policy(allow=["pypi.test"], ports=[https.port])) as (_, port):
+            for target in (f"127.0.0.1:{https.port}", f"[::1]:{https.port}"):
+                status, headers, _ = await raw(
+                    port, f"CONNECT {target} HTTP/1.1\r\n\r\n".encode())
+                assert status == 403 and "IP literals are refused" in headers["X-Sandvm-Reason"]
+    asyncio.run(go())
+    with pytest.raises(InvalidSpec, match="IP literals are refused"):
+        NetworkPolicy(allow=["10.0.0.1"])
+
+
+def test_loopback_and_private_addresses_need_explicit_allowance(https: HttpServer) -> None:
+    names = {"pypi.test": ["127.0.0.1"], "evil.test": ["10.1.2.3"],
+             "meta.test": ["169.254.169.254"], "v6.test": ["::ffff:127.0.0.1"],
+             "cgnat.test": ["100.64.0.1"]}
+
+    async def go() -> None:
+        strict = NetworkPolicy(allow=list(names), ports=[https.port])  # no allow_ips
+        async with proxy(strict, table(names)) as (_, port):
+            reasons = {}
+            for host in names:
+                status, headers, _ = await raw(
+                    port, f"CONNECT {host}:{https.port} HTTP/1.1\r\n\r\n".encode())
+                assert status == 403, host
+                reasons[host] = headers["X-Sandvm-Reason"]
+        assert "loopback address" in reasons["pypi.test"]
+        assert "private address" in reasons["evil.test"]
+        assert "cloud metadata" in reasons["meta.test"]
+        assert "loopback" in reasons["v6.test"]  # IPv4-mapped IPv6 is seen through
+        assert "non-public" in reasons["cgnat.test"] or "private" in reasons["cgnat.test"]
+        assert all("allow_ips" in r for r in reasons.values())
+        # allowing exactly one address opens exactly that one
+        one = NetworkPolicy(allow=list(names), ports=[https.port], allow_ips=["127.0.0.1/32"])
+        async with proxy(one, table(names)) as (_, port):
+            status, _, _ = await raw(port, f"CONNECT pypi.test:{https.port} HTTP/1.1\r\n\r\n"
+                                     .encode())
+            assert status == 200
+            status, _, _ = await raw(port, f"CONNECT evil.test:{https.port} HTTP/1.1\r\n\r\n"
+                                     .encode())
+            assert status == 403
+    asyncio.run(go())
+
+
+def test_dns_rebinding_cannot_move_the_connection(cert: tuple[Path, Path]) -> None:
+    """The proxy resolves once, checks, and connects to the address it checked. A
+    resolver that answers an allowed address first and a forbidden one after (or mixes
+    them) never gets a connection to the forbidden one."""
+    with HttpServer("127.0.0.2", tls=cert, label="allowed") as good, \
+            HttpServer("127.0.0.3", tls=cert, label="forbidden"):
+        answers = iter([["127.0.0.2"], ["127.0.0.3"], ["127.0.0.3"]])
+        calls: list[str] = []
+
+        async def rebinding(host: str, port: int) -> list[str]:
+            calls.append(host)
+            if host == "mixed.test":
+                return ["127.0.0.3", "127.0.0.2"]
+            return next(answers)
+
+        async def go() -> None:
+            pol = NetworkPolicy(allow=["rebind.test", "mixed.test"], ports=[good.port],
+                                allow_ips=["127.0.0.2/32"])
+            async with proxy(pol, rebinding) as (_, port):
+                async with client(port, cert) as c:
+                    r = await c.get(f"https://rebind.test:{good.port}/")
+                    assert r.text == "hello from allowed\n"
+                    assert calls == ["rebind.test"]  # resolved once for the connection
+                async with client(port, cert) as c:  # a new connection: resolved anew
+                    with pytest.raises(httpx.ProxyError, match="403"):  # now 127.0.0.3
+                        await c.get(f"https://rebind.test:{good.port}/")
+                status, _, _ = await raw(
+                    port, f"CONNECT mixed.test:{good.port} HTTP/1.1\r\n"
+                          f"Host: mixed.test\r\n\r\n".encode())
+                assert status == 200  # only the checked address (127.0.0.2) is used
+        asyncio.run(go())
+
+
+def test_ports(https: HttpServer) -> None:
+    async def go() -> None:
+        async with proxy(policy(allow=["pypi.test"])) as (_, port):  # 443 only
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{https.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 403
+            assert headers["X-Sandvm-Reason"] == f"port {https.port} is not allowed (allowed: 443)"
+    asyncio.run(go())
+
+
+def test_plain_http_only_when_allowed(http_server: HttpServer) -> None:
+    url = f"http://pypi.test:{http_server.port}"
+
+    async def go() -> None:
+        async with proxy(policy(allow=["pypi.test"], ports=[http_server.port])) as (
+                _, port), httpx.AsyncClient(proxy=f"http://127.0.0.1:{port}") as c:
+            r = await c.get(url + "/")
+            assert r.status_code == 403
+            assert "plain HTTP is not allowed" in r.headers["X-Sandvm-Reason"]
+        pol = policy(allow=["pypi.test"], ports=[http_server.port], allow_http=True)
+        async with proxy(pol) as (_, port):
+            async with httpx.AsyncClient(proxy=f"http://127.0.0.1:{port}") as c:
+                r = await c.get(url + "/")
+                assert (r.status_code, r.text) == (200, "hello from http-1\n")
+                r = await c.get(url + "/headers", headers={"Proxy-Authorization": "Basic eA=="})
+                seen = {k.lower(): v for k, v in json.loads(r.text).items()}
+                assert "proxy-authorization" not in seen  # hop-by-hop: never forwarded
+                assert seen["host"] == f"pypi.test:{http_server.port}"
+                r = await c.post(url + "/echo", content=b"z" * 100_000)
+                assert r.content == b"z" * 100_000
+            # https:// as a plain request, and an origin-form request, are refused
+            status, headers, _ = await raw(port, b"GET / HTTP/1.1\r\nHost: pypi.test\r\n\r\n")
+            assert status == 400 and "absolute URL" in headers["X-Sandvm-Reason"]
+    asyncio.run(go())
+
+
+def test_byte_cap(https: HttpServer, cert: tuple[Path, Path]) -> None:
+    async def go() -> None:
+        audit = AuditLog()
+        pol = policy(allow=["pypi.test"], ports=[https.port], max_bytes=200_000)
+        async with proxy(pol, audit=audit) as (p, port):
+            async with client(port, cert) as c:
+                with pytest.raises(httpx.HTTPError):
+                    await c.get(f"https://pypi.test:{https.port}/bytes/2000000")
+            assert p.bytes_total <= 200_000 + 65536
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{https.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 403 and "byte cap" in headers["X-Sandvm-Reason"]
+        assert any(e.action == "close" and "byte cap" in e.reason for e in audit)
+    asyncio.run(go())
+
+
+def test_connect_and_resolve_timeouts(https: HttpServer) -> None:
+    async def slow(host: str, port: int) -> list[str]:
+        await asyncio.sleep(5)
+        return ["127.0.0.1"]
+
+    async def go() -> None:
+        pol = policy(allow=["pypi.test"], ports=[https.port], connect_timeout=0.3)
+        async with proxy(pol, slow) as (_, port):
+            t0 = time.monotonic()
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{https.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 504 and "timed out" in headers["X-Sandvm-Reason"]
+            assert time.monotonic() - t0 < 3
+        async with proxy(policy(allow=["pypi.test"], ports=[1])) as (_, port):
+            status, headers, _ = await raw(port, b"CONNECT pypi.test:1 HTTP/1.1\r\n\r\n")
+            assert status == 502 and "cannot connect" in headers["X-Sandvm-Reason"]
+    asyncio.run(go())
+
+
+def test_idle_timeout_closes_a_quiet_tunnel() -> None:
+    srv = HalfCloseServer()
+
+    async def go() -> None:
+        audit = AuditLog()
+        pol = policy(allow=["pypi.test"], ports=[srv.port], idle_timeout=0.5)
+        async with proxy(pol, audit=audit) as (_, port):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            t0 = time.monotonic()
+            assert await cut(r)
+            assert 0.4 < time.monotonic() - t0 < 4
+            w.close()
+            await asyncio.sleep(0.1)
+        assert any(e.action == "close" and e.reason == "idle for 0.5 s" for e in audit)
+    try:
+        asyncio.run(go())
+    finally:
+        srv.close()
+
+
+def test_half_close_goes_through_a_tunnel() -> None:
+    srv = HalfCloseServer()
+
+    async def go() -> None:
+        async with proxy(policy(allow=["pypi.test"], ports=[srv.port])) as (_, port):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"q" * 12345)
+            w.write_eof()  # the server answers only after our EOF
+            assert await asyncio.wait_for(r.read(), 5) == b"got 12345"
+            w.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.close()
+
+
+def test_policy_update_mid_flight() -> None:
+    """Replacing the policy is atomic: a tunnel the new one refuses is cut at once, one
+    it still allows goes on, and new requests see the new policy."""
+    srv = HalfCloseServer()
+
+    async def go() -> None:
+        audit = AuditLog()
+        old = policy(allow=["pypi.test", "other.test"], ports=[srv.port])
+        async with proxy(old, audit=audit) as (p, port):
+            async def tunnel(host: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(f"CONNECT {host}:{srv.port} HTTP/1.1\r\n\r\n".encode())
+                assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                return r, w
+            (r1, w1), (r2, w2) = await tunnel("pypi.test"), await tunnel("other.test")
+            w1.write(b"a" * 10)
+            w2.write(b"b" * 20)
+            p.set_policy(policy(allow=["other.test"], ports=[srv.port]))
+            assert await cut(r1)
+            w2.write_eof()
+            assert await asyncio.wait_for(r2.read(), 5) == b"got 20"  # untouched
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 403 and "allow list" in headers["X-Sandvm-Reason"]
+            for w in (w1, w2):
+                w.close()
+            await asyncio.sleep(0.1)
+        ended = [e for e in audit if e.action == "close" and e.host == "pypi.test"]
+        assert ended and ended[0].reason.startswith("the policy changed: pypi.test is not on")
+    try:
+        asyncio.run(go())
+    finally:
+        srv.close()
+
+
+def test_connection_cap_and_bad_requests(https: HttpServer) -> None:
+    srv = HalfCloseServer()
+
+    async def go() -> None:
+        pol = policy(allow=["pypi.test"], ports=[srv.port], max_connections=2)
+        async with proxy(pol) as (_, port):
+            held = []
+            for _ in range(2):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+                await r.readuntil(b"\r\n\r\n")
+                held.append(w)
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 429 and "too many connections" in headers["X-Sandvm-Reason"]
+            for w in held:
+                w.close()
+            status, _, _ = await raw(port, b"NONSENSE\r\n\r\n")
+            assert status == 400
+            status, _, _ = await raw(port, b"CONNECT pypi.test:99999 HTTP/1.1\r\n\r\n")
+            assert status == 400
+            big = b"CONNECT pypi.test:443 HTTP/1.1\r\n" + b"X-Pad: " + b"p" * 70000 + b"\r\n\r\n"
+            status, _, _ = await raw(port, big)
+            assert status == 431
+    try:
+        asyncio.run(go())
+    finally:
+        srv.close()
+
+
+def test_audit_file_records_every_decision(tmp_path: Path, https: HttpServer,
+                                           cert: tuple[Path, Path]) -> None:
+    path = tmp_path / "audit" / "egress.jsonl"
+    seen: list[str] = []
+
+    async def go() -> None:
+        audit = AuditLog(path)
+        unsubscribe = audit.subscribe(lambda e: seen.append(e.action))
+        async with proxy(policy(allow=["pypi.test"], ports=[https.port]), audit=audit) as (
+                _, port), client(port, cert) as c:
+            await c.get(f"https://pypi.test:{https.port}/")
+            with pytest.raises(httpx.ProxyError):
+                await c.get(f"https://other.test:{https.port}/")
+        unsubscribe()
+    asyncio.run(go())
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(e["action"] for e in lines) == ["allow", "close", "deny"] == sorted(seen)
+    assert all(e["sandbox_id"] == "sb-test" for e in lines)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+# --------------------------------------------------------------------------- policy specs
+
+
+def test_policy_validation() -> None:
+    p = NetworkPolicy(allow=["PyPI.org.", "*.PythonHosted.org", "bücher.example"],
+                      ports=[443, 80, 443])
+    assert p.allow == ("pypi.org", "*.pythonhosted.org", "xn--bcher-kva.example")
+    assert p.ports == (80, 443)
+    assert p.check_host("files.pythonhosted.org", 443) is None
+    assert p.check_host("pythonhosted.org", 443) is not None
+    assert p.check_host("BÜCHER.example", 443) is None
+    for bad, match in [(["*"], "wildcard"), (["*.com"], "too broad"), (["a.*.com"], "wildcard"),
+                       (["::1"], "IP literals"), ([""], "non-empty"), (["a b.com"], "valid"),
+                       ("pypi.org", "must be a list")]:
+        with pytest.raises(InvalidSpec, match=match):
+            NetworkPolicy(allow=bad)  # type: ignore[arg-type]
+    for kw in ({"ports": [0]}, {"ports": [70000]}, {"ports": ["443"]},
+               {"allow_ips": ["nonsense"]}, {"connect_timeout": 0}, {"idle_timeout": -1},
+               {"max_bytes": -5}, {"max_connections": 0}, {"allow_http": "yes"}):
+        with pytest.raises(InvalidSpec):
+            NetworkPolicy(**kw)  # type: ignore[arg-type]
+    assert NetworkPolicy(allow_ips=["10.1.2.3"]).allow_ips == ("10.1.2.3/32",)
+
+
+def test_proxy_env_points_every_client_at_the_proxy() -> None:
+    env = proxy_env(3128)
+    assert env["HTTPS_PROXY"] == env["http_proxy"] == "http://127.0.0.1:3128"
+    assert "127.0.0.1" in env["NO_PROXY"]
