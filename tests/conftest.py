@@ -72,3 +72,20 @@ def sandbox(request: pytest.FixtureRequest) -> Iterator[object]:
         yield sb
     finally:
         sb.kill()
+
+
+@pytest.fixture(scope="session")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    """A self-signed certificate (and key) for the egress tests' names."""
+    from egress_servers import make_cert
+
+    return make_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def https(cert: tuple[object, object]) -> Iterator[object]:
+    """An HTTPS server on 127.0.0.1 with that certificate (it says "hello from https-1")."""
+    from egress_servers import HttpServer
+
+    with HttpServer("127.0.0.1", tls=cert, label="https-1") as s:  # type: ignore[arg-type]
+        yield s

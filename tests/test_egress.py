@@ -20,22 +20,11 @@ from typing import Any
 import httpx
 import pytest
 
-from egress_servers import HalfCloseServer, HttpServer, make_cert
+from egress_servers import HalfCloseServer, HttpServer
 from sandvm.egress import AuditLog, EgressProxy, NetworkPolicy, proxy_env
 from sandvm.errors import InvalidSpec
 
 LOOP = ("127.0.0.0/8",)
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return make_cert(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def https(cert: tuple[Path, Path]) -> Iterator[HttpServer]:
-    with HttpServer("127.0.0.1", tls=cert, label="https-1") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@
 """
 
 from sandvm.core import VmSpec, VmState, VmView
+from sandvm.egress import EgressEvent, NetworkPolicy
 from sandvm.errors import (
     AgentError,
     AgentProtocolError,
@@ -29,6 +30,7 @@ from sandvm.errors import (
     PortRefused,
     PortReset,
     PortTimeout,
+    SandboxBusy,
     SandboxStateError,
     SandvmError,
     SnapshotAlreadyExists,
@@ -70,6 +72,7 @@ __all__ = [
     "CommandTimeout",
     "ConfigError",
     "DirTransfer",
+    "EgressEvent",
     "EntryInfo",
     "ExposedPort",
     "FileTooLarge",
@@ -80,6 +83,7 @@ __all__ = [
     "InvalidPath",
     "InvalidSpec",
     "InvalidTransition",
+    "NetworkPolicy",
     "PortError",
     "PortInUse",
     "PortRefused",
@@ -87,6 +91,7 @@ __all__ = [
     "PortStream",
     "PortTimeout",
     "Sandbox",
+    "SandboxBusy",
     "SandboxStateError",
     "SandvmError",
     "SnapshotAlreadyExists",

@@ -85,6 +85,17 @@ _GUEST_CODES: dict[str, type[SandvmError]] = {
 }
 
 
+def require_feature(conn: AgentConnection, feature: str, what: str,
+                    error: type[SandvmError]) -> AgentConnection:
+    """``conn`` if its agent has ``feature``; else ``error`` saying the guest must be
+    rebuilt (an agent from before ``what`` existed, e.g. in an old snapshot)."""
+    info = conn.info
+    if info is not None and feature not in info.features:
+        raise error(f"the guest agent (version {info.agent_version or '?'}) has no {what}:"
+                    " rebuild the guest with `sandvm setup` (and take snapshots again)")
+    return conn
+
+
 def guest_error(msg: dict[str, Any]) -> SandvmError:
     """Map a guest RESET payload to a sandvm exception; unknown codes become GuestError."""
     code = msg.get("code")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from sandvm.egress import NetworkPolicy
     from sandvm.ports import PortMapping
     from sandvm.sandbox import AsyncSandbox
 
@@ -174,7 +175,8 @@ async def _stdin_chunks() -> AsyncIterator[bytes]:
 
 async def _start(*, image: str, memory: int, cpus: int, source: str | None,
                  disk_size: str | None = None,
-                 volumes: dict[str, tuple[str, str]] | None = None) -> AsyncSandbox:
+                 volumes: dict[str, tuple[str, str]] | None = None,
+                 network: NetworkPolicy | None = None) -> AsyncSandbox:
     """A new sandbox: booted, or restored from snapshot ``source``."""
     from sandvm.sandbox import AsyncSandbox
 
@@ -184,11 +186,12 @@ async def _start(*, image: str, memory: int, cpus: int, source: str | None,
     if source is not None:
         if sys.stderr.isatty():
             click.echo(f"sandvm: restoring microVM from {source}…", err=True)
-        return await AsyncSandbox.from_snapshot(source)
+        return await AsyncSandbox.from_snapshot(source, network=network)
     if sys.stderr.isatty():
         click.echo("sandvm: booting microVM…", err=True)
     return await AsyncSandbox.create(image=image, memory_mib=memory, vcpus=cpus,
-                                     disk_size=disk_size, volumes=volumes or None)
+                                     disk_size=disk_size, volumes=volumes or None,
+                                     network=network)
 
 
 async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: float | None,
@@ -197,7 +200,8 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
                disk_size: str | None = None, user: str | None = None,
                volumes: dict[str, tuple[str, str]] | None = None,
                attach_id: str | None = None, busy_wait: float = 0.0,
-               publish: list[PortMapping] | None = None) -> int:
+               publish: list[PortMapping] | None = None,
+               network: NetworkPolicy | None = None) -> int:
     manager = None
     if attach_id is not None:  # `sandvm exec`: a managed sandbox, left running after
         from sandvm.runtime.manager import SandboxManager
@@ -206,7 +210,7 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
         sb = await manager.attach(attach_id, wait=busy_wait)
     else:
         sb = await _start(image=image, memory=memory, cpus=cpus, source=source,
-                          disk_size=disk_size, volumes=volumes)
+                          disk_size=disk_size, volumes=volumes, network=network)
     loop = asyncio.get_running_loop()
     if not cmd:  # the image's Entrypoint + Cmd
         cfg = (sb._image or {}).get("config") or {}
@@ -225,6 +229,9 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
             sys.stderr.write(text)
             sys.stderr.flush()
 
+        if sb.network.audit_path is not None and sys.stderr.isatty():
+            click.echo(f"sandvm: egress decisions are logged to {sb.network.audit_path}",
+                       err=True)
         for m in publish or ():  # listening before the command starts
             url = await sb.ports.expose(m.guest_port, host=m.host, host_port=m.host_port)
             click.echo(f"sandvm: guest port {m.guest_port} is at {url}", err=True)
@@ -286,6 +293,27 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
             await sb.kill()
 
 
+def _network_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The --allow-* egress options of `run` and `create`."""
+    for opt in reversed([
+        click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+                     help="Let the workload reach NAME (or *.DOMAIN) through the host's"
+                          " egress proxy, HTTPS on port 443 unless --allow-port says"
+                          " otherwise. Repeatable; without any --allow-* the sandbox has"
+                          " no network at all."),
+        click.option("--allow-port", "allow_ports", multiple=True, type=int, metavar="PORT",
+                     help="Destination ports the allowed hosts may be reached on (443)."),
+        click.option("--allow-http", is_flag=True,
+                     help="Also allow plain HTTP (list its port)."),
+        click.option("--allow-ip", "allow_ips", multiple=True, metavar="CIDR",
+                     help="Allow these non-public addresses (private, loopback...)."),
+        click.option("--add-host", "add_hosts", multiple=True, metavar="NAME=IP",
+                     help="Resolve NAME to IP in the egress proxy, like /etc/hosts."),
+    ]):
+        f = opt(f)
+    return f
+
+
 @main.command(context_settings={"ignore_unknown_options": True,
                                 "allow_interspersed_args": False})
 @click.option("--image", default=None,
@@ -309,11 +337,14 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
               metavar="[HOST:][HOST_PORT:]GUEST_PORT",
               help="Expose a guest TCP port on the host (127.0.0.1 unless HOST is given;"
                    " no HOST_PORT: a free one), e.g. -p 8080:8000. Repeatable.")
+@_network_options
 @click.argument("cmd", nargs=-1, required=False, type=click.UNPROCESSED)
 def run(image: str | None, memory: str, cpus: int, timeout: float | None,
         envs: tuple[str, ...],
         workdir: str | None, interactive: bool, source: str | None, disk_size: str | None,
         user: str | None, volume_specs: tuple[str, ...], publish_specs: tuple[str, ...],
+        allow_hosts: tuple[str, ...], allow_ports: tuple[int, ...], allow_http: bool,
+        allow_ips: tuple[str, ...], add_hosts: tuple[str, ...],
         cmd: tuple[str, ...]) -> None:
     """Boot a microVM (or restore one --from a snapshot), run CMD in it, stream its
     output, exit with its exit code. Without CMD, an image's Entrypoint and Cmd run.
@@ -321,7 +352,8 @@ def run(image: str | None, memory: str, cpus: int, timeout: float | None,
     Examples: sandvm run -- python3 -c "print(1)";
     sandvm run --image oci:./layout:latest -- env;
     sandvm run --volume data:/data -- sh -c 'echo x > /data/f';
-    sandvm run -p 8080:8000 -- python3 -m http.server 8000
+    sandvm run -p 8080:8000 -- python3 -m http.server 8000;
+    sandvm run --allow-host pypi.org --allow-host '*.pythonhosted.org' -- pip download x
     """
     from sandvm.images.store import default_image
     from sandvm.ports import parse_publish
@@ -340,6 +372,7 @@ def run(image: str | None, memory: str, cpus: int, timeout: float | None,
             parse_size(disk_size, what="--disk-size")
         volumes = _parse_volumes(volume_specs, image=image)
         publish = [parse_publish(spec) for spec in publish_specs]
+        network = _network_policy(allow_hosts, allow_ports, allow_http, allow_ips, add_hosts)
     except SandvmError as exc:
         _fail(exc)
         return
@@ -348,7 +381,27 @@ def run(image: str | None, memory: str, cpus: int, timeout: float | None,
                                env=env, workdir=workdir,
                                interactive=interactive, source=source,
                                disk_size=disk_size, user=user, volumes=volumes,
-                               publish=publish))
+                               publish=publish, network=network))
+
+
+def _network_policy(hosts: tuple[str, ...], ports: tuple[int, ...], http: bool,
+                    ips: tuple[str, ...], add_hosts: tuple[str, ...]) -> NetworkPolicy | None:
+    """The policy the --allow-* flags describe (None: no flags, no network)."""
+    from sandvm.egress import NetworkPolicy
+
+    if not (hosts or ports or http or ips or add_hosts):
+        return None
+    if not hosts:
+        raise InvalidSpec("the --allow-port/--allow-http/--allow-ip/--add-host flags need"
+                          " --allow-host NAME: nothing is reachable without one")
+    pins = []
+    for item in add_hosts:
+        name, sep, addr = item.partition("=")
+        if not sep or not name or not addr:
+            raise InvalidSpec(f"--add-host takes NAME=IP, got {item!r}")
+        pins.append((name, (addr,)))
+    return NetworkPolicy(allow=hosts, ports=ports or (443,), allow_http=http, allow_ips=ips,
+                         hosts=tuple(pins))
 
 
 def _run_and_exit(make: Callable[[], Any]) -> None:
@@ -751,22 +804,27 @@ def _manager() -> Any:
               help="Seconds until the sandbox is killed (extend with `sandvm extend`).")
 @click.option("--ticket", "show_ticket", is_flag=True,
               help="Also print a reclaim ticket (on a second line).")
+@_network_options
 def create_cmd(image: str | None, memory: str, cpus: int, disk_size: str | None, ttl: float,
-               show_ticket: bool) -> None:
+               show_ticket: bool, allow_hosts: tuple[str, ...], allow_ports: tuple[int, ...],
+               allow_http: bool, allow_ips: tuple[str, ...], add_hosts: tuple[str, ...]
+               ) -> None:
     """Start a sandbox that outlives this command; print its id.
 
     Use it with `sandvm exec ID -- CMD`, `sandvm ls`, `sandvm logs ID`, `sandvm kill ID`.
     """
     from sandvm.images.store import default_image
 
-    async def go() -> tuple[str, str]:
+    async def go(network: NetworkPolicy | None) -> tuple[str, str]:
         m = _manager()
         sb = await m.create(ttl=ttl, image=image or default_image(),
-                            memory_mib=parse_memory(memory), vcpus=cpus, disk_size=disk_size)
+                            memory_mib=parse_memory(memory), vcpus=cpus, disk_size=disk_size,
+                            network=network)
         return sb.sandbox_id, await m.detach(sb)
 
     try:
-        sid, ticket = asyncio.run(go())
+        network = _network_policy(allow_hosts, allow_ports, allow_http, allow_ips, add_hosts)
+        sid, ticket = asyncio.run(go(network))
     except SandvmError as exc:
         _fail(exc)
         return

@@ -101,6 +101,29 @@ def _normalize_pattern(pattern: str) -> str:
     return normalize_host(p)
 
 
+def _normalize_hosts(hosts: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    items = hosts.items() if isinstance(hosts, dict) else hosts
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise InvalidSpec(f"NetworkPolicy.hosts must map names to addresses, got {hosts!r}")
+    out: dict[str, tuple[str, ...]] = {}
+    for item in items:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidSpec(f"NetworkPolicy.hosts: {item!r} is not a (name, address) pair")
+        name, addrs = item
+        addr_list = [addrs] if isinstance(addrs, str) else list(addrs)
+        checked = []
+        for a in addr_list:
+            try:
+                checked.append(str(ipaddress.ip_address(a)))
+            except (ValueError, TypeError):
+                raise InvalidSpec(f"NetworkPolicy.hosts: {a!r} (for {name!r}) is not an IP"
+                                  " address") from None
+        if not checked:
+            raise InvalidSpec(f"NetworkPolicy.hosts: no address for {name!r}")
+        out[normalize_host(name)] = tuple(checked)
+    return tuple(out.items())
+
+
 def _port(p: Any) -> int:
     if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
         raise InvalidSpec(f"ports must be integers from 1 to 65535, got {p!r}")
@@ -116,7 +139,9 @@ class NetworkPolicy:
     ``allow_ips``: CIDRs of non-global addresses (private, loopback, ...) that may be
     reached anyway. ``connect_timeout``/``idle_timeout``: seconds. ``max_bytes``: bytes
     through the proxy, both ways, over the sandbox's life (None: no cap).
-    ``max_connections``: open at once. Raises InvalidSpec for anything malformed.
+    ``max_connections``: open at once. ``hosts``: fixed answers used instead of DNS,
+    like /etc/hosts (``{"db.internal": "10.0.0.5"}``, or pairs); their addresses are
+    checked like resolved ones. Raises InvalidSpec for anything malformed.
     """
 
     allow: tuple[str, ...] = ()
@@ -127,6 +152,7 @@ class NetworkPolicy:
     idle_timeout: float = 120.0
     max_bytes: int | None = None
     max_connections: int = 64
+    hosts: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("allow", "ports", "allow_ips"):
@@ -155,9 +181,17 @@ class NetworkPolicy:
             raise InvalidSpec(f"NetworkPolicy.max_connections must be 1..10000, got {mc!r}")
         if not isinstance(self.allow_http, bool):
             raise InvalidSpec(f"NetworkPolicy.allow_http must be a bool, got {self.allow_http!r}")
+        object.__setattr__(self, "hosts", _normalize_hosts(self.hosts))
         object.__setattr__(self, "allow", allow)
         object.__setattr__(self, "ports", ports)
         object.__setattr__(self, "allow_ips", tuple(dict.fromkeys(nets)))
+
+    def pinned(self, host: str) -> list[str] | None:
+        """The fixed addresses of ``host`` (from ``hosts``), or None to resolve it."""
+        for name, addrs in self.hosts:
+            if name == host:
+                return list(addrs)
+        return None
 
     @property
     def _networks(self) -> list[IpNetwork]:
@@ -228,8 +262,9 @@ class AuditLog:
         self.path = path
         self._events: collections.deque[EgressEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._subscribers: list[Callable[[EgressEvent], None]] = []
-        if path is not None:
+        if path is not None:  # there from the start (mode 0600), even before any event
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
     def record(self, event: EgressEvent) -> None:
         self._events.append(event)
@@ -412,9 +447,11 @@ class EgressProxy:
         if len(self._tunnels) >= policy.max_connections:
             raise _Refused(429, f"too many connections open ({policy.max_connections})")
         name = normalize_host(host)
+        addresses = policy.pinned(name)
         try:
-            addresses = await asyncio.wait_for(self.resolver(name, port),
-                                               policy.connect_timeout)
+            if addresses is None:
+                addresses = await asyncio.wait_for(self.resolver(name, port),
+                                                   policy.connect_timeout)
         except TimeoutError:
             raise _Refused(504, f"resolving {name} timed out") from None
         except (OSError, UnicodeError) as exc:
@@ -619,7 +656,10 @@ def _close_head(head: bytes) -> bytes:
 async def _reply_error(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
     reason_line = reason.replace("\r", " ").replace("\n", " ")[:500]
     body = f"sandvm egress: {reason_line}\n".encode()
-    head = (f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}\r\n"
+    # the reason in the status line too: clients that show only it (Python's "Tunnel
+    # connection failed: 403 ...", curl's -v) then say why
+    phrase = f"{_STATUS_TEXT.get(status, 'Error')} by sandvm egress: {reason_line}"[:300]
+    head = (f"HTTP/1.1 {status} {phrase}\r\n"
             f"X-Sandvm-Reason: {reason_line}\r\n"
             "Content-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")

@@ -104,6 +104,7 @@ __all__ = [
     "ProviderError",
     "QmpError",
     "RegistryError",
+    "SandboxBusy",
     "SandboxStateError",
     "SandvmError",
     "SetupError",

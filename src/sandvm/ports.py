@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sandvm import _portal, wire
-from sandvm.agent_client import AgentConnection, HostStream, StreamItem
+from sandvm.agent_client import AgentConnection, HostStream, StreamItem, require_feature
 from sandvm.errors import (
     AgentProtocolError,
     AgentTimeout,
@@ -494,13 +494,8 @@ class AsyncPorts:
         self._ended = False
 
     def _conn(self) -> AgentConnection:
-        conn = self._sb._conn()  # raises if the sandbox is gone
-        info = conn.info
-        if info is not None and "tcp" not in info.features:
-            raise PortError(f"the guest agent (version {info.agent_version or '?'}) has no TCP"
-                            " tunnels: rebuild the guest with `sandvm setup` (and take"
-                            " snapshots again)")
-        return conn
+        # raises if the sandbox is gone
+        return require_feature(self._sb._conn(), "tcp", "TCP tunnels", PortError)
 
     def _track(self, task: asyncio.Task[Any], listener: _Listener | None = None) -> None:
         self._tasks.add(task)

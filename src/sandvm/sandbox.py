@@ -49,6 +49,7 @@ from sandvm.core import (
     parse_size,
     validate_vm_id,
 )
+from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     AgentProtocolError,
     AgentTimeout,
@@ -61,6 +62,7 @@ from sandvm.errors import (
     SandvmError,
     SnapshotIncompatible,
 )
+from sandvm.network import AsyncNetwork, Network
 from sandvm.ports import AsyncPorts, Ports
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
 from sandvm.snapshots.diff import write_diff
@@ -700,6 +702,9 @@ class AsyncCommands:
         ``raw_output`` (sandvm's isolation runtime) receives the output as bytes
         instead of the handle keeping it (then ``stdout``/``stderr`` stay empty)."""
         req: dict[str, Any] = {"op": "exec"}
+        proxy = self._sb.network.env()
+        if proxy:  # the workload's HTTP(S) goes through the host's egress proxy
+            env = {**proxy, **(env or {})}
         image = self._sb._image
         if image is not None:
             cfg = image.get("config") or {}
@@ -1049,6 +1054,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self.ports = AsyncPorts(self)
+        self.network = AsyncNetwork(self)
         self._lifetime_handle: asyncio.TimerHandle | None = None
         self._snapshot_times: dict[str, float] = {}
         # the image (name, digest, config, rootfs) of a sandbox with a root disk
@@ -1071,7 +1077,8 @@ class AsyncSandbox:
                      timeout: float | None = None, boot_timeout: float = 60.0,
                      sandbox_id: str | None = None,
                      provider: QemuVmProvider | None = None,
-                     keeper_job: dict[str, Any] | None = None) -> AsyncSandbox:
+                     keeper_job: dict[str, Any] | None = None,
+                     network: NetworkPolicy | None = None) -> AsyncSandbox:
         """Boot a new sandbox and wait until its agent is ready.
 
         ``keeper_job`` (for sandvm's runtime manager) starts the VM under a keeper
@@ -1095,12 +1102,16 @@ class AsyncSandbox:
         the sandbox is killed or its VM dies. Sandboxes with volumes cannot be
         snapshotted (nor forked or paused to disk).
 
+        ``network``: a NetworkPolicy gives the sandbox egress through the host's
+        proxy (see ``sandbox.network``); None (the default): no network at all.
+
         Raises InvalidSpec / InvalidPath / UnknownImage / ImageError for bad
         input, VolumeNotFound, VolumeInUse, AssetMissing if `sandvm setup` has
         not run, VmBootError if the VM does not come up.
         """
         if timeout is not None and timeout <= 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
+        _check_network(network)
         if image is None:
             from sandvm.images.store import default_image
 
@@ -1122,7 +1133,7 @@ class AsyncSandbox:
                     raise InvalidSpec("a detachable sandbox cannot have volumes yet")
                 prov.make_detachable(sid, keeper_job)
             return await cls._launch(prov, sid, prov.start_vm(sid), timeout, image=image_info,
-                                     volumes=attached)
+                                     volumes=attached, network=network)
         except BaseException:
             # the VM is gone (or never ran): nobody uses the volumes any more
             for att, _ in attached:
@@ -1133,8 +1144,8 @@ class AsyncSandbox:
     async def _launch(cls, prov: QemuVmProvider, sid: str, start: Awaitable[None],
                       lifetime: float | None, *, image: dict[str, Any] | None = None,
                       restored: bool = False,
-                      volumes: list[tuple[VolumeAttachment, VolumeMount]] | None = None
-                      ) -> AsyncSandbox:
+                      volumes: list[tuple[VolumeAttachment, VolumeMount]] | None = None,
+                      network: NetworkPolicy | None = None) -> AsyncSandbox:
         """Run ``start`` for the Created VM ``sid``, configure it, mount its volumes
         (disks ``vol-<i>``); destroy it on failure."""
         try:
@@ -1157,6 +1168,11 @@ class AsyncSandbox:
                 sb._volume_watch = asyncio.get_running_loop().create_task(
                     sb._release_volumes_on_exit())
             await sb._configure()
+            if network is not None:
+                await sb.network._start(network)
+            elif restored:  # a listener the snapshot had would take connections nobody serves
+                with contextlib.suppress(SandvmError):
+                    await sb._conn().call({"op": "egress_close"}, timeout=sb.op_timeout)
         except BaseException:
             with contextlib.suppress(SandvmError):
                 await prov.destroy_vm(sid)
@@ -1168,7 +1184,8 @@ class AsyncSandbox:
                             timeout: float | None = None, boot_timeout: float = 60.0,
                             sandbox_id: str | None = None, verify: str = "once",
                             store: SnapshotStore | None = None,
-                            provider: QemuVmProvider | None = None) -> AsyncSandbox:
+                            provider: QemuVmProvider | None = None,
+                            network: NetworkPolicy | None = None) -> AsyncSandbox:
         """A new sandbox restored from a snapshot: files and processes as they were.
 
         ``snapshot`` is a Snapshot, a snapshot name in the store, or a snapshot
@@ -1180,6 +1197,7 @@ class AsyncSandbox:
         """
         if verify not in ("once", "full"):
             raise InvalidSpec(f"verify must be 'once' or 'full', not {verify!r}")
+        _check_network(network)
         if timeout is not None and timeout <= 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
         snap = (store or SnapshotStore()).resolve(snapshot)
@@ -1191,7 +1209,7 @@ class AsyncSandbox:
         sid = sandbox_id or new_id("sb")
         await prov.create_vm_with_spec(sid, snap.spec)
         return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout,
-                                 image=snap.image, restored=True)
+                                 image=snap.image, restored=True, network=network)
 
     async def _release_volumes_on_exit(self) -> None:
         """Release the volumes' locks as soon as QEMU is gone, however it ended."""
@@ -1401,6 +1419,7 @@ class AsyncSandbox:
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
         await self.ports._shutdown()
+        await self.network._shutdown()
         await self._vm.detach()
 
     def _conn(self) -> AgentConnection:
@@ -1447,6 +1466,7 @@ class AsyncSandbox:
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
         await self.ports._shutdown()  # no new tunnels: host listeners close first
+        await self.network._shutdown()
         try:
             with contextlib.suppress(SandvmError):
                 await self._provider.destroy_vm(self.sandbox_id)
@@ -1634,6 +1654,7 @@ class Sandbox:
         self.commands = Commands(inner.commands)
         self.files = Files(inner.files)
         self.ports = Ports(inner.ports)
+        self.network = Network(inner.network)
 
     @classmethod
     def create(cls, *, image: str | None = None, memory_mib: int | str = 256, vcpus: int = 1,
@@ -1643,24 +1664,26 @@ class Sandbox:
                timeout: float | None = None, boot_timeout: float = 60.0,
                sandbox_id: str | None = None,
                provider: QemuVmProvider | None = None,
-               keeper_job: dict[str, Any] | None = None) -> Sandbox:
+               keeper_job: dict[str, Any] | None = None,
+               network: NetworkPolicy | None = None) -> Sandbox:
         """See AsyncSandbox.create."""
         return cls(_portal.call(AsyncSandbox.create(
             image=image, memory_mib=memory_mib, vcpus=vcpus, disk_size=disk_size,
             volumes=volumes, volume_store=volume_store, timeout=timeout,
             boot_timeout=boot_timeout, sandbox_id=sandbox_id, provider=provider,
-            keeper_job=keeper_job)))
+            keeper_job=keeper_job, network=network)))
 
     @classmethod
     def from_snapshot(cls, snapshot: Snapshot | str | Path, *,
                       timeout: float | None = None, boot_timeout: float = 60.0,
                       sandbox_id: str | None = None, verify: str = "once",
                       store: SnapshotStore | None = None,
-                      provider: QemuVmProvider | None = None) -> Sandbox:
+                      provider: QemuVmProvider | None = None,
+                      network: NetworkPolicy | None = None) -> Sandbox:
         """See AsyncSandbox.from_snapshot."""
         return cls(_portal.call(AsyncSandbox.from_snapshot(
             snapshot, timeout=timeout, boot_timeout=boot_timeout, sandbox_id=sandbox_id,
-            verify=verify, store=store, provider=provider)))
+            verify=verify, store=store, provider=provider, network=network)))
 
     def snapshot(self, name: str | None = None, *, stop: bool = False,
                  store: SnapshotStore | None = None,
@@ -1709,6 +1732,12 @@ class Sandbox:
 
 
 DEFAULT_DISK_SIZE = 4 << 30
+
+
+def _check_network(network: object) -> None:
+    if network is not None and not isinstance(network, NetworkPolicy):
+        raise InvalidSpec("network must be a sandvm.NetworkPolicy (or None for no network),"
+                          f" got {type(network).__name__}")
 
 
 def image_env(pairs: Iterable[str]) -> dict[str, str]:

@@ -77,7 +77,7 @@ CH_STDOUT = 1
 CH_STDERR = 2
 
 FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream", "flow-control",
-            "tcp")
+            "tcp", "egress")
 
 
 class ProtocolViolation(ValueError):

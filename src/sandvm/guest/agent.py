@@ -1167,7 +1167,7 @@ class TcpStream(Stream):
 
     scratch: memoryview | None = None  # one receive buffer for every tunnel
 
-    def start(self) -> None:
+    def _setup(self) -> None:
         # everything cleanup() touches exists before anything can fail
         self.sock: socket.socket | None = None
         self.fd = -1
@@ -1179,6 +1179,9 @@ class TcpStream(Stream):
         self.out_eof = False  # the guest's side half-closed (EOF sent to the host)
         self.timer: Timer | None = None
         self.sent = self.received = 0
+
+    def start(self) -> None:
+        self._setup()
         self.port, self.host = tcp_target(self.req)
         self.notify = self.req.get("notify", True) is not False
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -1351,6 +1354,119 @@ class TcpStream(Stream):
             self.sock.close()
             self.sock = None
         self.pending.clear()
+
+
+class EgressListener:
+    """The guest end of the egress proxy: a listener on 127.0.0.1:<port> (what
+    HTTP(S)_PROXY point at). Each connection it accepts goes to one of the host's
+    waiting ``egress_accept`` streams; while none waits, connections stay in the
+    backlog (the host keeps a few waiting)."""
+
+    def __init__(self, agent: Agent, port: int) -> None:
+        self.agent = agent
+        self.port = port
+        self.waiters: collections.deque[EgressStream] = collections.deque()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))
+            sock.listen(256)
+        except OSError as exc:
+            sock.close()
+            raise GuestFail("port_in_use", f"cannot listen on 127.0.0.1:{port} for the"
+                            f" egress proxy: {exc.strerror or exc}") from None
+        sock.setblocking(False)
+        self.sock: socket.socket | None = sock
+        self.fd = sock.fileno()
+
+    def want(self, st: EgressStream) -> None:
+        self.waiters.append(st)
+        self._accept()
+
+    def drop(self, st: EgressStream) -> None:
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(st)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self.sock is not None:
+            self.agent.loop.set_reader(self.fd, self._accept if self.waiters else None)
+
+    def _accept(self) -> None:
+        while self.waiters and self.sock is not None:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log(f"egress accept failed: {exc}")
+                break
+            self.waiters.popleft().take(conn)
+        self._arm()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.agent.loop.set_reader(self.fd, None)
+            self.sock.close()
+            self.sock = None
+        while self.waiters:
+            self.waiters.popleft().fail(GuestFail("egress_off", "the egress proxy was closed"))
+
+
+class EgressStream(TcpStream):
+    """One guest connection to the egress listener, piped to the host (whose proxy
+    applies the sandbox's policy). Opened by the host in advance: it waits for a
+    connection, then says ``connected`` and behaves as a TcpStream."""
+
+    def start(self) -> None:
+        self._setup()
+        self.notify = True
+        self.host, self.port = "127.0.0.1", 0
+        self.waiting: EgressListener | None = None
+        lst = self.agent.egress
+        if lst is None:
+            raise GuestFail("egress_off", "this sandbox's egress proxy is not running")
+        self.port = lst.port
+        self.waiting = lst
+        lst.want(self)
+
+    def take(self, conn: socket.socket) -> None:
+        self.waiting = None
+        if self.closed:
+            conn.close()
+            return
+        conn.setblocking(False)
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock, self.fd = conn, conn.fileno()
+        self._connected()
+
+    def cleanup(self) -> None:
+        if self.waiting is not None:
+            lst, self.waiting = self.waiting, None
+            lst.drop(self)
+        super().cleanup()
+
+
+def egress_listen(agent: Agent, req: dict[str, Any]) -> dict[str, Any]:
+    """Start (or keep) the egress listener on 127.0.0.1:<port>."""
+    port = req.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise GuestFail("invalid_spec", f"egress port must be 1..65535, got {port!r}"[:200])
+    if agent.egress is not None and agent.egress.port != port:
+        agent.egress.close()
+        agent.egress = None
+    if agent.egress is None:
+        agent.egress = EgressListener(agent, port)
+    return {"port": port}
+
+
+def egress_close(agent: Agent) -> dict[str, Any]:
+    """Stop the egress listener: the workload's proxy connections are refused."""
+    if agent.egress is not None:
+        agent.egress.close()
+        agent.egress = None
+    return {}
 
 
 def tcp_listening(req: dict[str, Any]) -> dict[str, Any]:
@@ -1736,6 +1852,7 @@ STREAM_OPS: dict[str, type[Stream]] = {
     "untar": UntarStream,
     "tar": TarStream,
     "tcp_connect": TcpStream,
+    "egress_accept": EgressStream,
 }
 
 
@@ -1747,6 +1864,7 @@ class Agent:
         self.loop = Loop()
         self.streams: dict[int, Stream] = {}
         self.procs: dict[int, ExecStream] = {}
+        self.egress: EgressListener | None = None
         self.dead_cgroups: set[str] = set()
         self.transport = Transport(self.loop, port_fd, self.on_frame)
         self.base_env = {
@@ -2047,6 +2165,10 @@ class Agent:
                     res = chown(self, req)
                 elif op == "tcp_listening":
                     res = tcp_listening(req)
+                elif op == "egress_listen":
+                    res = egress_listen(self, req)
+                elif op == "egress_close":
+                    res = egress_close(self)
                 elif op == "sync":
                     os.sync()  # e.g. before the host kills a VM with volumes
                     res = {}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sandvm.core import ROOT_DISK, DiskSpec, VmSpec, new_id, validate_vm_id
+from sandvm.egress import NetworkPolicy
 from sandvm.errors import InvalidSpec, SandboxStateError, SandvmError, VmNotFound
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, proc_start_time
 from sandvm.runtime.journal import Journal, SandboxRecord
@@ -103,11 +104,24 @@ class SandboxManager:
             self.journal.result(seq, ok=False, error=type(exc).__name__)
             raise
         spec = sb._vm.spec
+        policy = sb.network.policy
         self.journal.update(sid, deadline=time.time() + ttl, record={
             "image": sb._image, "accelerator": sb._vm.accel,
-            "spec": {"image": spec.image, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus}})
+            "spec": {"image": spec.image, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus},
+            "network": policy.to_dict() if policy is not None else None})
+        self._keep_policy(sb)
         self.journal.result(seq, ok=True, qemu_pid=sb._vm.pid)
         return sb
+
+    def _keep_policy(self, sb: AsyncSandbox) -> None:
+        """Record every policy set on ``sb`` (the next holder restores it)."""
+        def keep(policy: NetworkPolicy) -> None:
+            rec = self.journal.get(sb.sandbox_id)
+            if rec is not None:
+                self.journal.update(sb.sandbox_id,
+                                    record={**rec.record, "network": policy.to_dict()})
+
+        sb.network._on_policy = keep
 
     def get(self, sandbox_id: str) -> SandboxRecord:
         """The live sandbox ``sandbox_id``. Raises VmNotFound (unknown or ended)."""
@@ -152,6 +166,15 @@ class SandboxManager:
         await prov.adopt_vm(sandbox_id, vm)
         sb = AsyncSandbox(sandbox_id=sandbox_id, provider=prov, vm=vm, lifetime=None)
         sb._image = image
+        net = rec.record.get("network")
+        if isinstance(net, dict):  # its egress, as the last holder left it
+            try:
+                await sb.network._start(NetworkPolicy(**net))
+            except SandvmError as exc:
+                await sb._let_go()
+                self.journal.result(seq, ok=False, error=exc.code)
+                raise
+        self._keep_policy(sb)
         self.journal.result(seq, ok=True)
         return sb
 

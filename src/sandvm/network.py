@@ -1,0 +1,218 @@
+"""``sandbox.network``: a sandbox's egress, policed on the host.
+
+The VM has no network device. With a policy, the guest agent listens on
+127.0.0.1:3128 in the guest and every command gets ``HTTP_PROXY``/``HTTPS_PROXY``
+pointing there. Each connection to it travels over the agent channel (one stream
+each, with flow control) to this sandbox's :class:`~sandvm.egress.EgressProxy` on the
+host, which applies the policy, makes the connection itself and records every
+decision. The host keeps a few ``egress_accept`` streams waiting in the guest, so a
+new connection costs no extra round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandvm import _portal
+from sandvm.agent_client import AgentConnection, HostStream, require_feature
+from sandvm.egress import AuditLog, EgressEvent, EgressProxy, NetworkPolicy, Resolver, proxy_env
+from sandvm.errors import InvalidSpec, SandvmError, Unsupported
+from sandvm.ports import _download, _upload
+
+if TYPE_CHECKING:
+    from sandvm.sandbox import AsyncSandbox
+
+GUEST_PROXY_PORT = 3128
+WAITING = 4  # egress_accept streams kept waiting in the guest
+_CHUNK = 64 * 1024
+
+
+def audit_file(sandbox_id: str) -> Path:
+    """Where a sandbox's egress decisions are appended (JSON lines, mode 0600):
+    ``$SANDVM_AUDIT_DIR`` or ``$SANDVM_HOME/audit``, one file per sandbox."""
+    env = os.environ.get("SANDVM_AUDIT_DIR")
+    if env:
+        return Path(env) / f"egress-{sandbox_id}.jsonl"
+    from sandvm.assets import sandvm_home
+
+    return sandvm_home() / "audit" / f"egress-{sandbox_id}.jsonl"
+
+
+class AsyncNetwork:
+    """The sandbox's egress policy, its audit events, and the plumbing behind them."""
+
+    def __init__(self, sb: AsyncSandbox) -> None:
+        self._sb = sb
+        self._proxy: EgressProxy | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ended = False
+        self.guest_port = GUEST_PROXY_PORT
+        # told of every policy set (sandvm's runtime keeps a managed sandbox's in its journal)
+        self._on_policy: Callable[[NetworkPolicy], None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the sandbox has egress (a policy, even one that allows nothing)."""
+        return self._proxy is not None and not self._ended
+
+    @property
+    def policy(self) -> NetworkPolicy | None:
+        """The policy in force (None: no egress at all, not even the proxy)."""
+        return self._proxy.policy if self._proxy is not None else None
+
+    def env(self) -> dict[str, str]:
+        """The variables that send a workload's HTTP(S) through the proxy ({} if off)."""
+        return proxy_env(self.guest_port) if self.enabled else {}
+
+    def _conn(self) -> AgentConnection:
+        # raises if the sandbox is gone
+        return require_feature(self._sb._conn(), "egress", "egress proxy", Unsupported)
+
+    async def set_policy(self, policy: NetworkPolicy) -> None:
+        """Replace the policy, atomically (see EgressProxy.set_policy); on a sandbox
+        created without one, this starts its egress. Allowed while the sandbox runs.
+        Raises InvalidSpec, Unsupported (an old guest agent), SandboxStateError."""
+        if not isinstance(policy, NetworkPolicy):
+            raise InvalidSpec(f"expected a NetworkPolicy, got {type(policy).__name__}")
+        if self._proxy is None:
+            await self._start(policy)
+        else:
+            self._sb._conn()
+            self._proxy.set_policy(policy)
+        if self._on_policy is not None:
+            self._on_policy(policy)
+
+    def events(self) -> list[EgressEvent]:
+        """The proxy's recent decisions and connection ends, oldest first."""
+        return self._proxy.audit.events() if self._proxy is not None else []
+
+    def subscribe(self, fn: Callable[[EgressEvent], None]) -> Callable[[], None]:
+        """Call ``fn`` (on the sandbox's event loop) with every egress event from now on;
+        returns what unsubscribes it. Raises SandboxStateError without egress."""
+        if self._proxy is None:
+            from sandvm.errors import SandboxStateError
+
+            raise SandboxStateError("this sandbox has no network policy: give one with"
+                                    " network=NetworkPolicy(...) or set_policy")
+        return self._proxy.audit.subscribe(fn)
+
+    @property
+    def audit_path(self) -> Path | None:
+        """The JSON-lines audit file, if the events are also written to one."""
+        return self._proxy.audit.path if self._proxy is not None else None
+
+    async def _start(self, policy: NetworkPolicy, *, resolver: Resolver | None = None,
+                     audit_path: Path | None = None) -> None:
+        conn = self._conn()
+        await conn.call({"op": "egress_listen", "port": self.guest_port},
+                        timeout=self._sb.op_timeout)
+        self._proxy = EgressProxy(policy, sandbox_id=self._sb.sandbox_id, resolver=resolver,
+                                  audit=AuditLog(audit_path or audit_file(self._sb.sandbox_id)))
+        for _ in range(WAITING):
+            self._spawn(self._acceptor())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _acceptor(self) -> None:
+        """Keep one egress_accept stream waiting in the guest, again and again."""
+        pause = 0.05
+        while not self._ended:
+            try:
+                st = await self._conn().open({"op": "egress_accept"})
+                item = await st.next(None)
+            except SandvmError:
+                return  # the sandbox or its agent connection is gone
+            if item.kind == "event" and (item.message or {}).get("event") == "connected":
+                self._spawn(self._bridge(st))
+                pause = 0.05
+                continue
+            await st.reset()
+            err = item.error
+            if item.kind == "error" and err is not None and \
+                    err.details.get("guest_code") == "egress_off":
+                return
+            await asyncio.sleep(pause)  # a guest that misbehaves is not spun on
+            pause = min(pause * 2, 2.0)
+
+    async def _bridge(self, st: HostStream) -> None:
+        """One guest connection ↔ the proxy, through a socket pair (the proxy speaks
+        asyncio streams; the pair gives both sides flow control)."""
+        assert self._proxy is not None
+        a, b = socket.socketpair()
+        try:
+            pr, pw = await asyncio.open_connection(sock=a, limit=_CHUNK)
+            cr, cw = await asyncio.open_connection(sock=b, limit=_CHUNK)
+        except OSError:
+            a.close()
+            b.close()
+            await st.reset()
+            return
+        handler = asyncio.get_running_loop().create_task(self._proxy.handle(cr, cw))
+        up = asyncio.get_running_loop().create_task(_upload(pr, st))
+        clean = False
+        try:
+            clean = await _download(st, pw)
+        except SandvmError:
+            pass
+        finally:
+            up.cancel()
+            if not clean:
+                await st.reset()
+                with contextlib.suppress(Exception):
+                    pw.transport.abort()
+            else:
+                pw.close()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(handler, 5.0)
+
+    async def _shutdown(self) -> None:
+        """The sandbox ends: close the proxy and every connection. Never raises."""
+        self._ended = True
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if self._proxy is not None:
+            with contextlib.suppress(Exception):
+                await self._proxy.aclose()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+
+
+class Network:
+    """Sync twin of AsyncNetwork (``sandbox.network``)."""
+
+    def __init__(self, inner: AsyncNetwork) -> None:
+        self._a = inner
+
+    @property
+    def enabled(self) -> bool:
+        return self._a.enabled
+
+    @property
+    def policy(self) -> NetworkPolicy | None:
+        return self._a.policy
+
+    @property
+    def audit_path(self) -> Path | None:
+        return self._a.audit_path
+
+    def env(self) -> dict[str, str]:
+        return self._a.env()
+
+    def set_policy(self, policy: NetworkPolicy) -> None:
+        _portal.call(self._a.set_policy(policy))
+
+    def events(self) -> list[EgressEvent]:
+        return self._a.events()
+
+    def subscribe(self, fn: Callable[[EgressEvent], None]) -> Callable[[], None]:
+        return self._a.subscribe(fn)

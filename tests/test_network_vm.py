@@ -1,0 +1,216 @@
+"""Egress from a real guest: the workload's HTTP(S) goes through the guest listener,
+the agent channel and the host's proxy, which applies the sandbox's policy.
+
+Servers are real (HTTP and HTTPS with a self-signed certificate) on 127.0.0.1; test
+names are pinned with ``NetworkPolicy.hosts`` and loopback is allowed explicitly, so
+nothing leaves the machine. The per-rule tests of the proxy are in test_egress.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from egress_servers import HttpServer
+from sandvm import Sandbox
+from sandvm.egress import EgressEvent, NetworkPolicy
+from sandvm.errors import InvalidSpec
+
+pytestmark = pytest.mark.qemu
+
+NAMES = {"pypi.test": "127.0.0.1", "other.test": "127.0.0.1", "files.pythonhosted.test":
+         "127.0.0.1"}
+
+# a client in the guest: fetch each URL through the proxy from the environment
+GET = r'''
+import hashlib, json, ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile="/tmp/ca.pem")
+opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx))
+out = []
+for url in sys.argv[1:]:
+    try:
+        body = opener.open(url, timeout=30).read()
+        out.append({"ok": True, "len": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+                    "text": body[:100].decode(errors="replace")})
+    except OSError as e:
+        out.append({"ok": False, "error": str(e)})
+print(json.dumps(out))
+'''
+
+
+def _policy(port: int, *allow: str, **kw: Any) -> NetworkPolicy:
+    return NetworkPolicy(allow=allow or ("pypi.test",), ports=[port], hosts=NAMES,
+                         allow_ips=["127.0.0.1/32"], **kw)
+
+
+@pytest.fixture(scope="module", params=["cold", "restored"])
+def netbox(request: pytest.FixtureRequest, https: HttpServer,
+           cert: tuple[Path, Path]) -> Iterator[Sandbox]:
+    """A sandbox whose policy allows pypi.test (cold-booted, or restored from the
+    session's base snapshot: both paths must give egress)."""
+    if request.param == "cold":
+        sb = Sandbox.create(network=_policy(https.port))
+    else:
+        sb = Sandbox.from_snapshot(request.getfixturevalue("base_snapshot"),
+                                   store=request.getfixturevalue("snapshot_store"),
+                                   network=_policy(https.port))
+    try:
+        sb.files.write("/tmp/ca.pem", cert[0].read_bytes())
+        sb.files.write("/tmp/get.py", GET)
+        yield sb
+    finally:
+        sb.kill()
+
+
+def _get(sb: Sandbox, *urls: str) -> list[dict[str, Any]]:
+    r = sb.commands.run(["python3", "/tmp/get.py", *urls], timeout=120)
+    return list(json.loads(r.stdout))
+
+
+def test_allowed_and_refused_from_the_guest(netbox: Sandbox, https: HttpServer) -> None:
+    seen: list[EgressEvent] = []
+    unsubscribe = netbox.network.subscribe(seen.append)
+    try:
+        ok, refused = _get(netbox, f"https://pypi.test:{https.port}/",
+                           f"https://other.test:{https.port}/")
+    finally:
+        unsubscribe()
+    assert ok["ok"] and ok["text"] == "hello from https-1\n"
+    # the guest's own error names the status and the reason
+    assert not refused["ok"]
+    assert "403" in refused["error"] and "other.test is not on this sandbox's allow list" \
+        in refused["error"]
+    # ... and the host saw both decisions
+    assert ("allow", "pypi.test") in [(e.action, e.host) for e in seen]
+    assert ("deny", "other.test") in [(e.action, e.host) for e in seen]
+    assert netbox.network.events()[-1].sandbox_id == netbox.sandbox_id
+
+
+def test_workloads_get_the_proxy_environment(netbox: Sandbox) -> None:
+    env = netbox.commands.run("env").stdout
+    assert "HTTPS_PROXY=http://127.0.0.1:3128" in env and "NO_PROXY=" in env
+    # the caller's own variables win
+    r = netbox.commands.run("echo $HTTPS_PROXY", env={"HTTPS_PROXY": "http://mine:1"})
+    assert r.stdout.strip() == "http://mine:1"
+
+
+def test_large_and_concurrent_downloads_arrive_whole(netbox: Sandbox, https: HttpServer) -> None:
+    urls = [f"https://pypi.test:{https.port}/bytes/{n}" for n in (5_000_000, 1, 777_777)]
+    results = _get(netbox, *urls)
+    for res, n in zip(results, (5_000_000, 1, 777_777), strict=True):
+        assert res["ok"] and res["len"] == n
+        assert res["sha256"] == hashlib.sha256(b"x" * n).hexdigest()
+    # several clients at once
+    script = ("python3 /tmp/get.py " + f"https://pypi.test:{https.port}/bytes/300000 " * 4)
+    r = netbox.commands.run(" & ".join([script] * 4) + " & wait", timeout=120)
+    runs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(runs) == 4 and all(x["ok"] and x["len"] == 300000 for run in runs for x in run)
+
+
+def test_policy_update_on_a_running_sandbox(netbox: Sandbox, https: HttpServer) -> None:
+    url = f"https://files.pythonhosted.test:{https.port}/"
+    before = netbox.network.policy
+    assert before is not None
+    try:
+        assert not _get(netbox, url)[0]["ok"]
+        netbox.network.set_policy(_policy(https.port, "pypi.test", "*.pythonhosted.test"))
+        assert _get(netbox, url)[0]["ok"]
+        netbox.network.set_policy(NetworkPolicy())  # deny all, at once
+        res = _get(netbox, f"https://pypi.test:{https.port}/")[0]
+        assert not res["ok"] and "403" in res["error"]
+    finally:
+        netbox.network.set_policy(before)
+
+
+def test_no_policy_means_no_network(sandbox: Any) -> None:
+    """The shared sandbox was made without a policy: no proxy variables, nothing
+    listens on the proxy port, and no egress events."""
+    assert not sandbox.network.enabled and sandbox.network.policy is None
+    assert "PROXY" not in sandbox.commands.run("env").stdout
+    r = sandbox.commands.run(["python3", "-c", "import socket; socket.create_connection("
+                              "('127.0.0.1', 3128), timeout=5)"], check=False)
+    assert r.exit_code != 0 and "refused" in r.stderr.lower()
+    with pytest.raises(InvalidSpec, match="NetworkPolicy"):
+        Sandbox.create(network={"allow": ["pypi.org"]})  # type: ignore[arg-type]
+
+
+def test_audit_file(netbox: Sandbox, https: HttpServer) -> None:
+    _get(netbox, f"https://other.test:{https.port}/")
+    path = netbox.network.audit_path
+    assert path is not None and path.stat().st_mode & 0o777 == 0o600
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[-1]["action"] == "deny" and lines[-1]["host"] == "other.test"
+    assert "allow list" in lines[-1]["reason"]
+
+
+def test_cli_allow_host(https: HttpServer) -> None:
+    code = ("import ssl, urllib.request as u; ctx = ssl.create_default_context(cafile=None);"
+            "ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE;"
+            f"print(u.build_opener(u.HTTPSHandler(context=ctx)).open("
+            f"'https://pypi.test:{https.port}/', timeout=30).read().decode(), end='')")
+    r = subprocess.run([sys.executable, "-m", "sandvm.cli", "run", "--image", "base",
+                        "--allow-host", "pypi.test", "--allow-port", str(https.port),
+                        "--allow-ip", "127.0.0.1", "--add-host", "pypi.test=127.0.0.1",
+                        "--", "python3", "-c", code], capture_output=True, text=True,
+                       timeout=180)
+    assert (r.returncode, r.stdout) == (0, "hello from https-1\n"), r.stderr
+    r = subprocess.run([sys.executable, "-m", "sandvm.cli", "run", "--allow-port", "443",
+                        "--", "true"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "--allow-host" in r.stderr
+
+
+def test_a_managed_sandbox_keeps_its_policy_across_holders(https: HttpServer,
+                                                           tmp_path: Path) -> None:
+    """`sandvm create --allow-host ...` then `sandvm exec` from other processes: each
+    holder restores the policy from the journal; set_policy by one holder is what the
+    next one gets."""
+    import asyncio
+    import os
+
+    from sandvm.runtime.journal import Journal
+    from sandvm.runtime.manager import SandboxManager
+
+    env = {**os.environ, "SANDVM_JOURNAL": str(tmp_path / "journal.db")}
+    cli = [sys.executable, "-m", "sandvm.cli"]
+    r = subprocess.run([*cli, "create", "--image", "base", "--ttl", "120",
+                        "--allow-host", "pypi.test", "--allow-port", str(https.port),
+                        "--allow-ip", "127.0.0.1", "--add-host", "pypi.test=127.0.0.1",
+                        "--add-host", "other.test=127.0.0.1"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    sid = r.stdout.strip()
+    fetch = ("import ssl, sys, urllib.request as u; c = ssl._create_unverified_context();"
+             "print(u.build_opener(u.HTTPSHandler(context=c)).open(sys.argv[1],"
+             " timeout=30).status)")
+
+    def exec_get(host: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*cli, "exec", sid, "--", "python3", "-c", fetch,
+                               f"https://{host}:{https.port}/"],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    m = SandboxManager(Journal(tmp_path / "journal.db"))
+    try:
+        assert exec_get("pypi.test").stdout == "200\n"
+        denied = exec_get("other.test")
+        assert denied.returncode != 0 and "not on this sandbox's allow list" in denied.stderr
+
+        async def widen() -> None:
+            sb = await m.attach(sid)
+            pol = sb.network.policy
+            assert pol is not None and pol.allow == ("pypi.test",)
+            await sb.network.set_policy(NetworkPolicy(
+                allow=["pypi.test", "other.test"], ports=pol.ports, allow_ips=pol.allow_ips,
+                hosts=pol.hosts))
+            await m.detach(sb)
+
+        asyncio.run(widen())
+        assert exec_get("other.test").stdout == "200\n"
+    finally:
+        asyncio.run(m.kill(sid))
