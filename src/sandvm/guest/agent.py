@@ -26,7 +26,6 @@ import fcntl
 import functools
 import heapq
 import itertools
-import json
 import os
 import selectors
 import signal
@@ -166,7 +165,6 @@ class Transport:
         self.fd = fd
         self.on_frame = on_frame
         self.decoder = wire.FrameDecoder()
-        self.resync: bytearray | None = None  # skipping garbage until a HELLO
         self.out: collections.deque[bytes | memoryview] = collections.deque()
         # reads land here: a fresh 256 KiB bytes per read (os.read) costs ~0.4 ms under TCG
         self.rview = memoryview(bytearray(1 << 20))
@@ -205,21 +203,14 @@ class Transport:
             self.loop.call_later(0.05, lambda: self.loop.set_reader(self.fd, self._readable))
             return
         frames: list[tuple[int, int, bytes]] = []
-        if self.resync is not None:  # after garbage: skip to the next host's HELLO
-            self.resync += b"".join(parts)
-            hello = wire.scan_for_hello(self.resync, lambda m: m.get("role") == "host")
-            parts = []
-            if hello is not None:
-                parts, self.resync = [bytes(self.resync)], None
-                frames.append((wire.HELLO, 0, json.dumps(hello).encode()))
         try:
             for part in parts:
                 frames.extend(self.decoder.feed(part))
         except wire.ProtocolViolation as exc:
-            # never allocate what a bad header announces: drop it all until a HELLO
-            log(f"protocol violation from host: {exc}; waiting for a new HELLO")
+            # never allocate what a bad header announces: drop this batch and go on with
+            # the next (a new host's HELLO is the first thing it writes)
+            log(f"protocol violation from host: {exc}; resetting decoder")
             self.decoder = wire.FrameDecoder()
-            self.resync = bytearray()
         for ftype, sid, payload in frames:
             self.on_frame(ftype, sid, payload)
         if eof:  # the host left right after this batch
