@@ -28,10 +28,9 @@ from pathlib import Path
 from _util import emit, summary
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from egress_servers import HttpServer, make_cert  # noqa: E402
-
-from sandvm import NetworkPolicy, Sandbox  # noqa: E402
-from sandvm.egress import EgressProxy  # noqa: E402
+from egress_servers import HttpServer, make_cert
+from sandvm import NetworkPolicy, Sandbox
+from sandvm.egress import EgressProxy
 
 N = 60
 BULK = 32 << 20
@@ -76,7 +75,8 @@ for _ in range(n):
     times.append(time.perf_counter() - t0)
 t0 = time.perf_counter()
 got = get(f"/bytes/{bulk}")
-print(json.dumps({"times": times, "tunnel": tunnel, "bulk_s": time.perf_counter() - t0, "bulk_bytes": got}))
+print(json.dumps({"times": times, "tunnel": tunnel, "bulk_s": time.perf_counter() - t0,
+                  "bulk_bytes": got}))
 '''
 
 

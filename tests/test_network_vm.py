@@ -214,3 +214,16 @@ def test_a_managed_sandbox_keeps_its_policy_across_holders(https: HttpServer,
         assert exec_get("other.test").stdout == "200\n"
     finally:
         asyncio.run(m.kill(sid))
+
+
+def test_forks_keep_the_policy(netbox: Sandbox, https: HttpServer) -> None:
+    clone = netbox.fork(1)[0]
+    try:
+        assert clone.network.policy == netbox.network.policy
+        assert clone.network.audit_path != netbox.network.audit_path
+        ok, refused = _get(clone, f"https://pypi.test:{https.port}/",
+                           f"https://other.test:{https.port}/")
+        assert ok["ok"] and not refused["ok"] and "403" in refused["error"]
+        assert [e.action for e in clone.network.events()][-1] == "deny"
+    finally:
+        clone.kill()

@@ -1342,7 +1342,8 @@ class AsyncSandbox:
         """``n`` running copies of this sandbox (a live snapshot, restored ``n`` times).
 
         The snapshot lives in the runtime directory and is removed once the
-        copies run (they keep sharing its memory). Raises like ``snapshot`` and
+        copies run (they keep sharing its memory). Each copy gets this sandbox's
+        network policy (its own proxy and audit file). Raises like ``snapshot`` and
         ``from_snapshot``.
         """
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
@@ -1355,7 +1356,8 @@ class AsyncSandbox:
         snap = await self.snapshot(new_id("fork"), store=tmp_store)
         try:
             results = await asyncio.gather(
-                *(AsyncSandbox.from_snapshot(snap, timeout=timeout, store=tmp_store)
+                *(AsyncSandbox.from_snapshot(snap, timeout=timeout, store=tmp_store,
+                                             network=self.network.policy)
                   for _ in range(n)), return_exceptions=True)
         finally:
             await asyncio.to_thread(tmp_store.remove, snap.name)
