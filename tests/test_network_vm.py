@@ -227,3 +227,19 @@ def test_forks_keep_the_policy(netbox: Sandbox, https: HttpServer) -> None:
         assert [e.action for e in clone.network.events()][-1] == "deny"
     finally:
         clone.kill()
+
+
+def test_pool_sandboxes_get_the_policy(https: HttpServer, cert: tuple[Path, Path],
+                                       base_snapshot: Any, snapshot_store: Any) -> None:
+    from sandvm.pools import Pool
+
+    pool = Pool(snapshot=base_snapshot, store=snapshot_store, min_size=1, max_size=1,
+                network=_policy(https.port))
+    try:
+        with pool.acquire(timeout=60) as sb:
+            assert sb.network.policy == _policy(https.port)
+            sb.files.write("/tmp/ca.pem", cert[0].read_bytes())
+            sb.files.write("/tmp/get.py", GET)
+            assert _get(sb, f"https://pypi.test:{https.port}/")[0]["ok"]
+    finally:
+        pool.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sandvm import _portal
+from sandvm.egress import NetworkPolicy
 from sandvm.errors import InvalidSpec, PoolClosed, PoolExhausted, SandvmError
 from sandvm.providers.qemu import QemuVmProvider
 from sandvm.sandbox import AsyncSandbox, Sandbox
@@ -62,12 +63,14 @@ def _pct(values: list[float], q: float) -> float | None:
 
 class AsyncPool:
     """A warm pool of sandboxes restored from ``snapshot``. Start it with ``await start()``
-    or ``async with``."""
+    or ``async with``. With ``network``, every sandbox it hands out has that egress
+    policy (each its own proxy and audit file)."""
 
     def __init__(self, *, snapshot: Snapshot | str | Path, min_size: int = 1,
                  max_size: int = 8, idle_timeout: float | None = 300.0,
                  store: SnapshotStore | None = None,
-                 provider: QemuVmProvider | None = None) -> None:
+                 provider: QemuVmProvider | None = None,
+                 network: NetworkPolicy | None = None) -> None:
         for name, v in (("min_size", min_size), ("max_size", max_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InvalidSpec(f"{name} must be a non-negative int, not {v!r}")
@@ -76,7 +79,10 @@ class AsyncPool:
                               f" (got {min_size}, {max_size})")
         if idle_timeout is not None and idle_timeout <= 0:
             raise InvalidSpec("idle_timeout must be positive seconds or None")
+        if network is not None and not isinstance(network, NetworkPolicy):
+            raise InvalidSpec("network must be a NetworkPolicy or None")
         self.snapshot = snapshot
+        self.network = network
         self.min_size = min_size
         self.max_size = max_size
         self.idle_timeout = idle_timeout
@@ -158,7 +164,8 @@ class AsyncPool:
         t0 = time.monotonic()
         try:
             sb = await AsyncSandbox.from_snapshot(self._snap, store=self._store,
-                                                  provider=self._provider)
+                                                  provider=self._provider,
+                                                  network=self.network)
         except SandvmError as exc:
             self._counts["restore_failures"] += 1
             self.last_error = exc
@@ -297,10 +304,12 @@ class Pool:
 
     def __init__(self, *, snapshot: Snapshot | str | Path, min_size: int = 1,
                  max_size: int = 8, idle_timeout: float | None = 300.0,
-                 store: SnapshotStore | None = None) -> None:
+                 store: SnapshotStore | None = None,
+                 network: NetworkPolicy | None = None) -> None:
         async def make() -> AsyncPool:
             return await AsyncPool(snapshot=snapshot, min_size=min_size, max_size=max_size,
-                                   idle_timeout=idle_timeout, store=store).start()
+                                   idle_timeout=idle_timeout, store=store,
+                                   network=network).start()
 
         self._a = _portal.call(make())
 
