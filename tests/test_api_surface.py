@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import sandvm
 from sandvm import sandbox as sbmod
@@ -17,7 +18,11 @@ ASYNC_ONLY = {"aclose", "_run"}
 
 
 def _public(cls: type) -> dict[str, object]:
-    return {n: m for n, m in vars(cls).items()
+    # own and inherited (a sync twin may share a base class), nearest definition wins
+    merged: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        merged.update(vars(klass))
+    return {n: m for n, m in merged.items()
             if not n.startswith("_") and (callable(m) or isinstance(m, (property, classmethod)))}
 
 

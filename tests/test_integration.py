@@ -93,6 +93,15 @@ def test_large_output_with_flow_control(sandbox: Any) -> None:
     assert r.stderr == "end"
 
 
+def test_absurd_timeouts_are_refused_before_the_guest(sandbox: Any) -> None:
+    from sandvm.errors import InvalidSpec
+
+    for bad in (1e10, float("inf"), float("nan"), -1, 0, True):
+        with pytest.raises(InvalidSpec, match="timeout"):
+            sandbox.commands.run("true", timeout=bad)
+    assert sandbox.commands.run("echo ok", timeout=7 * 24 * 3600).stdout == "ok\n"
+
+
 def test_timeout_kills_whole_process_group(sandbox: Any) -> None:
     # a child that ignores SIGTERM and would write a marker after the timeout
     script = ("(trap '' TERM; sleep 3; echo survived > /tmp/survivor) & "

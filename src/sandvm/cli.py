@@ -948,5 +948,132 @@ def gc_cmd() -> None:
                f" {len(swept)} stale directories removed")
 
 
+# --------------------------------------------------------------------------- server
+
+
+@main.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; put TLS in front).")
+@click.option("--port", default=7070, show_default=True, type=click.IntRange(0, 65535),
+              help="Port (0: a free one, printed at start).")
+@click.option("--max-sandboxes", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Live sandboxes per tenant.")
+@click.option("--default-ttl", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds a sandbox lives unless its creator says otherwise.")
+@click.option("--max-ttl", default=86400.0, show_default=True, type=click.FloatRange(min=1),
+              help="Longest lifetime (seconds) a client may ask for.")
+@click.option("--max-upload", default="1G", show_default=True, metavar="SIZE",
+              help="Largest file upload.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_ttl: float,
+              max_upload: str, log_level: str) -> None:
+    """Serve the HTTP API (keys from `sandvm key create`; state in $SANDVM_SERVER_DIR,
+    default $SANDVM_HOME/server). Stopping it (SIGTERM, Ctrl-C) detaches its sandboxes:
+    they keep running, and the next `sandvm serve` takes them over."""
+    import logging
+    import socket
+
+    import uvicorn
+
+    from sandvm.server import ServerConfig, ServerStore, create_app
+
+    try:
+        config = ServerConfig(max_sandboxes=max_sandboxes, default_ttl=min(default_ttl, max_ttl),
+                              max_ttl=max_ttl,
+                              max_upload_bytes=parse_size(max_upload, what="--max-upload"))
+        store = ServerStore(config.state_dir)
+        if not store.keys():
+            click.echo("sandvm: no API keys yet: every request will be refused; create one"
+                       " with `sandvm key create NAME`", err=True)
+        store.close()
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    except OSError as exc:
+        raise click.BadParameter(f"{host}: {exc}", param_hint="--host") from None
+    family, socktype, proto, _, addr = infos[0]
+    # with its proto (IPPROTO_TCP), asyncio sets TCP_NODELAY on accepted connections:
+    # without it every keep-alive response waits for the client's delayed ACK (40 ms)
+    sock = socket.socket(family, socktype, proto or socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        click.echo(f"sandvm: error: cannot listen on {host}:{port}: {exc.strerror}", err=True)
+        sys.exit(1)
+    sock.listen(512)
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if family == socket.AF_INET6 else bound[0]
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    click.echo(f"sandvm: serving on http://{shown}:{bound[1]}", err=True)
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(config), log_level=log_level, timeout_graceful_shutdown=10,
+        h11_max_incomplete_event_size=max(64 << 10, config.max_header_bytes * 2),
+        access_log=False, server_header=False))
+    server.run(sockets=[sock])
+
+
+@main.group("key")
+def key_group() -> None:
+    """API keys of `sandvm serve` (stored hashed in $SANDVM_SERVER_DIR)."""
+
+
+def _key_store() -> Any:
+    from sandvm.server import ServerConfig, ServerStore
+
+    return ServerStore(ServerConfig().state_dir)
+
+
+@key_group.command("create")
+@click.argument("name")
+@click.option("--tenant", default=None, help="The tenant whose sandboxes the key reaches"
+                                             " (default: NAME).")
+def key_create(name: str, tenant: str | None) -> None:
+    """Create an API key; the key is printed once, on the last line."""
+    try:
+        store = _key_store()
+        key = store.create_key(name, tenant=tenant)
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    click.echo(f"created key {name} for tenant {tenant or name}; it is shown only now:")
+    click.echo(key)
+
+
+@key_group.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def key_ls(as_json: bool) -> None:
+    """List API keys (names and tenants; never the keys)."""
+    from dataclasses import asdict
+    from datetime import datetime
+
+    try:
+        keys = _key_store().keys()
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([asdict(k) for k in keys], indent=2))
+        return
+    for k in keys:
+        when = datetime.fromtimestamp(k.created).strftime("%Y-%m-%d %H:%M:%S")
+        click.echo(f"{k.name:24}  {k.tenant:24}  {when}")
+
+
+@key_group.command("revoke")
+@click.argument("names", nargs=-1, required=True)
+def key_revoke(names: tuple[str, ...]) -> None:
+    """Revoke API keys: requests with them are refused from now on."""
+    try:
+        store = _key_store()
+    except SandvmError as exc:
+        _fail(exc)
+        return
+    _remove_each(names, store.revoke_key, done="revoked")
+
+
 if __name__ == "__main__":
     main()

@@ -55,7 +55,13 @@ will return, so callers can match on it across versions::
     │   ├── PortRefused (port_refused)          nothing accepts on the guest port
     │   ├── PortReset (port_reset)              a tunneled connection was reset
     │   └── PortTimeout (port_timeout)          ports.wait, a connect or a read ran out of time
-    └── SandboxStateError (sandbox_state)       operation not allowed in this state
+    ├── SandboxStateError (sandbox_state)       operation not allowed in this state
+    │   └── SandboxBusy (sandbox_busy)          another process holds the managed sandbox
+    └── ServiceError (service_error)            the HTTP server (`sandvm serve`) and its clients
+        ├── Unauthenticated (unauthenticated)   no API key, or not a valid one (HTTP 401)
+        ├── QuotaExceeded (quota_exceeded)      the tenant's quota is used up (HTTP 429)
+        ├── RequestTooLarge (request_too_large) body or headers over the server's caps
+        └── ServerUnreachable (server_unreachable)  the client cannot reach the server
 
 PortRefused, PortReset and PortTimeout are also the builtin ConnectionRefusedError,
 ConnectionResetError and TimeoutError, so code written for sockets catches them.
@@ -103,16 +109,21 @@ __all__ = [
     "PortTimeout",
     "ProviderError",
     "QmpError",
+    "QuotaExceeded",
     "RegistryError",
+    "RequestTooLarge",
     "SandboxBusy",
     "SandboxStateError",
     "SandvmError",
+    "ServerUnreachable",
+    "ServiceError",
     "SetupError",
     "SnapshotAlreadyExists",
     "SnapshotCorrupt",
     "SnapshotError",
     "SnapshotIncompatible",
     "SnapshotNotFound",
+    "Unauthenticated",
     "UnknownImage",
     "Unsupported",
     "VmAlreadyExists",
@@ -124,6 +135,7 @@ __all__ = [
     "VolumeInUse",
     "VolumeNotFound",
     "error_class_for_code",
+    "error_from_dict",
 ]
 
 
@@ -453,6 +465,36 @@ class SandboxBusy(SandboxStateError):
     code = "sandbox_busy"
 
 
+class ServiceError(SandvmError):
+    """The HTTP server (`sandvm serve`) refused a request, or could not be reached."""
+
+    code = "service_error"
+
+
+class Unauthenticated(ServiceError):
+    """No API key, a malformed one, or one that is unknown or revoked (HTTP 401)."""
+
+    code = "unauthenticated"
+
+
+class QuotaExceeded(ServiceError):
+    """The tenant already uses everything its quota allows (HTTP 429): kill a sandbox."""
+
+    code = "quota_exceeded"
+
+
+class RequestTooLarge(ServiceError):
+    """A request body or its headers are over the server's caps (HTTP 413 / 431)."""
+
+    code = "request_too_large"
+
+
+class ServerUnreachable(ServiceError):
+    """The client could not reach the server, or the connection broke mid-way."""
+
+    code = "server_unreachable"
+
+
 def _all_subclasses(cls: type[SandvmError]) -> list[type[SandvmError]]:
     out = [cls]
     for sub in cls.__subclasses__():
@@ -466,3 +508,23 @@ def error_class_for_code(code: str) -> type[SandvmError]:
         if cls.code == code:
             return cls
     return SandvmError
+
+
+def error_from_dict(obj: object) -> SandvmError:
+    """The exception a ``{"code": ..., "message": ...}`` object (the server's error body)
+    stands for: the class ``error_class_for_code`` names, carrying that message. Classes
+    whose constructor wants more than a message get their message only (their other
+    attributes are None). Anything malformed becomes a plain SandvmError."""
+    code, message = "sandvm_error", "the server sent a malformed error"
+    if isinstance(obj, dict):
+        if isinstance(obj.get("code"), str):
+            code = obj["code"][:100]
+        if isinstance(obj.get("message"), str):
+            message = obj["message"][:10_000]
+    cls = error_class_for_code(code)
+    exc = cls.__new__(cls)
+    SandvmError.__init__(exc, message)
+    if cls.__init__ is not SandvmError.__init__:  # attributes its own __init__ would set
+        for attr in ("vm_id", "snapshot_id", "step", "from_state", "to_state", "result"):
+            setattr(exc, attr, None)
+    return exc

@@ -485,6 +485,9 @@ def _count(msg: dict[str, Any], key: str) -> int:
     return v
 
 
+MAX_COMMAND_TIMEOUT = 7 * 24 * 3600.0  # a week; beyond that, no timeout (None) is meant
+
+
 class _Output:
     def __init__(self, cb: OutputCallback | None, raw: RawOutputCallback | None = None,
                  channel: int = 0) -> None:
@@ -731,8 +734,10 @@ class AsyncCommands:
         if cwd is not None:
             req["cwd"] = check_guest_path(cwd)
         if timeout is not None:
-            if timeout <= 0:
-                raise InvalidSpec(f"timeout must be positive seconds or None, got {timeout}")
+            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+                    not 0 < timeout <= MAX_COMMAND_TIMEOUT:
+                raise InvalidSpec(f"timeout must be seconds in (0, {MAX_COMMAND_TIMEOUT:.0f}]"
+                                  f" or None, got {timeout!r}")
             req["timeout"] = float(timeout)
         stdin_open = stdin is not None or background
         req["stdin"] = stdin_open
@@ -1584,15 +1589,19 @@ class Commands:
         return CommandHandle(res) if isinstance(res, AsyncCommandHandle) else res
 
 
-class Files:
-    """Sync twin of AsyncFiles."""
+class FileTransfer:
+    """Sync write/read/read_stream over any async twin that has them (the local
+    AsyncFiles, or the remote SDK's)."""
 
-    def __init__(self, inner: AsyncFiles) -> None:
+    def __init__(self, inner: Any) -> None:
         self._a = inner
 
     def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
               make_parents: bool = True) -> WriteInfo:
-        return _portal.call(self._a.write(path, data, mode=mode, make_parents=make_parents))
+        """See AsyncFiles.write."""
+        info: WriteInfo = _portal.call(self._a.write(path, data, mode=mode,
+                                                     make_parents=make_parents))
+        return info
 
     @overload
     def read(self, path: str, *, format: Literal["text"] = ..., max_bytes: int = ...) -> str: ...
@@ -1602,7 +1611,7 @@ class Files:
 
     def read(self, path: str, *, format: Literal["text", "bytes"] = "text",
              max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
-        data = _portal.call(self._a.read(path, format="bytes", max_bytes=max_bytes))
+        data: bytes = _portal.call(self._a.read(path, format="bytes", max_bytes=max_bytes))
         return data.decode("utf-8", "replace") if format == "text" else data
 
     def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP) -> Iterator[bytes]:
@@ -1616,6 +1625,14 @@ class Files:
                     return
         finally:
             _portal.call(agen.aclose())
+
+
+class Files(FileTransfer):
+    """Sync twin of AsyncFiles."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        super().__init__(inner)
+        self._a: AsyncFiles = inner
 
     def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
         return _portal.call(self._a.list(path, depth=depth))

@@ -385,6 +385,11 @@ class ExecStream(Stream):
         if not isinstance(cwd, str):
             raise GuestFail("invalid_request", "cwd must be a string")
         timeout = req.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or
+                                    not isinstance(timeout, (int, float)) or
+                                    not 0 < timeout <= 7 * 24 * 3600):
+            raise GuestFail("invalid_spec", f"timeout must be seconds in (0, 604800],"
+                                            f" got {timeout!r}"[:200])
         stdin_open = bool(req.get("stdin"))
         user = None
         if req.get("user") not in (None, ""):

@@ -1,0 +1,26 @@
+"""The remote SDK: sandboxes on a sandvm server (`sandvm serve`), same surface as local.
+
+    # SANDVM_URL=http://127.0.0.1:7070 SANDVM_API_KEY=sandvm_...
+    from sandvm.client import Sandbox
+    with Sandbox.create() as sb:
+        print(sb.commands.run("uname -r").stdout)
+
+``AsyncSandbox`` is the one implementation (httpx, asyncio); ``Sandbox`` runs it on
+sandvm's blocking portal. Errors are those of ``sandvm.errors``.
+"""
+
+from sandvm.client._async import AsyncCommands, AsyncFiles, AsyncSandbox, SandboxInfo
+from sandvm.client._sync import Commands, Files, Sandbox
+from sandvm.sandbox import CommandResult, WriteInfo
+
+__all__ = [
+    "AsyncCommands",
+    "AsyncFiles",
+    "AsyncSandbox",
+    "CommandResult",
+    "Commands",
+    "Files",
+    "Sandbox",
+    "SandboxInfo",
+    "WriteInfo",
+]

@@ -1,0 +1,455 @@
+"""The remote SDK's one implementation (asyncio, httpx): a sandbox on a sandvm server.
+
+``AsyncSandbox.create()`` asks the server (``$SANDVM_URL``, key ``$SANDVM_API_KEY``)
+for a sandbox; ``commands.run`` streams the command's output back as it runs;
+``files`` moves bytes in and out. Errors are the exceptions of ``sandvm.errors``,
+rebuilt from the server's ``{"code", "message"}`` bodies; transport failures are
+ServerUnreachable (cause chained).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+from urllib.parse import quote
+
+import httpx
+
+from sandvm.core import parse_memory
+from sandvm.egress import NetworkPolicy
+from sandvm.errors import (
+    CommandExitError,
+    CommandTimeout,
+    FileTooLarge,
+    InvalidSpec,
+    SandboxStateError,
+    ServerUnreachable,
+    ServiceError,
+    Unauthenticated,
+    error_from_dict,
+)
+from sandvm.sandbox import (
+    DEFAULT_COMMAND_TIMEOUT,
+    DEFAULT_READ_CAP,
+    CommandResult,
+    OutputCallback,
+    WriteInfo,
+    _Output,
+)
+
+DEFAULT_URL = "http://127.0.0.1:7070"
+CREATE_TIMEOUT = 180.0  # a cold boot under TCG takes seconds; a busy host more
+MAX_LINE = 8 << 20  # one NDJSON event; the server sends far less
+MAX_ERROR_BODY = 64 << 10
+
+__all__ = ["DEFAULT_URL", "AsyncCommands", "AsyncFiles", "AsyncSandbox", "SandboxInfo"]
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    """What the server says about a sandbox."""
+
+    sandbox_id: str
+    state: str
+    image: str
+    memory_mib: int
+    vcpus: int
+    created: float
+    expires_at: float | None
+    network: bool
+
+    @classmethod
+    def from_json(cls, d: object) -> SandboxInfo:
+        try:
+            assert isinstance(d, dict)
+            exp = d.get("expires_at")
+            return cls(sandbox_id=str(d["sandbox_id"]), state=str(d["state"]),
+                       image=str(d["image"]), memory_mib=int(d["memory_mib"]),
+                       vcpus=int(d["vcpus"]), created=float(d["created"]),
+                       expires_at=None if exp is None else float(exp),
+                       network=bool(d.get("network", False)))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            raise ServiceError("the server sent a malformed sandbox description") from None
+
+
+def _settings(api_key: str | None, url: str | None) -> tuple[str, str]:
+    key = api_key if api_key is not None else os.environ.get("SANDVM_API_KEY")
+    if not key:
+        raise Unauthenticated("no API key: pass api_key=... or set SANDVM_API_KEY (create"
+                              " one on the server with `sandvm key create NAME`)")
+    base = url if url is not None else os.environ.get("SANDVM_URL") or DEFAULT_URL
+    if not base.startswith(("http://", "https://")):
+        raise InvalidSpec(f"server URL {base!r} must start with http:// or https://")
+    return key, base.rstrip("/")
+
+
+class _Api:
+    """The HTTP side: one connection pool, the key, error mapping."""
+
+    def __init__(self, *, api_key: str | None, url: str | None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._key, self.url = _settings(api_key, url)
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The connection pool (made again after ``aclose``)."""
+        if self._client is None or self._client.is_closed:
+            from sandvm import __version__
+
+            self._client = httpx.AsyncClient(
+                base_url=self.url, transport=self._transport,
+                headers={"Authorization": f"Bearer {self._key}",
+                         "User-Agent": f"sandvm-client/{__version__}"},
+                timeout=httpx.Timeout(60.0, connect=10.0))
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def _raise_for(self, resp: httpx.Response) -> None:
+        if resp.status_code < 400:
+            return
+        body = b""
+        async for chunk in resp.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_ERROR_BODY:
+                break
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if not (isinstance(obj, dict) and isinstance(obj.get("code"), str)):
+            raise ServiceError(f"HTTP {resp.status_code} from {self.url}:"
+                               f" {body[:200].decode(errors='replace')}")
+        raise error_from_dict(obj)
+
+    @asynccontextmanager
+    async def stream(self, method: str, path: str, **kw: Any) -> AsyncIterator[httpx.Response]:
+        """A response whose body is read as it arrives; error statuses raised."""
+        try:
+            async with self.client.stream(method, path, **kw) as resp:
+                await self._raise_for(resp)
+                yield resp
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(f"{method} {self.url}{path}: {type(exc).__name__}:"
+                                    f" {exc}") from exc
+
+    async def call(self, method: str, path: str, **kw: Any) -> Any:
+        """A JSON request; returns the decoded body (None for 204)."""
+        async with self.stream(method, path, **kw) as resp:
+            if resp.status_code == 204:
+                return None
+            try:
+                body = await resp.aread()
+            except httpx.TransportError as exc:
+                raise ServerUnreachable(f"{method} {self.url}{path}: {exc}") from exc
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ServiceError(f"the server sent a body that is not JSON for {method}"
+                               f" {path}") from None
+
+
+async def _lines(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """NDJSON lines of a streamed response (each capped)."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl], buf[nl + 1:]
+            if line.strip():
+                yield line
+        if len(buf) > MAX_LINE:
+            raise ServiceError("the server sent an output line over the client's cap")
+    if buf.strip():
+        yield buf
+
+
+def _chunk(event: dict[str, Any]) -> bytes:
+    text, b64 = event.get("text"), event.get("b64")
+    if isinstance(text, str):
+        return text.encode()
+    if isinstance(b64, str):
+        try:
+            return base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise ServiceError("the server sent a malformed output event")
+
+
+class AsyncCommands:
+    """``sandbox.commands``: run commands in the remote sandbox."""
+
+    def __init__(self, sb: AsyncSandbox) -> None:
+        self._sb = sb
+
+    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+                  cwd: str | None = None, stdin: bytes | str | None = None,
+                  timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+                  on_stdout: OutputCallback | None = None,
+                  on_stderr: OutputCallback | None = None,
+                  check: bool = True, user: str | None = None) -> CommandResult:
+        """Run ``cmd`` (a shell string, or an argv list) and return its result; its
+        output reaches ``on_stdout``/``on_stderr`` while it runs.
+
+        Allowed while the sandbox runs. ``timeout`` kills the command's processes
+        (None: no limit). ``stdin`` is sent whole. Raises CommandExitError on a
+        non-zero exit unless ``check=False``, CommandTimeout, CommandNotFound,
+        SandboxStateError (killed, ended), VmNotFound, ServerUnreachable.
+        """
+        sb = self._sb
+        sb._check_open()
+        body: dict[str, Any] = {"cmd": cmd, "timeout": timeout}
+        for name, value in (("env", env), ("cwd", cwd), ("user", user)):
+            if value is not None:
+                body[name] = value
+        if isinstance(stdin, str):
+            body["stdin"] = stdin
+        elif isinstance(stdin, (bytes, bytearray, memoryview)):
+            body["stdin_b64"] = base64.b64encode(bytes(stdin)).decode()
+        elif stdin is not None:
+            raise InvalidSpec("the remote stdin is bytes or str (sent whole)")
+        out, err = _Output(on_stdout), _Output(on_stderr)
+        final: dict[str, Any] | None = None
+        read = None if timeout is None else timeout + 30.0
+        async with sb._api.stream("POST", sb._path("/commands"), json=body,
+                                  timeout=httpx.Timeout(60.0, connect=10.0, read=read)) as resp:
+            try:
+                async for line in _lines(resp):
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        raise ServiceError("the server sent a line that is not JSON") from None
+                    kind = event.get("type") if isinstance(event, dict) else None
+                    if kind == "stdout":
+                        await out.feed(_chunk(event))
+                    elif kind == "stderr":
+                        await err.feed(_chunk(event))
+                    elif kind == "error":
+                        raise error_from_dict(event)
+                    elif kind == "exit":
+                        final = event
+                        break
+            except httpx.TransportError as exc:
+                raise ServerUnreachable(f"the connection to {sb._api.url} broke while the"
+                                        f" command ran: {exc}") from exc
+        if final is None:
+            raise ServerUnreachable("the server ended the output stream before the command"
+                                    " ended")
+        code, sig = final.get("exit_code"), final.get("signal")
+        dur = final.get("duration")
+        if not isinstance(code, int) or not (sig is None or isinstance(sig, int)):
+            raise ServiceError("the server sent a malformed exit event")
+        result = CommandResult(
+            exit_code=code, stdout_bytes=bytes(out.buf), stderr_bytes=bytes(err.buf),
+            signal=sig, timed_out=bool(final.get("timed_out")),
+            duration=float(dur) if isinstance(dur, (int, float)) else 0.0,
+            output_truncated=out.truncated or err.truncated)
+        if result.timed_out:
+            raise CommandTimeout(f"command timed out after {timeout} s; its processes were"
+                                 " killed", result=result)
+        if check and (code != 0 or sig is not None):
+            raise CommandExitError(result)
+        return result
+
+
+class AsyncFiles:
+    """``sandbox.files``: files in the remote sandbox. Paths must be absolute."""
+
+    def __init__(self, sb: AsyncSandbox) -> None:
+        self._sb = sb
+
+    async def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
+                    make_parents: bool = True) -> WriteInfo:
+        """Write a whole file atomically (temp file, fsync, rename in the guest). Raises
+        RequestTooLarge (over the server's cap), GuestError, InvalidPath."""
+        self._sb._check_open()
+        if isinstance(data, str):
+            data = data.encode()
+        res = await self._sb._api.call(
+            "PUT", self._sb._path("/files"),
+            params={"path": path, "mode": mode, "make_parents": make_parents},
+            content=bytes(data), headers={"Content-Type": "application/octet-stream"},
+            timeout=httpx.Timeout(60.0 + len(data) / 1e6, connect=10.0))
+        try:
+            return WriteInfo(path=str(res["path"]), size=int(res["size"]))
+        except (KeyError, TypeError, ValueError):
+            raise ServiceError("the server sent a malformed write result") from None
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = ...,
+                   max_bytes: int = ...) -> str: ...
+
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"],
+                   max_bytes: int = ...) -> bytes: ...
+
+    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text",
+                   max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
+        """Read a whole file (as text or bytes). A file over ``max_bytes`` raises
+        FileTooLarge rather than returning part of it. Raises GuestFileNotFound."""
+        chunks = [c async for c in self.read_stream(path, max_bytes=max_bytes)]
+        data = b"".join(chunks)
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    async def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP
+                          ) -> AsyncGenerator[bytes, None]:
+        """Yield a file's bytes as they arrive; capped like ``read``."""
+        self._sb._check_open()
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise InvalidSpec("max_bytes must be an int >= 0")
+        got = 0
+        async with self._sb._api.stream("GET", self._sb._path("/files"),
+                                        params={"path": path, "max_bytes": max_bytes}) as resp:
+            try:
+                async for chunk in resp.aiter_bytes():
+                    got += len(chunk)
+                    if got > max_bytes:
+                        raise FileTooLarge(f"{path} is larger than the cap of {max_bytes}"
+                                           " bytes")
+                    yield chunk
+            except httpx.TransportError as exc:
+                raise ServerUnreachable(f"the download of {path} broke: {exc}") from exc
+
+
+class AsyncSandbox:
+    """A sandbox on a sandvm server. Use ``await AsyncSandbox.create(...)`` or
+    ``await AsyncSandbox.connect(sandbox_id)``."""
+
+    def __init__(self, *, api: _Api, info: SandboxInfo) -> None:
+        self._api = api
+        self.sandbox_id = info.sandbox_id
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+        self._killed = False
+
+    def _path(self, suffix: str = "") -> str:
+        return f"/v1/sandboxes/{quote(self.sandbox_id, safe='')}{suffix}"
+
+    def _check_open(self) -> None:
+        if self._killed:
+            raise SandboxStateError(f"sandbox {self.sandbox_id} has been killed")
+
+    @classmethod
+    async def create(cls, *, image: str | None = None, memory_mib: int | str = 256,
+                     vcpus: int = 1, timeout: float | None = None,
+                     network: NetworkPolicy | None = None, api_key: str | None = None,
+                     url: str | None = None,
+                     transport: httpx.AsyncBaseTransport | None = None) -> AsyncSandbox:
+        """A new sandbox on the server (``url``, default ``$SANDVM_URL``) for the tenant
+        of ``api_key`` (default ``$SANDVM_API_KEY``), alive ``timeout`` seconds (None:
+        the server's default; ``set_timeout`` changes it). ``network``: egress by
+        ``allow``/``ports``/``allow_http``/``max_bytes`` (other fields are the
+        server operator's). Raises Unauthenticated, QuotaExceeded, InvalidSpec,
+        UnknownImage, VmBootError, ServerUnreachable."""
+        body: dict[str, Any] = {"memory_mib": parse_memory(memory_mib), "vcpus": vcpus}
+        if image is not None:
+            body["image"] = image
+        if timeout is not None:
+            body["timeout"] = timeout
+        if network is not None:
+            if not isinstance(network, NetworkPolicy):
+                raise InvalidSpec("network must be a sandvm.NetworkPolicy or None")
+            if network.allow_ips or network.hosts:
+                raise InvalidSpec("allow_ips and hosts are set by the server's operator, not"
+                                  " by API clients")
+            body["network"] = {"allow": list(network.allow), "ports": list(network.ports),
+                               "allow_http": network.allow_http,
+                               "max_bytes": network.max_bytes}
+        api = _Api(api_key=api_key, url=url, transport=transport)
+        try:
+            info = SandboxInfo.from_json(await api.call(
+                "POST", "/v1/sandboxes", json=body,
+                timeout=httpx.Timeout(60.0, connect=10.0, read=CREATE_TIMEOUT)))
+        except BaseException:
+            await api.aclose()
+            raise
+        return cls(api=api, info=info)
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, api_key: str | None = None,
+                      url: str | None = None,
+                      transport: httpx.AsyncBaseTransport | None = None) -> AsyncSandbox:
+        """The running sandbox ``sandbox_id`` of this key's tenant (e.g. made by another
+        process). Raises VmNotFound (unknown, or another tenant's), SandboxStateError
+        (ended), Unauthenticated, ServerUnreachable."""
+        api = _Api(api_key=api_key, url=url, transport=transport)
+        try:
+            info = SandboxInfo.from_json(await api.call(
+                "GET", f"/v1/sandboxes/{quote(sandbox_id, safe='')}"))
+        except BaseException:
+            await api.aclose()
+            raise
+        return cls(api=api, info=info)
+
+    @classmethod
+    async def list(cls, *, api_key: str | None = None, url: str | None = None,
+                   transport: httpx.AsyncBaseTransport | None = None) -> list[SandboxInfo]:
+        """The running sandboxes of this key's tenant."""
+        api = _Api(api_key=api_key, url=url, transport=transport)
+        try:
+            res = await api.call("GET", "/v1/sandboxes")
+        finally:
+            await api.aclose()
+        items = res.get("sandboxes") if isinstance(res, dict) else None
+        if not isinstance(items, list):
+            raise ServiceError("the server sent a malformed sandbox list")
+        return [SandboxInfo.from_json(i) for i in items]
+
+    async def get_info(self) -> SandboxInfo:
+        """The server's view of this sandbox. Raises SandboxStateError once it ended."""
+        self._check_open()
+        return SandboxInfo.from_json(await self._api.call("GET", self._path()))
+
+    async def set_timeout(self, timeout: float) -> None:
+        """Let the sandbox live ``timeout`` more seconds from now (not longer than the
+        server's max TTL). Raises InvalidSpec, SandboxStateError."""
+        self._check_open()
+        await self._api.call("POST", self._path("/timeout"), json={"timeout": timeout})
+
+    async def is_running(self) -> bool:
+        if self._killed:
+            return False
+        try:
+            return (await self.get_info()).state == "running"
+        except SandboxStateError:
+            return False
+
+    async def kill(self) -> None:
+        """Destroy the sandbox (idempotent) and close the connection to the server."""
+        if self._killed:
+            return
+        self._killed = True
+        try:
+            await self._api.call("DELETE", self._path())
+        except SandboxStateError:
+            pass  # it had ended already
+        finally:
+            await self._api.aclose()
+
+    async def close(self) -> None:
+        """Close the connection to the server; the sandbox keeps running (until its
+        timeout): ``connect`` to it again by id."""
+        await self._api.aclose()
+
+    async def aclose(self) -> None:
+        await self.kill()
+
+    async def __aenter__(self) -> AsyncSandbox:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.kill()
+

@@ -1,0 +1,98 @@
+"""The remote SDK's sync surface: the async one run on sandvm's blocking portal."""
+
+from __future__ import annotations
+
+import httpx
+
+from sandvm import _portal
+from sandvm.client._async import AsyncCommands, AsyncFiles, AsyncSandbox, SandboxInfo
+from sandvm.egress import NetworkPolicy
+from sandvm.sandbox import (
+    DEFAULT_COMMAND_TIMEOUT,
+    CommandResult,
+    FileTransfer,
+    OutputCallback,
+)
+
+__all__ = ["Commands", "Files", "Sandbox"]
+
+
+class Commands:
+    """Sync twin of AsyncCommands."""
+
+    def __init__(self, inner: AsyncCommands) -> None:
+        self._a = inner
+
+    def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+            cwd: str | None = None, stdin: bytes | str | None = None,
+            timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+            on_stdout: OutputCallback | None = None,
+            on_stderr: OutputCallback | None = None,
+            check: bool = True, user: str | None = None) -> CommandResult:
+        """See AsyncCommands.run."""
+        return _portal.call(self._a.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                                        on_stdout=on_stdout, on_stderr=on_stderr,
+                                        check=check, user=user))
+
+
+class Files(FileTransfer):
+    """Sync twin of the remote AsyncFiles: write, read, read_stream."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        super().__init__(inner)
+
+
+class Sandbox:
+    """Sync twin of AsyncSandbox: ``with Sandbox.create() as sb: sb.commands.run("ls")``."""
+
+    def __init__(self, inner: AsyncSandbox) -> None:
+        self._a = inner
+        self.sandbox_id = inner.sandbox_id
+        self.commands = Commands(inner.commands)
+        self.files = Files(inner.files)
+
+    @classmethod
+    def create(cls, *, image: str | None = None, memory_mib: int | str = 256,
+               vcpus: int = 1, timeout: float | None = None,
+               network: NetworkPolicy | None = None, api_key: str | None = None,
+               url: str | None = None,
+               transport: httpx.AsyncBaseTransport | None = None) -> Sandbox:
+        """See AsyncSandbox.create."""
+        return cls(_portal.call(AsyncSandbox.create(
+            image=image, memory_mib=memory_mib, vcpus=vcpus, timeout=timeout,
+            network=network, api_key=api_key, url=url, transport=transport)))
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, api_key: str | None = None,
+                url: str | None = None,
+                transport: httpx.AsyncBaseTransport | None = None) -> Sandbox:
+        """See AsyncSandbox.connect."""
+        return cls(_portal.call(AsyncSandbox.connect(sandbox_id, api_key=api_key, url=url,
+                                                     transport=transport)))
+
+    @classmethod
+    def list(cls, *, api_key: str | None = None, url: str | None = None,
+             transport: httpx.AsyncBaseTransport | None = None) -> list[SandboxInfo]:
+        """See AsyncSandbox.list."""
+        return _portal.call(AsyncSandbox.list(api_key=api_key, url=url, transport=transport))
+
+    def get_info(self) -> SandboxInfo:
+        return _portal.call(self._a.get_info())
+
+    def set_timeout(self, timeout: float) -> None:
+        _portal.call(self._a.set_timeout(timeout))
+
+    def is_running(self) -> bool:
+        return _portal.call(self._a.is_running())
+
+    def kill(self) -> None:
+        _portal.call(self._a.kill())
+
+    def close(self) -> None:
+        _portal.call(self._a.close())
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()

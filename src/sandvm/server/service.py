@@ -1,0 +1,441 @@
+"""The service behind the HTTP handlers: tenants' sandboxes, held through the manager.
+
+Every sandbox the server makes is a managed one (``SandboxManager``): it runs under
+its keeper, so it outlives the server. The server records its owner (a tenant) in
+its own database, holds the sandboxes it uses (one holder at a time, as the manager
+wants), and detaches them all when it stops; after a restart it runs the manager's
+``recover`` and attaches to a sandbox again the first time a request names it.
+
+Tenancy: every call names the tenant its API key belongs to. A sandbox that does not
+exist and one that belongs to another tenant are the same to the caller: VmNotFound.
+
+States of an owned sandbox, as the caller sees them: running (usable), or ended
+(killed, TTL over, keeper gone: SandboxStateError). A sandbox being created is not
+listed until it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sandvm import wire
+from sandvm.core import check_guest_path, new_id, validate_vm_id
+from sandvm.egress import NetworkPolicy
+from sandvm.errors import (
+    AgentProtocolError,
+    CommandTimeout,
+    InvalidSpec,
+    QuotaExceeded,
+    RequestTooLarge,
+    SandboxStateError,
+    SandvmError,
+    Unauthenticated,
+    VmNotFound,
+)
+from sandvm.runtime.journal import SandboxRecord
+from sandvm.runtime.manager import Recovery, SandboxManager, keeper_alive
+from sandvm.sandbox import AsyncSandbox, CommandResult
+from sandvm.server.config import ServerConfig
+from sandvm.server.metrics import Metrics
+from sandvm.server.models import SandboxInfo, WriteResult
+from sandvm.server.store import ServerStore
+
+log = logging.getLogger("sandvm.server")
+
+REAP_INTERVAL = 2.0  # seconds between looks for sandboxes that ended on their own
+_OUTPUT_QUEUE = 16  # output chunks between the guest and a slow HTTP client
+
+
+def _not_found(sandbox_id: str) -> VmNotFound:
+    exc = VmNotFound(sandbox_id)
+    exc.message = f"no sandbox {sandbox_id!r}"
+    exc.args = (exc.message,)
+    return exc
+
+
+def output_event(channel: int, data: bytes) -> dict[str, Any]:
+    """One ``stdout``/``stderr`` line of a command's stream: text if the chunk is
+    valid UTF-8, else base64 (a chunk can end inside a character)."""
+    kind = "stdout" if channel == wire.CH_STDOUT else "stderr"
+    try:
+        return {"type": kind, "text": data.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"type": kind, "b64": base64.b64encode(data).decode()}
+
+
+class SandboxService:
+    """Tenants' sandboxes. ``start`` before use, ``stop`` at the end (detaches all)."""
+
+    def __init__(self, config: ServerConfig, *, store: ServerStore | None = None,
+                 manager: SandboxManager | None = None) -> None:
+        self.config = config
+        self._owns = (store is None, manager is None)  # what ``stop`` closes
+        self.store = store or ServerStore(config.state_dir)
+        self.manager = manager or SandboxManager()
+        self.metrics = Metrics(live_sandboxes=lambda: float(self.store.count_live()))
+        self._held: dict[str, AsyncSandbox] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._creating: set[str] = set()
+        self._reaper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> Recovery:
+        """Repair what a dead server left (``SandboxManager.recover``), forget owned
+        sandboxes that no longer run, and start watching for ones that end."""
+        rec = await self.manager.recover()
+        live = set(rec.live)
+        for sid in self.store.owned():
+            if sid not in live:
+                self.store.mark_ended(sid)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+        log.info("sandvm server: %d sandboxes still running, %d repaired", len(live),
+                 len(rec.repaired))
+        return rec
+
+    async def stop(self) -> None:
+        """Detach every sandbox this server holds: they keep running under their keepers
+        and a server started later takes them over. The service is unusable afterwards."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for sid, sb in list(self._held.items()):
+            self._held.pop(sid, None)
+            try:
+                await self.manager.detach(sb)
+            except SandvmError as exc:
+                log.warning("could not detach %s: %s", sid, exc.message)
+        if self._owns[0]:
+            self.store.close()
+        if self._owns[1]:
+            self.manager.journal.close()
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            try:
+                await self.reap()
+            except Exception:  # the loop must go on; a failure is logged, not fatal
+                log.exception("reaping ended sandboxes failed")
+
+    async def reap(self) -> list[str]:
+        """Mark owned sandboxes that ended on their own (TTL, crash) and let go of them.
+        Returns their ids."""
+        ended = []
+        for sid in self.store.owned():
+            if sid in self._creating:
+                continue
+            rec = self.manager.journal.get(sid)
+            if rec is None or rec.state == "ended" or not keeper_alive(rec):
+                if rec is not None and rec.state == "starting" and rec.keeper_pid is None:
+                    continue  # another process is creating it
+                self.store.mark_ended(sid)
+                await self._drop(sid)
+                ended.append(sid)
+        return ended
+
+    async def _drop(self, sid: str) -> None:
+        sb = self._held.pop(sid, None)
+        if sb is not None:
+            with contextlib.suppress(SandvmError):
+                await sb.kill()  # its VM is gone already: this only closes our side
+
+    # ------------------------------------------------------------------ auth
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The tenant of an ``Authorization: Bearer <key>`` header. Raises Unauthenticated."""
+        try:
+            if not authorization:
+                raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'"
+                                      " (create a key with `sandvm key create NAME`)")
+            scheme, _, key = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise Unauthenticated("malformed Authorization header: use 'Bearer <key>'")
+            return self.store.tenant_for_key(key.strip())
+        except Unauthenticated:
+            self.metrics.auth_failures.inc()
+            raise
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def _record(self, tenant: str, sandbox_id: str) -> SandboxRecord:
+        """The journal record of ``tenant``'s running sandbox. Raises VmNotFound (no such
+        sandbox, or another tenant's), SandboxStateError (ended, or still starting)."""
+        try:
+            validate_vm_id(sandbox_id)
+        except InvalidSpec:
+            raise _not_found(sandbox_id[:80]) from None
+        own = self.store.owner(sandbox_id)
+        if own is None or own[0] != tenant:
+            raise _not_found(sandbox_id)
+        if own[1] is not None:
+            raise SandboxStateError(f"sandbox {sandbox_id} has ended")
+        rec = self.manager.journal.get(sandbox_id)
+        if rec is None or (rec.state == "starting" and sandbox_id in self._creating):
+            raise SandboxStateError(f"sandbox {sandbox_id} is still starting")
+        if rec.state == "ended" or not keeper_alive(rec):
+            self.store.mark_ended(sandbox_id)
+            raise SandboxStateError(f"sandbox {sandbox_id} has ended"
+                                    + (f" ({rec.end_reason})" if rec.end_reason else ""))
+        return rec
+
+    @staticmethod
+    def _info(rec: SandboxRecord) -> SandboxInfo:
+        spec = rec.record.get("spec") or {}
+        state = rec.state if rec.state in ("starting", "running", "ended") else "running"
+        return SandboxInfo(sandbox_id=rec.id, state=state,  # type: ignore[arg-type]
+                           image=str(spec.get("image", "?")),
+                           memory_mib=int(spec.get("memory_mib", 0)),
+                           vcpus=int(spec.get("vcpus", 0)), created=rec.created,
+                           expires_at=rec.deadline,
+                           network=rec.record.get("network") is not None)
+
+    async def _hold(self, sandbox_id: str) -> AsyncSandbox:
+        """This server's handle on a running sandbox, attaching to it (once) if needed.
+        Raises SandboxBusy if another process keeps holding it."""
+        sb = self._held.get(sandbox_id)
+        if sb is not None and await sb.is_running():
+            return sb
+        lock = self._locks.setdefault(sandbox_id, asyncio.Lock())
+        async with lock:
+            sb = self._held.get(sandbox_id)
+            if sb is not None:
+                if await sb.is_running():
+                    return sb
+                await self._drop(sandbox_id)
+            sb = await self.manager.attach(sandbox_id, wait=self.config.attach_wait)
+            self._held[sandbox_id] = sb
+            return sb
+
+    async def create(self, tenant: str, *, image: str | None = None, memory_mib: int = 256,
+                     vcpus: int = 1, ttl: float | None = None,
+                     network: NetworkPolicy | None = None) -> SandboxInfo:
+        """Boot a sandbox for ``tenant`` (a managed one, alive ``ttl`` seconds). Raises
+        InvalidSpec (over the server's caps), QuotaExceeded, UnknownImage, VmBootError."""
+        cfg = self.config
+        ttl = cfg.default_ttl if ttl is None else ttl
+        if not 0 < ttl <= cfg.max_ttl:
+            raise InvalidSpec(f"timeout must be seconds in (0, {cfg.max_ttl:.0f}], got {ttl}")
+        if memory_mib > cfg.max_memory_mib:
+            raise InvalidSpec(f"memory_mib {memory_mib} is over this server's cap of"
+                              f" {cfg.max_memory_mib}")
+        if vcpus > cfg.max_vcpus:
+            raise InvalidSpec(f"vcpus {vcpus} is over this server's cap of {cfg.max_vcpus}")
+        if image is None:
+            from sandvm.images.store import default_image
+
+            image = default_image()
+        await self.reap()
+        sid = new_id("sb")
+        if not self.store.reserve(sid, tenant, limit=cfg.max_sandboxes):
+            self.metrics.quota_rejections.inc()
+            raise QuotaExceeded(f"tenant {tenant!r} already has {cfg.max_sandboxes} live"
+                                " sandboxes, its quota: kill one (DELETE /v1/sandboxes/ID)"
+                                " or wait for one's timeout")
+        self._creating.add(sid)
+        t0 = time.monotonic()
+        try:
+            sb = await self.manager.create(ttl=ttl, sandbox_id=sid, image=image,
+                                           memory_mib=memory_mib, vcpus=vcpus, network=network)
+        except BaseException:
+            self.store.mark_ended(sid)
+            self.metrics.sandboxes_created.inc(outcome="error")
+            raise
+        finally:
+            self._creating.discard(sid)
+        self._held[sid] = sb
+        self.metrics.sandboxes_created.inc(outcome="ok")
+        self.metrics.create_seconds.observe(time.monotonic() - t0)
+        return self._info(self._record(tenant, sid))
+
+    def list_sandboxes(self, tenant: str) -> list[SandboxInfo]:
+        """``tenant``'s running sandboxes, oldest first."""
+        out = []
+        for sid in self.store.owned(tenant):
+            with contextlib.suppress(SandvmError):
+                out.append(self._info(self._record(tenant, sid)))
+        return out
+
+    def get(self, tenant: str, sandbox_id: str) -> SandboxInfo:
+        """Raises VmNotFound, SandboxStateError (ended)."""
+        return self._info(self._record(tenant, sandbox_id))
+
+    async def kill(self, tenant: str, sandbox_id: str) -> None:
+        """Destroy the sandbox. Raises VmNotFound, SandboxStateError (already ended)."""
+        self._record(tenant, sandbox_id)
+        await self._drop(sandbox_id)
+        await self.manager.kill(sandbox_id)
+        self.store.mark_ended(sandbox_id)
+
+    def set_timeout(self, tenant: str, sandbox_id: str, timeout: float) -> SandboxInfo:
+        """Let the sandbox live ``timeout`` more seconds from now. Raises InvalidSpec (over
+        the server's max TTL), VmNotFound, SandboxStateError."""
+        if not 0 < timeout <= self.config.max_ttl:
+            raise InvalidSpec(f"timeout must be seconds in (0, {self.config.max_ttl:.0f}],"
+                              f" got {timeout}")
+        self._record(tenant, sandbox_id)
+        self.manager.set_ttl(sandbox_id, timeout)
+        return self.get(tenant, sandbox_id)
+
+    # ------------------------------------------------------------------ commands
+
+    async def run_command(self, tenant: str, sandbox_id: str, *, cmd: str | list[str],
+                          env: dict[str, str] | None = None, cwd: str | None = None,
+                          user: str | None = None, timeout: float | None = 60.0,
+                          stdin: bytes | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Start nothing yet: check the sandbox and return the command's events (output
+        chunks, then one ``exit`` or ``error``); iterating runs the command, and closing
+        the iterator early kills it. Raises VmNotFound, SandboxStateError, SandboxBusy."""
+        self._record(tenant, sandbox_id)
+        sb = await self._hold(sandbox_id)
+        return self._command_events(sb, cmd=cmd, env=env, cwd=cwd, user=user,
+                                    timeout=timeout, stdin=stdin)
+
+    async def _command_events(self, sb: AsyncSandbox, *, cmd: str | list[str],
+                              env: dict[str, str] | None, cwd: str | None, user: str | None,
+                              timeout: float | None, stdin: bytes | None
+                              ) -> AsyncIterator[dict[str, Any]]:
+        queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(_OUTPUT_QUEUE)
+        t0 = time.monotonic()
+
+        async def out(channel: int, data: bytes) -> None:
+            await queue.put((channel, data))  # a full queue stops reading the guest
+
+        async def go() -> dict[str, Any]:
+            timed_out = False
+            try:
+                res = await sb.commands._run(cmd, env=env, cwd=cwd, stdin=stdin,
+                                             timeout=timeout, on_stdout=None, on_stderr=None,
+                                             background=False, check=False, user=user,
+                                             raw_output=out)
+            except CommandTimeout as exc:
+                if exc.result is None:
+                    raise
+                res, timed_out = exc.result, True
+            assert isinstance(res, CommandResult)
+            return {"type": "exit", "exit_code": res.exit_code, "signal": res.signal,
+                    "timed_out": timed_out, "duration": round(res.duration, 6)}
+
+        task = asyncio.get_running_loop().create_task(go())
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield output_event(*getter.result())
+                else:
+                    getter.cancel()
+            while not queue.empty():  # the command's last output, read before it ended
+                yield output_event(*queue.get_nowait())
+            try:
+                final = task.result()
+                self.metrics.commands.inc(outcome="exit")
+            except SandvmError as exc:
+                final = {"type": "error", **exc.to_dict()}
+                self.metrics.commands.inc(outcome="error")
+            self.metrics.command_seconds.observe(time.monotonic() - t0)
+            yield final
+        finally:
+            if not task.done():  # the client went away: the command is killed in the guest
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    # ------------------------------------------------------------------ files
+
+    async def upload(self, tenant: str, sandbox_id: str, path: str,
+                     body: AsyncIterator[bytes], *, length: int | None = None,
+                     mode: int = 0o644, make_parents: bool = True) -> WriteResult:
+        """Write ``body`` to ``path`` in the guest as it arrives (atomically: the file
+        appears whole or not at all), at most ``max_upload_bytes``. Raises
+        RequestTooLarge, InvalidPath, GuestError (e.g. GuestPermissionDenied),
+        VmNotFound, SandboxStateError."""
+        check_guest_path(path)
+        cap = self.config.max_upload_bytes
+        if length is not None and length > cap:
+            raise RequestTooLarge(f"the file is {length} bytes; this server takes at most"
+                                  f" {cap} per upload")
+        if not 0 <= mode <= 0o7777:
+            raise InvalidSpec(f"mode must be 0..0o7777, got {mode:o}")
+        self._record(tenant, sandbox_id)
+        sb = await self._hold(sandbox_id)
+        # the agent's write_file stream, fed chunk by chunk with its flow control (the
+        # public files.write takes the whole content at once)
+        st = await sb._conn().open({"op": "write_file", "path": path, "mode": mode,
+                                    "make_parents": make_parents})
+        sent = 0
+        try:
+            async for chunk in body:
+                if not chunk:
+                    continue
+                sent += len(chunk)
+                if sent > cap:
+                    raise RequestTooLarge(f"the upload is over this server's cap of {cap}"
+                                          " bytes")
+                try:
+                    await st.send_data(chunk)
+                except SandvmError:
+                    if not st.closed:
+                        raise
+                    break  # the guest refused: its error is in the stream
+            else:
+                await st.send_eof()
+            while True:
+                item = await st.next(sb.op_timeout)
+                if item.kind == "reply":
+                    size = (item.message or {}).get("size")
+                    if size != sent:
+                        raise AgentProtocolError(f"guest reports {size!r} bytes, sent {sent}")
+                    self.metrics.file_bytes.inc(sent, direction="upload")
+                    return WriteResult(path=path, size=sent)
+                if item.kind == "error":
+                    assert item.error is not None
+                    raise item.error
+        finally:
+            await st.reset()  # no-op once the guest replied; otherwise it drops the temp file
+
+    async def download(self, tenant: str, sandbox_id: str, path: str, *,
+                       max_bytes: int | None = None) -> AsyncIterator[bytes]:
+        """The guest file ``path``, chunk by chunk. Failures the guest reports before
+        the first byte (GuestFileNotFound, FileTooLarge over ``max_bytes`` or the
+        server's cap, GuestError for a directory) are raised here, so they get their
+        own status; a later failure ends the stream early (the client sees a truncated
+        chunked body). Raises InvalidPath, VmNotFound, SandboxStateError too."""
+        check_guest_path(path)
+        cap = self.config.max_download_bytes if max_bytes is None else min(
+            max_bytes, self.config.max_download_bytes)
+        self._record(tenant, sandbox_id)
+        sb = await self._hold(sandbox_id)
+        source = sb.files.read_stream(path, max_bytes=cap)
+        try:
+            first = await source.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        except BaseException:
+            await source.aclose()
+            raise
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                if first:
+                    self.metrics.file_bytes.inc(len(first), direction="download")
+                    yield first
+                async for chunk in source:
+                    self.metrics.file_bytes.inc(len(chunk), direction="download")
+                    yield chunk
+            finally:
+                await source.aclose()
+
+        return chunks()
+
+
+def ndjson(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,189 @@
+"""The server's own state: API keys (hashed) and which tenant owns which sandbox.
+
+One SQLite file, ``<state dir>/server.db`` (WAL; the file and its directory are
+private to the user: 0600 / 0700). A key is ``sandvm_`` + 32 random bytes
+(URL-safe base64); only its sha256 is stored, so the database never holds a usable
+key. ``sandvm key create/ls/revoke`` and a running server share the file: a revoked
+key stops working at the server's next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import stat as stat_mod
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandvm.errors import ConfigError, InvalidSpec, Unauthenticated
+
+KEY_PREFIX = "sandvm_"
+MAX_KEY_LENGTH = 128  # far more than a real key: anything longer is refused unhashed
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    name TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    sha256 TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sandboxes (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created REAL NOT NULL,
+    ended REAL                        -- set when killed or found ended
+);
+CREATE INDEX IF NOT EXISTS sandboxes_by_tenant ON sandboxes (tenant, ended);
+"""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One line of `sandvm key ls` (never the key itself)."""
+
+    name: str
+    tenant: str
+    created: float
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it is a usable key or tenant name; raise InvalidSpec otherwise."""
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise InvalidSpec(f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '_' or"
+                          " '-', starting with a letter or digit")
+    return value
+
+
+def key_sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ServerStore:
+    """API keys and sandbox ownership in ``<state_dir>/server.db``.
+
+    Raises ConfigError if the directory or file is not private to this user."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        with contextlib.suppress(FileExistsError):
+            self.dir.mkdir(parents=True, mode=0o700)
+        st = os.lstat(self.dir)
+        if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise ConfigError(f"{self.dir} is not a directory owned by uid {os.geteuid()}")
+        if stat_mod.S_IMODE(st.st_mode) & 0o077:
+            os.chmod(self.dir, 0o700)
+        self.path = self.dir / "server.db"
+        # created 0600 before SQLite opens it: its -wal and -shm files take the same mode
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        os.chmod(self.path, 0o600)
+        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ keys
+
+    def create_key(self, name: str, *, tenant: str | None = None) -> str:
+        """A new API key named ``name`` for ``tenant`` (default: the name); returns the
+        key, which is never stored. Raises InvalidSpec (bad or taken name)."""
+        check_name(name, "key name")
+        tenant = check_name(tenant if tenant is not None else name, "tenant")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        try:
+            with self._tx() as db:
+                db.execute("INSERT INTO api_keys (name, tenant, sha256, created)"
+                           " VALUES (?, ?, ?, ?)", (name, tenant, key_sha256(key), time.time()))
+        except sqlite3.IntegrityError:
+            raise InvalidSpec(f"a key named {name!r} exists: choose another name or"
+                              f" revoke it first (`sandvm key revoke {name}`)") from None
+        return key
+
+    def keys(self) -> list[KeyInfo]:
+        """Every key, oldest first."""
+        rows = self._db.execute("SELECT name, tenant, created FROM api_keys"
+                                " ORDER BY created, name").fetchall()
+        return [KeyInfo(name=r[0], tenant=r[1], created=r[2]) for r in rows]
+
+    def revoke_key(self, name: str) -> None:
+        """End the key ``name`` (requests with it are refused from now on).
+        Raises InvalidSpec if there is no such key."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM api_keys WHERE name = ?", (name,))
+        if cur.rowcount == 0:
+            raise InvalidSpec(f"no key named {name!r} (see `sandvm key ls`)")
+
+    def tenant_for_key(self, key: str) -> str:
+        """The tenant of a valid key. Every stored hash is compared in constant time.
+        Raises Unauthenticated for a malformed, unknown or revoked key."""
+        if not key.startswith(KEY_PREFIX) or len(key) > MAX_KEY_LENGTH:
+            raise Unauthenticated("invalid API key: create one with `sandvm key create NAME`")
+        digest = key_sha256(key).encode()
+        found: str | None = None
+        for tenant, sha in self._db.execute("SELECT tenant, sha256 FROM api_keys"):
+            if hmac.compare_digest(digest, sha.encode()):
+                found = tenant
+        if found is None:
+            raise Unauthenticated("invalid API key (unknown or revoked)")
+        return found
+
+    # ------------------------------------------------------------------ ownership
+
+    def reserve(self, sandbox_id: str, tenant: str, *, limit: int) -> bool:
+        """Record ``tenant`` as the owner of the new ``sandbox_id`` unless it already
+        has ``limit`` sandboxes that have not ended; returns whether it did."""
+        with self._tx() as db:
+            (n,) = db.execute("SELECT count(*) FROM sandboxes WHERE tenant = ? AND"
+                              " ended IS NULL", (tenant,)).fetchone()
+            if n >= limit:
+                return False
+            db.execute("INSERT INTO sandboxes (id, tenant, created) VALUES (?, ?, ?)",
+                       (sandbox_id, tenant, time.time()))
+        return True
+
+    def owner(self, sandbox_id: str) -> tuple[str, float | None] | None:
+        """(tenant, ended) of a sandbox this server made, or None."""
+        row = self._db.execute("SELECT tenant, ended FROM sandboxes WHERE id = ?",
+                               (sandbox_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def owned(self, tenant: str | None = None) -> list[str]:
+        """Ids of the sandboxes not ended (of ``tenant``, or of everyone), oldest first."""
+        if tenant is None:
+            rows = self._db.execute("SELECT id FROM sandboxes WHERE ended IS NULL"
+                                    " ORDER BY created").fetchall()
+        else:
+            rows = self._db.execute("SELECT id FROM sandboxes WHERE tenant = ? AND"
+                                    " ended IS NULL ORDER BY created", (tenant,)).fetchall()
+        return [r[0] for r in rows]
+
+    def mark_ended(self, sandbox_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE sandboxes SET ended = ? WHERE id = ? AND ended IS NULL",
+                       (time.time(), sandbox_id))
+
+    def count_live(self) -> int:
+        (n,) = self._db.execute("SELECT count(*) FROM sandboxes WHERE ended IS NULL").fetchone()
+        return int(n)

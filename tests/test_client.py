@@ -1,0 +1,340 @@
+"""The remote SDK against a mock transport, and the server's pure parts (no VM, no QEMU):
+error codes both ways, the NDJSON stream, the key store, metrics, sync/async parity."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import inspect
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import sandvm.client
+from sandvm import errors
+from sandvm.client import AsyncSandbox, Sandbox
+from sandvm.client import _async as ca
+from sandvm.client import _sync as cs
+from sandvm.errors import (
+    CommandExitError,
+    CommandNotFound,
+    CommandTimeout,
+    InvalidSpec,
+    SandboxStateError,
+    SandvmError,
+    ServerUnreachable,
+    ServiceError,
+    Unauthenticated,
+    VmNotFound,
+)
+
+INFO = {"sandbox_id": "sb-0123456789", "state": "running", "image": "base",
+        "memory_mib": 256, "vcpus": 1, "created": 1.0, "expires_at": 301.0,
+        "network": False}
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def _lines(*events: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+
+
+def _server(commands: bytes | None = None, *, status: int = 200,
+            seen: list[httpx.Request] | None = None) -> httpx.MockTransport:
+    """A fake server: creates and gets INFO, answers commands with ``commands``."""
+    def handle(req: httpx.Request) -> httpx.Response:
+        if seen is not None:
+            seen.append(req)
+        if req.url.path == "/v1/sandboxes" and req.method == "POST":
+            return httpx.Response(201, json=INFO)
+        if req.url.path.endswith("/commands"):
+            return httpx.Response(status, content=commands or b"",
+                                  headers={"Content-Type": "application/x-ndjson"})
+        if req.method == "DELETE":
+            return httpx.Response(204)
+        return httpx.Response(200, json=INFO)
+
+    return httpx.MockTransport(handle)
+
+
+async def _sandbox(transport: httpx.MockTransport) -> AsyncSandbox:
+    return await AsyncSandbox.create(api_key="sandvm_k", url="http://sv", transport=transport)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _all_error_classes() -> list[type[SandvmError]]:
+    return errors._all_subclasses(SandvmError)
+
+
+def test_every_code_comes_back_as_its_class() -> None:
+    for cls in _all_error_classes():
+        exc = errors.error_from_dict({"code": cls.code, "message": "what to change"})
+        assert type(exc) is cls and exc.message == "what to change", cls
+        assert str(exc) == "what to change"
+    assert isinstance(errors.error_from_dict({"code": "vm_not_found", "message": "x"}),
+                      VmNotFound)
+    assert errors.error_from_dict({"code": "vm_not_found", "message": "x"}).vm_id is None  # type: ignore[attr-defined]
+    for junk in (None, [], {"code": 3}, {"message": "m"}, {"code": "from-the-future"}):
+        assert type(errors.error_from_dict(junk)) is SandvmError
+
+
+def test_codes_are_unique() -> None:
+    codes = [c.code for c in _all_error_classes()]
+    assert len(codes) == len(set(codes))
+
+
+def test_http_status_of_errors() -> None:
+    from sandvm.server.app import status_for
+
+    expected = {errors.Unauthenticated: 401, errors.QuotaExceeded: 429,
+                errors.RequestTooLarge: 413, errors.FileTooLarge: 413,
+                errors.SandboxStateError: 409, errors.SandboxBusy: 409,
+                errors.InvalidSpec: 400, errors.UnknownImage: 400, errors.InvalidPath: 400,
+                errors.GuestFileNotFound: 404, errors.GuestPermissionDenied: 403,
+                errors.AgentTimeout: 504, errors.AssetMissing: 503, errors.VmBootError: 500,
+                errors.AgentDisconnected: 500, errors.ServerUnreachable: 500}
+    for cls, status in expected.items():
+        assert status_for(cls.__new__(cls)) == status, cls
+    assert status_for(VmNotFound("sb-x")) == 404
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+def test_settings_come_from_arguments_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SANDVM_API_KEY", raising=False)
+    monkeypatch.delenv("SANDVM_URL", raising=False)
+    with pytest.raises(Unauthenticated, match="SANDVM_API_KEY"):
+        ca._settings(None, None)
+    assert ca._settings("k", None) == ("k", ca.DEFAULT_URL)
+    monkeypatch.setenv("SANDVM_API_KEY", "envkey")
+    monkeypatch.setenv("SANDVM_URL", "https://sandvm.example:8443/")
+    assert ca._settings(None, None) == ("envkey", "https://sandvm.example:8443")
+    assert ca._settings("k", "http://h:1") == ("k", "http://h:1")
+    with pytest.raises(InvalidSpec):
+        ca._settings("k", "ftp://h")
+
+
+def test_run_streams_decodes_and_checks() -> None:
+    euro = "€".encode()  # split across two chunks: text, then bytes that are not UTF-8
+    stream = _lines({"type": "stdout", "text": "a\n"},
+                    {"type": "stdout", "b64": base64.b64encode(euro[:1]).decode()},
+                    {"type": "stdout", "b64": base64.b64encode(euro[1:] + b"\xff").decode()},
+                    {"type": "stderr", "text": "e"},
+                    {"type": "exit", "exit_code": 3, "signal": None, "timed_out": False,
+                     "duration": 0.5})
+    seen: list[httpx.Request] = []
+
+    async def go() -> None:
+        sb = await _sandbox(_server(stream, seen=seen))
+        got: list[str] = []
+
+        async def on_err(s: str) -> None:  # coroutine callbacks are awaited
+            got.append("err:" + s)
+
+        with pytest.raises(CommandExitError) as ei:
+            await sb.commands.run("x", on_stdout=got.append, on_stderr=on_err,
+                                  stdin=b"\x00\x01", env={"A": "1"}, timeout=None)
+        r = ei.value.result
+        assert (r.exit_code, r.stdout_bytes, r.stderr, r.duration) == (
+            3, b"a\n" + euro + b"\xff", "e", 0.5)
+        assert got == ["a\n", "€\ufffd", "err:e"]
+        body = json.loads(seen[-1].content)
+        assert body == {"cmd": "x", "timeout": None, "env": {"A": "1"},
+                        "stdin_b64": base64.b64encode(b"\x00\x01").decode()}
+        assert seen[-1].headers["authorization"] == "Bearer sandvm_k"
+        r = await sb.commands.run(["x"], check=False, stdin="text")
+        assert r.exit_code == 3 and json.loads(seen[-1].content)["stdin"] == "text"
+        await sb.kill()
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("events", "exc"), [
+    ([{"type": "exit", "exit_code": 137, "signal": None, "timed_out": True}], CommandTimeout),
+    ([{"type": "stdout", "text": "x"}, {"type": "error", "code": "command_not_found",
+                                         "message": "no such command: x"}], CommandNotFound),
+    ([{"type": "stdout", "text": "x"}], ServerUnreachable),  # stream ends without an exit
+    ([{"type": "exit", "exit_code": "0"}], ServiceError),
+    ([{"type": "stdout", "b64": "!!"}], ServiceError),
+])
+def test_run_failures(events: list[dict[str, Any]], exc: type[Exception]) -> None:
+    async def go() -> None:
+        sb = await _sandbox(_server(_lines(*events)))
+        with pytest.raises(exc):
+            await sb.commands.run("x", check=False)
+
+    asyncio.run(go())
+
+
+def test_non_json_lines_and_error_statuses() -> None:
+    async def go() -> None:
+        sb = await _sandbox(_server(b"<html>\n"))
+        with pytest.raises(ServiceError, match="not JSON"):
+            await sb.commands.run("x")
+        sb = await _sandbox(_server(b"<html>bad gateway</html>", status=502))
+        with pytest.raises(ServiceError, match="HTTP 502"):
+            await sb.commands.run("x")
+        body = json.dumps({"code": "unauthenticated", "message": "revoked"}).encode()
+        sb = await _sandbox(_server(body, status=401))
+        with pytest.raises(Unauthenticated, match="revoked"):
+            await sb.commands.run("x")
+
+    asyncio.run(go())
+
+
+def test_unreachable_server_and_killed_sandbox() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(ServerUnreachable) as ei:
+        Sandbox.create(api_key="sandvm_k", url=f"http://127.0.0.1:{port}")
+    assert isinstance(ei.value.__cause__, httpx.ConnectError)
+    sb = Sandbox.create(api_key="sandvm_k", url="http://sv", transport=_server())
+    assert sb.sandbox_id == INFO["sandbox_id"] and sb.get_info().expires_at == 301.0
+    sb.kill()
+    sb.kill()  # idempotent
+    with pytest.raises(SandboxStateError):
+        sb.commands.run("true")
+    with pytest.raises(SandboxStateError):
+        sb.files.read("/x")
+    assert not sb.is_running()
+
+
+def test_files_over_the_mock() -> None:
+    store: dict[str, bytes] = {}
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith("/files"):
+            path = req.url.params["path"]
+            if req.method == "PUT":
+                store[path] = req.content
+                return httpx.Response(200, json={"path": path, "size": len(req.content)})
+            if path not in store:
+                return httpx.Response(404, json={"code": "file_not_found", "message": path})
+            return httpx.Response(200, content=store[path])
+        return httpx.Response(200, json=INFO)
+
+    with Sandbox.connect("sb-0123456789", api_key="k", url="http://sv",
+                         transport=httpx.MockTransport(handle)) as sb:
+        assert sb.files.write("/a", "héllo").size == 6
+        assert sb.files.read("/a") == "héllo"
+        assert b"".join(sb.files.read_stream("/a")) == "héllo".encode()
+        with pytest.raises(errors.FileTooLarge):
+            sb.files.read("/a", max_bytes=2)
+        with pytest.raises(errors.GuestFileNotFound):
+            sb.files.read("/missing")
+
+
+# ---------------------------------------------------------------------------- surface
+
+
+def _public(cls: type) -> dict[str, Any]:
+    # own and inherited (a sync twin may share a base class), nearest definition wins
+    merged: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        merged.update(vars(klass))
+    return {n: m for n, m in merged.items()
+            if not n.startswith("_") and (callable(m) or isinstance(m, (property, classmethod)))}
+
+
+def test_sync_and_async_client_surfaces_match() -> None:
+    for acls, scls in ((ca.AsyncSandbox, cs.Sandbox), (ca.AsyncCommands, cs.Commands),
+                       (ca.AsyncFiles, cs.Files)):
+        a = {n for n in _public(acls) if n != "aclose"}
+        assert a == set(_public(scls)), (acls, a ^ set(_public(scls)))
+        for name in a:
+            asig = inspect.signature(getattr(acls, name))
+            ssig = inspect.signature(getattr(scls, name))
+            assert list(asig.parameters) == list(ssig.parameters), name
+            for p in asig.parameters.values():
+                q = ssig.parameters[p.name]
+                assert (p.kind, p.default) == (q.kind, q.default), (name, p.name)
+
+
+def test_client_names_and_defaults_are_the_local_ones() -> None:
+    from sandvm import sandbox as local
+
+    for remote, here, skip in ((ca.AsyncCommands.run, local.AsyncCommands.run, set()),
+                               (ca.AsyncFiles.write, local.AsyncFiles.write, set()),
+                               (ca.AsyncFiles.read, local.AsyncFiles.read, set()),
+                               (ca.AsyncSandbox.create, local.AsyncSandbox.create,
+                                {"api_key", "url", "transport"})):
+        rp, lp = inspect.signature(remote).parameters, inspect.signature(here).parameters
+        for name, p in rp.items():
+            if name in skip:
+                continue
+            assert name in lp, (remote, name)
+            assert p.default == lp[name].default and p.kind == lp[name].kind, (remote, name)
+    for name in sandvm.client.__all__:
+        assert hasattr(sandvm.client, name)
+    assert sorted(sandvm.client.__all__) == sandvm.client.__all__
+
+
+# ---------------------------------------------------------------------------- server parts
+
+
+def test_key_store(tmp_path: Path) -> None:
+    from sandvm.server import ServerStore
+
+    st = ServerStore(tmp_path / "state")
+    key = st.create_key("ci", tenant="acme")
+    assert key.startswith("sandvm_") and len(key) > 40
+    assert st.tenant_for_key(key) == "acme"
+    assert [(k.name, k.tenant) for k in st.keys()]  # noqa: SIM118 == [("ci", "acme")]
+    for bad in ("", "sandvm_x", key + "x", key[:-1], "x" * 10_000):
+        with pytest.raises(Unauthenticated):
+            st.tenant_for_key(bad)
+    with pytest.raises(InvalidSpec):
+        st.create_key("ci")
+    with pytest.raises(InvalidSpec):
+        st.create_key("a b")
+    assert st.create_key("bob") != key
+    st.revoke_key("ci")
+    with pytest.raises(Unauthenticated):
+        st.tenant_for_key(key)
+    with pytest.raises(InvalidSpec):
+        st.revoke_key("ci")
+    assert os.stat(st.path).st_mode & 0o777 == 0o600
+    assert key.encode() not in st.path.read_bytes()
+    assert st.reserve("sb-1", "acme", limit=2) and st.reserve("sb-2", "acme", limit=2)
+    assert not st.reserve("sb-3", "acme", limit=2)
+    assert st.reserve("sb-4", "other", limit=2)
+    st.mark_ended("sb-1")
+    assert st.reserve("sb-3", "acme", limit=2)
+    assert st.owned("acme") == ["sb-2", "sb-3"] and st.owner("sb-1") is not None
+    assert st.count_live() == 3
+
+
+def test_config_refuses_nonsense(tmp_path: Path) -> None:
+    from sandvm.server import ServerConfig
+
+    for bad in ({"max_sandboxes": 0}, {"max_json_bytes": True}, {"default_ttl": -1},
+                {"default_ttl": 100, "max_ttl": 10}):
+        with pytest.raises(errors.ConfigError):
+            ServerConfig(state_dir=tmp_path, **bad)  # type: ignore[arg-type]
+
+
+def test_metrics_text_format() -> None:
+    from sandvm.server.metrics import Metrics
+
+    m = Metrics(live_sandboxes=lambda: 2)
+    m.requests.inc(method="GET", route="/v1/sandboxes", status="200")
+    m.requests.inc(method="GET", route="/v1/sandboxes", status="200")
+    m.command_seconds.observe(0.02)
+    text = m.render()
+    assert 'sandvm_http_requests_total{method="GET",route="/v1/sandboxes",status="200"} 2' \
+        in text
+    assert 'sandvm_command_duration_seconds_bucket{le="0.025"} 1' in text
+    assert 'sandvm_command_duration_seconds_bucket{le="+Inf"} 1' in text
+    assert "sandvm_command_duration_seconds_count 1" in text
+    assert "sandvm_sandboxes_live 2" in text
+    assert "# TYPE sandvm_sandboxes_live gauge" in text
