@@ -461,3 +461,102 @@ def test_proxy_env_points_every_client_at_the_proxy() -> None:
     env = proxy_env(3128)
     assert env["HTTPS_PROXY"] == env["http_proxy"] == "http://127.0.0.1:3128"
     assert "127.0.0.1" in env["NO_PROXY"]
+
+
+# --------------------------------------------------------------------------- races, tricks
+
+
+def test_a_policy_change_during_resolution_applies_to_that_request(https: HttpServer) -> None:
+    """A request still resolving (or connecting) when the policy changes is decided by
+    the new policy, not the one it started under."""
+    gate = asyncio.Event()
+
+    async def slow(host: str, port: int) -> list[str]:
+        gate.set()
+        await asyncio.sleep(0.5)
+        return ["127.0.0.1"]
+
+    async def go() -> None:
+        async with proxy(policy(allow=["pypi.test"], ports=[https.port]), slow) as (p, port):
+            pending = asyncio.ensure_future(raw(
+                port, f"CONNECT pypi.test:{https.port} HTTP/1.1\r\n\r\n".encode()))
+            await gate.wait()
+            p.set_policy(NetworkPolicy())  # deny all while it resolves
+            status, headers, _ = await pending
+            assert status == 403 and headers["X-Sandvm-Reason"].startswith("the policy changed")
+            assert p.active == 0
+    asyncio.run(go())
+
+
+def test_the_connection_cap_holds_for_simultaneous_requests() -> None:
+    srv = HalfCloseServer()
+
+    async def slow(host: str, port: int) -> list[str]:
+        await asyncio.sleep(0.2)
+        return ["127.0.0.1"]
+
+    async def go() -> None:
+        pol = policy(allow=["pypi.test"], ports=[srv.port], max_connections=2)
+        async with proxy(pol, slow) as (_, port):
+            async def one() -> int:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+                head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+                held.append(w)
+                return int(head.split()[1])
+            held: list[asyncio.StreamWriter] = []
+            statuses = await asyncio.gather(*(one() for _ in range(10)))
+            assert sorted(statuses) == [200, 200] + [429] * 8
+            for w in held:
+                w.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.close()
+
+
+def test_request_head_tricks_are_refused(http_server: HttpServer) -> None:
+    async def go() -> None:
+        pol = policy(allow=["pypi.test"], ports=[http_server.port], allow_http=True)
+        async with proxy(pol) as (_, port):
+            base = f"http://pypi.test:{http_server.port}"
+            for head in (f"GET {base}/x\nHost:evil HTTP/1.1\r\n\r\n",
+                         f"GET {base}/ HTTP/1.1\r\nX-A: a\nHost: evil\r\n\r\n",
+                         f"GET {base}/ HTTP/1.1\r\nBad Name: x\r\n\r\n",
+                         f"GET {base}/ HTTP/1.1\r\nX-A: \x00\r\n\r\n",
+                         "CONNECT pypi.test:+443 HTTP/1.1\r\n\r\n",
+                         "CONNECT pypi.test:4_43 HTTP/1.1\r\n\r\n"):
+                status, _, _ = await raw(port, head.encode())
+                assert status == 400, head
+            # the Host header sent upstream is the checked authority, not the client's
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"GET {base}/headers HTTP/1.1\r\nHost: evil.test\r\n\r\n".encode())
+            data = await asyncio.wait_for(r.read(), 10)
+            w.close()
+            seen = json.loads(data.partition(b"\r\n\r\n")[2])
+            assert seen["Host"] == f"pypi.test:{http_server.port}"
+    asyncio.run(go())
+
+
+def test_ip_literals_in_every_spelling_and_embedded_ipv4() -> None:
+    for literal in ("127.1", "2130706433", "0x7f.1", "10.0.0.1.", "[::1]"):
+        with pytest.raises(InvalidSpec, match="IP literals"):
+            NetworkPolicy(allow=[literal])
+    pol = NetworkPolicy(allow=["x.test"])
+    for addr in ("::7f00:1", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1",
+                 "::ffff:10.0.0.1", "169.254.169.254", "fd00:ec2::254"):
+        assert pol.check_address(addr) is not None, addr
+    assert pol.check_address("2002:5db8:d822::1") is None  # 6to4 of a public address
+    assert pol.check_address("93.184.216.34") is None
+
+
+def test_long_guest_host_names_do_not_bloat_the_audit(https: HttpServer) -> None:
+    async def go() -> None:
+        audit = AuditLog()
+        async with proxy(policy(allow=["pypi.test"], ports=[https.port]), audit=audit) as (
+                _, port):
+            status, _, _ = await raw(port, b"CONNECT " + b"a" * 8000 + b".test:443 HTTP/1.1"
+                                     b"\r\n\r\n")
+            assert status == 403
+        assert all(len(e.reason) <= 300 and len(e.host) <= 255 for e in audit)
+    asyncio.run(go())

@@ -243,3 +243,28 @@ def test_pool_sandboxes_get_the_policy(https: HttpServer, cert: tuple[Path, Path
             assert _get(sb, f"https://pypi.test:{https.port}/")[0]["ok"]
     finally:
         pool.close()
+
+
+def test_silent_guest_connections_neither_pile_up_nor_block_egress(
+        netbox: Sandbox, https: HttpServer) -> None:
+    """A workload that opens many proxy connections and says nothing: egress keeps
+    working for everyone else, and once those connections close nothing of them stays
+    on the host."""
+    import time
+
+    hold = ("import socket, time; s = [socket.create_connection(('127.0.0.1', 3128))"
+            " for _ in range(30)]; print('open', flush=True); time.sleep(60)")
+    h = netbox.commands.run(["python3", "-c", hold], background=True)
+    try:
+        deadline = time.monotonic() + 30
+        while "open" not in h.stdout and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "open" in h.stdout
+        assert _get(netbox, f"https://pypi.test:{https.port}/")[0]["ok"]
+        assert len(netbox.network._a._bridges) >= 30
+    finally:
+        h.kill()
+    deadline = time.monotonic() + 20
+    while netbox.network._a._bridges and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not netbox.network._a._bridges

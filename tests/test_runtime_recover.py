@@ -118,7 +118,9 @@ def test_orphaned_qemus_are_those_without_a_live_owner(tmp_path: Path) -> None:
     dead.mkdir()
     write_owner(live)
     (dead / OWNER_FILE).write_text(_dead_owner() + "\n")
-    procs = {n: _fake_qemu(tmp_path, n) for n in ("vm-live", "vm-dead", "vm-gone")}
+    (tmp_path / "vm-probe").mkdir()  # a dir with no owner file (the KVM probe's): kept
+    procs = {n: _fake_qemu(tmp_path, n) for n in ("vm-live", "vm-dead", "vm-gone",
+                                                   "vm-probe")}
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

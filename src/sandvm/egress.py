@@ -51,7 +51,10 @@ MAX_HEAD = 16 * 1024  # a request line + headers
 HEAD_TIMEOUT = 10.0  # to send them
 CHUNK = 64 * 1024
 MAX_EVENTS = 1000  # kept in memory per proxy
+MAX_REASON = 300  # characters of a reason kept (a guest's host name can be long)
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in values
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-alive",
                 "te", "trailer", "upgrade"}
 
@@ -60,11 +63,17 @@ _HOP_HEADERS = {"proxy-connection", "proxy-authorization", "connection", "keep-a
 
 
 def _ip_literal(host: str) -> bool:
+    """An IP address in any spelling a resolver takes (``127.1``, ``2130706433``,
+    ``0x7f.1``): no top-level domain is numeric, so a numeric last label means one."""
+    h = host.strip("[]").rstrip(".")
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        ipaddress.ip_address(h)
+        return True
     except ValueError:
-        return False
-    return True
+        pass
+    last = h.rsplit(".", 1)[-1].lower()
+    return bool(last) and (last.isdigit() or (last.startswith("0x") and
+                                             all(c in "0123456789abcdef" for c in last[2:])))
 
 
 def normalize_host(host: str) -> str:
@@ -220,8 +229,14 @@ class NetworkPolicy:
             ip = ip.ipv4_mapped
         if any(ip in net for net in self._networks):
             return None
-        if ip.is_global and not ip.is_multicast:
+        inner = _embedded_ipv4(ip)
+        if ip.is_global and not ip.is_multicast and all(
+                v4.is_global and not v4.is_multicast for v4 in inner):
             return None
+        if inner and ip.is_global:
+            return (f"{address} carries the non-public IPv4 address {inner[0]}"
+                    " (6to4, Teredo, NAT64 or IPv4-compatible); allow it explicitly"
+                    " with allow_ips")
         kind = ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local
                 else "private" if ip.is_private else "non-public")
         extra = " (cloud metadata)" if str(ip) in ("169.254.169.254", "fd00:ec2::254") else ""
@@ -229,6 +244,25 @@ class NetworkPolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _embedded_ipv4(ip: IpAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 one carries: 6to4, Teredo, NAT64, IPv4-compatible."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    out = []
+    if ip.sixtofour is not None:
+        out.append(ip.sixtofour)
+    if ip.teredo is not None:
+        out.extend(ip.teredo)
+    n = int(ip)
+    if ip in _NAT64 or ip in _NAT64_LOCAL or (n >> 32 == 0 and n > 0xFFFF):
+        out.append(ipaddress.IPv4Address(n & 0xFFFFFFFF))
+    return out
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 
 
 # --------------------------------------------------------------------------- events
@@ -262,6 +296,7 @@ class AuditLog:
         self.path = path
         self._events: collections.deque[EgressEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._subscribers: list[Callable[[EgressEvent], None]] = []
+        self.write_errors = 0  # events the file did not get
         if path is not None:  # there from the start (mode 0600), even before any event
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
@@ -269,11 +304,15 @@ class AuditLog:
     def record(self, event: EgressEvent) -> None:
         self._events.append(event)
         if self.path is not None:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, (json.dumps(asdict(event)) + "\n").encode())
-            finally:
-                os.close(fd)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                             0o600)
+                try:
+                    os.write(fd, (json.dumps(asdict(event)) + "\n").encode())
+                finally:
+                    os.close(fd)
+            except OSError:  # e.g. a full disk: counted, and the event is still kept here
+                self.write_errors += 1
         for fn in list(self._subscribers):
             with contextlib.suppress(Exception):  # an observer's bug never breaks egress
                 fn(event)
@@ -346,6 +385,7 @@ class EgressProxy:
         self._tunnels: set[_Tunnel] = set()
         self._clients: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._slots = 0  # requests past the checks: resolving, connecting or relaying
         self.bytes_total = 0
         self._closed = False
 
@@ -385,8 +425,8 @@ class EgressProxy:
     def _event(self, action: str, method: str, host: str, port: int, reason: str,
                **extra: Any) -> None:
         self.audit.record(EgressEvent(ts=time.time(), sandbox_id=self.sandbox_id,
-                                      action=action, method=method, host=host[:255],
-                                      port=port, reason=reason, **extra))
+                                      action=action, method=method[:16], host=host[:255],
+                                      port=port, reason=reason[:MAX_REASON], **extra))
 
     async def serve_tcp(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
         """Serve on a TCP listener (tests, benchmarks, or a host-side proxy)."""
@@ -444,8 +484,21 @@ class EgressProxy:
         if policy.max_bytes is not None and self.bytes_total >= policy.max_bytes:
             raise _Refused(403, f"the sandbox's egress byte cap ({policy.max_bytes} bytes)"
                                 " is used up")
-        if len(self._tunnels) >= policy.max_connections:
+        if self._slots >= policy.max_connections:
             raise _Refused(429, f"too many connections open ({policy.max_connections})")
+        self._slots += 1  # held from here (resolving, connecting) until the tunnel ends
+        try:
+            await self._connect_and_pipe(reader, writer, method=method, scheme=scheme,
+                                         host=host, port=port, version=version,
+                                         headers=headers, path=path, policy=policy)
+        finally:
+            self._slots -= 1
+
+    async def _connect_and_pipe(self, reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter, *, method: str, scheme: str,
+                                host: str, port: int, version: str,
+                                headers: list[tuple[str, str]], path: str | None,
+                                policy: NetworkPolicy) -> None:
         name = normalize_host(host)
         addresses = policy.pinned(name)
         try:
@@ -488,20 +541,33 @@ class EgressProxy:
             raise _Refused(status, f"cannot connect to {name}:{port} ({address}):"
                                    f" {last_error or 'timed out'}")
         up_r, up_w = upstream
+        # the policy may have changed, or the network closed, while we resolved and
+        # connected: the decision stands only if the policy in force still allows it
+        current = self._policy
+        why = "the sandbox's network is closed" if self._closed else None
+        if why is None and current is not policy:
+            why = current.check_host(name, port, scheme=scheme) or \
+                current.check_address(address)
+        if why is not None:
+            up_w.transport.abort()
+            raise _Refused(403, f"the policy changed: {why}" if not self._closed else why)
         with contextlib.suppress(OSError):
             up_w.transport.get_extra_info("socket").setsockopt(
                 socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tun = _Tunnel(method=method, host=name, port=port, address=address, scheme=scheme,
                       writers=(writer, up_w))
         self._tunnels.add(tun)
-        self._event("allow", method, name, port, "allowed by the policy", address=address)
         try:
+            self._event("allow", method, name, port, "allowed by the policy", address=address)
             if method == "CONNECT":
                 writer.write(f"{version} 200 Connection established\r\n\r\n".encode())
                 await writer.drain()
             else:
                 assert path is not None
-                up_w.write(_origin_head(method, path, version, headers, name, port))
+                head = _origin_head(method, path, version, headers, name, port)
+                tun.bytes_out += len(head)
+                self.bytes_total += len(head)
+                up_w.write(head)
             await self._pipe_both(tun, reader, writer, up_r, up_w, policy)
         finally:
             self._tunnels.discard(tun)
@@ -576,6 +642,8 @@ def _parse_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
         text = head.decode("latin-1")
     except UnicodeDecodeError:  # latin-1 decodes anything; kept for clarity
         raise _Refused(400, "request head is not text") from None
+    if _CONTROL.search(text.replace("\r\n", "")):
+        raise _Refused(400, "control characters in the request head")
     lines = text.split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
@@ -588,7 +656,7 @@ def _parse_head(head: bytes) -> tuple[str, str, str, list[tuple[str, str]]]:
         if not line:
             continue
         name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
+        if not sep or not _TOKEN.match(name):
             raise _Refused(400, "malformed header line")
         headers.append((name, value.strip()))
     return method, target, version, headers
@@ -604,10 +672,9 @@ def _split_authority(authority: str, *, default_port: int) -> tuple[str, int]:
         raise _Refused(400, f"no host in {authority[:100]!r}")
     if _ip_literal(host):
         raise _Refused(403, f"{host} is an IP address: IP literals are refused, name the host")
-    try:
-        port = int(port_s) if port_s else default_port
-    except ValueError:
-        raise _Refused(400, f"bad port in {authority[:100]!r}") from None
+    if port_s and not (port_s.isascii() and port_s.isdigit() and len(port_s) <= 5):
+        raise _Refused(400, f"bad port in {authority[:100]!r}")
+    port = int(port_s) if port_s else default_port
     if not 1 <= port <= 65535:
         raise _Refused(400, f"bad port in {authority[:100]!r}")
     return host, port
@@ -631,16 +698,13 @@ def _split_absolute(target: str) -> tuple[str, str, int, str]:
 
 def _origin_head(method: str, path: str, version: str, headers: list[tuple[str, str]],
                  host: str, port: int) -> bytes:
-    out = [f"{method} {path} {version}"]
-    has_host = False
+    out = [f"{method} {path} {version}",
+           f"Host: {host}" + ("" if port == 80 else f":{port}")]  # the checked authority
     for name, value in headers:
         low = name.lower()
-        if low in _HOP_HEADERS:
+        if low in _HOP_HEADERS or low == "host":
             continue
-        has_host = has_host or low == "host"
         out.append(f"{name}: {value}")
-    if not has_host:
-        out.append(f"Host: {host}" + ("" if port == 80 else f":{port}"))
     out.append("Connection: close")
     return ("\r\n".join(out) + "\r\n\r\n").encode("latin-1")
 

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 GUEST_PROXY_PORT = 3128
 WAITING = 4  # egress_accept streams kept waiting in the guest
+MAX_BRIDGES = 256  # guest connections served at once (the proxy's own caps come after)
+BRIDGE_GRACE = 2.0  # seconds a guest connection may linger after the proxy is done
 _CHUNK = 64 * 1024
 
 
@@ -51,6 +53,8 @@ class AsyncNetwork:
         self._sb = sb
         self._proxy: EgressProxy | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._bridges: set[asyncio.Task[Any]] = set()  # guest connections being served
+        self._start_lock = asyncio.Lock()
         self._ended = False
         self.guest_port = GUEST_PROXY_PORT
         # told of every policy set (sandvm's runtime keeps a managed sandbox's in its journal)
@@ -80,11 +84,12 @@ class AsyncNetwork:
         Raises InvalidSpec, Unsupported (an old guest agent), SandboxStateError."""
         if not isinstance(policy, NetworkPolicy):
             raise InvalidSpec(f"expected a NetworkPolicy, got {type(policy).__name__}")
-        if self._proxy is None:
-            await self._start(policy)
-        else:
-            self._sb._conn()
-            self._proxy.set_policy(policy)
+        async with self._start_lock:  # two first calls must not start two proxies
+            if self._proxy is None:
+                await self._start(policy)
+            else:
+                self._sb._conn()
+                self._proxy.set_policy(policy)
         if self._on_policy is not None:
             self._on_policy(policy)
 
@@ -117,35 +122,51 @@ class AsyncNetwork:
         for _ in range(WAITING):
             self._spawn(self._acceptor())
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any, *, bridge: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if bridge:
+            self._bridges.add(task)
+            task.add_done_callback(self._bridges.discard)
 
     async def _acceptor(self) -> None:
         """Keep one egress_accept stream waiting in the guest, again and again."""
         pause = 0.05
         while not self._ended:
             try:
-                st = await self._conn().open({"op": "egress_accept"})
+                conn = self._conn()
+            except SandvmError:
+                return  # the sandbox is gone
+            item = None
+            try:
+                st = await conn.open({"op": "egress_accept"})
                 item = await st.next(None)
             except SandvmError:
-                return  # the sandbox or its agent connection is gone
-            if item.kind == "event" and (item.message or {}).get("event") == "connected":
-                self._spawn(self._bridge(st))
+                if conn.failure is not None:
+                    return  # the agent connection is gone (a new holder starts anew)
+            if item is not None and item.kind == "event" and \
+                    (item.message or {}).get("event") == "connected":
+                if len(self._bridges) >= MAX_BRIDGES:
+                    await st.reset()  # the workload holds too many: this one is refused
+                else:
+                    self._spawn(self._bridge(st), bridge=True)
                 pause = 0.05
                 continue
-            await st.reset()
-            err = item.error
-            if item.kind == "error" and err is not None and \
-                    err.details.get("guest_code") == "egress_off":
-                return
-            await asyncio.sleep(pause)  # a guest that misbehaves is not spun on
+            if item is not None:
+                await st.reset()
+                err = item.error
+                if item.kind == "error" and err is not None and \
+                        err.details.get("guest_code") == "egress_off":
+                    return
+            await asyncio.sleep(pause)  # busy (too many streams) or misbehaving: back off
             pause = min(pause * 2, 2.0)
 
     async def _bridge(self, st: HostStream) -> None:
         """One guest connection ↔ the proxy, through a socket pair (the proxy speaks
-        asyncio streams; the pair gives both sides flow control)."""
+        asyncio streams; the pair gives both sides flow control). Once the proxy is done
+        with it, the guest's side gets BRIDGE_GRACE seconds to finish, then is reset:
+        a silent client cannot hold a stream."""
         assert self._proxy is not None
         a, b = socket.socketpair()
         try:
@@ -156,23 +177,30 @@ class AsyncNetwork:
             b.close()
             await st.reset()
             return
-        handler = asyncio.get_running_loop().create_task(self._proxy.handle(cr, cw))
-        up = asyncio.get_running_loop().create_task(_upload(pr, st))
+        loop = asyncio.get_running_loop()
+        handler = loop.create_task(self._proxy.handle(cr, cw))
+        up = loop.create_task(_upload(pr, st))
+        down = loop.create_task(_download(st, pw))
         clean = False
         try:
-            clean = await _download(st, pw)
-        except SandvmError:
-            pass
+            await asyncio.wait([handler, down], return_when=asyncio.FIRST_COMPLETED)
+            if not down.done():  # the proxy is done: let the last bytes through, briefly
+                await asyncio.wait([down], timeout=BRIDGE_GRACE)
+            if down.done() and not down.cancelled() and down.exception() is None:
+                clean = down.result()
         finally:
-            up.cancel()
+            for t in (up, down):
+                t.cancel()
             if not clean:
                 await st.reset()
                 with contextlib.suppress(Exception):
                     pw.transport.abort()
             else:
                 pw.close()
-            with contextlib.suppress(BaseException):
-                await asyncio.wait_for(handler, 5.0)
+            if not handler.done():
+                with contextlib.suppress(Exception):
+                    cw.transport.abort()
+                await asyncio.wait([handler], timeout=5.0)
 
     async def _shutdown(self) -> None:
         """The sandbox ends: close the proxy and every connection. Never raises."""

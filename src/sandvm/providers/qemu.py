@@ -169,6 +169,10 @@ def orphaned_qemus(root: Path | None = None) -> list[tuple[int, Path]]:
         try:
             pid_s, start = (rundir / OWNER_FILE).read_text().split()
             owner_alive = proc_start_time(int(pid_s)) == start
+        except FileNotFoundError:
+            # no owner file: gone with its dir (orphaned), or one that never had one (the
+            # KVM probe's): only the first is ours to kill
+            owner_alive = rundir.exists()
         except (OSError, ValueError):
             owner_alive = False
         if not owner_alive and proc_start_time(int(entry.name)) is not None:

@@ -163,17 +163,17 @@ class SandboxManager:
         except SandvmError as exc:
             self.journal.result(seq, ok=False, error=exc.code)
             raise
-        await prov.adopt_vm(sandbox_id, vm)
-        sb = AsyncSandbox(sandbox_id=sandbox_id, provider=prov, vm=vm, lifetime=None)
-        sb._image = image
-        net = rec.record.get("network")
-        if isinstance(net, dict):  # its egress, as the last holder left it
-            try:
+        try:
+            await prov.adopt_vm(sandbox_id, vm)
+            sb = AsyncSandbox(sandbox_id=sandbox_id, provider=prov, vm=vm, lifetime=None)
+            sb._image = image
+            net = rec.record.get("network")
+            if isinstance(net, dict):  # its egress, as the last holder left it
                 await sb.network._start(NetworkPolicy(**net))
-            except SandvmError as exc:
-                await sb._let_go()
-                self.journal.result(seq, ok=False, error=exc.code)
-                raise
+        except BaseException as exc:  # never keep the sandbox held after a failed attach
+            await vm.detach()
+            self.journal.result(seq, ok=False, error=getattr(exc, "code", type(exc).__name__))
+            raise
         self._keep_policy(sb)
         self.journal.result(seq, ok=True)
         return sb
