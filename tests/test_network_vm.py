@@ -268,3 +268,111 @@ def test_silent_guest_connections_neither_pile_up_nor_block_egress(
     while netbox.network._a._bridges and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not netbox.network._a._bridges
+
+
+# a raw proxy client in the guest: CONNECT (or a plain GET) and report the status line
+PROBE = r'''
+import json, socket, sys
+host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+if mode == "connect":
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+else:
+    s.sendall(f"GET http://{host}:{port}/bytes/{mode} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+data = b""
+try:
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    status = data.split(b"\r\n", 1)[0].decode(errors="replace")
+    body = data.partition(b"\r\n\r\n")[2]
+    if mode not in ("connect",) and status.split()[1:2] == ["200"]:
+        while chunk := s.recv(65536):
+            body += chunk
+    print(json.dumps({"status": status, "body_len": len(body)}))
+except OSError as e:
+    print(json.dumps({"status": "closed " + str(e), "body_len": len(data)}))
+'''
+
+
+def test_each_rule_from_inside_the_guest(https: HttpServer, base_snapshot: Any,
+                                         snapshot_store: Any) -> None:
+    """Every rule, exercised by a client in the guest (the per-rule proxy tests in
+    test_egress.py drive the same proxy from the host)."""
+    with HttpServer("127.0.0.1", label="http-1") as plain:
+        pins = {"pypi.test": "127.0.0.1", "a.example.test": "127.0.0.1",
+                "example.test": "127.0.0.1", "private.test": "10.1.2.3",
+                "meta.test": "169.254.169.254", "dark.test": "10.255.255.1",
+                "loop.test": "127.0.0.1"}
+        base = {"hosts": pins, "allow_ips": ["127.0.0.1/32"],
+                "ports": [https.port, plain.port]}
+        sb = Sandbox.from_snapshot(base_snapshot, store=snapshot_store,
+                                   network=NetworkPolicy(allow=["pypi.test"], **base))
+        try:
+            sb.files.write("/tmp/probe.py", PROBE)
+
+            def probe(host: str, port: int, mode: str = "connect") -> dict[str, Any]:
+                r = sb.commands.run(["python3", "/tmp/probe.py", host, str(port), mode],
+                                    timeout=60)
+                return dict(json.loads(r.stdout))
+
+            def status(host: str, port: int = https.port, mode: str = "connect") -> str:
+                return str(probe(host, port, mode)["status"])
+
+            assert status("pypi.test").startswith("HTTP/1.1 200")
+            assert "not on this sandbox's allow list" in status("example.test")
+            # wildcards: a subdomain, not the apex
+            sb.network.set_policy(NetworkPolicy(allow=["*.example.test"], **base))
+            assert status("a.example.test").startswith("HTTP/1.1 200")
+            assert "403" in status("example.test")
+            # IP literals, in any spelling
+            for literal in ("127.0.0.1", "2130706433", "[::1]"):
+                assert "IP literals are refused" in status(literal), literal
+            # private, metadata and loopback addresses need allow_ips
+            sb.network.set_policy(NetworkPolicy(
+                allow=["private.test", "meta.test", "loop.test"], hosts=pins,
+                ports=[https.port]))
+            assert "private address" in status("private.test")
+            assert "cloud metadata" in status("meta.test")
+            assert "loopback address" in status("loop.test")
+            # ports
+            sb.network.set_policy(NetworkPolicy(allow=["pypi.test"], hosts=pins,
+                                                allow_ips=["127.0.0.1/32"]))
+            assert f"port {https.port} is not allowed" in status("pypi.test")
+            # plain HTTP only when allowed
+            sb.network.set_policy(NetworkPolicy(allow=["pypi.test"], **base))
+            assert "plain HTTP is not allowed" in status("pypi.test", plain.port, "10")
+            sb.network.set_policy(NetworkPolicy(allow=["pypi.test"], allow_http=True, **base))
+            ok = probe("pypi.test", plain.port, "5000")
+            assert ok["status"].startswith("HTTP/1.1 200") and ok["body_len"] == 5000
+            # the byte cap, for the sandbox as a whole
+            sb.network.set_policy(NetworkPolicy(allow=["pypi.test"], allow_http=True,
+                                                max_bytes=sb.network._a._proxy.bytes_total
+                                                + 100_000, **base))
+            cut = probe("pypi.test", plain.port, "1000000")
+            assert cut["body_len"] < 1_000_000
+            assert "byte cap" in status("pypi.test")
+            # connect timeout: an allowed address that never answers
+            sb.network.set_policy(NetworkPolicy(
+                allow=["dark.test"], hosts=pins, ports=[https.port],
+                allow_ips=["10.255.255.1/32"], connect_timeout=1.0))
+            assert status("dark.test").startswith("HTTP/1.1 50")  # 504 (or 502: no route)
+            # a resolver that rebinds between calls cannot move a connection
+            calls: list[str] = []
+
+            async def rebinding(host: str, port: int) -> list[str]:
+                calls.append(host)
+                return ["127.0.0.1"] if len(calls) == 1 else ["10.9.9.9"]
+
+            sb.network._a._proxy.resolver = rebinding
+            sb.network.set_policy(NetworkPolicy(allow=["rebind.test"], ports=[https.port],
+                                                allow_ips=["127.0.0.1/32"]))
+            assert status("rebind.test").startswith("HTTP/1.1 200")
+            assert "private address" in status("rebind.test")
+            assert calls == ["rebind.test", "rebind.test"]  # once per connection
+            events = sb.network.events()
+            assert {"allow", "deny", "close"} <= {e.action for e in events}
+        finally:
+            sb.kill()

@@ -722,11 +722,22 @@ class QemuVm:
             await asyncio.to_thread(vm._hold, wait=wait)
         except FileNotFoundError:
             raise VmBootError(f"sandbox {vm_id} is gone (its runtime dir was removed)") from None
-        try:
-            await asyncio.wait_for(vm._connect(), timeout)
-        except (TimeoutError, SandvmError) as exc:
-            vm._let_go_hold()
-            raise VmBootError(f"cannot reattach to sandbox {vm_id}: {exc}") from None
+        for attempt in (1, 2):
+            # a second try: if the guest did not see the last holder leave, that holder's
+            # torn last frame swallows our HELLO; our hang-up makes the guest start afresh
+            try:
+                await asyncio.wait_for(vm._connect(), timeout / 2)
+                break
+            except (TimeoutError, SandvmError) as exc:
+                for c in (vm.agent, vm.qmp):
+                    if c is not None:
+                        with contextlib.suppress(Exception):
+                            await c.close()
+                vm.agent = vm.qmp = None
+                if attempt == 2 or not _pid_alive(keeper_pid):
+                    vm._let_go_hold()
+                    raise VmBootError(f"cannot reattach to sandbox {vm_id}: {exc}") from None
+                await asyncio.sleep(0.1)
         vm._monitor = asyncio.get_running_loop().create_task(vm._watch())
         return vm
 
