@@ -149,3 +149,18 @@ def test_an_unreadable_owner_file_counts_as_dead(tmp_path: Path, bad: str) -> No
     finally:
         p.kill()
         p.wait()
+
+
+def test_gc_spares_a_slow_create_whose_creator_lives(tmp_path: Path) -> None:
+    """A create that takes long (an image import before the boot) is not repaired while
+    its process runs; once that process is gone, it is."""
+    j = Journal(tmp_path / "j.db")
+    m = SandboxManager(j)
+    j.intent("sb-slow", "create", ttl=60)  # by this (live) process
+    j.add("sb-slow", deadline=time.time() + 60)
+    assert m.gc(starting_grace=0.0) == []
+    assert j.get("sb-slow").state == "starting"  # type: ignore[union-attr]
+    _as_dead_process(j)
+    j.intent("sb-gone", "create", ttl=60)
+    j.add("sb-gone", deadline=time.time() + 60)
+    assert m.gc(starting_grace=0.0) == ["sb-gone"]

@@ -164,6 +164,15 @@ class Journal:
                         "detail": json.loads(detail), "owner": owner})
         return out
 
+    def being_created(self, sandbox_id: str) -> bool:
+        """Whether a live process is still creating ``sandbox_id`` (its ``create``
+        intent has no result and its process runs), however long that takes."""
+        rows = self._db.execute(
+            "SELECT i.owner FROM events i WHERE i.sandbox_id = ? AND i.op = 'create' AND"
+            " i.phase = 'intent' AND NOT EXISTS (SELECT 1 FROM events r WHERE"
+            " r.phase = 'result' AND r.intent_seq = i.seq)", (sandbox_id,)).fetchall()
+        return any(owner is not None and _alive(owner) for (owner,) in rows)
+
     # ------------------------------------------------------------------ sandboxes
 
     def add(self, sandbox_id: str, **fields: Any) -> None:

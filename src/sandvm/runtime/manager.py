@@ -299,9 +299,10 @@ class SandboxManager:
         for rec in self.journal.sandboxes():
             if keeper_alive(rec):
                 continue
-            if rec.state == "starting" and time.time() - rec.created < starting_grace and \
-                    rec.keeper_pid is None:
-                continue  # still being created by someone
+            if rec.state == "starting" and rec.keeper_pid is None and (
+                    time.time() - rec.created < starting_grace or
+                    self.journal.being_created(rec.id)):
+                continue  # still being created (e.g. a long image import before its boot)
             self._remove_dirs(rec)
             if self.journal.end(rec.id, "repair-needed: its keeper was gone; its files"
                                         " were removed"):
