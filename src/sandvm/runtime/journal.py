@@ -99,7 +99,7 @@ class Journal:
             with self._tx() as db:  # checked again under the write lock: one adds it
                 if "owner" not in {r[1] for r in db.execute("PRAGMA table_info(events)")}:
                     db.execute("ALTER TABLE events ADD COLUMN owner TEXT")
-        self._owner = _me()
+        self._owner, self._owner_pid = _me(), os.getpid()
 
     def close(self) -> None:
         self._db.close()
@@ -118,6 +118,8 @@ class Journal:
 
     def intent(self, sandbox_id: str, op: str, **detail: Any) -> int:
         """Record that ``op`` is about to happen; returns its sequence number."""
+        if self._owner_pid != os.getpid():  # a forked child writes as itself
+            self._owner, self._owner_pid = _me(), os.getpid()
         with self._tx() as db:
             cur = db.execute("INSERT INTO events (ts, sandbox_id, op, phase, detail, owner)"
                              " VALUES (?, ?, ?, 'intent', ?, ?)",
