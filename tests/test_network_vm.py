@@ -205,6 +205,11 @@ def test_a_managed_sandbox_keeps_its_policy_across_holders(https: HttpServer,
             sb = await m.attach(sid)
             pol = sb.network.policy
             assert pol is not None and pol.allow == ("pypi.test",)
+            # the bytes earlier holders moved still count against the sandbox's byte cap
+            rec = m.journal.get(sid)
+            assert rec is not None
+            used = rec.record["network_bytes"]
+            assert sb.network._proxy is not None and sb.network._proxy.bytes_total == used > 0
             await sb.network.set_policy(NetworkPolicy(
                 allow=["pypi.test", "other.test"], ports=pol.ports, allow_ips=pol.allow_ips,
                 hosts=pol.hosts))

@@ -170,6 +170,9 @@ class SandboxManager:
             net = rec.record.get("network")
             if isinstance(net, dict):  # its egress, as the last holder left it
                 await sb.network._start(NetworkPolicy(**net))
+                used = rec.record.get("network_bytes")
+                if sb.network._proxy is not None and isinstance(used, int) and used > 0:
+                    sb.network._proxy.bytes_total = used  # the byte cap is for its life
         except BaseException as exc:  # never keep the sandbox held after a failed attach
             await vm.detach()
             self.journal.result(seq, ok=False, error=getattr(exc, "code", type(exc).__name__))
@@ -183,6 +186,11 @@ class SandboxManager:
         once. Raises SandboxStateError."""
         ticket = f"sbt_{secrets.token_urlsafe(24)}"
         seq = self.journal.intent(sb.sandbox_id, "detach")
+        proxy = sb.network._proxy
+        rec = self.journal.get(sb.sandbox_id)
+        if proxy is not None and rec is not None:  # egress bytes so far: the next holder's
+            self.journal.update(sb.sandbox_id,
+                                record={**rec.record, "network_bytes": proxy.bytes_total})
         await sb._let_go()
         self.journal.update(sb.sandbox_id, ticket_sha256=ticket_sha256(ticket))
         self.journal.result(seq, ok=True)
