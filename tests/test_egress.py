@@ -560,3 +560,22 @@ def test_long_guest_host_names_do_not_bloat_the_audit(https: HttpServer) -> None
             assert status == 403
         assert all(len(e.reason) <= 300 and len(e.host) <= 255 for e in audit)
     asyncio.run(go())
+
+
+def test_the_system_resolver_answers_from_its_own_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import threading
+
+    from sandvm.egress import system_resolver
+
+    threads: list[str] = []
+    real = socket.getaddrinfo
+
+    def spy(*a: Any, **kw: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", spy)
+    addrs = asyncio.run(system_resolver("localhost", 443))
+    assert "127.0.0.1" in addrs or "::1" in addrs
+    assert threads and threads[0].startswith("sandvm-dns")  # not the default executor

@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import json
 import os
@@ -332,9 +334,17 @@ class AuditLog:
 # --------------------------------------------------------------------------- proxy
 
 
+# getaddrinfo cannot be cancelled: its own bounded pool, so slow lookups (a timed-out
+# one keeps its thread) never starve the default executor the rest of sandvm uses
+_RESOLVER_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8,
+                                                       thread_name_prefix="sandvm-dns")
+
+
 async def system_resolver(host: str, port: int) -> list[str]:
     """The host's own resolver (getaddrinfo), addresses in its order, no duplicates."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _RESOLVER_POOL, functools.partial(socket.getaddrinfo, host, port,
+                                          type=socket.SOCK_STREAM))
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
