@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -11,6 +14,14 @@ from sandvm.errors import AssetMissing
 
 # tests that do not name an image expect `base`, even where `debian` was built
 os.environ.setdefault("SANDVM_DEFAULT_IMAGE", "base")
+
+# VMs' runtime dirs in a tmpfs dir of this test session's own: tests that check that
+# nothing is left behind see only their own VMs, whatever else runs on the machine
+if "SANDVM_RUNTIME_DIR" not in os.environ:
+    _RUNTIME = tempfile.mkdtemp(prefix="sandvm-tests-",
+                                dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.environ["SANDVM_RUNTIME_DIR"] = _RUNTIME
+    atexit.register(shutil.rmtree, _RUNTIME, ignore_errors=True)
 
 
 def _assets_ok() -> str | None:

@@ -103,6 +103,9 @@ def test_http_status_of_errors() -> None:
     for cls, status in expected.items():
         assert status_for(cls.__new__(cls)) == status, cls
     assert status_for(VmNotFound("sb-x")) == 404
+    from sandvm.server.commands import unknown_command
+
+    assert status_for(unknown_command("cmd-x", "sb-x")) == 404
 
 
 # ---------------------------------------------------------------------------- the client
@@ -248,10 +251,13 @@ def _public(cls: type) -> dict[str, Any]:
 
 def test_sync_and_async_client_surfaces_match() -> None:
     for acls, scls in ((ca.AsyncSandbox, cs.Sandbox), (ca.AsyncCommands, cs.Commands),
-                       (ca.AsyncFiles, cs.Files)):
+                       (ca.AsyncFiles, cs.Files), (ca.AsyncCommandHandle, cs.CommandHandle)):
         a = {n for n in _public(acls) if n != "aclose"}
         assert a == set(_public(scls)), (acls, a ^ set(_public(scls)))
         for name in a:
+            if isinstance(_public(acls)[name], property):
+                assert isinstance(_public(scls)[name], property), name
+                continue
             asig = inspect.signature(getattr(acls, name))
             ssig = inspect.signature(getattr(scls, name))
             assert list(asig.parameters) == list(ssig.parameters), name
@@ -338,3 +344,126 @@ def test_metrics_text_format() -> None:
     assert "sandvm_command_duration_seconds_count 1" in text
     assert "sandvm_sandboxes_live 2" in text
     assert "# TYPE sandvm_sandboxes_live gauge" in text
+
+
+def test_remote_command_handle_mirrors_the_local_one() -> None:
+    from sandvm import sandbox as local
+
+    for rcls, lcls in ((ca.AsyncCommandHandle, local.AsyncCommandHandle),
+                       (cs.CommandHandle, local.CommandHandle)):
+        lpub, rpub = _public(lcls), _public(rcls)
+        assert set(lpub) <= set(rpub), set(lpub) - set(rpub)
+        assert set(rpub) - set(lpub) == {"info"}  # and the command_id attribute
+        for name, m in lpub.items():
+            if isinstance(m, property):
+                assert isinstance(rpub[name], property), name
+                continue
+            lsig, rsig = inspect.signature(m), inspect.signature(rpub[name])
+            assert [(p.name, p.kind, p.default) for p in lsig.parameters.values()] == \
+                [(p.name, p.kind, p.default) for p in rsig.parameters.values()], name
+
+
+# ---------------------------------------------------------------------------- background
+
+
+def test_background_handle_reconnects_from_the_next_seq() -> None:
+    """The output stream breaks twice (it ends early, then the connection drops); the
+    handle asks again from the next seq and misses nothing."""
+    calls: list[int] = []
+    events = [{"seq": 0, "type": "stdout", "text": "a"},
+              {"seq": 1, "type": "stderr", "text": "b"},
+              {"seq": 2, "type": "stdout", "text": "c"},
+              {"seq": 3, "type": "exit", "exit_code": 0, "signal": None, "timed_out": False,
+               "duration": 1.0}]
+    cinfo = {"command_id": "cmd-0123456789", "sandbox_id": INFO["sandbox_id"], "cmd": "x",
+             "state": "running", "pid": 42, "started": 1.0, "ended": None,
+             "exit_code": None, "signal": None, "timed_out": None, "error_code": None,
+             "error_message": None, "stdin_open": True, "first_seq": 0, "next_seq": 0,
+             "output_dropped": False}
+    seen: list[httpx.Request] = []
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        path = req.url.path
+        if path.endswith("/commands/start"):
+            return httpx.Response(201, json=cinfo)
+        if path.endswith("/output"):
+            offset = int(req.url.params["offset"])
+            calls.append(offset)
+            if len(calls) == 1:
+                return httpx.Response(200, content=_lines(*events[:2]))  # ends early
+            if len(calls) == 2:
+                raise httpx.ReadError("connection reset")
+            return httpx.Response(200, content=_lines(*events[offset:]))
+        if path.endswith(("/stdin", "/stdin/close", "/signal")):
+            return httpx.Response(204)
+        return httpx.Response(200, json=INFO)
+
+    async def go() -> None:
+        sb = await AsyncSandbox.connect("sb-0123456789", api_key="k", url="http://sv",
+                                        transport=httpx.MockTransport(handle))
+        h = await sb.commands.run("x", background=True, check=False)
+        assert h.command_id == "cmd-0123456789" and h.pid == 42
+        await h.send_stdin(b"\x00in")
+        await h.send_signal("int", grace=2)
+        r = await h.wait()
+        assert (r.stdout, r.stderr, r.exit_code, r.output_truncated) == ("ac", "b", 0, False)
+        assert calls == [0, 2, 2]
+        sig = [json.loads(q.content) for q in seen if q.url.path.endswith("/signal")]
+        assert sig == [{"signal": 2, "grace": 2.0}]
+        assert [q.content for q in seen if q.url.path.endswith("/stdin")] == [b"\x00in"]
+        await sb.close()
+
+    asyncio.run(go())
+
+
+def test_background_buffer_drops_the_oldest_and_followers_see_the_jump() -> None:
+    from sandvm.server.commands import BackgroundCommand
+
+    async def go() -> None:
+        bg = BackgroundCommand(command_id="cmd-1", sandbox_id="sb-1", tenant="t",
+                               cmd=["echo", "x"], max_buffer=10)
+        follower = bg.follow(0)
+        for i in range(5):
+            bg.append({"type": "stdout", "text": f"{i}" * 4}, 4)
+        first = await follower.__anext__()
+        assert first["seq"] == 3  # 0 to 2 were dropped: 10 bytes hold two 4-byte chunks
+        assert bg.info().first_seq == 3 and bg.info().output_dropped
+        bg.append({"type": "exit", "exit_code": 0}, 0)
+        rest = [e async for e in follower]
+        assert [e["seq"] for e in rest] == [4, 5] and rest[-1]["type"] == "exit"
+        assert [e["seq"] async for e in bg.follow(100)] == [5]  # past the end: the exit
+        bg.append({"type": "stdout", "text": "late"}, 4)  # after the exit: ignored
+        assert bg.info().state == "exited" and bg.info().next_seq == 6
+        waiting = BackgroundCommand(command_id="cmd-2", sandbox_id="sb-1", tenant="t",
+                                    cmd="sleep", max_buffer=10)
+        assert [e async for e in waiting.follow(0, follow=False)] == []
+        task = asyncio.ensure_future(waiting.follow(0).__anext__())
+        await asyncio.sleep(0.01)
+        assert not task.done()  # following waits for output
+        waiting.append({"type": "stderr", "text": "e"}, 1)
+        assert (await task)["text"] == "e"
+
+    asyncio.run(go())
+
+
+def test_openapi_bounds_are_json_schema_keywords() -> None:
+    """Found by schemathesis: bounds inside lists and unions came out as pydantic's
+    ``ge``/``le``, which JSON Schema tools ignore (so ports [0] looked valid)."""
+    doc = json.loads((Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
+                      ).read_text())
+    bad: list[str] = []
+
+    def walk(node: object, where: str) -> None:
+        if isinstance(node, dict):
+            bad.extend(f"{where}.{k}" for k in ("ge", "le", "gt", "lt") if k in node)
+            for k, v in node.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(doc, "$")
+    assert not bad, bad
+    ports = doc["components"]["schemas"]["NetworkPolicyBody"]["properties"]["ports"]
+    assert ports["items"] == {"maximum": 65535, "minimum": 1, "type": "integer"}

@@ -49,8 +49,9 @@ UPLOAD_CAP = 4 << 20
 class ServerProc:
     """`sandvm serve` in a subprocess; its stderr goes to a file we read the port from."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, max_sandboxes: int = 2) -> None:
         self.tmp = tmp
+        self.max_sandboxes = max_sandboxes
         self.env = {**os.environ, "SANDVM_SERVER_DIR": str(tmp / "state"),
                     "SANDVM_JOURNAL": str(tmp / "journal.db")}
         self.port = 0
@@ -72,7 +73,7 @@ class ServerProc:
             start = log.tell()
             self.proc = subprocess.Popen(
                 [SANDVM, "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--max-sandboxes", "2", "--max-upload", str(UPLOAD_CAP),
+                 "--max-sandboxes", str(self.max_sandboxes), "--max-upload", str(UPLOAD_CAP),
                  "--log-level", "warning"],
                 env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -263,6 +264,11 @@ def test_request_caps_and_validation(server: ServerProc, alice_sb: Sandbox) -> N
         Sandbox.create(api_key=server.alice, url=server.url, memory_mib=8192)
     r = httpx.get(f"{server.url}/v1/nothing-here", headers=h)
     assert r.status_code == 404 and r.json()["code"] == "service_error"
+    r = httpx.request("TRACE", f"{server.url}/v1/sandboxes", headers=h)  # schemathesis:
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"  # RFC 9110's Allow
+    r = httpx.post(f"{server.url}/v1/sandboxes/{alice_sb.sandbox_id}/timeout", headers=h,
+                   json={"timeout": "600"})  # no coercion: a string is not seconds
+    assert r.status_code == 422 and r.json()["code"] == "invalid_spec"
 
 
 def test_client_disconnect_kills_the_command(server: ServerProc, alice_sb: Sandbox) -> None:
@@ -325,6 +331,17 @@ REQUESTS: dict[tuple[str, str], dict[str, Any]] = {
     ("PUT", "/v1/sandboxes/{sandbox_id}/files"): {"params": {"path": "/tmp/pwned"},
                                                   "content": b"x"},
     ("GET", "/v1/sandboxes/{sandbox_id}/files"): {"params": {"path": "/etc/hostname"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/commands/start"): {
+        "json": {"cmd": "touch /tmp/pwned"}},
+    ("GET", "/v1/sandboxes/{sandbox_id}/commands"): {},
+    ("GET", "/v1/sandboxes/{sandbox_id}/commands/{command_id}"): {},
+    ("GET", "/v1/sandboxes/{sandbox_id}/commands/{command_id}/output"): {
+        "params": {"follow": "false"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin"): {
+        "content": b"touch /tmp/pwned\n"},
+    ("POST", "/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin/close"): {},
+    ("POST", "/v1/sandboxes/{sandbox_id}/commands/{command_id}/signal"): {
+        "json": {"signal": "SIGKILL"}},
 }
 PUBLIC = {("GET", "/health")}
 
@@ -334,6 +351,7 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
     doc = json.loads((REPO / "docs" / "openapi.json").read_text())
     ops = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
     assert ops == set(REQUESTS) | PUBLIC, "a new endpoint: add it to REQUESTS"
+    shell = alice_sb.commands.run("sh", background=True)  # a target for the command ops
     revoked = server.cli("key", "create", "gone").stdout.strip().splitlines()[-1]
     assert server.cli("key", "revoke", "gone").returncode == 0
     bad_keys = {
@@ -346,7 +364,8 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
     }
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for (method, path), kw in REQUESTS.items():
-            url = path.replace("{sandbox_id}", alice_sb.sandbox_id)
+            url = path.replace("{sandbox_id}", alice_sb.sandbox_id).replace(
+                "{command_id}", shell.command_id)
             for what, headers in bad_keys.items():
                 r = c.request(method, url, headers=headers, **kw)
                 assert r.status_code == 401, (method, path, what, r.text)
@@ -358,13 +377,16 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
             r = c.request(method, url, headers=_auth(server.bob), **kw)
             assert r.status_code == 404, (method, path, r.text)
             assert r.json()["code"] == "vm_not_found"
-            fake = c.request(method, path.replace("{sandbox_id}", "sb-0000000000"),
-                             headers=_auth(server.bob), **kw)
+            fake = c.request(method, path.replace("{sandbox_id}", "sb-0000000000").replace(
+                "{command_id}", shell.command_id), headers=_auth(server.bob), **kw)
             assert (fake.status_code, fake.json()["code"]) == (404, "vm_not_found")
         r = c.get("/v1/sandboxes", headers=_auth(server.bob))
         assert r.status_code == 200 and r.json() == {"sandboxes": []}
     # nothing bob or the bad keys did reached alice's sandbox
     assert alice_sb.is_running()
+    assert shell.info().state == "running" and shell.info().stdin_open
+    shell.close_stdin()
+    assert shell.wait().exit_code == 0
     assert alice_sb.commands.run("test -e /tmp/pwned", check=False).exit_code == 1
 
 

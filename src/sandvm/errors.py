@@ -124,6 +124,7 @@ __all__ = [
     "SnapshotIncompatible",
     "SnapshotNotFound",
     "Unauthenticated",
+    "UnknownCommand",
     "UnknownImage",
     "Unsupported",
     "VmAlreadyExists",
@@ -481,6 +482,12 @@ class QuotaExceeded(ServiceError):
     """The tenant already uses everything its quota allows (HTTP 429): kill a sandbox."""
 
     code = "quota_exceeded"
+
+
+class UnknownCommand(ServiceError):
+    """No background command with that id in the sandbox (HTTP 404)."""
+
+    code = "unknown_command"
 
 
 class RequestTooLarge(ServiceError):

@@ -9,14 +9,24 @@
 sandvm's blocking portal. Errors are those of ``sandvm.errors``.
 """
 
-from sandvm.client._async import AsyncCommands, AsyncFiles, AsyncSandbox, SandboxInfo
-from sandvm.client._sync import Commands, Files, Sandbox
+from sandvm.client._async import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    AsyncFiles,
+    AsyncSandbox,
+    CommandInfo,
+    SandboxInfo,
+)
+from sandvm.client._sync import CommandHandle, Commands, Files, Sandbox
 from sandvm.sandbox import CommandResult, WriteInfo
 
 __all__ = [
+    "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
     "AsyncSandbox",
+    "CommandHandle",
+    "CommandInfo",
     "CommandResult",
     "Commands",
     "Files",

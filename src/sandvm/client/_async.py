@@ -9,10 +9,12 @@ ServerUnreachable (cause chained).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import os
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from sandvm.sandbox import (
     OutputCallback,
     WriteInfo,
     _Output,
+    _signal_number,
 )
 
 DEFAULT_URL = "http://127.0.0.1:7070"
@@ -48,7 +51,11 @@ CREATE_TIMEOUT = 180.0  # a cold boot under TCG takes seconds; a busy host more
 MAX_LINE = 8 << 20  # one NDJSON event; the server sends far less
 MAX_ERROR_BODY = 64 << 10
 
-__all__ = ["DEFAULT_URL", "AsyncCommands", "AsyncFiles", "AsyncSandbox", "SandboxInfo"]
+RECONNECTS = 5  # attempts to follow a background command's output again after a break
+MAX_STDIN_CHUNK = 512 << 10  # bytes per stdin request (the server caps bodies at 1 MiB)
+
+__all__ = ["DEFAULT_URL", "AsyncCommandHandle", "AsyncCommands", "AsyncFiles", "AsyncSandbox",
+           "CommandInfo", "SandboxInfo"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,42 @@ class SandboxInfo:
                        network=bool(d.get("network", False)))
         except (AssertionError, KeyError, TypeError, ValueError):
             raise ServiceError("the server sent a malformed sandbox description") from None
+
+
+@dataclass(frozen=True)
+class CommandInfo:
+    """What the server says about a background command (see the API's CommandInfo)."""
+
+    command_id: str
+    sandbox_id: str
+    cmd: str
+    state: str
+    pid: int | None
+    started: float
+    ended: float | None
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool | None
+    error_code: str | None
+    stdin_open: bool
+    next_seq: int
+
+    @classmethod
+    def from_json(cls, d: object) -> CommandInfo:
+        def opt(v: object, kind: type) -> Any:
+            return None if v is None else kind(v)
+
+        try:
+            assert isinstance(d, dict)
+            return cls(command_id=str(d["command_id"]), sandbox_id=str(d["sandbox_id"]),
+                       cmd=str(d.get("cmd", "")), state=str(d["state"]),
+                       pid=opt(d.get("pid"), int), started=float(d["started"]),
+                       ended=opt(d.get("ended"), float), exit_code=opt(d.get("exit_code"), int),
+                       signal=opt(d.get("signal"), int), timed_out=opt(d.get("timed_out"), bool),
+                       error_code=opt(d.get("error_code"), str),
+                       stdin_open=bool(d.get("stdin_open")), next_seq=int(d["next_seq"]))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            raise ServiceError("the server sent a malformed command description") from None
 
 
 def _settings(api_key: str | None, url: str | None) -> tuple[str, str]:
@@ -189,38 +232,233 @@ def _chunk(event: dict[str, Any]) -> bytes:
     raise ServiceError("the server sent a malformed output event")
 
 
+def _result(final: dict[str, Any], out: _Output, err: _Output, *,
+            timeout: float | None, check: bool) -> CommandResult:
+    """The CommandResult of an ``exit`` event; raises as the local API does."""
+    code, sig = final.get("exit_code"), final.get("signal")
+    dur = final.get("duration")
+    if not isinstance(code, int) or not (sig is None or isinstance(sig, int)):
+        raise ServiceError("the server sent a malformed exit event")
+    result = CommandResult(
+        exit_code=code, stdout_bytes=bytes(out.buf), stderr_bytes=bytes(err.buf),
+        signal=sig, timed_out=bool(final.get("timed_out")),
+        duration=float(dur) if isinstance(dur, (int, float)) else 0.0,
+        output_truncated=out.truncated or err.truncated)
+    if result.timed_out:
+        raise CommandTimeout(f"command timed out after {timeout} s; its processes were"
+                             " killed", result=result)
+    if check and (code != 0 or sig is not None):
+        raise CommandExitError(result)
+    return result
+
+
+class AsyncCommandHandle:
+    """A background command on the server: ``wait`` for its result; signal it, feed
+    its stdin, kill it. Its output is followed from the start (reconnecting after a
+    broken connection) into ``stdout``/``stderr`` and the callbacks."""
+
+    def __init__(self, sb: AsyncSandbox, info: CommandInfo, *, timeout: float | None,
+                 check: bool, on_stdout: OutputCallback | None,
+                 on_stderr: OutputCallback | None) -> None:
+        self._sb = sb
+        self.command_id = info.command_id
+        self._pid = info.pid
+        self._timeout = timeout
+        self._check = check
+        self._out = _Output(on_stdout)
+        self._err = _Output(on_stderr)
+        self._next_seq = 0
+        sb._handles.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+        # the outcome is read by wait(); never let asyncio report it as unretrieved
+        self._task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    @property
+    def pid(self) -> int | None:
+        """The command's process id in the guest (its process group id too)."""
+        return self._pid
+
+    @property
+    def stdout(self) -> str:
+        """Output so far."""
+        return self._out.text()
+
+    @property
+    def stderr(self) -> str:
+        return self._err.text()
+
+    def _path(self, suffix: str = "") -> str:
+        return self._sb._path(f"/commands/{quote(self.command_id, safe='')}{suffix}")
+
+    async def _follow(self) -> dict[str, Any]:
+        breaks = 0
+        while True:
+            try:
+                final = await self._read_from(self._next_seq)
+            except ServerUnreachable:
+                breaks += 1
+                if breaks > RECONNECTS:
+                    raise
+                await asyncio.sleep(0.2 * 2 ** breaks)
+                continue
+            if final is not None:
+                return final
+            breaks += 1  # the stream ended early (e.g. the server stopping)
+            if breaks > RECONNECTS:
+                raise ServerUnreachable("the server kept ending the output stream of"
+                                        f" command {self.command_id} before it ended")
+            await asyncio.sleep(0.2 * 2 ** breaks)
+
+    async def _read_from(self, offset: int) -> dict[str, Any] | None:
+        read = None if self._timeout is None else self._timeout + 30.0
+        async with self._sb._api.stream(
+                "GET", self._path("/output"), params={"offset": offset},
+                timeout=httpx.Timeout(60.0, connect=10.0, read=read)) as resp:
+            try:
+                async for line in _lines(resp):
+                    event = _event(line)
+                    seq = event.get("seq")
+                    if not isinstance(seq, int) or seq < self._next_seq:
+                        raise ServiceError("the server sent an output event out of order")
+                    if seq > self._next_seq:  # the server dropped output we had not read
+                        self._out.truncated = True
+                    self._next_seq = seq + 1
+                    kind = event.get("type")
+                    if kind == "stdout":
+                        await self._out.feed(_chunk(event))
+                    elif kind == "stderr":
+                        await self._err.feed(_chunk(event))
+                    elif kind == "error":
+                        raise error_from_dict(event)
+                    elif kind == "exit":
+                        return event
+            except httpx.TransportError as exc:
+                raise ServerUnreachable(f"the output stream of command {self.command_id}"
+                                        f" broke: {exc}") from exc
+        return None
+
+    async def wait(self) -> CommandResult:
+        """Wait for the command to end. Raises CommandExitError (if checking),
+        CommandTimeout, SandboxStateError (the sandbox ended), ServerUnreachable."""
+        try:
+            final = await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not self._task.cancelled() or (me is not None and me.cancelling()):
+                raise
+            raise SandboxStateError(f"the client of command {self.command_id} was closed:"
+                                    " connect to the sandbox and the command again") from None
+        return _result(final, self._out, self._err, timeout=self._timeout, check=self._check)
+
+    async def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
+        """Signal the command's process group; with ``grace``, SIGKILL everything after it."""
+        body: dict[str, Any] = {"signal": _signal_number(sig)}
+        if grace is not None:
+            body["grace"] = float(grace)
+        await self._sb._api.call("POST", self._path("/signal"), json=body)
+
+    async def kill(self) -> None:
+        """SIGKILL every process of the command."""
+        await self.send_signal("SIGKILL")
+
+    async def send_stdin(self, data: bytes | str) -> None:
+        """Write to the command's stdin (open unless ``stdin=`` was given at start).
+        Raises SandboxStateError once it ended or its stdin was closed."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        for i in range(0, max(len(raw), 1), MAX_STDIN_CHUNK):
+            await self._sb._api.call(
+                "POST", self._path("/stdin"), content=raw[i:i + MAX_STDIN_CHUNK],
+                headers={"Content-Type": "application/octet-stream"})
+
+    async def close_stdin(self) -> None:
+        await self._sb._api.call("POST", self._path("/stdin/close"))
+
+    async def info(self) -> CommandInfo:
+        """The server's view of the command (state, exit)."""
+        return CommandInfo.from_json(await self._sb._api.call("GET", self._path()))
+
+
+def _event(line: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise ServiceError("the server sent a line that is not JSON") from None
+    if not isinstance(event, dict):
+        raise ServiceError("the server sent an event that is not an object")
+    return event
+
+
+def _command_body(cmd: str | list[str], *, env: dict[str, str] | None, cwd: str | None,
+                  stdin: bytes | str | None, timeout: float | None,
+                  user: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"cmd": cmd, "timeout": timeout}
+    for name, value in (("env", env), ("cwd", cwd), ("user", user)):
+        if value is not None:
+            body[name] = value
+    if isinstance(stdin, str):
+        body["stdin"] = stdin
+    elif isinstance(stdin, (bytes, bytearray, memoryview)):
+        body["stdin_b64"] = base64.b64encode(bytes(stdin)).decode()
+    elif stdin is not None:
+        raise InvalidSpec("the remote stdin is bytes or str (sent whole)")
+    return body
+
+
 class AsyncCommands:
     """``sandbox.commands``: run commands in the remote sandbox."""
 
     def __init__(self, sb: AsyncSandbox) -> None:
         self._sb = sb
 
+    @overload
+    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+                  cwd: str | None = ..., stdin: bytes | str | None = ...,
+                  timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
+                  on_stderr: OutputCallback | None = ..., background: Literal[False] = ...,
+                  check: bool = ..., user: str | None = ...) -> CommandResult: ...
+
+    @overload
+    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+                  cwd: str | None = ..., stdin: bytes | str | None = ...,
+                  timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
+                  on_stderr: OutputCallback | None = ..., background: Literal[True],
+                  check: bool = ..., user: str | None = ...) -> AsyncCommandHandle: ...
+
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
                   cwd: str | None = None, stdin: bytes | str | None = None,
                   timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
                   on_stdout: OutputCallback | None = None,
                   on_stderr: OutputCallback | None = None,
-                  check: bool = True, user: str | None = None) -> CommandResult:
+                  background: bool = False, check: bool = True, user: str | None = None
+                  ) -> CommandResult | AsyncCommandHandle:
         """Run ``cmd`` (a shell string, or an argv list) and return its result; its
         output reaches ``on_stdout``/``on_stderr`` while it runs.
 
         Allowed while the sandbox runs. ``timeout`` kills the command's processes
-        (None: no limit). ``stdin`` is sent whole. Raises CommandExitError on a
+        (None: no limit). ``stdin`` is sent whole. With ``background=True`` returns
+        a handle at once (its ``command_id`` reattaches: ``connect``); its stdin
+        stays open unless ``stdin`` was given. Raises CommandExitError on a
         non-zero exit unless ``check=False``, CommandTimeout, CommandNotFound,
         SandboxStateError (killed, ended), VmNotFound, ServerUnreachable.
         """
+        return await self._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                               on_stdout=on_stdout, on_stderr=on_stderr,
+                               background=background, check=check, user=user)
+
+    async def _run(self, cmd: str | list[str], *, env: dict[str, str] | None,
+                   cwd: str | None, stdin: bytes | str | None, timeout: float | None,
+                   on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
+                   background: bool, check: bool, user: str | None
+                   ) -> CommandResult | AsyncCommandHandle:
+        """The one implementation behind AsyncCommands.run and Commands.run."""
         sb = self._sb
         sb._check_open()
-        body: dict[str, Any] = {"cmd": cmd, "timeout": timeout}
-        for name, value in (("env", env), ("cwd", cwd), ("user", user)):
-            if value is not None:
-                body[name] = value
-        if isinstance(stdin, str):
-            body["stdin"] = stdin
-        elif isinstance(stdin, (bytes, bytearray, memoryview)):
-            body["stdin_b64"] = base64.b64encode(bytes(stdin)).decode()
-        elif stdin is not None:
-            raise InvalidSpec("the remote stdin is bytes or str (sent whole)")
+        body = _command_body(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, user=user)
+        if background:
+            info = CommandInfo.from_json(await sb._api.call(
+                "POST", sb._path("/commands/start"), json=body))
+            return AsyncCommandHandle(sb, info, timeout=timeout, check=check,
+                                      on_stdout=on_stdout, on_stderr=on_stderr)
         out, err = _Output(on_stdout), _Output(on_stderr)
         final: dict[str, Any] | None = None
         read = None if timeout is None else timeout + 30.0
@@ -248,21 +486,35 @@ class AsyncCommands:
         if final is None:
             raise ServerUnreachable("the server ended the output stream before the command"
                                     " ended")
-        code, sig = final.get("exit_code"), final.get("signal")
-        dur = final.get("duration")
-        if not isinstance(code, int) or not (sig is None or isinstance(sig, int)):
-            raise ServiceError("the server sent a malformed exit event")
-        result = CommandResult(
-            exit_code=code, stdout_bytes=bytes(out.buf), stderr_bytes=bytes(err.buf),
-            signal=sig, timed_out=bool(final.get("timed_out")),
-            duration=float(dur) if isinstance(dur, (int, float)) else 0.0,
-            output_truncated=out.truncated or err.truncated)
-        if result.timed_out:
-            raise CommandTimeout(f"command timed out after {timeout} s; its processes were"
-                                 " killed", result=result)
-        if check and (code != 0 or sig is not None):
-            raise CommandExitError(result)
-        return result
+        return _result(final, out, err, timeout=timeout, check=check)
+
+    async def connect(self, command_id: str, *, timeout: float | None = None,
+                      on_stdout: OutputCallback | None = None,
+                      on_stderr: OutputCallback | None = None,
+                      check: bool = True) -> AsyncCommandHandle:
+        """A handle on the background command ``command_id`` (started by any client of
+        this tenant), its output followed from the first byte the server kept.
+        ``timeout`` only bounds how long a silent output stream is waited for. Raises
+        ServiceError (no such command), VmNotFound, SandboxStateError."""
+        sb = self._sb
+        sb._check_open()
+        if not isinstance(command_id, str) or not 0 < len(command_id) <= 63:
+            raise InvalidSpec("command_id must be a command id (cmd-...)")
+        info = CommandInfo.from_json(await sb._api.call(
+            "GET", sb._path(f"/commands/{quote(command_id, safe='')}")))
+        return AsyncCommandHandle(sb, info, timeout=timeout, check=check,
+                                  on_stdout=on_stdout, on_stderr=on_stderr)
+
+    async def list(self) -> list[CommandInfo]:
+        """The sandbox's background commands the server keeps (running, and the latest
+        that ended), oldest first."""
+        sb = self._sb
+        sb._check_open()
+        res = await sb._api.call("GET", sb._path("/commands"))
+        items = res.get("commands") if isinstance(res, dict) else None
+        if not isinstance(items, list):
+            raise ServiceError("the server sent a malformed command list")
+        return [CommandInfo.from_json(i) for i in items]
 
 
 class AsyncFiles:
@@ -334,6 +586,7 @@ class AsyncSandbox:
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         self._killed = False
+        self._handles: weakref.WeakSet[AsyncCommandHandle] = weakref.WeakSet()
 
     def _path(self, suffix: str = "") -> str:
         return f"/v1/sandboxes/{quote(self.sandbox_id, safe='')}{suffix}"
@@ -432,6 +685,7 @@ class AsyncSandbox:
         if self._killed:
             return
         self._killed = True
+        self._stop_following()
         try:
             await self._api.call("DELETE", self._path())
         except SandboxStateError:
@@ -439,9 +693,14 @@ class AsyncSandbox:
         finally:
             await self._api.aclose()
 
+    def _stop_following(self) -> None:
+        for h in list(self._handles):
+            h._task.cancel()
+
     async def close(self) -> None:
-        """Close the connection to the server; the sandbox keeps running (until its
-        timeout): ``connect`` to it again by id."""
+        """Close the connection to the server; the sandbox and its background commands
+        keep running (until its timeout): ``connect`` to it again by id."""
+        self._stop_following()
         await self._api.aclose()
 
     async def aclose(self) -> None:

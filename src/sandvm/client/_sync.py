@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import httpx
 
 from sandvm import _portal
-from sandvm.client._async import AsyncCommands, AsyncFiles, AsyncSandbox, SandboxInfo
+from sandvm.client._async import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    AsyncFiles,
+    AsyncSandbox,
+    CommandInfo,
+    SandboxInfo,
+)
 from sandvm.egress import NetworkPolicy
 from sandvm.sandbox import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -14,7 +23,45 @@ from sandvm.sandbox import (
     OutputCallback,
 )
 
-__all__ = ["Commands", "Files", "Sandbox"]
+__all__ = ["CommandHandle", "Commands", "Files", "Sandbox"]
+
+
+class CommandHandle:
+    """Sync twin of the remote AsyncCommandHandle."""
+
+    def __init__(self, inner: AsyncCommandHandle) -> None:
+        self._a = inner
+        self.command_id = inner.command_id
+
+    @property
+    def pid(self) -> int | None:
+        return self._a.pid
+
+    @property
+    def stdout(self) -> str:
+        return self._a.stdout
+
+    @property
+    def stderr(self) -> str:
+        return self._a.stderr
+
+    def wait(self) -> CommandResult:
+        return _portal.call(self._a.wait())
+
+    def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
+        _portal.call(self._a.send_signal(sig, grace=grace))
+
+    def kill(self) -> None:
+        _portal.call(self._a.kill())
+
+    def send_stdin(self, data: bytes | str) -> None:
+        _portal.call(self._a.send_stdin(data))
+
+    def close_stdin(self) -> None:
+        _portal.call(self._a.close_stdin())
+
+    def info(self) -> CommandInfo:
+        return _portal.call(self._a.info())
 
 
 class Commands:
@@ -23,16 +70,45 @@ class Commands:
     def __init__(self, inner: AsyncCommands) -> None:
         self._a = inner
 
+    @overload
+    def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+            cwd: str | None = ..., stdin: bytes | str | None = ...,
+            timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
+            on_stderr: OutputCallback | None = ..., background: Literal[False] = ...,
+            check: bool = ..., user: str | None = ...) -> CommandResult: ...
+
+    @overload
+    def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
+            cwd: str | None = ..., stdin: bytes | str | None = ...,
+            timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
+            on_stderr: OutputCallback | None = ..., background: Literal[True],
+            check: bool = ..., user: str | None = ...) -> CommandHandle: ...
+
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
             cwd: str | None = None, stdin: bytes | str | None = None,
             timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
             on_stdout: OutputCallback | None = None,
             on_stderr: OutputCallback | None = None,
-            check: bool = True, user: str | None = None) -> CommandResult:
+            background: bool = False, check: bool = True,
+            user: str | None = None) -> CommandResult | CommandHandle:
         """See AsyncCommands.run."""
-        return _portal.call(self._a.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+        res = _portal.call(self._a._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                         on_stdout=on_stdout, on_stderr=on_stderr,
-                                        check=check, user=user))
+                                        background=background, check=check, user=user))
+        return CommandHandle(res) if isinstance(res, AsyncCommandHandle) else res
+
+    def connect(self, command_id: str, *, timeout: float | None = None,
+                on_stdout: OutputCallback | None = None,
+                on_stderr: OutputCallback | None = None,
+                check: bool = True) -> CommandHandle:
+        """See AsyncCommands.connect."""
+        return CommandHandle(_portal.call(self._a.connect(
+            command_id, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr,
+            check=check)))
+
+    def list(self) -> list[CommandInfo]:
+        """See AsyncCommands.list."""
+        return _portal.call(self._a.list())
 
 
 class Files(FileTransfer):

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.routing import Match
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandvm.egress import NetworkPolicy
@@ -35,6 +35,8 @@ from sandvm.server.config import ServerConfig
 from sandvm.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from sandvm.server.models import (
     CommandEvent,
+    CommandInfo,
+    CommandList,
     CreateSandboxRequest,
     ErrorBody,
     Health,
@@ -42,6 +44,7 @@ from sandvm.server.models import (
     SandboxInfo,
     SandboxList,
     SetTimeoutRequest,
+    SignalRequest,
     WriteResult,
 )
 from sandvm.server.service import SandboxService, ndjson
@@ -59,6 +62,7 @@ _STATUS = {
     "request_too_large": 413,
     "file_too_large": 413,
     "vm_not_found": 404,
+    "unknown_command": 404,
     "file_not_found": 404,
     "snapshot_not_found": 404,
     "image_not_found": 404,
@@ -82,6 +86,9 @@ _STATUS = {
 
 def status_for(exc: SandvmError) -> int:
     """The HTTP status of an error response (500 for what the caller cannot fix)."""
+    status = getattr(exc, "http_status", None)  # set where the class alone cannot say
+    if isinstance(status, int) and 400 <= status <= 599:
+        return status
     for cls in type(exc).__mro__:
         code = getattr(cls, "code", None)
         if isinstance(code, str) and code in _STATUS:
@@ -89,10 +96,13 @@ def status_for(exc: SandvmError) -> int:
     return 500
 
 
-def error_response(exc: SandvmError, status: int | None = None) -> JSONResponse:
+def error_response(exc: SandvmError, status: int | None = None, *,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     status = status or status_for(exc)
-    headers = {"WWW-Authenticate": 'Bearer realm="sandvm"'} if status == 401 else None
-    return JSONResponse(exc.to_dict(), status_code=status, headers=headers)
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="sandvm"'
+    return JSONResponse(exc.to_dict(), status_code=status, headers=headers or None)
 
 
 def _service(request: Request) -> SandboxService:
@@ -112,15 +122,18 @@ def _tenant(request: Request, _credentials: Annotated[
 
 Tenant = Annotated[str, Security(_tenant)]
 SandboxId = Annotated[str, Path(max_length=63, description="A sandbox id (`sb-...`).")]
+CommandId = Annotated[str, Path(max_length=63, description="A command id (`cmd-...`).")]
 GuestPath = Annotated[str, Query(min_length=1, max_length=4096,
-                                 description="Absolute path in the guest.")]
+                                 description="Absolute path in the guest (else 400,"
+                                             " code invalid_path, as locally).")]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in (
         (400, "Bad input (code invalid_spec, invalid_path, ...)."),
         (401, "Missing or invalid API key (code unauthenticated)."),
         (403, "The guest refused (code permission_denied)."),
-        (404, "No such sandbox for this key's tenant (code vm_not_found), or no such file."),
+        (404, "No such sandbox for this key's tenant (code vm_not_found), no such file"
+              " (file_not_found) or command (unknown_command)."),
         (409, "The sandbox has ended or is busy (code sandbox_state, sandbox_busy)."),
         (413, "Over a size cap (code request_too_large, file_too_large)."),
         (422, "The request does not match its schema (code invalid_spec)."),
@@ -295,8 +308,18 @@ def create_app(config: ServerConfig | None = None, *,
         from sandvm.errors import ServiceError
 
         what = "no such endpoint" if exc.status_code == 404 else str(exc.detail)
+        allow = None
+        if exc.status_code == 405:  # Allow: every method of the path (RFC 9110), not only
+            # those of the first route that matched it; of the templates that match, the
+            # most literal ones (.../commands/start, not .../commands/{command_id})
+            matches = [r for r in app.router.routes if isinstance(r, Route) and r.methods
+                       and r.path_regex.fullmatch(request.url.path)]
+            fewest = min((r.path.count("{") for r in matches), default=0)
+            methods = set().union(*(r.methods or set() for r in matches
+                                    if r.path.count("{") == fewest))
+            allow = {"Allow": ", ".join(sorted(methods))}
         return error_response(ServiceError(f"{what}: {request.method} {request.url.path}"),
-                              exc.status_code)
+                              exc.status_code, headers=allow)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
@@ -377,19 +400,9 @@ def create_app(config: ServerConfig | None = None, *,
                           body: RunCommandRequest) -> NDJSONResponse:
         """Run a command; its output streams back as NDJSON while it runs. Closing the
         connection kills the command."""
-        if body.stdin is not None and body.stdin_b64 is not None:
-            raise InvalidSpec("give stdin or stdin_b64, not both")
-        stdin: bytes | None = None
-        if body.stdin is not None:
-            stdin = body.stdin.encode()
-        elif body.stdin_b64 is not None:
-            try:
-                stdin = base64.b64decode(body.stdin_b64, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidSpec("stdin_b64 is not valid base64") from None
         events = await _service(request).run_command(
             tenant, sandbox_id, cmd=body.cmd, env=body.env, cwd=body.cwd, user=body.user,
-            timeout=body.timeout, stdin=stdin)
+            timeout=body.timeout, stdin=_stdin(body))
 
         async def lines() -> AsyncIterator[bytes]:
             async for event in events:
@@ -397,6 +410,91 @@ def create_app(config: ServerConfig | None = None, *,
 
         return NDJSONResponse(lines(), headers={"Cache-Control": "no-store",
                                                 "X-Content-Type-Options": "nosniff"})
+
+    @app.post("/v1/sandboxes/{sandbox_id}/commands/start", status_code=201,
+              response_model=CommandInfo, tags=["commands"],
+              responses=_pick(400, 401, 404, 409, 413, 422, 429))
+    async def start_command(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                            body: RunCommandRequest) -> CommandInfo:
+        """Start a command in the background and return at once: follow its output
+        with GET .../commands/{command_id}/output. Without ``stdin``, its stdin stays
+        open for POST .../stdin."""
+        return await _service(request).start_command(
+            tenant, sandbox_id, cmd=body.cmd, env=body.env, cwd=body.cwd, user=body.user,
+            timeout=body.timeout, stdin=_stdin(body))
+
+    @app.get("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandList,
+             tags=["commands"], responses=_pick(401, 404, 409))
+    async def list_commands(request: Request, tenant: Tenant, sandbox_id: SandboxId
+                            ) -> CommandList:
+        """The sandbox's background commands (running, and the latest that ended)."""
+        return CommandList(commands=_service(request).list_commands(tenant, sandbox_id))
+
+    @app.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}", response_model=CommandInfo,
+             tags=["commands"], responses=_pick(401, 404, 409))
+    async def get_command(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          command_id: CommandId) -> CommandInfo:
+        """A background command's state (and exit, once it ended)."""
+        return _service(request).command_info(tenant, sandbox_id, command_id)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}/output",
+             response_class=NDJSONResponse, tags=["commands"], responses={
+                 200: {"model": CommandEvent, "description": "One JSON object per line,"
+                       " each with its `seq`: output chunks, then one `exit` or `error`."},
+                 **_pick(401, 404, 409, 422)})
+    async def command_output(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                             command_id: CommandId,
+                             offset: Annotated[int, Query(
+                                 ge=0, le=1 << 62, description="The first `seq` wanted"
+                                 " (the oldest kept if the server dropped it).")] = 0,
+                             follow: Annotated[bool, Query(
+                                 description="Wait for more until the command ends; false:"
+                                 " what is buffered now.")] = True) -> NDJSONResponse:
+        """A background command's output from ``offset`` on, as NDJSON; reconnect with
+        the next ``seq`` you want. Closing the connection leaves the command running."""
+        events = _service(request).command_output(tenant, sandbox_id, command_id,
+                                                  offset=offset, follow=follow)
+
+        async def lines() -> AsyncIterator[bytes]:
+            async for event in events:
+                yield ndjson(event)
+
+        return NDJSONResponse(lines(), headers={"Cache-Control": "no-store",
+                                                "X-Content-Type-Options": "nosniff"})
+
+    @app.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin", status_code=204,
+              response_class=Response, tags=["commands"],
+              responses=_pick(401, 404, 409, 413),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/octet-stream": {"schema": {"type": "string",
+                                                          "format": "binary"}}}}})
+    async def command_stdin(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                            command_id: CommandId) -> Response:
+        """Write the request body (raw bytes, at most the JSON body cap) to the
+        command's stdin."""
+        await _service(request).send_stdin(tenant, sandbox_id, command_id,
+                                           await request.body())
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin/close",
+              status_code=204, response_class=Response, tags=["commands"],
+              responses=_pick(401, 404, 409))
+    async def close_command_stdin(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                                  command_id: CommandId) -> Response:
+        """End the command's stdin (EOF); a no-op once closed or ended."""
+        await _service(request).close_stdin(tenant, sandbox_id, command_id)
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/signal", status_code=204,
+              response_class=Response, tags=["commands"],
+              responses=_pick(400, 401, 404, 409, 422))
+    async def signal_command(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                             command_id: CommandId, body: SignalRequest) -> Response:
+        """Signal the command's process group (SIGINT interrupts, SIGTERM terminates,
+        SIGKILL kills); a no-op once it ended."""
+        await _service(request).signal_command(tenant, sandbox_id, command_id,
+                                               signal=body.signal, grace=body.grace)
+        return Response(status_code=204)
 
     # ------------------------------------------------------------------ files
 
@@ -457,11 +555,46 @@ def _tidy(doc: dict[str, Any]) -> dict[str, Any]:
                     schema = content["application/x-ndjson"].get("schema", {})
                     schema.pop("type", None)
     schemas = doc.get("components", {}).get("schemas", {})
+    _json_schema_bounds(schemas)
     text = json.dumps(doc["paths"])
     for name in ("HTTPValidationError", "ValidationError"):  # 422s are ErrorBody here
         if f"#/components/schemas/{name}" not in text:
             schemas.pop(name, None)
     return doc
+
+
+def _stdin(body: RunCommandRequest) -> bytes | None:
+    """The command's stdin from ``stdin`` (text) or ``stdin_b64``. Raises InvalidSpec."""
+    if body.stdin is not None and body.stdin_b64 is not None:
+        raise InvalidSpec("give stdin or stdin_b64, not both")
+    if body.stdin is not None:
+        return body.stdin.encode()
+    if body.stdin_b64 is not None:
+        try:
+            return base64.b64decode(body.stdin_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidSpec("stdin_b64 is not valid base64") from None
+    return None
+
+
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum",
+           "lt": "exclusiveMaximum"}
+
+
+def _json_schema_bounds(node: object) -> None:
+    """Bounds of numbers nested in lists and unions come out of FastAPI as pydantic's
+    ``ge``/``le`` (no JSON Schema keywords: clients and schemathesis ignored them);
+    write them as ``minimum``/``maximum``."""
+    if isinstance(node, dict):
+        if node.get("type") in ("integer", "number"):
+            for short, long in _BOUNDS.items():
+                if short in node:
+                    node.setdefault(long, node.pop(short))
+        for v in node.values():
+            _json_schema_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            _json_schema_bounds(v)
 
 
 def _pick(*statuses: int) -> dict[int | str, dict[str, Any]]:

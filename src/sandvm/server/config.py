@@ -29,8 +29,11 @@ class ServerConfig:
     live sandboxes per tenant. ``default_ttl``/``max_ttl``: a sandbox's lifetime in
     seconds. ``max_memory_mib``/``max_vcpus``: per sandbox. ``max_json_bytes``: a JSON
     request body. ``max_upload_bytes``/``max_download_bytes``: one file.
-    ``max_header_bytes``: all request headers together. ``attach_wait``: seconds to wait
-    for a sandbox another process (e.g. `sandvm exec`) holds. Raises ConfigError for
+    ``max_header_bytes``: all request headers together. ``max_commands``: background
+    commands a sandbox keeps (running and ended; the oldest ended ones go first).
+    ``command_buffer_bytes``: output kept per background command (the oldest goes).
+    ``attach_wait``: seconds to wait for a sandbox another process (e.g. `sandvm exec`)
+    holds. Raises ConfigError for
     values out of range.
     """
 
@@ -45,10 +48,13 @@ class ServerConfig:
     max_download_bytes: int = 1 << 30
     max_header_bytes: int = 16 << 10
     attach_wait: float = 10.0
+    max_commands: int = 32
+    command_buffer_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name in ("max_sandboxes", "max_memory_mib", "max_vcpus", "max_json_bytes",
-                     "max_upload_bytes", "max_download_bytes", "max_header_bytes"):
+                     "max_upload_bytes", "max_download_bytes", "max_header_bytes",
+                     "max_commands", "command_buffer_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"server setting {name} must be a positive int, got {v!r}")

@@ -8,20 +8,32 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from annotated_types import Ge, Le
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sandvm.sandbox import MAX_COMMAND_TIMEOUT
 
 ImageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$",
                                  description="A built-in image (`base`) or one of"
                                              " `sandvm image ls` on the server.")]
+def _integral(v: object) -> object:
+    """JSON Schema's integer: 4.0 is one (strict mode alone would refuse it)."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+_B64 = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 HostPattern = Annotated[str, Field(min_length=1, max_length=253)]
 EnvName = Annotated[str, Field(min_length=1, max_length=256)]
 Arg = Annotated[str, Field(max_length=128 << 10)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """No unknown fields, no coercion (``false`` is not a number, ``"1"`` not an int)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class NetworkPolicyBody(_Strict):
@@ -31,16 +43,18 @@ class NetworkPolicyBody(_Strict):
     for the server's operator, not for API clients."""
 
     allow: list[HostPattern] = Field(default_factory=list, max_length=256)
-    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default=[443], max_length=64)
+    # annotated_types, not Field(ge=...): inside a list or a union pydantic would write
+    # "ge"/"le" (no JSON Schema keywords) into the document instead of minimum/maximum
+    ports: list[Annotated[Int, Ge(1), Le(65535)]] = Field(default=[443], max_length=64)
     allow_http: bool = False
-    max_bytes: Annotated[int, Field(ge=0)] | None = None
+    max_bytes: Annotated[Int, Ge(0)] | None = None
 
 
 class CreateSandboxRequest(_Strict):
     image: ImageName | None = Field(default=None, description="Default: the server's"
                                                               " default image.")
-    memory_mib: int = Field(default=256, ge=128, le=16384)
-    vcpus: int = Field(default=1, ge=1, le=16)
+    memory_mib: Int = Field(default=256, ge=128, le=16384)
+    vcpus: Int = Field(default=1, ge=1, le=16)
     timeout: float | None = Field(default=None, gt=0, le=MAX_COMMAND_TIMEOUT,
                                   description="Seconds the sandbox"
                                   " lives (its TTL; default: the server's). Extend it with"
@@ -60,14 +74,56 @@ class RunCommandRequest(_Strict):
         description="A shell command line (run by /bin/sh -c) or an argv list.")
     env: dict[EnvName, Annotated[str, Field(max_length=128 << 10)]] | None = Field(
         default=None, max_length=1024)
-    cwd: Annotated[str, Field(max_length=4096)] | None = None
+    cwd: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None, description="An absolute path in the guest (else 400, code"
+                                  " invalid_path, as locally).")
     user: Annotated[str, Field(max_length=256)] | None = None
     timeout: float | None = Field(default=60.0, gt=0, le=MAX_COMMAND_TIMEOUT,
                                   description="Seconds before the command's processes are"
                                   " killed; null: no limit (the sandbox's own timeout"
                                   " still ends it).")
-    stdin: str | None = Field(default=None, description="Text fed to the command's stdin.")
-    stdin_b64: str | None = Field(default=None, description="Bytes fed to stdin, base64.")
+    stdin: Annotated[str, Field(max_length=1 << 20)] | None = Field(
+        default=None, description="Text fed to the command's stdin (then closed).")
+    stdin_b64: Annotated[str, Field(max_length=(1 << 20) * 4 // 3 + 4, pattern=_B64)] | None = \
+        Field(default=None, description="Bytes fed to stdin (then closed), base64.")
+
+
+SignalName = Literal["SIGINT", "SIGTERM", "SIGKILL", "SIGHUP", "SIGQUIT", "SIGUSR1",
+                     "SIGUSR2"]
+
+
+class SignalRequest(_Strict):
+    signal: SignalName | Annotated[Int, Ge(1), Le(64)] = Field(
+        description="A signal name or number, sent to the command's process group.")
+    grace: float | None = Field(default=None, ge=0, le=3600, description="Seconds after"
+                                " which every process of the command gets SIGKILL.")
+
+
+class CommandInfo(BaseModel):
+    """A background command. ``next_seq`` is the ``seq`` its next output event gets;
+    ``first_seq`` the oldest one the server still keeps (``output_dropped``: older ones
+    were dropped, the buffer being full)."""
+
+    command_id: str
+    sandbox_id: str
+    cmd: str = Field(description="The command line (argv joined by spaces; cut at 1024).")
+    state: Literal["running", "exited", "failed"]
+    pid: int | None = Field(description="Its process id in the guest.")
+    started: float = Field(description="Epoch seconds.")
+    ended: float | None
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool | None
+    error_code: str | None = Field(description="Set when it failed (state `failed`).")
+    error_message: str | None
+    stdin_open: bool
+    first_seq: int
+    next_seq: int
+    output_dropped: bool
+
+
+class CommandList(BaseModel):
+    commands: list[CommandInfo]
 
 
 class SandboxInfo(BaseModel):
@@ -108,9 +164,11 @@ class CommandEvent(BaseModel):
     ``stdout``/``stderr``: a chunk of output in ``text`` (valid UTF-8) or ``b64`` (any
     bytes). ``exit``: the last line of a command that ended (``exit_code``, ``signal``,
     ``timed_out``, ``duration`` seconds). ``error``: the last line of a command that
-    failed (``code``, ``message``)."""
+    failed (``code``, ``message``). Events of a background command carry ``seq``
+    (0, 1, ...: a jump means the server dropped output its buffer had no room for)."""
 
     type: Literal["stdout", "stderr", "exit", "error"]
+    seq: int | None = None
     text: str | None = None
     b64: str | None = None
     exit_code: int | None = None

@@ -29,22 +29,26 @@ from sandvm import wire
 from sandvm.core import check_guest_path, new_id, validate_vm_id
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
+    AgentError,
     AgentProtocolError,
     CommandTimeout,
+    GuestError,
     InvalidSpec,
     QuotaExceeded,
     RequestTooLarge,
     SandboxStateError,
     SandvmError,
     Unauthenticated,
+    VmError,
     VmNotFound,
 )
 from sandvm.runtime.journal import SandboxRecord
 from sandvm.runtime.manager import Recovery, SandboxManager, keeper_alive
-from sandvm.sandbox import AsyncSandbox, CommandResult
+from sandvm.sandbox import AsyncCommandHandle, AsyncSandbox, CommandResult
+from sandvm.server.commands import BackgroundCommand, unknown_command
 from sandvm.server.config import ServerConfig
 from sandvm.server.metrics import Metrics
-from sandvm.server.models import SandboxInfo, WriteResult
+from sandvm.server.models import CommandInfo, SandboxInfo, WriteResult
 from sandvm.server.store import ServerStore
 
 log = logging.getLogger("sandvm.server")
@@ -83,6 +87,7 @@ class SandboxService:
         self._held: dict[str, AsyncSandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: set[str] = set()
+        self._commands: dict[str, BackgroundCommand] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -107,6 +112,9 @@ class SandboxService:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        for bg in list(self._commands.values()):  # they end with the server's connection
+            await bg.close()
+        self._commands.clear()
         for sid, sb in list(self._held.items()):
             self._held.pop(sid, None)
             try:
@@ -143,6 +151,10 @@ class SandboxService:
         return ended
 
     async def _drop(self, sid: str) -> None:
+        for cid, bg in list(self._commands.items()):
+            if bg.sandbox_id == sid:
+                self._commands.pop(cid, None)
+                await bg.close()
         sb = self._held.pop(sid, None)
         if sb is not None:
             with contextlib.suppress(SandvmError):
@@ -214,6 +226,25 @@ class SandboxService:
             sb = await self.manager.attach(sandbox_id, wait=self.config.attach_wait)
             self._held[sandbox_id] = sb
             return sb
+
+    async def _ended_instead(self, sandbox_id: str, exc: SandvmError) -> SandvmError:
+        """``exc``, or SandboxStateError if the sandbox ended while the request ran (its
+        TTL, a kill: the agent channel breaks when the VM goes, before the journal says
+        so). Errors the guest reports (GuestError) are returned as they are."""
+        if isinstance(exc, GuestError) or not isinstance(exc, (AgentError, VmError)):
+            return exc
+        for _ in range(40):  # the keeper records the end just after the VM went
+            rec = self.manager.journal.get(sandbox_id)
+            if rec is None or rec.state == "ended" or not keeper_alive(rec):
+                self.store.mark_ended(sandbox_id)
+                await self._drop(sandbox_id)
+                reason = f" ({rec.end_reason})" if rec is not None and rec.end_reason else ""
+                ended = SandboxStateError(f"sandbox {sandbox_id} ended while the request ran"
+                                          + reason)
+                ended.__cause__ = exc
+                return ended
+            await asyncio.sleep(0.05)
+        return exc
 
     async def create(self, tenant: str, *, image: str | None = None, memory_mib: int = 256,
                      vcpus: int = 1, ttl: float | None = None,
@@ -339,7 +370,8 @@ class SandboxService:
                 final = task.result()
                 self.metrics.commands.inc(outcome="exit")
             except SandvmError as exc:
-                final = {"type": "error", **exc.to_dict()}
+                final = {"type": "error",
+                         **(await self._ended_instead(sb.sandbox_id, exc)).to_dict()}
                 self.metrics.commands.inc(outcome="error")
             self.metrics.command_seconds.observe(time.monotonic() - t0)
             yield final
@@ -348,6 +380,97 @@ class SandboxService:
                 task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+    # ------------------------------------------------------------------ background commands
+
+    async def start_command(self, tenant: str, sandbox_id: str, *, cmd: str | list[str],
+                            env: dict[str, str] | None = None, cwd: str | None = None,
+                            user: str | None = None, timeout: float | None = 60.0,
+                            stdin: bytes | None = None) -> CommandInfo:
+        """Start a command without waiting for it; its output is kept (bounded) for
+        ``command_output``. With ``stdin``, that is its whole input (stdin is closed
+        after it); without, stdin stays open for ``send_stdin``. Raises VmNotFound,
+        SandboxStateError, SandboxBusy, QuotaExceeded (``max_commands`` running),
+        CommandNotFound, InvalidSpec."""
+        self._record(tenant, sandbox_id)
+        sb = await self._hold(sandbox_id)
+        cap = self.config.max_commands  # checked and taken with no await in between
+        mine = [c for c in self._commands.values() if c.sandbox_id == sandbox_id]
+        if len(mine) >= cap:
+            done = sorted((c for c in mine if c.final is not None),
+                          key=lambda c: c.ended or 0.0)
+            if len(mine) - len(done) >= cap:
+                raise QuotaExceeded(f"sandbox {sandbox_id} already runs {cap} background"
+                                    " commands, this server's cap: wait for one to end")
+            for c in done[:len(mine) - cap + 1]:
+                self._commands.pop(c.command_id, None)
+        bg = BackgroundCommand(command_id=new_id("cmd"), sandbox_id=sandbox_id,
+                               tenant=tenant, cmd=cmd,
+                               max_buffer=self.config.command_buffer_bytes)
+        self._commands[bg.command_id] = bg  # holds its slot while it starts
+        t0 = time.monotonic()
+
+        def out(channel: int, data: bytes) -> None:
+            bg.append(output_event(channel, data), len(data))
+
+        def ended(c: BackgroundCommand) -> None:
+            outcome = "exit" if c.final is not None and c.final["type"] == "exit" else "error"
+            self.metrics.commands.inc(outcome=outcome)
+            self.metrics.command_seconds.observe(time.monotonic() - t0)
+
+        try:
+            handle = await sb.commands._run(cmd, env=env, cwd=cwd, stdin=stdin,
+                                            timeout=timeout, on_stdout=None, on_stderr=None,
+                                            background=True, check=False, user=user,
+                                            raw_output=out)
+        except BaseException as exc:
+            self._commands.pop(bg.command_id, None)
+            self.metrics.commands.inc(outcome="error")
+            if isinstance(exc, SandvmError):
+                raise await self._ended_instead(sandbox_id, exc) from exc
+            raise
+        assert isinstance(handle, AsyncCommandHandle)
+        if stdin is not None:
+            bg.stdin_open = False  # fed whole, then closed (as locally)
+        bg.watch(handle, on_end=ended,
+                 explain=lambda exc: self._ended_instead(sandbox_id, exc))
+        return bg.info()
+
+    def _command(self, tenant: str, sandbox_id: str, command_id: str) -> BackgroundCommand:
+        """Raises VmNotFound, SandboxStateError (the sandbox), ServiceError (404: no such
+        command)."""
+        self._record(tenant, sandbox_id)
+        bg = self._commands.get(command_id)
+        if bg is None or bg.sandbox_id != sandbox_id or bg.tenant != tenant:
+            raise unknown_command(command_id, sandbox_id)
+        return bg
+
+    def list_commands(self, tenant: str, sandbox_id: str) -> list[CommandInfo]:
+        """The sandbox's background commands this server keeps, oldest first."""
+        self._record(tenant, sandbox_id)
+        mine = [c for c in self._commands.values()
+                if c.sandbox_id == sandbox_id and c.tenant == tenant]
+        return [c.info() for c in sorted(mine, key=lambda c: c.started)]
+
+    def command_info(self, tenant: str, sandbox_id: str, command_id: str) -> CommandInfo:
+        return self._command(tenant, sandbox_id, command_id).info()
+
+    def command_output(self, tenant: str, sandbox_id: str, command_id: str, *,
+                       offset: int = 0, follow: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """The command's events from ``seq`` ``offset`` (checked now, iterated later)."""
+        return self._command(tenant, sandbox_id, command_id).follow(offset, follow=follow)
+
+    async def send_stdin(self, tenant: str, sandbox_id: str, command_id: str,
+                         data: bytes) -> None:
+        """Raises SandboxStateError once the command ended or its stdin is closed."""
+        await self._command(tenant, sandbox_id, command_id).send_stdin(data)
+
+    async def close_stdin(self, tenant: str, sandbox_id: str, command_id: str) -> None:
+        await self._command(tenant, sandbox_id, command_id).close_stdin()
+
+    async def signal_command(self, tenant: str, sandbox_id: str, command_id: str, *,
+                             signal: int | str, grace: float | None = None) -> None:
+        await self._command(tenant, sandbox_id, command_id).send_signal(signal, grace=grace)
 
     # ------------------------------------------------------------------ files
 

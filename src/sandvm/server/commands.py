@@ -1,0 +1,192 @@
+"""Background commands of the HTTP API: started without waiting, known by id.
+
+A ``BackgroundCommand`` wraps the local ``AsyncCommandHandle`` of a command the server
+started with ``background=True``. Its output goes into a bounded buffer of events
+(``stdout``/``stderr`` chunks, then one ``exit`` or ``error``), each numbered by ``seq``
+from 0; any number of HTTP clients follow it from any ``seq`` (a reconnecting client
+passes the next one it wants). When the buffer is over its cap (bytes or events) the
+oldest output events are dropped: a follower asking for one of them gets the oldest
+kept instead, and sees the jump in ``seq``. The last event (the exit) is always kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from sandvm.errors import CommandTimeout, SandboxStateError, SandvmError, UnknownCommand
+from sandvm.sandbox import AsyncCommandHandle, _signal_number
+from sandvm.server.models import CommandInfo
+
+MAX_BUFFERED_EVENTS = 4096  # besides the byte cap: many tiny chunks cost per event too
+
+__all__ = ["MAX_BUFFERED_EVENTS", "BackgroundCommand", "unknown_command"]
+
+
+def unknown_command(command_id: str, sandbox_id: str) -> UnknownCommand:
+    """The 404 for a command id the sandbox does not have."""
+    return UnknownCommand(f"no command {command_id[:80]!r} in sandbox {sandbox_id}")
+
+
+class BackgroundCommand:
+    """One background command: its handle, its buffered events, its outcome."""
+
+    def __init__(self, *, command_id: str, sandbox_id: str, tenant: str, cmd: str | list[str],
+                 max_buffer: int) -> None:
+        self.command_id = command_id
+        self.sandbox_id = sandbox_id
+        self.tenant = tenant
+        self.cmd = cmd if isinstance(cmd, str) else " ".join(cmd)
+        self.max_buffer = max_buffer
+        self.started = time.time()
+        self.ended: float | None = None
+        self.handle: AsyncCommandHandle | None = None
+        self.stdin_open = True
+        self.final: dict[str, Any] | None = None
+        self._events: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
+        self._first_seq = 0  # seq of _events[0]
+        self._next_seq = 0
+        self._buffered = 0
+        self._dropped = False
+        self._changed = asyncio.Event()
+        self._stdin_lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ events
+
+    def append(self, event: dict[str, Any], size: int = 0) -> None:
+        """Number ``event``, keep it (dropping the oldest output over the caps), wake
+        the followers."""
+        if self.final is not None:
+            return
+        event = {"seq": self._next_seq, **event}
+        self._next_seq += 1
+        self._events.append((event, size))
+        self._buffered += size
+        while len(self._events) > 1 and (self._buffered > self.max_buffer
+                                         or len(self._events) > MAX_BUFFERED_EVENTS):
+            _, dropped = self._events.popleft()
+            self._buffered -= dropped
+            self._first_seq += 1
+            self._dropped = True
+        if event["type"] in ("exit", "error"):
+            self.final = event
+            self.ended = time.time()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def follow(self, offset: int, *, follow: bool = True) -> AsyncIterator[dict[str, Any]]:
+        """The events from ``seq`` ``offset`` on (or the oldest kept, if those were
+        dropped); with ``follow``, waits for more until the command ends. An offset
+        past the end is the next event (the exit, once it ended: always told)."""
+        seq = min(offset, self._next_seq if self.final is None else self.final["seq"])
+        while True:
+            seq = max(seq, self._first_seq)
+            idx = seq - self._first_seq
+            if idx < len(self._events):
+                event = self._events[idx][0]
+                seq += 1
+                yield event
+                if event["type"] in ("exit", "error"):
+                    return
+                continue
+            if self.final is not None or not follow:
+                return
+            await self._changed.wait()
+
+    # ------------------------------------------------------------------ the command
+
+    def watch(self, handle: AsyncCommandHandle, *,
+              on_end: Callable[[BackgroundCommand], None] | None = None,
+              explain: Callable[[SandvmError], Awaitable[SandvmError]] | None = None
+              ) -> None:
+        """Start waiting for ``handle``'s end; its exit (or error: ``explain`` may put
+        another in its place) becomes the last event."""
+        self.handle = handle
+
+        async def go() -> None:
+            final: dict[str, Any]
+            try:
+                try:
+                    res = await handle.wait()
+                    timed_out = False
+                except CommandTimeout as exc:
+                    if exc.result is None:
+                        raise
+                    res, timed_out = exc.result, True
+                final = {"type": "exit", "exit_code": res.exit_code, "signal": res.signal,
+                         "timed_out": timed_out, "duration": round(res.duration, 6)}
+            except SandvmError as exc:
+                final = {"type": "error",
+                         **(await explain(exc) if explain is not None else exc).to_dict()}
+            except asyncio.CancelledError:
+                self.append({"type": "error", "code": "sandbox_state",
+                             "message": "the server let go of the sandbox (it stopped, or"
+                                        " the sandbox ended)"})
+                raise
+            self.append(final)
+            if on_end is not None:
+                on_end(self)
+
+        self._watcher = asyncio.get_running_loop().create_task(go())
+
+    async def close(self) -> None:
+        """Stop watching (the server lets go of the sandbox): the command is abandoned."""
+        if self.handle is not None and self.final is None:
+            with contextlib.suppress(SandvmError):
+                await self.handle._stream.reset()
+        if self._watcher is not None and not self._watcher.done() and \
+                self._watcher is not asyncio.current_task():  # not from its own end
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SandvmError):
+                await self._watcher
+
+    def _running_handle(self) -> AsyncCommandHandle | None:
+        if self.final is not None or self.handle is None:
+            return None
+        return self.handle
+
+    async def send_stdin(self, data: bytes) -> None:
+        """Raises SandboxStateError once the command ended or its stdin was closed."""
+        async with self._stdin_lock:
+            handle = self._running_handle()
+            if handle is None:
+                raise SandboxStateError(f"command {self.command_id} has ended")
+            if not self.stdin_open:
+                raise SandboxStateError(f"the stdin of command {self.command_id} is closed")
+            if data:
+                await handle.send_stdin(data)
+
+    async def close_stdin(self) -> None:
+        """End the command's stdin (a no-op once it ended or is closed)."""
+        async with self._stdin_lock:
+            handle = self._running_handle()
+            if handle is not None and self.stdin_open:
+                self.stdin_open = False
+                await handle.close_stdin()
+
+    async def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
+        """Signal its process group (a no-op once it ended, as locally)."""
+        number = _signal_number(sig)
+        handle = self._running_handle()
+        if handle is not None:
+            await handle.send_signal(number, grace=grace)
+
+    def info(self) -> CommandInfo:
+        f = self.final or {}
+        state = "running" if self.final is None else (
+            "exited" if f.get("type") == "exit" else "failed")
+        return CommandInfo(
+            command_id=self.command_id, sandbox_id=self.sandbox_id, cmd=self.cmd[:1024],
+            state=state,  # type: ignore[arg-type]
+            pid=self.handle.pid if self.handle is not None else None,
+            started=self.started, ended=self.ended, exit_code=f.get("exit_code"),
+            signal=f.get("signal"), timed_out=f.get("timed_out"),
+            error_code=f.get("code"), error_message=f.get("message"),
+            stdin_open=self.stdin_open and self.final is None,
+            first_seq=self._first_seq, next_seq=self._next_seq,
+            output_dropped=self._dropped)
