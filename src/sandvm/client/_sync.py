@@ -16,52 +16,25 @@ from sandvm.client._async import (
     SandboxInfo,
 )
 from sandvm.egress import NetworkPolicy
-from sandvm.sandbox import (
-    DEFAULT_COMMAND_TIMEOUT,
-    CommandResult,
-    FileTransfer,
-    OutputCallback,
-)
+from sandvm.sandbox import DEFAULT_COMMAND_TIMEOUT, CommandResult, FileTransfer, OutputCallback
+from sandvm.sandbox import CommandHandle as _LocalCommandHandle
 
 __all__ = ["CommandHandle", "Commands", "Files", "Sandbox"]
 
 
-class CommandHandle:
-    """Sync twin of the remote AsyncCommandHandle."""
+class CommandHandle(_LocalCommandHandle):
+    """Sync twin of the remote AsyncCommandHandle: the local CommandHandle's methods
+    (pid, stdout, stderr, wait, send_signal, kill, send_stdin, close_stdin) plus
+    ``command_id`` and ``info``."""
 
     def __init__(self, inner: AsyncCommandHandle) -> None:
-        self._a = inner
+        super().__init__(inner)  # type: ignore[arg-type]  # the same surface, over HTTP
+        self._remote = inner
         self.command_id = inner.command_id
 
-    @property
-    def pid(self) -> int | None:
-        return self._a.pid
-
-    @property
-    def stdout(self) -> str:
-        return self._a.stdout
-
-    @property
-    def stderr(self) -> str:
-        return self._a.stderr
-
-    def wait(self) -> CommandResult:
-        return _portal.call(self._a.wait())
-
-    def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
-        _portal.call(self._a.send_signal(sig, grace=grace))
-
-    def kill(self) -> None:
-        _portal.call(self._a.kill())
-
-    def send_stdin(self, data: bytes | str) -> None:
-        _portal.call(self._a.send_stdin(data))
-
-    def close_stdin(self) -> None:
-        _portal.call(self._a.close_stdin())
-
     def info(self) -> CommandInfo:
-        return _portal.call(self._a.info())
+        """The command's state, as the server knows it."""
+        return _portal.call(self._remote.info())
 
 
 class Commands:
