@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,30 @@ CREATE INDEX IF NOT EXISTS events_by_intent ON events (intent_seq);
 
 _FIELDS = ("state", "deadline", "keeper_pid", "keeper_start", "qemu_pid", "rundir", "diskdir",
            "record", "ticket_sha256", "ended", "end_reason")
+
+
+def open_wal_db(path: Path, schema: str) -> sqlite3.Connection:
+    """A SQLite database for one process and its threads: WAL, synchronous writes,
+    ``schema`` applied. The file is created 0600 before SQLite opens it, so its -wal
+    and -shm files take the same mode."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    db = sqlite3.connect(path, isolation_level=None, timeout=30.0, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.executescript(schema)
+    return db
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` (the write lock at once) … ``COMMIT``; rolled back on error."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def journal_path() -> Path:
@@ -86,14 +110,7 @@ class Journal:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or journal_path()
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fresh = not self.path.exists()
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
-                                   check_same_thread=False)
-        if fresh:
-            os.chmod(self.path, 0o600)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = open_wal_db(self.path, SCHEMA)
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
         if "owner" not in cols:  # a journal from before owners were recorded
             with self._tx() as db:  # checked again under the write lock: one adds it
@@ -104,15 +121,8 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     # ------------------------------------------------------------------ events
 

@@ -18,12 +18,12 @@ import secrets
 import sqlite3
 import stat as stat_mod
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from sandvm.errors import ConfigError, InvalidSpec, Unauthenticated
+from sandvm.runtime.journal import open_wal_db, transaction
 
 KEY_PREFIX = "sandvm_"
 MAX_KEY_LENGTH = 128  # far more than a real key: anything longer is refused unhashed
@@ -82,27 +82,14 @@ class ServerStore:
         if stat_mod.S_IMODE(st.st_mode) & 0o077:
             os.chmod(self.dir, 0o700)
         self.path = self.dir / "server.db"
-        # created 0600 before SQLite opens it: its -wal and -shm files take the same mode
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        os.chmod(self.path, 0o600)
-        self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = open_wal_db(self.path, SCHEMA)
+        os.chmod(self.path, 0o600)  # also if it was there before, with a looser mode
 
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     # ------------------------------------------------------------------ keys
 
