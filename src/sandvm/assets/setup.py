@@ -27,9 +27,10 @@ from sandvm.errors import SetupError
 BUILDER_VERSION = "3"
 # qemu-utils: qcow2 overlays; e2fsprogs: `mke2fs -d <dir>` builds an image's ext4
 # rootfs; fakeroot: that build as a non-root user; zstd: zstd layers; mmdebstrap: the
-# `debian` image; skopeo + docker-registry: the loopback registry tests
+# `debian` image; skopeo + docker-registry: the loopback registry tests; openssl: the
+# egress tests' self-signed certificate
 HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "e2fsprogs", "fakeroot", "zstd",
-                 "mmdebstrap", "skopeo", "docker-registry")
+                 "mmdebstrap", "skopeo", "docker-registry", "openssl")
 KERNEL_META = "linux-image-cloud-amd64"
 GUEST_PACKAGES = (
     "busybox-static",
