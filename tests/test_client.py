@@ -467,3 +467,103 @@ def test_openapi_bounds_are_json_schema_keywords() -> None:
     assert not bad, bad
     ports = doc["components"]["schemas"]["NetworkPolicyBody"]["properties"]["ports"]
     assert ports["items"] == {"maximum": 65535, "minimum": 1, "type": "integer"}
+
+
+def test_remote_ports_and_network_mirror_sync_async_and_local() -> None:
+    from sandvm import network as local_net
+    from sandvm import ports as local_ports
+    from sandvm.client import _net
+
+    for acls, scls, extra in ((_net.AsyncPorts, _net.Ports, set()),
+                              (_net.AsyncNetwork, _net.Network, {"policy"})):
+        a, s = set(_public(acls)), set(_public(scls))
+        assert a | extra == s, (acls, a ^ s)  # sync's ``policy``: a property that fetches
+        for name in a:
+            asig = inspect.signature(getattr(acls, name))
+            ssig = inspect.signature(getattr(scls, name))
+            assert [(p.name, p.kind, p.default) for p in asig.parameters.values()] == \
+                [(p.name, p.kind, p.default) for p in ssig.parameters.values()], name
+            assert inspect.iscoroutinefunction(getattr(acls, name)), name
+    # the names and defaults the local namespaces have (remote: a subset; no connect)
+    for remote, local in ((_net.AsyncPorts, local_ports.AsyncPorts),
+                          (_net.AsyncNetwork, local_net.AsyncNetwork)):
+        for name in ("expose", "wait", "list", "close", "set_policy", "events"):
+            if not hasattr(remote, name):
+                continue
+            lp = inspect.signature(getattr(local, name)).parameters
+            for p in inspect.signature(getattr(remote, name)).parameters.values():
+                if p.name == "limit":  # remote only: the server keeps the last 1000
+                    continue
+                assert p.name in lp and lp[p.name].default == p.default, (remote, name, p)
+    assert not hasattr(_net.AsyncPorts, "connect")
+    src = inspect.getsource(cs.Sandbox.__init__)  # the sync Sandbox has both namespaces
+    assert "self.ports = Ports(" in src and "self.network = Network(" in src
+
+
+def test_remote_ports_and_network_over_the_mock() -> None:
+    seen: list[httpx.Request] = []
+    port = {"port": 8000, "url": "http://127.0.0.1:4321", "host": "127.0.0.1",
+            "host_port": 4321}
+
+    def handle(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        path = req.url.path
+        if path == "/v1/sandboxes" and req.method == "POST":
+            return httpx.Response(201, json=INFO)
+        if path.endswith("/ports") and req.method == "POST":
+            return httpx.Response(201, json=port)
+        if path.endswith("/ports"):
+            return httpx.Response(200, json={"ports": [port]})
+        if path.endswith("/ports/8000"):
+            return httpx.Response(200, json={"closed": 1})
+        if path.endswith("/wait"):
+            body = json.loads(req.content)
+            if body["timeout"] >= 60:  # the server's cap: the client waits in steps
+                return httpx.Response(504, json={"code": "port_timeout", "message": "no"})
+            return httpx.Response(204)
+        if path.endswith("/network/events"):
+            return httpx.Response(200, json={"events": [{
+                "ts": 1.0, "action": "deny", "method": "CONNECT", "host": "x.test",
+                "port": 443, "reason": "not allowed", "address": None, "bytes_out": 0,
+                "bytes_in": 0, "seconds": 0.0}]})
+        if path.endswith("/network"):
+            pol = json.loads(req.content) if req.method == "PUT" else None
+            return httpx.Response(200, json={"enabled": pol is not None, "policy": pol,
+                                             "bytes_total": 0, "connections": 0})
+        return httpx.Response(200, json=INFO)
+
+    sb = Sandbox.create(api_key="sandvm_k", url="http://sv",
+                        transport=httpx.MockTransport(handle))
+    url = sb.ports.expose(8000)
+    assert url == "http://127.0.0.1:4321" and (url.port, url.guest_port) == (4321, 8000)
+    assert sb.ports.list() == [url] and sb.ports.close(url) == 1
+    assert seen[-1].method == "DELETE" and seen[-1].url.path.endswith("/ports/8000")
+    sb.ports.wait(8000, timeout=130)  # 60 s (timed out), 60 s (timed out)... then 10 s
+    waits = [json.loads(r.content)["timeout"] for r in seen if r.url.path.endswith("/wait")]
+    assert waits == [60.0, 60.0, 10.0]
+    from sandvm import NetworkPolicy
+
+    assert sb.network.policy is None
+    sb.network.set_policy(NetworkPolicy(allow=["pypi.org"], max_bytes=10))
+    assert json.loads(seen[-1].content) == {"allow": ["pypi.org"], "ports": [443],
+                                            "allow_http": False, "max_bytes": 10}
+    with pytest.raises(InvalidSpec):
+        sb.network.set_policy(NetworkPolicy(allow=["x"], hosts={"x": "10.0.0.1"}))
+    (ev,) = sb.network.events()
+    assert (ev.action, ev.host, ev.sandbox_id) == ("deny", "x.test", INFO["sandbox_id"])
+    with pytest.raises(InvalidSpec):
+        sb.network.events(limit=0)
+    sb.kill()
+
+
+def test_exposed_port_urls_name_a_reachable_host() -> None:
+    from sandvm.server.networking import url_host
+
+    assert url_host("127.0.0.1", "whatever:7070") == "127.0.0.1"  # a fixed address
+    assert url_host("::1", None) == "::1"
+    # a wildcard listener is reached the way the client reached the server
+    assert url_host("0.0.0.0", "sandbox.example.com:7070") == "sandbox.example.com"
+    assert url_host("0.0.0.0", "10.1.2.3") == "10.1.2.3"
+    assert url_host("::", "[fd00::5]:7070") == "fd00::5"
+    for junk in (None, "", "a b", "x/y:1", "[::1", "@evil"):
+        assert url_host("0.0.0.0", junk) == "127.0.0.1", junk

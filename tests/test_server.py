@@ -38,7 +38,7 @@ from sandvm import (
     UnknownImage,
     VmNotFound,
 )
-from sandvm.client import Sandbox
+from sandvm.client import Pool, Sandbox, SnapshotStore
 
 pytestmark = pytest.mark.qemu
 SANDVM = str(Path(sys.executable).parent / "sandvm")
@@ -49,9 +49,11 @@ UPLOAD_CAP = 4 << 20
 class ServerProc:
     """`sandvm serve` in a subprocess; its stderr goes to a file we read the port from."""
 
-    def __init__(self, tmp: Path, *, max_sandboxes: int = 2) -> None:
+    def __init__(self, tmp: Path, *, max_sandboxes: int = 2,
+                 extra: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.max_sandboxes = max_sandboxes
+        self.extra = extra  # more `sandvm serve` options
         self.env = {**os.environ, "SANDVM_SERVER_DIR": str(tmp / "state"),
                     "SANDVM_JOURNAL": str(tmp / "journal.db")}
         self.port = 0
@@ -74,7 +76,7 @@ class ServerProc:
             self.proc = subprocess.Popen(
                 [SANDVM, "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--max-sandboxes", str(self.max_sandboxes), "--max-upload", str(UPLOAD_CAP),
-                 "--log-level", "warning"],
+                 "--log-level", "warning", *self.extra],
                 env=self.env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -342,8 +344,30 @@ REQUESTS: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin/close"): {},
     ("POST", "/v1/sandboxes/{sandbox_id}/commands/{command_id}/signal"): {
         "json": {"signal": "SIGKILL"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/ports"): {"json": {"port": 8000}},
+    ("GET", "/v1/sandboxes/{sandbox_id}/ports"): {},
+    ("DELETE", "/v1/sandboxes/{sandbox_id}/ports/{port}"): {},
+    ("POST", "/v1/sandboxes/{sandbox_id}/ports/{port}/wait"): {"json": {"timeout": 1}},
+    ("GET", "/v1/sandboxes/{sandbox_id}/network"): {},
+    ("PUT", "/v1/sandboxes/{sandbox_id}/network"): {"json": {"allow": ["example.com"]}},
+    ("GET", "/v1/sandboxes/{sandbox_id}/network/events"): {},
+    ("POST", "/v1/sandboxes/{sandbox_id}/snapshots"): {"json": {"name": "pwned"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/fork"): {"json": {"n": 1}},
+    ("GET", "/v1/snapshots"): {},
+    ("GET", "/v1/snapshots/{name}"): {},
+    ("DELETE", "/v1/snapshots/{name}"): {},
+    ("POST", "/v1/pools"): {"json": {"name": "pwned", "snapshot": "authsuite"}},
+    ("GET", "/v1/pools"): {},
+    ("GET", "/v1/pools/{name}"): {},
+    ("DELETE", "/v1/pools/{name}"): {},
 }
 PUBLIC = {("GET", "/health")}
+# what another tenant gets for alice's snapshot or pool (the same as for none at all)
+FOREIGN = {("GET", "/v1/snapshots/{name}"): "snapshot_not_found",
+           ("DELETE", "/v1/snapshots/{name}"): "snapshot_not_found",
+           ("POST", "/v1/pools"): "snapshot_not_found",
+           ("GET", "/v1/pools/{name}"): "pool_not_found",
+           ("DELETE", "/v1/pools/{name}"): "pool_not_found"}
 
 
 def test_every_operation_refuses_missing_wrong_and_foreign_keys(
@@ -352,6 +376,9 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
     ops = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
     assert ops == set(REQUESTS) | PUBLIC, "a new endpoint: add it to REQUESTS"
     shell = alice_sb.commands.run("sh", background=True)  # a target for the command ops
+    alice_sb.snapshot("authsuite")  # targets for the snapshot and pool ops
+    alice_pool = Pool.create(name="authsuite", snapshot="authsuite", min_size=0,
+                             api_key=server.alice, url=server.url)
     revoked = server.cli("key", "create", "gone").stdout.strip().splitlines()[-1]
     assert server.cli("key", "revoke", "gone").returncode == 0
     bad_keys = {
@@ -365,12 +392,17 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
     with httpx.Client(base_url=server.url, timeout=30) as c:
         for (method, path), kw in REQUESTS.items():
             url = path.replace("{sandbox_id}", alice_sb.sandbox_id).replace(
-                "{command_id}", shell.command_id)
+                "{command_id}", shell.command_id).replace("{port}", "8000").replace(
+                "{name}", "authsuite")
             for what, headers in bad_keys.items():
                 r = c.request(method, url, headers=headers, **kw)
                 assert r.status_code == 401, (method, path, what, r.text)
                 assert r.headers["www-authenticate"].startswith("Bearer")
                 assert r.json()["code"] == "unauthenticated"
+            if (method, path) in FOREIGN:
+                r = c.request(method, url, headers=_auth(server.bob), **kw)
+                assert (r.status_code, r.json()["code"]) == (
+                    404, FOREIGN[(method, path)]), (method, path, r.text)
             if "{sandbox_id}" not in path:
                 continue
             # another tenant's sandbox does not exist for bob: the same 404 as a made-up id
@@ -378,16 +410,24 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
             assert r.status_code == 404, (method, path, r.text)
             assert r.json()["code"] == "vm_not_found"
             fake = c.request(method, path.replace("{sandbox_id}", "sb-0000000000").replace(
-                "{command_id}", shell.command_id), headers=_auth(server.bob), **kw)
+                "{command_id}", shell.command_id).replace("{port}", "8000"),
+                headers=_auth(server.bob), **kw)
             assert (fake.status_code, fake.json()["code"]) == (404, "vm_not_found")
-        r = c.get("/v1/sandboxes", headers=_auth(server.bob))
-        assert r.status_code == 200 and r.json() == {"sandboxes": []}
+        for what in ("sandboxes", "snapshots", "pools"):
+            r = c.get(f"/v1/{what}", headers=_auth(server.bob))
+            assert r.status_code == 200 and r.json() == {what: []}
     # nothing bob or the bad keys did reached alice's sandbox
     assert alice_sb.is_running()
     assert shell.info().state == "running" and shell.info().stdin_open
     shell.close_stdin()
     assert shell.wait().exit_code == 0
     assert alice_sb.commands.run("test -e /tmp/pwned", check=False).exit_code == 1
+    assert alice_sb.ports.list() == [] and alice_sb.network.policy is None
+    assert [p.name for p in Pool.list(api_key=server.alice, url=server.url)] == ["authsuite"]
+    alice_pool.delete()
+    store = SnapshotStore(api_key=server.alice, url=server.url)
+    assert [s.name for s in store.list()] == ["authsuite"]  # bob's DELETE did nothing
+    store.remove("authsuite")
 
 
 # ---------------------------------------------------------------------------- quota, TTL

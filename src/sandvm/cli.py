@@ -964,10 +964,34 @@ def gc_cmd() -> None:
               help="Longest lifetime (seconds) a client may ask for.")
 @click.option("--max-upload", default="1G", show_default=True, metavar="SIZE",
               help="Largest file upload.")
+@click.option("--max-tenant-memory", default=None, metavar="SIZE",
+              help="Memory of a tenant's live sandboxes together, e.g. 8G (a number: MiB;"
+                   " default: no cap beyond --max-sandboxes).")
+@click.option("--max-ports", default=16, show_default=True, type=click.IntRange(0, 4096),
+              help="Guest ports a tenant keeps exposed at once.")
+@click.option("--port-host", default="127.0.0.1", show_default=True, metavar="ADDR",
+              help="Address exposed guest ports listen on (0.0.0.0: every interface).")
+@click.option("--rate-limit", default=None, type=click.FloatRange(min=0, min_open=True),
+              metavar="N", help="Requests per second per tenant (429 with Retry-After"
+                                " beyond; default: no limit).")
+@click.option("--rate-burst", default=None, type=click.IntRange(min=1), metavar="N",
+              help="Requests a tenant may send at once within --rate-limit (default: one"
+                   " second's worth).")
+@click.option("--max-snapshots", default=20, show_default=True, type=click.IntRange(0, 4096),
+              help="Snapshots a tenant keeps on the server.")
+@click.option("--max-pools", default=4, show_default=True, type=click.IntRange(0, 4096),
+              help="Warm pools per tenant.")
+@click.option("--max-pool-size", default=32, show_default=True, type=click.IntRange(1, 4096),
+              help="Sandboxes one pool keeps waiting or restoring (its max_size cap).")
+@click.option("--max-fork", default=16, show_default=True, type=click.IntRange(1, 4096),
+              help="Copies one fork request makes.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_ttl: float,
-              max_upload: str, log_level: str) -> None:
+              max_upload: str, max_tenant_memory: str | None, max_ports: int,
+              port_host: str, rate_limit: float | None, rate_burst: int | None,
+              max_snapshots: int, max_pools: int, max_pool_size: int, max_fork: int,
+              log_level: str) -> None:
     """Serve the HTTP API (keys from `sandvm key create`; state in $SANDVM_SERVER_DIR,
     default $SANDVM_HOME/server). Stopping it (SIGTERM, Ctrl-C) detaches its sandboxes:
     they keep running, and the next `sandvm serve` takes them over."""
@@ -981,7 +1005,12 @@ def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_
     try:
         config = ServerConfig(max_sandboxes=max_sandboxes, default_ttl=min(default_ttl, max_ttl),
                               max_ttl=max_ttl,
-                              max_upload_bytes=parse_size(max_upload, what="--max-upload"))
+                              max_upload_bytes=parse_size(max_upload, what="--max-upload"),
+                              max_tenant_memory_mib=_tenant_memory(max_tenant_memory),
+                              max_tenant_ports=max_ports, port_host=port_host,
+                              rate_limit=rate_limit, rate_burst=rate_burst,
+                              max_snapshots=max_snapshots, max_pools=max_pools,
+                              max_pool_size=max_pool_size, max_fork=max_fork)
         store = ServerStore(config.state_dir)
         if not store.keys():
             click.echo("sandvm: no API keys yet: every request will be refused; create one"
@@ -1014,6 +1043,16 @@ def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_
         h11_max_incomplete_event_size=max(64 << 10, config.max_header_bytes * 2),
         access_log=False, server_header=False))
     server.run(sockets=[sock])
+
+
+def _tenant_memory(value: str | None) -> int | None:
+    """``--max-tenant-memory``: MiB as a number, or a size such as 8G."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    return max(1, parse_size(text, what="--max-tenant-memory") >> 20)
 
 
 @main.group("key")

@@ -60,6 +60,7 @@ will return, so callers can match on it across versions::
     └── ServiceError (service_error)            the HTTP server (`sandvm serve`) and its clients
         ├── Unauthenticated (unauthenticated)   no API key, or not a valid one (HTTP 401)
         ├── QuotaExceeded (quota_exceeded)      the tenant's quota is used up (HTTP 429)
+        │   └── RateLimited (rate_limited)      too many requests: wait Retry-After seconds
         ├── RequestTooLarge (request_too_large) body or headers over the server's caps
         └── ServerUnreachable (server_unreachable)  the client cannot reach the server
 
@@ -110,6 +111,7 @@ __all__ = [
     "ProviderError",
     "QmpError",
     "QuotaExceeded",
+    "RateLimited",
     "RegistryError",
     "RequestTooLarge",
     "SandboxBusy",
@@ -272,6 +274,12 @@ class SnapshotCorrupt(SnapshotError):
     code = "snapshot_corrupt"
 
 
+class SnapshotInUse(SnapshotError):
+    """The snapshot cannot be removed: a pool restores from it."""
+
+    code = "snapshot_in_use"
+
+
 class SnapshotIncompatible(SnapshotError):
     """The snapshot was made by another format version, QEMU or accelerator."""
 
@@ -338,6 +346,18 @@ class PoolExhausted(PoolError):
 
 class PoolClosed(PoolError):
     code = "pool_closed"
+
+
+class PoolNotFound(PoolError):
+    """No pool of that name (on a sandvm server: none of this key's tenant)."""
+
+    code = "pool_not_found"
+
+
+class PoolExists(PoolError):
+    """A pool of that name exists already."""
+
+    code = "pool_exists"
 
 
 class AgentError(SandvmError):
@@ -482,6 +502,19 @@ class QuotaExceeded(ServiceError):
     """The tenant already uses everything its quota allows (HTTP 429): kill a sandbox."""
 
     code = "quota_exceeded"
+
+
+class RateLimited(QuotaExceeded):
+    """The tenant sent more requests than the server's rate limit allows (HTTP 429 with
+    a ``Retry-After`` header). ``retry_after``: the seconds the server asked the client
+    to wait (None if it did not say). The client never retries on its own."""
+
+    code = "rate_limited"
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UnknownCommand(ServiceError):

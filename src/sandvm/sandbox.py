@@ -1190,7 +1190,8 @@ class AsyncSandbox:
                             sandbox_id: str | None = None, verify: str = "once",
                             store: SnapshotStore | None = None,
                             provider: QemuVmProvider | None = None,
-                            network: NetworkPolicy | None = None) -> AsyncSandbox:
+                            network: NetworkPolicy | None = None,
+                            keeper_job: dict[str, Any] | None = None) -> AsyncSandbox:
         """A new sandbox restored from a snapshot: files and processes as they were.
 
         ``snapshot`` is a Snapshot, a snapshot name in the store, or a snapshot
@@ -1198,6 +1199,9 @@ class AsyncSandbox:
         restored from it. The clone gets fresh entropy, the host's clock, and its
         own id and hostname. ``verify``: "once" checks the RAM file's sha256 once
         per process (the small state file every time), "full" every time.
+        ``keeper_job`` (for sandvm's runtime manager) runs the VM under a keeper
+        process, as for ``create``. The clone keeps working when the snapshot is
+        removed afterwards (its RAM file stays mapped, its disk layers are linked).
         Raises SnapshotNotFound, SnapshotCorrupt, SnapshotIncompatible, VmBootError.
         """
         if verify not in ("once", "full"):
@@ -1213,6 +1217,8 @@ class AsyncSandbox:
         source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap)
         sid = sandbox_id or new_id("sb")
         await prov.create_vm_with_spec(sid, snap.spec)
+        if keeper_job is not None:
+            prov.make_detachable(sid, keeper_job)
         return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout,
                                  image=snap.image, restored=True, network=network)
 
@@ -1351,6 +1357,17 @@ class AsyncSandbox:
         network policy (its own proxy and audit file). Raises like ``snapshot`` and
         ``from_snapshot``.
         """
+        policy = self.network.policy
+        return await self._fork(n, lambda snap, store: AsyncSandbox.from_snapshot(
+            snap, timeout=timeout, store=store, network=policy))
+
+    async def _fork(self, n: int,
+                    restore: Callable[[Snapshot, SnapshotStore], Awaitable[AsyncSandbox]],
+                    discard: Callable[[AsyncSandbox], Awaitable[None]] | None = None,
+                    ) -> list[AsyncSandbox]:
+        """``fork`` with how each copy is made (``restore(snapshot, store)``, ``n`` times
+        at once) and how made copies are destroyed when another failed (``discard``,
+        default ``kill``). Raises InvalidSpec (n out of 1..256), and what those raise."""
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
             raise InvalidSpec(f"fork needs 1 to 256 copies, not {n!r}")
         # in the runtime dir (tmpfs), unless the sandbox has disks: their layers (and
@@ -1360,16 +1377,15 @@ class AsyncSandbox:
         tmp_store = SnapshotStore(fork_root)
         snap = await self.snapshot(new_id("fork"), store=tmp_store)
         try:
-            results = await asyncio.gather(
-                *(AsyncSandbox.from_snapshot(snap, timeout=timeout, store=tmp_store,
-                                             network=self.network.policy)
-                  for _ in range(n)), return_exceptions=True)
+            results = await asyncio.gather(*(restore(snap, tmp_store) for _ in range(n)),
+                                           return_exceptions=True)
         finally:
             await asyncio.to_thread(tmp_store.remove, snap.name)
         clones = [r for r in results if isinstance(r, AsyncSandbox)]
         errors = [r for r in results if not isinstance(r, AsyncSandbox)]
         if errors:
-            await asyncio.gather(*(c.kill() for c in clones), return_exceptions=True)
+            await asyncio.gather(*((discard or AsyncSandbox.kill)(c) for c in clones),
+                                 return_exceptions=True)
             err = errors[0]
             raise err if isinstance(err, BaseException) else RuntimeError(str(err))
         return clones
@@ -1698,11 +1714,13 @@ class Sandbox:
                       sandbox_id: str | None = None, verify: str = "once",
                       store: SnapshotStore | None = None,
                       provider: QemuVmProvider | None = None,
-                      network: NetworkPolicy | None = None) -> Sandbox:
+                      network: NetworkPolicy | None = None,
+                      keeper_job: dict[str, Any] | None = None) -> Sandbox:
         """See AsyncSandbox.from_snapshot."""
         return cls(_portal.call(AsyncSandbox.from_snapshot(
             snapshot, timeout=timeout, boot_timeout=boot_timeout, sandbox_id=sandbox_id,
-            verify=verify, store=store, provider=provider, network=network)))
+            verify=verify, store=store, provider=provider, network=network,
+            keeper_job=keeper_job)))
 
     def snapshot(self, name: str | None = None, *, stop: bool = False,
                  store: SnapshotStore | None = None,

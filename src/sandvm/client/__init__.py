@@ -17,6 +17,15 @@ from sandvm.client._async import (
     CommandInfo,
     SandboxInfo,
 )
+from sandvm.client._library import (
+    AsyncPool,
+    AsyncSnapshotStore,
+    Pool,
+    PoolInfo,
+    SnapshotInfo,
+    SnapshotStore,
+)
+from sandvm.client._net import AsyncNetwork, AsyncPorts, Network, NetworkInfo, Ports
 from sandvm.client._sync import CommandHandle, Commands, Files, Sandbox
 from sandvm.sandbox import CommandResult, WriteInfo
 
@@ -24,13 +33,24 @@ __all__ = [
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncFiles",
+    "AsyncNetwork",
+    "AsyncPool",
+    "AsyncPorts",
     "AsyncSandbox",
+    "AsyncSnapshotStore",
     "CommandHandle",
     "CommandInfo",
     "CommandResult",
     "Commands",
     "Files",
+    "Network",
+    "NetworkInfo",
+    "Pool",
+    "PoolInfo",
+    "Ports",
     "Sandbox",
     "SandboxInfo",
+    "SnapshotInfo",
+    "SnapshotStore",
     "WriteInfo",
 ]

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 from urllib.parse import quote
 
 import httpx
@@ -30,6 +30,7 @@ from sandvm.errors import (
     CommandTimeout,
     FileTooLarge,
     InvalidSpec,
+    RateLimited,
     SandboxStateError,
     ServerUnreachable,
     ServiceError,
@@ -45,6 +46,9 @@ from sandvm.sandbox import (
     _Output,
     _signal_number,
 )
+
+if TYPE_CHECKING:
+    from sandvm.client._library import SnapshotInfo
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 CREATE_TIMEOUT = 180.0  # a cold boot under TCG takes seconds; a busy host more
@@ -121,6 +125,18 @@ class CommandInfo:
             raise ServiceError("the server sent a malformed command description") from None
 
 
+def _policy_body(network: NetworkPolicy) -> dict[str, Any]:
+    """The API's network policy object. Raises InvalidSpec for fields clients may not
+    set (``allow_ips``, ``hosts``: the server operator's)."""
+    if not isinstance(network, NetworkPolicy):
+        raise InvalidSpec("network must be a sandvm.NetworkPolicy or None")
+    if network.allow_ips or network.hosts:
+        raise InvalidSpec("allow_ips and hosts are set by the server's operator, not"
+                          " by API clients")
+    return {"allow": list(network.allow), "ports": list(network.ports),
+            "allow_http": network.allow_http, "max_bytes": network.max_bytes}
+
+
 def _settings(api_key: str | None, url: str | None) -> tuple[str, str]:
     key = api_key if api_key is not None else os.environ.get("SANDVM_API_KEY")
     if not key:
@@ -158,6 +174,13 @@ class _Api:
         if self._client is not None:
             await self._client.aclose()
 
+    def sibling(self) -> _Api:
+        """Another connection pool to the same server with the same key."""
+        api = _Api.__new__(_Api)
+        api._key, api.url, api._transport, api._client = (self._key, self.url,
+                                                          self._transport, None)
+        return api
+
     async def _raise_for(self, resp: httpx.Response) -> None:
         if resp.status_code < 400:
             return
@@ -173,7 +196,10 @@ class _Api:
         if not (isinstance(obj, dict) and isinstance(obj.get("code"), str)):
             raise ServiceError(f"HTTP {resp.status_code} from {self.url}:"
                                f" {body[:200].decode(errors='replace')}")
-        raise error_from_dict(obj)
+        exc = error_from_dict(obj)
+        if isinstance(exc, RateLimited):  # no retry here: the caller decides, told how long
+            exc.retry_after = _retry_after(resp.headers.get("retry-after"))
+        raise exc
 
     @asynccontextmanager
     async def stream(self, method: str, path: str, **kw: Any) -> AsyncIterator[httpx.Response]:
@@ -200,6 +226,16 @@ class _Api:
         except ValueError:
             raise ServiceError(f"the server sent a body that is not JSON for {method}"
                                f" {path}") from None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """The seconds of a ``Retry-After`` header (delta-seconds; None if absent or an
+    HTTP date, which sandvm's server never sends)."""
+    try:
+        secs = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return secs if secs is not None and 0 <= secs < 1e9 else None
 
 
 async def _lines(resp: httpx.Response) -> AsyncIterator[bytes]:
@@ -471,6 +507,9 @@ class AsyncCommands:
                     except ValueError:
                         raise ServiceError("the server sent a line that is not JSON") from None
                     kind = event.get("type") if isinstance(event, dict) else None
+                    if final is not None:
+                        continue  # the stream's end follows: read it, so that the
+                        # connection goes back to the pool (not closed for the next one)
                     if kind == "stdout":
                         await out.feed(_chunk(event))
                     elif kind == "stderr":
@@ -479,7 +518,6 @@ class AsyncCommands:
                         raise error_from_dict(event)
                     elif kind == "exit":
                         final = event
-                        break
             except httpx.TransportError as exc:
                 raise ServerUnreachable(f"the connection to {sb._api.url} broke while the"
                                         f" command ran: {exc}") from exc
@@ -585,6 +623,10 @@ class AsyncSandbox:
         self.sandbox_id = info.sandbox_id
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        from sandvm.client._net import AsyncNetwork, AsyncPorts
+
+        self.ports = AsyncPorts(self)  # guest ports exposed on the server's host
+        self.network = AsyncNetwork(self)  # egress policy and events
         self._killed = False
         self._handles: weakref.WeakSet[AsyncCommandHandle] = weakref.WeakSet()
 
@@ -610,19 +652,18 @@ class AsyncSandbox:
         body: dict[str, Any] = {"memory_mib": parse_memory(memory_mib), "vcpus": vcpus}
         if image is not None:
             body["image"] = image
+        return await cls._new(body, timeout=timeout, network=network,
+                              api=_Api(api_key=api_key, url=url, transport=transport))
+
+    @classmethod
+    async def _new(cls, body: dict[str, Any], *, timeout: float | None,
+                   network: NetworkPolicy | None, api: _Api) -> AsyncSandbox:
+        """POST /v1/sandboxes with ``body`` (plus timeout and network)."""
         if timeout is not None:
             body["timeout"] = timeout
-        if network is not None:
-            if not isinstance(network, NetworkPolicy):
-                raise InvalidSpec("network must be a sandvm.NetworkPolicy or None")
-            if network.allow_ips or network.hosts:
-                raise InvalidSpec("allow_ips and hosts are set by the server's operator, not"
-                                  " by API clients")
-            body["network"] = {"allow": list(network.allow), "ports": list(network.ports),
-                               "allow_http": network.allow_http,
-                               "max_bytes": network.max_bytes}
-        api = _Api(api_key=api_key, url=url, transport=transport)
         try:
+            if network is not None:
+                body["network"] = _policy_body(network)
             info = SandboxInfo.from_json(await api.call(
                 "POST", "/v1/sandboxes", json=body,
                 timeout=httpx.Timeout(60.0, connect=10.0, read=CREATE_TIMEOUT)))
@@ -630,6 +671,49 @@ class AsyncSandbox:
             await api.aclose()
             raise
         return cls(api=api, info=info)
+
+    @classmethod
+    async def from_snapshot(cls, snapshot: str, *, timeout: float | None = None,
+                            network: NetworkPolicy | None = None, api_key: str | None = None,
+                            url: str | None = None,
+                            transport: httpx.AsyncBaseTransport | None = None
+                            ) -> AsyncSandbox:
+        """A new sandbox restored from the tenant's snapshot named ``snapshot`` (files
+        and processes as they were). Raises SnapshotNotFound, QuotaExceeded,
+        VmBootError, Unauthenticated, ServerUnreachable."""
+        if not isinstance(snapshot, str):
+            raise InvalidSpec("snapshot must be the name of a snapshot on the server")
+        return await cls._new({"snapshot": snapshot}, timeout=timeout, network=network,
+                              api=_Api(api_key=api_key, url=url, transport=transport))
+
+    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """Save this sandbox on the server as the tenant's snapshot ``name`` (default:
+        a new id); returns its SnapshotInfo. The sandbox goes on running. Raises
+        SnapshotAlreadyExists, QuotaExceeded, SandboxStateError."""
+        from sandvm.client._library import SnapshotInfo as Info
+
+        self._check_open()
+        body = {} if name is None else {"name": name}
+        return Info.from_json(await self._api.call(
+            "POST", self._path("/snapshots"), json=body,
+            timeout=httpx.Timeout(60.0, connect=10.0, read=CREATE_TIMEOUT)))
+
+    async def fork(self, n: int, *, timeout: float | None = None) -> list[AsyncSandbox]:
+        """``n`` new running copies of this sandbox on the server (each counted in the
+        tenant's quota; ``timeout``: their lifetime). Raises QuotaExceeded, InvalidSpec,
+        SandboxStateError."""
+        self._check_open()
+        body: dict[str, Any] = {"n": n}
+        if timeout is not None:
+            body["timeout"] = timeout
+        res = await self._api.call("POST", self._path("/fork"), json=body,
+                                   timeout=httpx.Timeout(60.0, connect=10.0,
+                                                         read=CREATE_TIMEOUT))
+        items = res.get("sandboxes") if isinstance(res, dict) else None
+        if not isinstance(items, list):
+            raise ServiceError("the server sent a malformed sandbox list")
+        return [AsyncSandbox(api=self._api.sibling(), info=SandboxInfo.from_json(i))
+                for i in items]
 
     @classmethod
     async def connect(cls, sandbox_id: str, *, api_key: str | None = None,

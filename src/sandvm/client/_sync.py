@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 from typing import Literal, overload
 
 import httpx
@@ -15,6 +16,8 @@ from sandvm.client._async import (
     CommandInfo,
     SandboxInfo,
 )
+from sandvm.client._library import SnapshotInfo
+from sandvm.client._net import Network, Ports
 from sandvm.egress import NetworkPolicy
 from sandvm.sandbox import DEFAULT_COMMAND_TIMEOUT, CommandResult, FileTransfer, OutputCallback
 from sandvm.sandbox import CommandHandle as _LocalCommandHandle
@@ -99,6 +102,8 @@ class Sandbox:
         self.sandbox_id = inner.sandbox_id
         self.commands = Commands(inner.commands)
         self.files = Files(inner.files)
+        self.ports = Ports(inner.ports)
+        self.network = Network(inner.network)
 
     @classmethod
     def create(cls, *, image: str | None = None, memory_mib: int | str = 256,
@@ -124,6 +129,24 @@ class Sandbox:
              transport: httpx.AsyncBaseTransport | None = None) -> list[SandboxInfo]:
         """See AsyncSandbox.list."""
         return _portal.call(AsyncSandbox.list(api_key=api_key, url=url, transport=transport))
+
+    @classmethod
+    def from_snapshot(cls, snapshot: str, *, timeout: float | None = None,
+                      network: NetworkPolicy | None = None, api_key: str | None = None,
+                      url: str | None = None,
+                      transport: httpx.AsyncBaseTransport | None = None) -> Sandbox:
+        """See AsyncSandbox.from_snapshot."""
+        return cls(_portal.call(AsyncSandbox.from_snapshot(
+            snapshot, timeout=timeout, network=network, api_key=api_key, url=url,
+            transport=transport)))
+
+    def snapshot(self, name: str | None = None) -> SnapshotInfo:
+        """See AsyncSandbox.snapshot."""
+        return _portal.call(self._a.snapshot(name))
+
+    def fork(self, n: int, *, timeout: float | None = None) -> builtins.list[Sandbox]:
+        """See AsyncSandbox.fork."""
+        return [Sandbox(c) for c in _portal.call(self._a.fork(n, timeout=timeout))]
 
     def get_info(self) -> SandboxInfo:
         return _portal.call(self._a.get_info())

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,13 +64,17 @@ def _pct(values: list[float], q: float) -> float | None:
 class AsyncPool:
     """A warm pool of sandboxes restored from ``snapshot``. Start it with ``await start()``
     or ``async with``. With ``network``, every sandbox it hands out has that egress
-    policy (each its own proxy and audit file)."""
+    policy (each its own proxy and audit file). ``restore`` replaces how one sandbox
+    is restored (it gets the resolved snapshot; e.g. the server restores under a
+    keeper, ``SandboxManager.from_snapshot``)."""
 
     def __init__(self, *, snapshot: Snapshot | str | Path, min_size: int = 1,
                  max_size: int = 8, idle_timeout: float | None = 300.0,
                  store: SnapshotStore | None = None,
                  provider: QemuVmProvider | None = None,
-                 network: NetworkPolicy | None = None) -> None:
+                 network: NetworkPolicy | None = None,
+                 restore: Callable[[Snapshot], Awaitable[AsyncSandbox]] | None = None
+                 ) -> None:
         for name, v in (("min_size", min_size), ("max_size", max_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InvalidSpec(f"{name} must be a non-negative int, not {v!r}")
@@ -88,6 +92,8 @@ class AsyncPool:
         self.idle_timeout = idle_timeout
         self._store = store
         self._provider = provider
+        self._restore = restore
+        self._snap: Snapshot | None = None
         self._ready: deque[tuple[AsyncSandbox, float]] = deque()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._in_use: set[AsyncSandbox] = set()
@@ -162,10 +168,14 @@ class AsyncPool:
 
     async def _restore_one(self) -> None:
         t0 = time.monotonic()
+        assert self._snap is not None
         try:
-            sb = await AsyncSandbox.from_snapshot(self._snap, store=self._store,
-                                                  provider=self._provider,
-                                                  network=self.network)
+            if self._restore is not None:
+                sb = await self._restore(self._snap)
+            else:
+                sb = await AsyncSandbox.from_snapshot(self._snap, store=self._store,
+                                                      provider=self._provider,
+                                                      network=self.network)
         except SandvmError as exc:
             self._counts["restore_failures"] += 1
             self.last_error = exc
@@ -239,6 +249,12 @@ class AsyncPool:
         self._in_use.discard(sb)
         await sb.kill()
         self._counts["destroyed"] += 1
+        self._refill()
+
+    def disown(self, sb: AsyncSandbox) -> None:
+        """Hand ``sb`` over for good: the pool forgets it (``close`` will not kill it, it
+        no longer counts against ``max_size``) and refills its slot."""
+        self._in_use.discard(sb)
         self._refill()
 
     @contextlib.asynccontextmanager

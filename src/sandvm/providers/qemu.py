@@ -108,6 +108,32 @@ def _pid_alive(pid: int) -> bool:
     return (_proc_state(pid) or "Z") != "Z"
 
 
+async def _pid_exit(pid: int) -> None:
+    """Return once ``pid`` (any process, not only a child) has exited: a pidfd read by
+    the event loop, no polling; polled every 0.2 s where pidfds are missing."""
+    fd = None
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.pidfd_open(pid)
+    if fd is None:
+        while _pid_alive(pid):
+            await asyncio.sleep(0.2)
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        if _pid_alive(pid):  # a pid reused before the pidfd was opened: never waited on
+            await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 def _proc_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -458,6 +484,7 @@ class QemuVm:
         self.keeper_pid: int | None = None
         self.qemu_pid: int | None = None
         self.detached = False
+        self.resumed = False  # attach found it paused and let it run: its clock lags
         self._holder_fd: int | None = None  # flock on rundir/holder: we are its one user
 
     def _hold(self, *, wait: float = 0.0) -> None:
@@ -598,7 +625,9 @@ class QemuVm:
                 return
             await asyncio.sleep(0.005)
 
-    async def _connect(self) -> None:
+    async def _connect(self, *, resume: bool = False) -> None:
+        """Connect to the agent and QMP; load the snapshot's state (a restore), or with
+        ``resume`` (an attach) let a VM that was left paused run again."""
         assert self.rundir is not None
         agent_sock, qmp_sock = self.rundir / "agent.sock", self.rundir / "qmp.sock"
         # QEMU binds a socket before it listens on it: a connect in between is
@@ -623,6 +652,13 @@ class QemuVm:
                 await asyncio.sleep(0.005)
         if self.restored_from is not None:
             await self._load_state(self.restored_from / "state")
+        elif resume:
+            # its last holder died in a snapshot (or paused it and detached): the agent
+            # cannot answer until the vCPUs run
+            st = await self._qmp("query-status")
+            if isinstance(st, dict) and st.get("status") in ("paused", "postmigrate"):
+                await self._qmp("cont")
+                self.resumed = True
         # the agent answers once the guest has booted; the outer wait_for bounds it
         self.agent_info = await self.agent.handshake(timeout=DEFAULT_BOOT_TIMEOUT * 4)
 
@@ -698,16 +734,28 @@ class QemuVm:
     @classmethod
     async def attach(cls, vm_id: str, spec: VmSpec, *, assets: Assets, accel: str,
                      rundir: Path, diskdir: Path | None, keeper_pid: int, qemu_pid: int,
-                     timeout: float = 10.0, wait: float = 0.0) -> QemuVm:
+                     timeout: float = 10.0, wait: float = 0.0,
+                     restored_from: Path | None = None, private_ram: bool = False,
+                     disk_images: dict[str, Path] | None = None) -> QemuVm:
         """Take over a running detachable VM (from its runtime dir), waiting up to ``wait``
-        seconds for another process that holds it to let go. Raises VmBootError if it is
+        seconds for another process that holds it to let go; a VM left paused is resumed
+        (``resumed``). A VM that was restored
+        from a snapshot needs ``restored_from`` and ``private_ram`` as its boot set them
+        (its state is not loaded again); ``disk_images`` (serial -> the raw image under
+        its layers) overrides what is found in ``diskdir``. Raises VmBootError if it is
         gone or does not answer, SandboxBusy if another process still holds it."""
         vm = cls(vm_id, spec, assets=assets, accel=accel)
         vm._booted = True
         vm.rundir, vm.diskdir = rundir, diskdir
         vm.keeper_pid, vm.qemu_pid = keeper_pid, qemu_pid
+        vm.private_ram = private_ram  # restored_from is set once connected: _connect
+        # would load the snapshot's state into the running VM
         if diskdir is not None:
-            tops = sorted(diskdir.glob("*-[0-9]*.qcow2"))
+            def generation(p: Path) -> tuple[str, int]:  # root-10 comes after root-9
+                serial, _, n = p.stem.rpartition("-")
+                return serial, int(n) if n.isdigit() else -1
+
+            tops = sorted(diskdir.glob("*-[0-9]*.qcow2"), key=generation)
             for top in tops:
                 serial = top.stem.rsplit("-", 1)[0]
                 vm.disk_tops[serial] = top
@@ -716,6 +764,7 @@ class QemuVm:
                     vm.disk_images[img.name.split("-layer")[0]] = img
             for img in diskdir.glob("image-*.ext4"):  # the image under a pinned layer
                 vm.disk_images[img.stem.removeprefix("image-")] = img
+        vm.disk_images.update(disk_images or {})
         if not _pid_alive(keeper_pid):
             raise VmBootError(f"sandbox {vm_id} is gone (its keeper, pid {keeper_pid}, exited)")
         try:
@@ -726,7 +775,7 @@ class QemuVm:
             # a second try: if the guest did not see the last holder leave, that holder's
             # torn last frame swallows our HELLO; our hang-up makes the guest start afresh
             try:
-                await asyncio.wait_for(vm._connect(), timeout / 2)
+                await asyncio.wait_for(vm._connect(resume=True), timeout / 2)
                 break
             except (TimeoutError, SandvmError) as exc:
                 for c in (vm.agent, vm.qmp):
@@ -738,14 +787,14 @@ class QemuVm:
                     vm._let_go_hold()
                     raise VmBootError(f"cannot reattach to sandbox {vm_id}: {exc}") from None
                 await asyncio.sleep(0.1)
+        vm.restored_from = restored_from
         vm._monitor = asyncio.get_running_loop().create_task(vm._watch())
         return vm
 
     async def _watch(self) -> None:
         if self.proc is None:  # attached: the keeper is not our child
             assert self.keeper_pid is not None
-            while _pid_alive(self.keeper_pid):
-                await asyncio.sleep(0.2)
+            await _pid_exit(self.keeper_pid)
             if not self._stopping:
                 failure = self._crashed(None)
                 if self.agent is not None:

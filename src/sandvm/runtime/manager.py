@@ -1,6 +1,7 @@
 """The sandbox manager: sandboxes that outlive the process that made them.
 
-A managed sandbox runs under a keeper process (``runtime/keeper.py``) and is
+A managed sandbox (cold-booted by ``create``, restored by ``from_snapshot``, or a
+copy made by ``fork``) runs under a keeper process (``runtime/keeper.py``) and is
 recorded in the journal, intent before every effect and result after. Any process
 of the same user can then list it, attach to it by id, detach from it (getting a
 ticket), reclaim it by ticket (once), extend its TTL or kill it. ``gc`` (also run
@@ -19,17 +20,26 @@ import os
 import secrets
 import shutil
 import signal
+import sqlite3
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sandvm.core import ROOT_DISK, DiskSpec, VmSpec, new_id, validate_vm_id
 from sandvm.egress import NetworkPolicy
-from sandvm.errors import InvalidSpec, SandboxStateError, SandvmError, VmNotFound
+from sandvm.errors import (
+    InvalidSpec,
+    SandboxStateError,
+    SandvmError,
+    VmAlreadyExists,
+    VmNotFound,
+)
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, proc_start_time
 from sandvm.runtime.journal import Journal, SandboxRecord
 from sandvm.sandbox import AsyncSandbox
+from sandvm.snapshots.store import Snapshot, SnapshotStore
 
 DEFAULT_TTL = 300.0
 MAX_TTL = 7 * 24 * 3600.0
@@ -75,6 +85,41 @@ def _check_ttl(ttl: float) -> float:
     return float(ttl)
 
 
+def _record_of(sb: AsyncSandbox, **extra: Any) -> dict[str, Any]:
+    """What ``attach`` in another process needs to rebuild ``sb``'s QemuVm."""
+    vm = sb._vm
+    spec = vm.spec
+    policy = sb.network.policy
+    rec: dict[str, Any] = {
+        "image": sb._image, "accelerator": vm.accel,
+        "spec": {"image": spec.image, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus},
+        "network": policy.to_dict() if policy is not None else None,
+        "disks": [{"serial": d.serial, "path": d.path, "format": d.format,
+                   "read_only": d.read_only, "overlay_size": d.overlay_size}
+                  for d in spec.disks],
+        "disk_images": {serial: str(p) for serial, p in vm.disk_images.items()},
+        **extra}
+    if vm.restored_from is not None:
+        rec.update(restored=True, restored_from=str(vm.restored_from),
+                   private_ram=vm.private_ram)
+    return rec
+
+
+def _disks_of(record: dict[str, Any]) -> tuple[DiskSpec, ...]:
+    """A managed sandbox's disks as its record gives them (only their serials and sizes
+    matter once it runs: its layers are in its disk dir)."""
+    disks = record.get("disks")
+    if isinstance(disks, list):
+        return tuple(DiskSpec(serial=d["serial"], path=d["path"], format=d["format"],
+                              read_only=bool(d.get("read_only")),
+                              overlay_size=d.get("overlay_size")) for d in disks)
+    image = record.get("image")  # a record from before disks were recorded
+    if image is None:
+        return ()
+    return (DiskSpec(serial=ROOT_DISK, path=str(image["rootfs"]), format="raw",
+                     overlay_size=int(image["disk_size"])),)
+
+
 class SandboxManager:
     """Creates, attaches to, detaches from and reaps managed sandboxes (one journal)."""
 
@@ -91,27 +136,95 @@ class SandboxManager:
         """
         ttl = _check_ttl(ttl)
         sid = validate_vm_id(sandbox_id or new_id("sb"))
-        seq = self.journal.intent(sid, "create", ttl=ttl)
-        # provisional: covers the boot (a creator that dies meanwhile leaves no VM for
-        # long); the TTL itself counts from when the sandbox is ready
-        self.journal.add(sid, deadline=time.time() + ttl + 120.0)
+        return await self._start(sid, ttl, lambda job: AsyncSandbox.create(
+            sandbox_id=sid, timeout=None, keeper_job=job, **create_args))
+
+    async def from_snapshot(self, snapshot: Snapshot | str | Path, *,
+                            ttl: float = DEFAULT_TTL, sandbox_id: str | None = None,
+                            network: NetworkPolicy | None = None,
+                            store: SnapshotStore | None = None,
+                            verify: str = "once") -> AsyncSandbox:
+        """A new sandbox restored from ``snapshot`` (see AsyncSandbox.from_snapshot) under
+        a keeper, alive for ``ttl`` seconds unless extended: attach, detach, kill etc. as
+        for ``create``; it keeps running if the snapshot is removed. Raises InvalidSpec,
+        SnapshotNotFound, SnapshotCorrupt, SnapshotIncompatible, VmBootError."""
+        ttl = _check_ttl(ttl)
+        sid = validate_vm_id(sandbox_id or new_id("sb"))
+        return await self._restore(sid, ttl, snapshot, network=network, store=store,
+                                   verify=verify)
+
+    async def _restore(self, sid: str, ttl: float, snapshot: Snapshot | str | Path, *,
+                       network: NetworkPolicy | None, store: SnapshotStore | None,
+                       verify: str = "once", **detail: Any) -> AsyncSandbox:
+        source = str(snapshot.path) if isinstance(snapshot, Snapshot) else str(snapshot)
+        return await self._start(sid, ttl, lambda job: AsyncSandbox.from_snapshot(
+            snapshot, sandbox_id=sid, timeout=None, verify=verify, store=store,
+            network=network, keeper_job=job), from_snapshot=source, **detail)
+
+    async def _start(self, sid: str, ttl: float,
+                     start: Callable[[dict[str, Any]], Awaitable[AsyncSandbox]],
+                     **detail: Any) -> AsyncSandbox:
+        """Journal a ``create`` (also for restores: ``recover`` kills an unfinished one)
+        around ``start(keeper_job)``, and record what ``attach`` needs. Raises
+        VmAlreadyExists (the id is in the journal), and what ``start`` raises."""
+        if self.journal.get(sid) is not None:  # an unfinished create of it would be
+            raise VmAlreadyExists(sid)  # taken for the other's by recover, and killed
+        seq = self.journal.intent(sid, "create", ttl=ttl, **detail)
         try:
-            sb = await AsyncSandbox.create(sandbox_id=sid, timeout=None,
-                                           keeper_job={"journal": str(self.journal.path)},
-                                           **create_args)
+            # provisional: covers the boot (a creator that dies meanwhile leaves no VM for
+            # long); the TTL itself counts from when the sandbox is ready
+            self.journal.add(sid, deadline=time.time() + ttl + 120.0)
+        except BaseException as exc:
+            self.journal.result(seq, ok=False, error=type(exc).__name__)
+            if isinstance(exc, sqlite3.IntegrityError):  # raced by a creator of the same id
+                raise VmAlreadyExists(sid) from exc
+            raise
+        try:
+            sb = await start({"journal": str(self.journal.path)})
         except BaseException as exc:
             self.journal.end(sid, f"failed to start: {exc}")
             self.journal.result(seq, ok=False, error=type(exc).__name__)
             raise
-        spec = sb._vm.spec
-        policy = sb.network.policy
-        self.journal.update(sid, deadline=time.time() + ttl, record={
-            "image": sb._image, "accelerator": sb._vm.accel,
-            "spec": {"image": spec.image, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus},
-            "network": policy.to_dict() if policy is not None else None})
+        self.journal.update(sid, deadline=time.time() + ttl, record=_record_of(sb, **detail))
         self._keep_policy(sb)
         self.journal.result(seq, ok=True, qemu_pid=sb._vm.pid)
         return sb
+
+    async def fork(self, sb: AsyncSandbox, n: int, *, ttl: float = DEFAULT_TTL,
+                   sandbox_ids: Sequence[str] | None = None) -> list[AsyncSandbox]:
+        """``n`` managed copies of the running sandbox ``sb`` (managed or not): a live
+        snapshot restored ``n`` times (as AsyncSandbox.fork), each under a keeper with
+        ``sb``'s network policy and ``ttl``, with the ids ``sandbox_ids`` if given (in
+        that order). If any copy fails the others are killed. Raises InvalidSpec (n
+        not in 1..256, ttl, ids), SandboxStateError (sb killed, detached or with
+        volumes), and what ``from_snapshot`` raises."""
+        ttl = _check_ttl(ttl)
+        ids = [validate_vm_id(i) for i in sandbox_ids] if sandbox_ids is not None else None
+        if ids is not None and (len(ids) != n or len(set(ids)) != len(ids)):
+            raise InvalidSpec(f"fork needs {n!r} distinct sandbox ids, got {len(ids)}")
+        policy = sb.network.policy
+        managed = self.journal.get(sb.sandbox_id) is not None
+        seq = self.journal.intent(sb.sandbox_id, "fork", n=n, ttl=ttl) if managed else None
+        next_id = iter(ids or ())
+
+        def restore(snap: Snapshot, store: SnapshotStore) -> Awaitable[AsyncSandbox]:
+            return self._restore(next(next_id, None) or new_id("sb"), ttl, snap,
+                                 network=policy, store=store, forked_from=sb.sandbox_id)
+
+        async def discard(copy: AsyncSandbox) -> None:
+            await self.kill(copy.sandbox_id, reason="killed: another copy of its fork failed")
+            await copy.kill()  # closes our side
+
+        try:
+            copies = await sb._fork(n, restore, discard)
+        except BaseException as exc:
+            if seq is not None:
+                self.journal.result(seq, ok=False, error=getattr(exc, "code",
+                                                                 type(exc).__name__))
+            raise
+        if seq is not None:
+            self.journal.result(seq, ok=True, copies=[c.sandbox_id for c in copies])
+        return copies
 
     def _keep_policy(self, sb: AsyncSandbox) -> None:
         """Record every policy set on ``sb`` (the next holder restores it)."""
@@ -137,8 +250,10 @@ class SandboxManager:
     async def attach(self, sandbox_id: str, *, wait: float = 0.0) -> AsyncSandbox:
         """Take over a running managed sandbox by id (same user, same host); one process
         holds a sandbox at a time, and this waits up to ``wait`` seconds for another
-        holder to let go. Raises VmNotFound, SandboxStateError (ended), SandboxBusy
-        (still held elsewhere), VmBootError (does not answer)."""
+        holder to let go. A sandbox left paused (its holder died while snapshotting it,
+        e.g. for a fork, or paused and detached it) runs again. Raises VmNotFound,
+        SandboxStateError (ended), SandboxBusy (still held elsewhere), VmBootError
+        (does not answer)."""
         rec = self.get(sandbox_id)
         if rec.rundir is None or rec.keeper_pid is None or rec.qemu_pid is None:
             raise SandboxStateError(f"sandbox {sandbox_id} is still starting")
@@ -147,19 +262,21 @@ class SandboxManager:
         assets, accel = await prov._resolve()
         spec_d = rec.record.get("spec") or {}
         image = rec.record.get("image")
-        disks: tuple[DiskSpec, ...] = ()
-        if image is not None:  # the spec only describes the VM; its disks are in diskdir
-            disks = (DiskSpec(serial=ROOT_DISK, path=str(image["rootfs"]), format="raw",
-                              overlay_size=int(image["disk_size"])),)
         spec = VmSpec(image=spec_d.get("image", "base"), memory_mib=spec_d.get("memory_mib", 256),
-                      vcpus=spec_d.get("vcpus", 1), disks=disks)
+                      vcpus=spec_d.get("vcpus", 1), disks=_disks_of(rec.record))
+        restored_from = rec.record.get("restored_from")
+        images = rec.record.get("disk_images") or {}
         try:
             vm = await QemuVm.attach(sandbox_id, spec, assets=assets,
                                      accel=rec.record.get("accelerator", accel),
                                      rundir=Path(rec.rundir),
                                      diskdir=Path(rec.diskdir) if rec.diskdir else None,
                                      keeper_pid=rec.keeper_pid, qemu_pid=rec.qemu_pid,
-                                     wait=wait)
+                                     wait=wait,
+                                     restored_from=Path(restored_from) if restored_from
+                                     else None,
+                                     private_ram=bool(rec.record.get("private_ram")),
+                                     disk_images={k: Path(v) for k, v in images.items()})
         except SandvmError as exc:
             self.journal.result(seq, ok=False, error=exc.code)
             raise
@@ -167,6 +284,8 @@ class SandboxManager:
             await prov.adopt_vm(sandbox_id, vm)
             sb = AsyncSandbox(sandbox_id=sandbox_id, provider=prov, vm=vm, lifetime=None)
             sb._image = image
+            if vm.resumed:  # it stood still since its last holder paused it
+                await sb._step_clock()
             net = rec.record.get("network")
             if isinstance(net, dict):  # its egress, as the last holder left it
                 await sb.network._start(NetworkPolicy(**net))
@@ -267,9 +386,11 @@ class SandboxManager:
     async def recover(self, *, starting_grace: float = 60.0) -> Recovery:
         """What a manager does on restart (and ``sandvm gc`` on demand), for operations a
         dead process left without a result: a sandbox whose ``create`` never finished
+        (a cold boot or a restore from a snapshot: both are journalled as ``create``)
         may be half set up, so it is killed and recorded repair-needed; an unfinished
         ``kill`` is finished; the others (attach, detach, reclaim, set_ttl) left the
-        sandbox as it was. Each is then recorded as interrupted. It also kills QEMU
+        sandbox as it was (an interrupted ``fork`` leaves its copies to their own
+        ``create``). Each is then recorded as interrupted. It also kills QEMU
         processes that no live process owns, runs ``gc`` and says which sandboxes still
         run (attach to them)."""
         from sandvm.providers.qemu import orphaned_qemus

@@ -34,19 +34,35 @@ from sandvm.errors import InvalidSpec, RequestTooLarge, SandvmError, Unauthentic
 from sandvm.server.config import ServerConfig
 from sandvm.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from sandvm.server.models import (
+    ClosedPorts,
     CommandEvent,
     CommandInfo,
     CommandList,
+    CreatePoolRequest,
     CreateSandboxRequest,
+    CreateSnapshotRequest,
+    EgressEventList,
     ErrorBody,
+    ExposePortRequest,
+    ForkRequest,
     Health,
+    NetworkInfo,
+    NetworkPolicyBody,
+    PoolInfo,
+    PoolList,
+    PortInfo,
+    PortList,
     RunCommandRequest,
     SandboxInfo,
     SandboxList,
     SetTimeoutRequest,
     SignalRequest,
+    SnapshotInfo,
+    SnapshotList,
+    WaitPortRequest,
     WriteResult,
 )
+from sandvm.server.ratelimit import limiter_for, retry_after_seconds
 from sandvm.server.service import SandboxService, ndjson
 
 log = logging.getLogger("sandvm.server")
@@ -65,6 +81,13 @@ _STATUS = {
     "unknown_command": 404,
     "file_not_found": 404,
     "snapshot_not_found": 404,
+    "pool_not_found": 404,
+    "pool_exhausted": 503,
+    "pool_exists": 409,
+    "pool_closed": 409,
+    "snapshot_in_use": 409,
+    "snapshot_corrupt": 409,
+    "snapshot_incompatible": 409,
     "image_not_found": 404,
     "volume_not_found": 404,
     "sandbox_state": 409,
@@ -76,6 +99,9 @@ _STATUS = {
     "permission_denied": 403,
     "agent_timeout": 504,
     "command_timeout": 504,
+    "rate_limited": 429,
+    "port_timeout": 504,
+    "port_in_use": 409,
     "asset_missing": 503,
     "invalid_config": 400,
     "guest_error": 400,
@@ -123,6 +149,9 @@ def _tenant(request: Request, _credentials: Annotated[
 Tenant = Annotated[str, Security(_tenant)]
 SandboxId = Annotated[str, Path(max_length=63, description="A sandbox id (`sb-...`).")]
 CommandId = Annotated[str, Path(max_length=63, description="A command id (`cmd-...`).")]
+SnapshotRef = Annotated[str, Path(max_length=63, description="A snapshot name.")]
+PoolRef = Annotated[str, Path(max_length=63, description="A pool name.")]
+GuestPort = Annotated[int, Path(ge=1, le=65535, description="A guest TCP port.")]
 GuestPath = Annotated[str, Query(min_length=1, max_length=4096,
                                  description="Absolute path in the guest (else 400,"
                                              " code invalid_path, as locally).")]
@@ -133,12 +162,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing or invalid API key (code unauthenticated)."),
         (403, "The guest refused (code permission_denied)."),
         (404, "No such sandbox for this key's tenant (code vm_not_found), no such file"
-              " (file_not_found) or command (unknown_command)."),
+              " (file_not_found), command (unknown_command), snapshot"
+              " (snapshot_not_found) or pool (pool_not_found)."),
         (409, "The sandbox has ended or is busy (code sandbox_state, sandbox_busy)."),
         (413, "Over a size cap (code request_too_large, file_too_large)."),
         (422, "The request does not match its schema (code invalid_spec)."),
-        (429, "The tenant's quota is used up (code quota_exceeded)."),
+        (429, "The tenant's quota is used up (code quota_exceeded), or it sent more"
+              " requests than the server's rate limit (code rate_limited; wait"
+              " Retry-After seconds)."),
         (500, "A server-side failure (e.g. vm_boot_failed, agent_error)."),
+        (503, "The pool had no sandbox ready in time (code pool_exhausted)."),
+        (504, "Nothing listened on the guest port in time (code port_timeout)."),
     )}
 
 
@@ -157,6 +191,7 @@ class _Guard:
         self.app = app
         self.config = config
         self.fastapi = fastapi
+        self.limiter = limiter_for(config.rate_limit, config.rate_burst)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -216,6 +251,13 @@ class _Guard:
             except Unauthenticated as exc:
                 await error_response(exc)(scope, receive, send)
                 return
+            if self.limiter is not None:  # per tenant, after authentication
+                wait = self.limiter.take(scope["sandvm.tenant"])
+                if wait > 0:
+                    svc.metrics.rate_limited.inc()
+                    await error_response(self.limiter.error(wait), headers={
+                        "Retry-After": str(retry_after_seconds(wait))})(scope, receive, send)
+                    return
         length_h = next((v for k, v in headers if k == b"content-length"), None)
         try:
             length = int(length_h) if length_h is not None else None
@@ -349,16 +391,31 @@ def create_app(config: ServerConfig | None = None, *,
     # ------------------------------------------------------------------ sandboxes
 
     @app.post("/v1/sandboxes", status_code=201, response_model=SandboxInfo,
-              tags=["sandboxes"], responses=_pick(400, 401, 413, 422, 429, 500))
+              tags=["sandboxes"], responses=_pick(400, 401, 404, 409, 413, 422, 429, 500, 503))
     async def create_sandbox(request: Request, tenant: Tenant,
                              body: CreateSandboxRequest) -> SandboxInfo:
-        """Boot a sandbox owned by the key's tenant; it lives ``timeout`` seconds."""
-        network = None
-        if body.network is not None:
-            n = body.network
-            network = NetworkPolicy(allow=tuple(n.allow), ports=tuple(n.ports),
-                                    allow_http=n.allow_http, max_bytes=n.max_bytes)
-        return await _service(request).create(
+        """Boot a sandbox owned by the key's tenant; it lives ``timeout`` seconds. With
+        ``snapshot`` it is restored from one of the tenant's snapshots instead; with
+        ``pool`` it is taken from one of the tenant's pools (503 pool_exhausted if none
+        became ready in time)."""
+        svc = _service(request)
+        network = _policy(body.network)
+        if body.snapshot is not None or body.pool is not None:
+            given = body.model_fields_set & {"image", "memory_mib", "vcpus"}
+            if body.snapshot is not None and body.pool is not None:
+                raise InvalidSpec("give snapshot or pool, not both")
+            if given:
+                raise InvalidSpec(f"{', '.join(sorted(given))}: set by the"
+                                  f" {'snapshot' if body.snapshot else 'pool'}; leave out")
+            if body.pool is not None:
+                if network is not None:
+                    raise InvalidSpec("a pool's sandboxes have the pool's network policy:"
+                                      " leave network out (PUT .../network changes it)")
+                return await svc.library.from_pool(tenant, body.pool, ttl=body.timeout)
+            assert body.snapshot is not None
+            return await svc.library.from_snapshot(tenant, body.snapshot, ttl=body.timeout,
+                                                   network=network)
+        return await svc.create(
             tenant, image=body.image, memory_mib=body.memory_mib, vcpus=body.vcpus,
             ttl=body.timeout, network=network)
 
@@ -388,6 +445,77 @@ def create_app(config: ServerConfig | None = None, *,
                           body: SetTimeoutRequest) -> SandboxInfo:
         """Let the sandbox live ``timeout`` more seconds from now."""
         return _service(request).set_timeout(tenant, sandbox_id, body.timeout)
+
+    # ------------------------------------------------------------------ snapshots, fork
+
+    @app.post("/v1/sandboxes/{sandbox_id}/snapshots", status_code=201,
+              response_model=SnapshotInfo, tags=["snapshots"],
+              responses=_pick(400, 401, 404, 409, 422, 429))
+    async def take_snapshot(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                            body: CreateSnapshotRequest) -> SnapshotInfo:
+        """Save the sandbox (memory, processes, files) as a snapshot of the tenant's;
+        the sandbox goes on running (it is paused while its state is copied)."""
+        return await _service(request).library.snapshot(tenant, sandbox_id, body.name)
+
+    @app.get("/v1/snapshots", response_model=SnapshotList, tags=["snapshots"],
+             responses=_pick(401))
+    async def list_snapshots(request: Request, tenant: Tenant) -> SnapshotList:
+        return SnapshotList(snapshots=_service(request).library.list_snapshots(tenant))
+
+    @app.get("/v1/snapshots/{name}", response_model=SnapshotInfo, tags=["snapshots"],
+             responses=_pick(400, 401, 404, 409))
+    async def get_snapshot(request: Request, tenant: Tenant, name: SnapshotRef
+                           ) -> SnapshotInfo:
+        return _service(request).library.get_snapshot(tenant, name)
+
+    @app.delete("/v1/snapshots/{name}", status_code=204, response_class=Response,
+                tags=["snapshots"], responses=_pick(400, 401, 404, 409))
+    async def delete_snapshot(request: Request, tenant: Tenant, name: SnapshotRef
+                              ) -> Response:
+        """Remove the snapshot (409 snapshot_in_use while a pool restores from it);
+        sandboxes restored from it keep running."""
+        _service(request).library.delete_snapshot(tenant, name)
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/fork", status_code=201,
+              response_model=SandboxList, tags=["snapshots"],
+              responses=_pick(400, 401, 404, 409, 422, 429))
+    async def fork_sandbox(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                           body: ForkRequest) -> SandboxList:
+        """``n`` new sandboxes, running copies of this one (memory, processes, files,
+        network policy), each counted in the tenant's quotas."""
+        return SandboxList(sandboxes=await _service(request).library.fork(
+            tenant, sandbox_id, body.n, ttl=body.timeout))
+
+    # ------------------------------------------------------------------ pools
+
+    @app.post("/v1/pools", status_code=201, response_model=PoolInfo, tags=["pools"],
+              responses=_pick(400, 401, 404, 409, 422, 429))
+    async def create_pool(request: Request, tenant: Tenant, body: CreatePoolRequest
+                          ) -> PoolInfo:
+        """Keep ``min_size`` sandboxes restored from one of the tenant's snapshots,
+        waiting for ``POST /v1/sandboxes {"pool": name}``. The pool is kept across
+        server restarts; its memory (``max_size`` sandboxes) counts in the quota."""
+        return await _service(request).library.create_pool(
+            tenant, body.name, snapshot=body.snapshot, min_size=body.min_size,
+            max_size=body.max_size, idle_timeout=body.idle_timeout,
+            network=_policy(body.network))
+
+    @app.get("/v1/pools", response_model=PoolList, tags=["pools"], responses=_pick(401))
+    async def list_pools(request: Request, tenant: Tenant) -> PoolList:
+        return PoolList(pools=_service(request).library.list_pools(tenant))
+
+    @app.get("/v1/pools/{name}", response_model=PoolInfo, tags=["pools"],
+             responses=_pick(400, 401, 404))
+    async def get_pool(request: Request, tenant: Tenant, name: PoolRef) -> PoolInfo:
+        return _service(request).library.pool_info(tenant, name)
+
+    @app.delete("/v1/pools/{name}", status_code=204, response_class=Response,
+                tags=["pools"], responses=_pick(400, 401, 404))
+    async def delete_pool(request: Request, tenant: Tenant, name: PoolRef) -> Response:
+        """Stop the pool and kill its waiting sandboxes (handed-out ones go on)."""
+        await _service(request).library.delete_pool(tenant, name)
+        return Response(status_code=204)
 
     # ------------------------------------------------------------------ commands
 
@@ -532,6 +660,76 @@ def create_app(config: ServerConfig | None = None, *,
                                                   max_bytes=max_bytes)
         return OctetStreamResponse(chunks, headers={"Cache-Control": "no-store"})
 
+    # ------------------------------------------------------------------ ports, network
+
+    @app.post("/v1/sandboxes/{sandbox_id}/ports", status_code=201, response_model=PortInfo,
+              tags=["ports"], responses=_pick(400, 401, 404, 409, 422, 429))
+    async def expose_port(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          body: ExposePortRequest) -> PortInfo:
+        """Listen on the server's host (its ``--port-host``, 127.0.0.1 by default; a free
+        host port) and tunnel every connection to guest port ``port``. Exposing a port
+        again returns its listener. Listeners end with the sandbox or DELETE; a server
+        restart re-opens them (on the same host port if it is free)."""
+        return await _service(request).networking.expose(
+            tenant, sandbox_id, body.port, request_host=request.headers.get("host"))
+
+    @app.get("/v1/sandboxes/{sandbox_id}/ports", response_model=PortList, tags=["ports"],
+             responses=_pick(401, 404, 409))
+    async def list_ports(request: Request, tenant: Tenant, sandbox_id: SandboxId
+                         ) -> PortList:
+        """The sandbox's exposed ports, by guest port."""
+        return PortList(ports=await _service(request).networking.list_ports(
+            tenant, sandbox_id, request_host=request.headers.get("host")))
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/ports/{port}", response_model=ClosedPorts,
+                tags=["ports"], responses=_pick(401, 404, 409, 422))
+    async def close_port(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                         port: GuestPort) -> ClosedPorts:
+        """Stop exposing the guest port (its open connections are reset); ``closed`` is 0
+        if it was not exposed."""
+        return ClosedPorts(closed=await _service(request).networking.close(
+            tenant, sandbox_id, port))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/ports/{port}/wait", status_code=204,
+              response_class=Response, tags=["ports"],
+              responses=_pick(400, 401, 404, 409, 422, 504))
+    async def wait_port(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                        port: GuestPort, body: WaitPortRequest) -> Response:
+        """Return (204) once a server in the guest listens on the port (on 127.0.0.1,
+        0.0.0.0 or ::); 504 (port_timeout) after ``timeout`` seconds."""
+        await _service(request).networking.wait(tenant, sandbox_id, port,
+                                                timeout=body.timeout)
+        return Response(status_code=204)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/network", response_model=NetworkInfo,
+             tags=["network"], responses=_pick(401, 404, 409))
+    async def get_network(request: Request, tenant: Tenant, sandbox_id: SandboxId
+                          ) -> NetworkInfo:
+        """The sandbox's egress policy (null: no egress) and its byte count."""
+        return await _service(request).networking.network(tenant, sandbox_id)
+
+    @app.put("/v1/sandboxes/{sandbox_id}/network", response_model=NetworkInfo,
+             tags=["network"], responses=_pick(400, 401, 404, 409, 422))
+    async def set_network(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          body: NetworkPolicyBody) -> NetworkInfo:
+        """Replace the egress policy at once (open connections it refuses are closed).
+        On a sandbox created without network this starts its egress, as locally:
+        commands started afterwards get the proxy variables."""
+        policy = _policy(body)
+        assert policy is not None
+        return await _service(request).networking.set_policy(tenant, sandbox_id, policy)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/network/events", response_model=EgressEventList,
+             tags=["network"], responses=_pick(401, 404, 409, 422))
+    async def network_events(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                             limit: Annotated[int, Query(
+                                 ge=1, le=1000, description="The latest this many.")] = 100
+                             ) -> EgressEventList:
+        """The egress proxy's latest decisions (allow, deny, error, close), oldest first
+        (none without egress)."""
+        return EgressEventList(events=await _service(request).networking.events(
+            tenant, sandbox_id, limit=limit))
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = _tidy(FastAPI.openapi(app))
@@ -545,6 +743,7 @@ def _tidy(doc: dict[str, Any]) -> dict[str, Any]:
     """Error responses are JSON whatever the route's success type; streamed bodies
     name only their own schema."""
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    _rate_limit_responses(doc)
     for ops in doc.get("paths", {}).values():
         for op in ops.values():
             for status, resp in op.get("responses", {}).items():
@@ -561,6 +760,27 @@ def _tidy(doc: dict[str, Any]) -> dict[str, Any]:
         if f"#/components/schemas/{name}" not in text:
             schemas.pop(name, None)
     return doc
+
+
+def _rate_limit_responses(doc: dict[str, Any]) -> None:
+    """Every authenticated operation can be rate limited: each gets a 429, and every
+    429 names its Retry-After header (sent with code rate_limited)."""
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if "401" in responses and "429" not in responses:
+                responses["429"] = {"description": _ERRORS[429]["description"]}
+            if "429" in responses:
+                responses["429"]["headers"] = {"Retry-After": {
+                    "description": "Whole seconds to wait (with code rate_limited).",
+                    "schema": {"type": "integer", "minimum": 1}}}
+
+
+def _policy(body: NetworkPolicyBody | None) -> NetworkPolicy | None:
+    if body is None:
+        return None
+    return NetworkPolicy(allow=tuple(body.allow), ports=tuple(body.ports),
+                         allow_http=body.allow_http, max_bytes=body.max_bytes)
 
 
 def _stdin(body: RunCommandRequest) -> bytes | None:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sandvm.errors import ConfigError
+from sandvm.errors import ConfigError, SandvmError
 
 DEFAULT_PORT = 7070
 
@@ -50,6 +50,23 @@ class ServerConfig:
     attach_wait: float = 10.0
     max_commands: int = 32
     command_buffer_bytes: int = 1 << 20
+    # -- snapshots, fork, pools (per tenant; checked in _check_library)
+    max_snapshots: int = 20
+    max_pools: int = 4
+    max_pool_size: int = 32  # sandboxes one pool keeps waiting or restoring
+    max_fork: int = 16  # copies one fork makes
+    pool_acquire_timeout: float = 60.0  # seconds a create-from-pool waits for a sandbox
+    # -- tenants' memory, exposed ports, request rates (checked in _check_limits)
+    # memory_mib of a tenant's live sandboxes together (None: only max_sandboxes caps it)
+    max_tenant_memory_mib: int | None = None
+    # guest ports a tenant keeps exposed at once (over all its sandboxes)
+    max_tenant_ports: int = 16
+    # the address exposed ports listen on (an IP literal; 0.0.0.0 opens them to the network)
+    port_host: str = "127.0.0.1"
+    # requests per second per tenant (a token bucket; None: no limit) and the bucket's
+    # size (None: one second's worth)
+    rate_limit: float | None = None
+    rate_burst: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_sandboxes", "max_memory_mib", "max_vcpus", "max_json_bytes",
@@ -66,4 +83,39 @@ class ServerConfig:
             raise ConfigError("default_ttl must not be larger than max_ttl")
         if self.attach_wait < 0:
             raise ConfigError("attach_wait must be >= 0")
+        self._check_library()
+        self._check_limits()
         object.__setattr__(self, "state_dir", Path(self.state_dir))
+
+    def _check_limits(self) -> None:
+        """Memory, port and rate settings. Raises ConfigError."""
+        from sandvm.ports import check_bind_host
+        from sandvm.server.ratelimit import limiter_for
+
+        mem = self.max_tenant_memory_mib
+        if mem is not None and (isinstance(mem, bool) or not isinstance(mem, int) or mem < 1):
+            raise ConfigError(f"server setting max_tenant_memory_mib must be a positive int"
+                              f" or None, got {mem!r}")
+        n = self.max_tenant_ports
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4096:
+            raise ConfigError(f"server setting max_tenant_ports must be an int in 0..4096,"
+                              f" got {n!r}")
+        try:
+            object.__setattr__(self, "port_host", check_bind_host(self.port_host))
+        except SandvmError as exc:
+            raise ConfigError(f"server setting port_host: {exc.message}") from None
+        if self.rate_burst is not None and self.rate_limit is None:
+            raise ConfigError("rate_burst needs rate_limit")
+        limiter_for(self.rate_limit, self.rate_burst)  # raises ConfigError
+
+    def _check_library(self) -> None:
+        """Snapshot, fork and pool settings. Raises ConfigError."""
+        for name in ("max_snapshots", "max_pools", "max_pool_size", "max_fork"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 4096:
+                raise ConfigError(f"server setting {name} must be an int in 0..4096,"
+                                  f" got {v!r}")
+        v = self.pool_acquire_timeout
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
+            raise ConfigError("server setting pool_acquire_timeout must be seconds in"
+                              f" (0, 3600], got {v!r}")

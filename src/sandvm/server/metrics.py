@@ -106,7 +106,8 @@ class Histogram(_Metric):
 class Metrics:
     """The server's metrics; ``render`` is the body of ``GET /metrics``."""
 
-    def __init__(self, *, live_sandboxes: Callable[[], float]) -> None:
+    def __init__(self, *, live_sandboxes: Callable[[], float],
+                 exposed_ports: Callable[[], float] = lambda: 0.0) -> None:
         self.requests = Counter("sandvm_http_requests_total",
                                 "HTTP requests by method, route template and status.")
         self.request_seconds = Histogram("sandvm_http_request_duration_seconds",
@@ -127,9 +128,21 @@ class Metrics:
                                   "File bytes moved, by direction (upload, download).")
         self.live = Gauge("sandvm_sandboxes_live",
                           "Sandboxes this server owns that have not ended.", live_sandboxes)
+        # rate limits and exposed ports
+        self.rate_limited = Counter("sandvm_rate_limited_total",
+                                    "Requests refused (429) by a tenant's rate limit.")
+        self.ports_exposed = Counter("sandvm_ports_exposed_total",
+                                     "Guest ports exposed on request (re-opened ones not"
+                                     " counted again).")
+        self.ports_open = Gauge("sandvm_ports_open",
+                                "Guest ports exposed now (of sandboxes not ended).",
+                                exposed_ports)
+        self.rate_limited.inc(0)  # shown from the start, at 0
+        self.ports_exposed.inc(0)
 
     def render(self) -> str:
         return "".join(m.render() for m in (
             self.requests, self.request_seconds, self.auth_failures, self.quota_rejections,
             self.sandboxes_created, self.create_seconds, self.commands, self.command_seconds,
-            self.file_bytes, self.live))
+            self.file_bytes, self.live, self.rate_limited, self.ports_exposed,
+            self.ports_open))

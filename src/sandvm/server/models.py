@@ -61,6 +61,40 @@ class CreateSandboxRequest(_Strict):
                                   " POST /v1/sandboxes/{id}/timeout.")
     network: NetworkPolicyBody | None = Field(default=None, description="No network if"
                                               " absent.")
+    snapshot: SnapshotName | None = Field(
+        default=None, description="Restore this snapshot of the tenant's instead of"
+        " booting (image, memory_mib and vcpus are then the snapshot's).")
+    pool: SnapshotName | None = Field(
+        default=None, description="Take a waiting sandbox from this pool of the tenant"
+        " (image, memory, vcpus and network are the pool's).")
+
+
+SnapshotName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+
+
+class CreateSnapshotRequest(_Strict):
+    name: SnapshotName | None = Field(default=None, description="Default: a new id.")
+
+
+class ForkRequest(_Strict):
+    n: Int = Field(default=1, ge=1, le=256, description="How many copies (the server"
+                   " caps it).")
+    timeout: float | None = Field(default=None, gt=0, le=MAX_COMMAND_TIMEOUT,
+                                  description="Seconds each copy lives (default: the"
+                                              " server's).")
+
+
+class CreatePoolRequest(_Strict):
+    name: SnapshotName
+    snapshot: SnapshotName = Field(description="A snapshot of the tenant's.")
+    min_size: Int = Field(default=1, ge=0, le=1024, description="Sandboxes kept waiting.")
+    max_size: Int = Field(default=4, ge=1, le=1024, description="At most this many waiting"
+                          " or being restored (the server caps it).")
+    idle_timeout: float | None = Field(default=300.0, gt=0, le=MAX_COMMAND_TIMEOUT,
+                                       description="Seconds after which waiting sandboxes"
+                                       " beyond min_size are killed; null: never.")
+    network: NetworkPolicyBody | None = Field(default=None, description="The egress of"
+                                              " every sandbox it hands out; none if absent.")
 
 
 class SetTimeoutRequest(_Strict):
@@ -141,6 +175,48 @@ class SandboxList(BaseModel):
     sandboxes: list[SandboxInfo]
 
 
+class SnapshotInfo(BaseModel):
+    name: str
+    created: float = Field(description="Epoch seconds.")
+    source_id: str | None = Field(description="The sandbox it was taken of.")
+    image: str
+    memory_mib: int
+    vcpus: int
+    size_bytes: int = Field(description="Bytes its files take on the server's disk.")
+
+
+class SnapshotList(BaseModel):
+    snapshots: list[SnapshotInfo]
+
+
+class PoolInfo(BaseModel):
+    """A warm pool: its settings and counters (``hits``: sandboxes handed out at once;
+    ``misses``: ones that had to wait for a restore; ``timeouts``: requests that got
+    none)."""
+
+    name: str
+    snapshot: str
+    min_size: int
+    max_size: int
+    idle_timeout: float | None
+    network: bool
+    created: float
+    ready: int = Field(description="Sandboxes waiting now.")
+    restoring: int
+    hits: int
+    misses: int
+    timeouts: int
+    restored: int
+    restore_failures: int
+    restore_ms_p50: float | None
+    restore_ms_p99: float | None
+    last_error: str | None
+
+
+class PoolList(BaseModel):
+    pools: list[PoolInfo]
+
+
 class WriteResult(BaseModel):
     path: str
     size: int
@@ -177,3 +253,72 @@ class CommandEvent(BaseModel):
     duration: float | None = None
     code: str | None = None
     message: str | None = None
+
+
+# ---------------------------------------------------------------------------- ports, network
+
+MAX_PORT_WAIT = 60.0  # seconds one wait request may take (the client waits longer in steps)
+
+
+class ExposePortRequest(_Strict):
+    port: Int = Field(ge=1, le=65535, description="The guest port: a TCP server listening"
+                      " on 127.0.0.1 (or 0.0.0.0) in the guest.")
+
+
+class WaitPortRequest(_Strict):
+    timeout: float = Field(default=30.0, gt=0, le=MAX_PORT_WAIT,
+                           description="Seconds to wait for a server to listen.")
+
+
+class PortInfo(BaseModel):
+    """A guest port exposed on the server's host: connect to ``url``."""
+
+    port: int = Field(description="The guest port.")
+    url: str = Field(description="`http://HOST:HOST_PORT`: where the server listens.")
+    host: str
+    host_port: int
+
+
+class PortList(BaseModel):
+    ports: list[PortInfo]
+
+
+class ClosedPorts(BaseModel):
+    closed: int = Field(description="Listeners closed (0: the port was not exposed).")
+
+
+class NetworkPolicyView(BaseModel):
+    """A sandbox's egress policy (the fields API clients set)."""
+
+    allow: list[str]
+    ports: list[int]
+    allow_http: bool
+    max_bytes: int | None
+
+
+class NetworkInfo(BaseModel):
+    enabled: bool = Field(description="Whether the sandbox has egress (a policy).")
+    policy: NetworkPolicyView | None
+    bytes_total: int = Field(description="Bytes through its egress proxy, both ways, over"
+                             " its life.")
+    connections: int = Field(description="Connections open through the proxy now.")
+
+
+class EgressEventInfo(BaseModel):
+    """One decision of the egress proxy: ``allow`` (connected), ``deny`` (refused by the
+    policy), ``error`` (allowed but failed), ``close`` (a connection ended)."""
+
+    ts: float = Field(description="Epoch seconds.")
+    action: str
+    method: str
+    host: str
+    port: int
+    reason: str
+    address: str | None
+    bytes_out: int
+    bytes_in: int
+    seconds: float
+
+
+class EgressEventList(BaseModel):
+    events: list[EgressEventInfo]

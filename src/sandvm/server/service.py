@@ -22,7 +22,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sandvm import wire
@@ -47,8 +47,10 @@ from sandvm.runtime.manager import Recovery, SandboxManager, keeper_alive
 from sandvm.sandbox import AsyncCommandHandle, AsyncSandbox, CommandResult
 from sandvm.server.commands import BackgroundCommand, unknown_command
 from sandvm.server.config import ServerConfig
+from sandvm.server.library import Library
 from sandvm.server.metrics import Metrics
 from sandvm.server.models import CommandInfo, SandboxInfo, WriteResult
+from sandvm.server.networking import Networking
 from sandvm.server.store import ServerStore
 
 log = logging.getLogger("sandvm.server")
@@ -83,7 +85,10 @@ class SandboxService:
         self._owns = (store is None, manager is None)  # what ``stop`` closes
         self.store = store or ServerStore(config.state_dir)
         self.manager = manager or SandboxManager()
-        self.metrics = Metrics(live_sandboxes=lambda: float(self.store.count_live()))
+        self.metrics = Metrics(live_sandboxes=lambda: float(self.store.count_live()),
+                               exposed_ports=lambda: float(self.store.count_exposed()))
+        self.networking = Networking(self)  # exposed ports, egress policies
+        self.library = Library(self)  # snapshots, pools
         self._held: dict[str, AsyncSandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: set[str] = set()
@@ -101,6 +106,8 @@ class SandboxService:
             if sid not in live:
                 self.store.mark_ended(sid)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+        self.networking.start()
+        await self.library.start()
         log.info("sandvm server: %d sandboxes still running, %d repaired", len(live),
                  len(rec.repaired))
         return rec
@@ -108,6 +115,8 @@ class SandboxService:
     async def stop(self) -> None:
         """Detach every sandbox this server holds: they keep running under their keepers
         and a server started later takes them over. The service is unusable afterwards."""
+        await self.networking.stop()
+        await self.library.stop()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -225,6 +234,7 @@ class SandboxService:
                 await self._drop(sandbox_id)
             sb = await self.manager.attach(sandbox_id, wait=self.config.attach_wait)
             self._held[sandbox_id] = sb
+            await self.networking.attached(sandbox_id, sb)  # its exposed ports again
             return sb
 
     async def _ended_instead(self, sandbox_id: str, exc: SandvmError) -> SandvmError:
@@ -252,9 +262,7 @@ class SandboxService:
         """Boot a sandbox for ``tenant`` (a managed one, alive ``ttl`` seconds). Raises
         InvalidSpec (over the server's caps), QuotaExceeded, UnknownImage, VmBootError."""
         cfg = self.config
-        ttl = cfg.default_ttl if ttl is None else ttl
-        if not 0 < ttl <= cfg.max_ttl:
-            raise InvalidSpec(f"timeout must be seconds in (0, {cfg.max_ttl:.0f}], got {ttl}")
+        ttl = self._check_ttl(ttl)
         if memory_mib > cfg.max_memory_mib:
             raise InvalidSpec(f"memory_mib {memory_mib} is over this server's cap of"
                               f" {cfg.max_memory_mib}")
@@ -264,18 +272,36 @@ class SandboxService:
             from sandvm.images.store import default_image
 
             image = default_image()
+
+        async def make(sid: str, ttl: float) -> AsyncSandbox:
+            return await self.manager.create(ttl=ttl, sandbox_id=sid, image=image,
+                                             memory_mib=memory_mib, vcpus=vcpus,
+                                             network=network)
+
+        return await self._new_owned(tenant, memory_mib=memory_mib, ttl=ttl, make=make)
+
+    def _check_ttl(self, ttl: float | None) -> float:
+        """``ttl``, or the server's default for None. Raises InvalidSpec over max_ttl."""
+        cfg = self.config
+        ttl = cfg.default_ttl if ttl is None else ttl
+        if not 0 < ttl <= cfg.max_ttl:
+            raise InvalidSpec(f"timeout must be seconds in (0, {cfg.max_ttl:.0f}], got {ttl}")
+        return ttl
+
+    async def _new_owned(self, tenant: str, *, memory_mib: int, ttl: float | None,
+                         make: Callable[[str, float], Awaitable[AsyncSandbox]]
+                         ) -> SandboxInfo:
+        """A new sandbox of ``tenant``: its quota taken, ``make(sandbox_id, ttl)`` run
+        (a managed create or restore), the sandbox held. Raises QuotaExceeded,
+        InvalidSpec, and what ``make`` raises."""
+        ttl = self._check_ttl(ttl)
         await self.reap()
         sid = new_id("sb")
-        if not self.store.reserve(sid, tenant, limit=cfg.max_sandboxes):
-            self.metrics.quota_rejections.inc()
-            raise QuotaExceeded(f"tenant {tenant!r} already has {cfg.max_sandboxes} live"
-                                " sandboxes, its quota: kill one (DELETE /v1/sandboxes/ID)"
-                                " or wait for one's timeout")
+        self._reserve(sid, tenant, memory_mib)
         self._creating.add(sid)
         t0 = time.monotonic()
         try:
-            sb = await self.manager.create(ttl=ttl, sandbox_id=sid, image=image,
-                                           memory_mib=memory_mib, vcpus=vcpus, network=network)
+            sb = await make(sid, ttl)
         except BaseException:
             self.store.mark_ended(sid)
             self.metrics.sandboxes_created.inc(outcome="error")
@@ -315,6 +341,50 @@ class SandboxService:
         self._record(tenant, sandbox_id)
         self.manager.set_ttl(sandbox_id, timeout)
         return self.get(tenant, sandbox_id)
+
+    # ------------------------------------------------------------------ quotas
+
+    def _tenant_memory_mib(self, tenant: str) -> int:
+        """MiB of memory ``tenant`` holds on this server: its live sandboxes' (those
+        being created included) and what its pools may hold."""
+        return self.store.memory_in_use(tenant) + self.library.pool_memory_mib(tenant)
+
+    def _check_memory(self, tenant: str, more_mib: int, *, what: str) -> None:
+        """Raises QuotaExceeded if ``tenant`` holding ``more_mib`` more would be over its
+        memory quota (``what`` says what for)."""
+        cap = self.config.max_tenant_memory_mib
+        used = self._tenant_memory_mib(tenant)
+        if cap is not None and used + more_mib > cap:
+            self.metrics.quota_rejections.inc()
+            raise QuotaExceeded(f"tenant {tenant!r} holds {used} MiB; {what} would take it"
+                                f" over its memory quota of {cap} MiB: kill sandboxes, delete"
+                                " a pool or make it smaller")
+
+    def _reserve(self, sid: str, tenant: str, memory_mib: int) -> None:
+        """Record ``tenant`` as the owner of the new ``sid`` within its quotas (live
+        sandboxes, memory). One SQLite transaction counts the sandboxes and their memory
+        and inserts the new one, so concurrent creates (also from another process on
+        the same state dir) cannot both pass; the memory the tenant holds outside the
+        sandboxes table is read in the same event-loop step (no await in between).
+        Raises QuotaExceeded."""
+        cfg = self.config
+        elsewhere = self._tenant_memory_mib(tenant) - self.store.memory_in_use(tenant)
+        refused = self.store.reserve_within(sid, tenant, limit=cfg.max_sandboxes,
+                                            memory_mib=memory_mib,
+                                            max_memory_mib=cfg.max_tenant_memory_mib,
+                                            memory_elsewhere=elsewhere)
+        if refused is None:
+            return
+        self.metrics.quota_rejections.inc()
+        if refused == "memory":
+            raise QuotaExceeded(
+                f"tenant {tenant!r} would hold {self._tenant_memory_mib(tenant) + memory_mib}"
+                f" MiB with this sandbox ({memory_mib} MiB), over its memory quota of"
+                f" {cfg.max_tenant_memory_mib} MiB: kill a sandbox (DELETE"
+                " /v1/sandboxes/ID), wait for one's timeout, or ask for less memory_mib")
+        raise QuotaExceeded(f"tenant {tenant!r} already has {cfg.max_sandboxes} live"
+                            " sandboxes, its quota: kill one (DELETE /v1/sandboxes/ID)"
+                            " or wait for one's timeout")
 
     # ------------------------------------------------------------------ commands
 

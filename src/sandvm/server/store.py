@@ -45,6 +45,18 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 CREATE INDEX IF NOT EXISTS sandboxes_by_tenant ON sandboxes (tenant, ended);
 """
 
+# memory quota and exposed ports (ServerStore._migrate_limits adds sandboxes.memory_mib)
+LIMITS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS exposed_ports (
+    sandbox_id TEXT NOT NULL,
+    port INTEGER NOT NULL,            -- the guest port
+    host TEXT NOT NULL,               -- where the server listens for it
+    host_port INTEGER NOT NULL,       -- 0 until it listens
+    created REAL NOT NULL,
+    PRIMARY KEY (sandbox_id, port)
+);
+"""
+
 
 @dataclass(frozen=True)
 class KeyInfo:
@@ -83,6 +95,8 @@ class ServerStore:
             os.chmod(self.dir, 0o700)
         self.path = self.dir / "server.db"
         self._db = open_wal_db(self.path, SCHEMA)
+        self._db.executescript(LIMITS_SCHEMA)
+        self._migrate_limits()
         os.chmod(self.path, 0o600)  # also if it was there before, with a looser mode
 
     def close(self) -> None:
@@ -174,3 +188,111 @@ class ServerStore:
     def count_live(self) -> int:
         (n,) = self._db.execute("SELECT count(*) FROM sandboxes WHERE ended IS NULL").fetchone()
         return int(n)
+
+    def rename_reserved(self, old_id: str, new_id: str) -> None:
+        """Give a reservation made before the sandbox's id was known (a pool's
+        sandbox) that id. Raises InvalidSpec if ``old_id`` is not a live reservation."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE sandboxes SET id = ? WHERE id = ? AND ended IS NULL",
+                             (new_id, old_id))
+        if cur.rowcount != 1:
+            raise InvalidSpec(f"no live reservation {old_id!r}")
+
+    # ------------------------------------------------------------------ memory quota
+
+    def _migrate_limits(self) -> None:
+        """Databases of older servers have no ``sandboxes.memory_mib`` (their sandboxes
+        count as 0 MiB)."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(sandboxes)")}
+        if "memory_mib" not in cols:
+            with contextlib.suppress(sqlite3.OperationalError):  # another process did it
+                self._db.execute("ALTER TABLE sandboxes ADD COLUMN memory_mib INTEGER"
+                                 " NOT NULL DEFAULT 0")
+
+    def memory_in_use(self, tenant: str) -> int:
+        """MiB of ``tenant``'s sandboxes that have not ended (reserved ones included)."""
+        (n,) = self._db.execute("SELECT coalesce(sum(memory_mib), 0) FROM sandboxes WHERE"
+                                " tenant = ? AND ended IS NULL", (tenant,)).fetchone()
+        return int(n)
+
+    def reserve_within(self, sandbox_id: str, tenant: str, *, limit: int, memory_mib: int,
+                       max_memory_mib: int | None, memory_elsewhere: int = 0
+                       ) -> str | None:
+        """``reserve`` with a memory quota too, in one transaction: record ``tenant`` as
+        the owner of the new ``sandbox_id`` (of ``memory_mib``) unless it already has
+        ``limit`` live sandboxes (returns ``"sandboxes"``) or their memory, plus
+        ``memory_elsewhere`` (what the tenant holds outside this table) and this one,
+        would be over ``max_memory_mib`` (returns ``"memory"``). None: reserved."""
+        with self._tx() as db:
+            n, used = db.execute("SELECT count(*), coalesce(sum(memory_mib), 0) FROM"
+                                 " sandboxes WHERE tenant = ? AND ended IS NULL",
+                                 (tenant,)).fetchone()
+            if n >= limit:
+                return "sandboxes"
+            if max_memory_mib is not None and \
+                    used + memory_elsewhere + memory_mib > max_memory_mib:
+                return "memory"
+            db.execute("INSERT INTO sandboxes (id, tenant, created, memory_mib) VALUES"
+                       " (?, ?, ?, ?)", (sandbox_id, tenant, time.time(), memory_mib))
+        return None
+
+    # ------------------------------------------------------------------ exposed ports
+
+    def reserve_port(self, sandbox_id: str, port: int, host: str, *, limit: int) -> bool:
+        """Record guest ``port`` of ``sandbox_id`` as exposed on ``host`` (its host port
+        is set once listening: ``set_host_port``), unless the sandbox's tenant already
+        has ``limit`` ports exposed in its live sandboxes; returns whether it did. An
+        existing record of that port is kept (True)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM exposed_ports WHERE sandbox_id = ? AND port = ?",
+                          (sandbox_id, port)).fetchone() is not None:
+                return True
+            (n,) = db.execute(
+                "SELECT count(*) FROM exposed_ports e JOIN sandboxes s ON s.id ="
+                " e.sandbox_id WHERE s.ended IS NULL AND s.tenant = (SELECT tenant FROM"
+                " sandboxes WHERE id = ?)", (sandbox_id,)).fetchone()
+            if n >= limit:
+                return False
+            db.execute("INSERT INTO exposed_ports (sandbox_id, port, host, host_port,"
+                       " created) VALUES (?, ?, ?, 0, ?)",
+                       (sandbox_id, port, host, time.time()))
+        return True
+
+    def set_host_port(self, sandbox_id: str, port: int, host: str, host_port: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE exposed_ports SET host = ?, host_port = ? WHERE"
+                       " sandbox_id = ? AND port = ?", (host, host_port, sandbox_id, port))
+
+    def exposed(self, sandbox_id: str) -> list[tuple[int, str, int]]:
+        """(guest port, host, host port) of each port of ``sandbox_id`` recorded as
+        exposed, by guest port (host port 0: not listening yet)."""
+        rows = self._db.execute("SELECT port, host, host_port FROM exposed_ports WHERE"
+                                " sandbox_id = ? ORDER BY port", (sandbox_id,)).fetchall()
+        return [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def unexpose(self, sandbox_id: str, port: int) -> bool:
+        """Forget an exposed port; returns whether it was recorded."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM exposed_ports WHERE sandbox_id = ? AND port = ?",
+                             (sandbox_id, port))
+        return cur.rowcount > 0
+
+    def with_exposed_ports(self) -> list[str]:
+        """Live sandboxes with exposed ports, oldest first."""
+        rows = self._db.execute("SELECT DISTINCT s.id, s.created FROM exposed_ports e JOIN"
+                                " sandboxes s ON s.id = e.sandbox_id WHERE s.ended IS NULL"
+                                " ORDER BY s.created").fetchall()
+        return [r[0] for r in rows]
+
+    def count_exposed(self) -> int:
+        """Exposed ports of live sandboxes (all tenants)."""
+        (n,) = self._db.execute("SELECT count(*) FROM exposed_ports e JOIN sandboxes s ON"
+                                " s.id = e.sandbox_id WHERE s.ended IS NULL").fetchone()
+        return int(n)
+
+    def prune_exposed(self) -> int:
+        """Forget the ports of sandboxes that ended; returns how many."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM exposed_ports WHERE sandbox_id NOT IN (SELECT id"
+                             " FROM sandboxes WHERE ended IS NULL)")
+        return cur.rowcount

@@ -1,0 +1,231 @@
+"""Snapshots, fork and warm pools over HTTP, through `sandvm serve` and the real client.
+
+A server of this module's own (6 sandboxes per tenant); alice's sandbox has a file and
+a running process when it is snapshotted, and every sandbox made from the snapshot
+must have both. Bob is another tenant: none of alice's snapshots or pools exist for
+him.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sandvm.client import Pool, Sandbox, SnapshotStore
+from sandvm.errors import (
+    InvalidSpec,
+    PoolExists,
+    PoolNotFound,
+    QuotaExceeded,
+    SnapshotAlreadyExists,
+    SnapshotInUse,
+    SnapshotNotFound,
+    VmNotFound,
+)
+from sandvm.runtime.journal import Journal
+from test_server import ServerProc, _auth
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
+    srv = ServerProc(tmp_path_factory.mktemp("server"), max_sandboxes=6)
+    srv.alice = srv.cli("key", "create", "alice").stdout.strip().splitlines()[-1]
+    srv.bob = srv.cli("key", "create", "bob").stdout.strip().splitlines()[-1]
+    srv.start()
+    try:
+        yield srv
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            srv.stop()
+        srv.kill_sandboxes()
+
+
+@pytest.fixture(scope="module")
+def source(server: ServerProc) -> Iterator[Sandbox]:
+    """Alice's sandbox with /root/state and a process (its pid in /root/pid)."""
+    sb = Sandbox.create(api_key=server.alice, url=server.url, timeout=900)
+    sb.files.write("/root/state", "before the snapshot")
+    sb.commands.run("sleep 100000 & echo $! > /root/pid")
+    yield sb
+    sb.kill()
+
+
+@pytest.fixture(scope="module")
+def snap(server: ServerProc, source: Sandbox) -> str:
+    info = source.snapshot("ready")
+    assert info.name == "ready" and info.source_id == source.sandbox_id
+    return info.name
+
+
+def _alive(sb: Sandbox) -> bool:
+    """Whether the process the source started before its snapshot runs in ``sb``."""
+    return sb.commands.run("kill -0 $(cat /root/pid)", check=False).exit_code == 0
+
+
+def _live_in_journal(server: ServerProc) -> set[str]:
+    j = Journal(server.tmp / "journal.db")
+    try:
+        return {r.id for r in j.sandboxes() if r.state != "ended"}
+    finally:
+        j.close()
+
+
+def _until(pred: object, what: str, timeout: float = 60.0) -> None:
+    assert callable(pred)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_snapshot_restore_and_tenancy(server: ServerProc, source: Sandbox, snap: str) -> None:
+    alice = SnapshotStore(api_key=server.alice, url=server.url)
+    bob = SnapshotStore(api_key=server.bob, url=server.url)
+    assert [s.name for s in alice.list()] == [snap]
+    info = alice.get(snap)
+    assert info.memory_mib == 256 and info.size_bytes > 0
+    assert bob.list() == []
+    with pytest.raises(SnapshotNotFound):
+        bob.get(snap)
+    with pytest.raises(SnapshotNotFound):
+        Sandbox.from_snapshot(snap, api_key=server.bob, url=server.url)
+    with pytest.raises(SnapshotAlreadyExists):
+        source.snapshot(snap)
+    with pytest.raises(InvalidSpec):
+        source.snapshot("../escape")
+    r = httpx.post(f"{server.url}/v1/sandboxes", headers=_auth(server.alice),
+                   json={"snapshot": snap, "memory_mib": 512})
+    assert r.status_code == 400 and "memory_mib" in r.json()["message"]
+
+    copy = Sandbox.from_snapshot(snap, api_key=server.alice, url=server.url, timeout=120)
+    try:
+        assert copy.sandbox_id != source.sandbox_id
+        assert copy.files.read("/root/state") == "before the snapshot"
+        assert _alive(copy)
+        assert copy.commands.run("hostname").stdout.strip() == copy.sandbox_id
+        copy.files.write("/root/state", "changed in the copy")
+        assert source.files.read("/root/state") == "before the snapshot"
+        assert copy.sandbox_id in {i.sandbox_id for i in Sandbox.list(
+            api_key=server.alice, url=server.url)}
+        with pytest.raises(VmNotFound):
+            Sandbox.connect(copy.sandbox_id, api_key=server.bob, url=server.url)
+    finally:
+        copy.kill()
+
+    other = source.snapshot()  # a generated name; removed again
+    assert other.name.startswith("snap-")
+    alice.remove(other.name)
+    with pytest.raises(SnapshotNotFound):
+        alice.get(other.name)
+    with pytest.raises(SnapshotNotFound):
+        alice.remove(other.name)
+
+
+def test_fork_copies_state_and_respects_the_quota(server: ServerProc, source: Sandbox,
+                                                   snap: str) -> None:
+    copies = source.fork(2, timeout=120)
+    try:
+        assert len({c.sandbox_id for c in copies} | {source.sandbox_id}) == 3
+        for c in copies:
+            assert c.files.read("/root/state") == "before the snapshot"
+            assert _alive(c)
+        copies[0].files.write("/root/state", "mine")
+        assert copies[1].files.read("/root/state") == "before the snapshot"
+        before = {i.sandbox_id for i in Sandbox.list(api_key=server.alice, url=server.url)}
+        with pytest.raises(QuotaExceeded):  # 3 live + 4 > 6: all refused, none made
+            source.fork(4)
+        after = {i.sandbox_id for i in Sandbox.list(api_key=server.alice, url=server.url)}
+        assert after == before
+        with pytest.raises(InvalidSpec):
+            source.fork(0)
+    finally:
+        for c in copies:
+            c.kill()
+
+
+def test_pool_hands_out_restored_sandboxes(server: ServerProc, source: Sandbox,
+                                           snap: str) -> None:
+    with Pool.create(name="warm", snapshot=snap, min_size=2, max_size=3,
+                     api_key=server.alice, url=server.url) as pool:
+        _until(lambda: pool.stats().ready == 2, "two waiting sandboxes")
+        waiting = _live_in_journal(server)
+        with pytest.raises(PoolExists):
+            Pool.create(name="warm", snapshot=snap, api_key=server.alice, url=server.url)
+        with pytest.raises(PoolNotFound):
+            Pool.connect("warm", api_key=server.bob, url=server.url)
+        with pytest.raises(SnapshotInUse):
+            SnapshotStore(api_key=server.alice, url=server.url).remove(snap)
+        # waiting sandboxes belong to nobody: not listed, not reachable
+        listed = {i.sandbox_id for i in Sandbox.list(api_key=server.alice, url=server.url)}
+        assert listed == {source.sandbox_id}
+        with pool.acquire(timeout=60) as sb:
+            assert sb.sandbox_id in waiting  # one of the waiting ones: a hit
+            assert sb.files.read("/root/state") == "before the snapshot"
+            assert _alive(sb)
+            assert sb.sandbox_id in {i.sandbox_id for i in Sandbox.list(
+                api_key=server.alice, url=server.url)}
+            info = sb.get_info()
+            assert info.expires_at is not None and info.expires_at - time.time() > 30
+            st = pool.stats()
+            assert st.hits == 1 and st.misses == 0
+            _until(lambda: pool.stats().ready == 2, "the pool to refill")
+            taken = sb.sandbox_id
+        assert taken not in _live_in_journal(server)  # killed at the end of the block
+        names = [p.name for p in Pool.list(api_key=server.alice, url=server.url)]
+        assert names == ["warm"]
+        members = _live_in_journal(server) - {source.sandbox_id}
+        assert len(members) == 2
+    # deleting the pool killed its waiting sandboxes
+    assert not members & _live_in_journal(server)
+    assert Pool.list(api_key=server.alice, url=server.url) == []
+
+
+def test_pool_comes_back_after_a_restart(server: ServerProc, source: Sandbox,
+                                         snap: str) -> None:
+    pool = Pool.create(name="kept", snapshot=snap, min_size=1, max_size=2,
+                       api_key=server.alice, url=server.url)
+    try:
+        _until(lambda: pool.stats().ready == 1, "a waiting sandbox")
+        old = _live_in_journal(server) - {source.sandbox_id}
+        assert len(old) == 1
+        server.stop(signal.SIGKILL)  # no clean stop: the next server repairs
+        server.start()
+        again = Pool.connect("kept", api_key=server.alice, url=server.url)
+        _until(lambda: again.stats().ready == 1, "the pool to refill after the restart")
+        assert not old & _live_in_journal(server)  # the dead server's waiting one: killed
+        with again.acquire() as sb:
+            assert sb.files.read("/root/state") == "before the snapshot"
+        again.close()
+        assert source.files.read("/root/state") == "before the snapshot"
+    finally:
+        pool.delete()
+
+
+def test_bad_pool_requests(server: ServerProc, snap: str) -> None:
+    h = _auth(server.alice)
+    for body, status in (({"name": "x", "snapshot": "nope"}, 404),
+                         ({"name": "x", "snapshot": snap, "min_size": 3, "max_size": 2}, 400),
+                         ({"name": "x", "snapshot": snap, "max_size": 1000}, 400),
+                         ({"name": "../x", "snapshot": snap}, 422)):
+        r = httpx.post(f"{server.url}/v1/pools", headers=h, json=body)
+        assert r.status_code == status, (body, r.text)
+    r = httpx.post(f"{server.url}/v1/sandboxes", headers=h, json={"pool": "nope"})
+    assert (r.status_code, r.json()["code"]) == (404, "pool_not_found")
+    r = httpx.post(f"{server.url}/v1/sandboxes", headers=h,
+                   json={"pool": "a", "snapshot": snap})
+    assert r.status_code == 400
+
+
+def test_snapshots_are_per_tenant_on_disk(server: ServerProc, snap: str) -> None:
+    root = server.tmp / "state" / "snapshots"
+    assert (root / "alice" / snap / "manifest.json").exists()
+    assert not (root / "bob").exists() or not any(Path(root / "bob").iterdir())
