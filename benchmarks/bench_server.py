@@ -11,21 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
-import httpx
-from _util import emit, summary
+from _util import emit, serve, summary
 
 N = int(os.environ.get("SERVER_N", "300"))
 CREATES = int(os.environ.get("CREATE_N", "4"))
 FILE_MB = 64
-SANDVM = str(Path(sys.executable).parent / "sandvm")
-os.environ.setdefault("SANDVM_DEFAULT_IMAGE", "base")
 
 
 def timed(fn: object, n: int) -> list[float]:
@@ -43,91 +35,59 @@ def throughput(fn: object, nbytes: int, rounds: int = 3) -> float:
     return round(nbytes / best / 1e6, 1)
 
 
-with tempfile.TemporaryDirectory() as tmp:
-    env = {**os.environ, "SANDVM_SERVER_DIR": f"{tmp}/state",
-           "SANDVM_JOURNAL": f"{tmp}/journal.db"}
-    os.environ.update({"SANDVM_JOURNAL": env["SANDVM_JOURNAL"]})
-    key = subprocess.run([SANDVM, "key", "create", "bench"], env=env, capture_output=True,
-                         text=True, check=True).stdout.strip().splitlines()[-1]
-    log = open(f"{tmp}/server.log", "w+b")  # noqa: SIM115 - read while it runs
-    server = subprocess.Popen([SANDVM, "serve", "--port", "0", "--log-level", "warning"],
-                              env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    try:
-        port = 0
-        for _ in range(300):
-            text = Path(f"{tmp}/server.log").read_text()
-            if "serving on http://127.0.0.1:" in text:
-                port = int(text.split("serving on http://127.0.0.1:")[1].split()[0])
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{port}"
+with serve() as (url, key, _tmp):
+    from sandvm import Sandbox as LocalSandbox
+    from sandvm.client import Sandbox
+    from sandvm.runtime.manager import SandboxManager
 
-        from sandvm import Sandbox as LocalSandbox
-        from sandvm.client import Sandbox
-        from sandvm.runtime.manager import SandboxManager
+    # ---- commands.run("true")
+    local = LocalSandbox.create(memory_mib=512)
+    remote = Sandbox.create(api_key=key, url=url, timeout=3600, memory_mib=512)
+    for sb in (local, remote):
+        for _ in range(20):  # warm up: TCG translation, connections
+            sb.commands.run("true")
+    local_true = timed(lambda: local.commands.run(["true"]), N)
+    remote_true = timed(lambda: remote.commands.run(["true"]), N)
 
-        # ---- commands.run("true")
-        local = LocalSandbox.create(memory_mib=512)
-        remote = Sandbox.create(api_key=key, url=url, timeout=3600, memory_mib=512)
-        for sb in (local, remote):
-            for _ in range(20):  # warm up: TCG translation, connections
-                sb.commands.run("true")
-        local_true = timed(lambda: local.commands.run(["true"]), N)
-        remote_true = timed(lambda: remote.commands.run(["true"]), N)
+    # ---- files
+    data = secrets.token_bytes(FILE_MB << 20)
+    up_local = throughput(lambda: local.files.write("/tmp/f", data), len(data))
+    up_remote = throughput(lambda: remote.files.write("/tmp/f", data), len(data))
+    down_local = throughput(lambda: local.files.read("/tmp/f", format="bytes",
+                                                     max_bytes=len(data)), len(data))
+    down_remote = throughput(lambda: remote.files.read("/tmp/f", format="bytes",
+                                                       max_bytes=len(data)), len(data))
+    small = secrets.token_bytes(4096)
+    up_small_remote = timed(lambda: remote.files.write("/tmp/s", small), 50)
+    local.kill()
+    remote.kill()
 
-        # ---- files
-        data = secrets.token_bytes(FILE_MB << 20)
-        up_local = throughput(lambda: local.files.write("/tmp/f", data), len(data))
-        up_remote = throughput(lambda: remote.files.write("/tmp/f", data), len(data))
-        down_local = throughput(lambda: local.files.read("/tmp/f", format="bytes",
-                                                         max_bytes=len(data)), len(data))
-        down_remote = throughput(lambda: remote.files.read("/tmp/f", format="bytes",
-                                                           max_bytes=len(data)), len(data))
-        small = secrets.token_bytes(4096)
-        up_small_remote = timed(lambda: remote.files.write("/tmp/s", small), 50)
-        local.kill()
-        remote.kill()
+    # ---- create (cold boots; one at a time)
+    m = SandboxManager()
 
-        # ---- create (cold boots; one at a time)
-        m = SandboxManager()
+    async def managed() -> float:
+        t0 = time.perf_counter()
+        sb = await m.create(ttl=120)
+        dt = time.perf_counter() - t0
+        await sb.kill()
+        await m.kill(sb.sandbox_id)
+        return dt
 
-        async def managed() -> float:
-            t0 = time.perf_counter()
-            sb = await m.create(ttl=120)
-            dt = time.perf_counter() - t0
-            await sb.kill()
-            await m.kill(sb.sandbox_id)
-            return dt
+    create_http = []
+    for _ in range(CREATES):
+        t0 = time.perf_counter()
+        sb = Sandbox.create(api_key=key, url=url)
+        create_http.append(time.perf_counter() - t0)
+        sb.kill()
+    create_local = [asyncio.run(managed()) for _ in range(CREATES)]
 
-        create_http = []
-        for _ in range(CREATES):
-            t0 = time.perf_counter()
-            sb = Sandbox.create(api_key=key, url=url)
-            create_http.append(time.perf_counter() - t0)
-            sb.kill()
-        create_local = [asyncio.run(managed()) for _ in range(CREATES)]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
-        log.close()
-        from sandvm.runtime.manager import SandboxManager
-
-        left = SandboxManager()  # the server detached what it held: kill what is left
-        for info in left.ls():
-            asyncio.run(left.kill(info.sandbox_id))
-        left.journal.close()
-
-    emit({
-        "commands_run_true_ms": {"local": summary(local_true), "http": summary(remote_true)},
-        "http_overhead_p50_ms": round((summary(remote_true)["p50"]
-                                       - summary(local_true)["p50"]), 3),
-        "create_ms": {"http": summary(create_http), "local_managed": summary(create_local)},
-        "files_MBps": {"size_MiB": FILE_MB,
-                       "upload_http": up_remote, "upload_local": up_local,
-                       "download_http": down_remote, "download_local": down_local},
-        "upload_4KiB_http_ms": summary(up_small_remote),
-    })
+emit({
+    "commands_run_true_ms": {"local": summary(local_true), "http": summary(remote_true)},
+    "http_overhead_p50_ms": round((summary(remote_true)["p50"]
+                                   - summary(local_true)["p50"]), 3),
+    "create_ms": {"http": summary(create_http), "local_managed": summary(create_local)},
+    "files_MBps": {"size_MiB": FILE_MB,
+                   "upload_http": up_remote, "upload_local": up_local,
+                   "download_http": down_remote, "download_local": down_local},
+    "upload_4KiB_http_ms": summary(up_small_remote),
+})

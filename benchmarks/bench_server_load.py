@@ -30,6 +30,18 @@ def _summary(xs: list[float]) -> dict[str, float]:
     return {"n": len(s), "p50": q(50), "p90": q(90), "p99": q(99), "max": q(100)}
 
 
+async def _commands(sb: Any, i: int, n: int, times: list[float],
+                    errors: list[str]) -> None:
+    """Client ``i``'s ``n`` commands in ``sb`` (local or remote), each timed and its
+    output checked."""
+    for j in range(n):
+        t0 = time.perf_counter()
+        r = await sb.commands.run(["echo", f"{i}.{j}"])
+        times.append(time.perf_counter() - t0)
+        if r.stdout != f"{i}.{j}\n":
+            errors.append(f"client {i} command {j}: stdout {r.stdout!r}")
+
+
 async def run_load(url: str, key: str, pool: str, *, clients: int = CLIENTS,
                    commands: int = COMMANDS) -> dict[str, Any]:
     """``clients`` concurrent clients, each: a sandbox from ``pool``, ``commands``
@@ -46,15 +58,10 @@ async def run_load(url: str, key: str, pool: str, *, clients: int = CLIENTS,
         await start.wait()
         try:
             t0 = time.perf_counter()
-            sb = await p.acquire(timeout=600)
+            sb = await p.acquire(timeout=60, ttl=600)
             acquire_s.append(time.perf_counter() - t0)
             try:
-                for j in range(commands):
-                    t0 = time.perf_counter()
-                    r = await sb.commands.run(["echo", f"{i}.{j}"])
-                    command_s.append(time.perf_counter() - t0)
-                    if r.stdout != f"{i}.{j}\n":
-                        errors.append(f"client {i} command {j}: stdout {r.stdout!r}")
+                await _commands(sb, i, commands, command_s, errors)
             finally:
                 await sb.kill()
         except Exception as exc:  # noqa: BLE001 - every failure is a figure
@@ -85,18 +92,11 @@ async def run_local(snapshot: Any, *, clients: int = CLIENTS,
     command_s: list[float] = []
     errors: list[str] = []
 
-    async def client(i: int, sb: AsyncSandbox) -> None:
-        for j in range(commands):
-            t0 = time.perf_counter()
-            r = await sb.commands.run(["echo", f"{i}.{j}"])
-            command_s.append(time.perf_counter() - t0)
-            if r.stdout != f"{i}.{j}\n":
-                errors.append(f"client {i} command {j}: stdout {r.stdout!r}")
-
     try:
         await asyncio.sleep(1.0)  # as in the server case: all restored and settled
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(i, sb) for i, sb in enumerate(sbs)))
+        await asyncio.gather(*(_commands(sb, i, commands, command_s, errors)
+                               for i, sb in enumerate(sbs)))
         wall = time.perf_counter() - t0
     finally:
         await asyncio.gather(*(sb.kill() for sb in sbs))
@@ -106,90 +106,48 @@ async def run_local(snapshot: Any, *, clients: int = CLIENTS,
 
 
 if __name__ == "__main__":
-    import signal
-    import subprocess
-    import sys
-    import tempfile
-    from pathlib import Path
+    from _util import emit, serve
 
-    import httpx
-    from _util import emit
+    with serve("--max-sandboxes", str(CLIENTS + 4), "--max-pool-size",
+               str(CLIENTS + 6)) as (url, key, tmp):
+        from sandvm.client import Pool, Sandbox
+        from sandvm.snapshots.store import SnapshotStore
 
-    sandvm = str(Path(sys.executable).parent / "sandvm")
-    os.environ.setdefault("SANDVM_DEFAULT_IMAGE", "base")
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "SANDVM_SERVER_DIR": f"{tmp}/state",
-               "SANDVM_JOURNAL": f"{tmp}/journal.db"}
-        os.environ["SANDVM_JOURNAL"] = env["SANDVM_JOURNAL"]
-        key = subprocess.run([sandvm, "key", "create", "bench"], env=env, capture_output=True,
-                             text=True, check=True).stdout.strip().splitlines()[-1]
-        log = open(f"{tmp}/server.log", "w+b")  # noqa: SIM115 - read while it runs
-        server = subprocess.Popen(
-            [sandvm, "serve", "--port", "0", "--log-level", "warning",
-             "--max-sandboxes", str(CLIENTS + 4), "--max-pool-size", str(CLIENTS + 4)],
-            env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        try:
-            port = 0
-            for _ in range(300):
-                text = Path(f"{tmp}/server.log").read_text()
-                if "serving on http://127.0.0.1:" in text:
-                    port = int(text.split("serving on http://127.0.0.1:")[1].split()[0])
-                    try:
-                        if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                time.sleep(0.1)
-            url = f"http://127.0.0.1:{port}"
-            from sandvm.client import Pool, Sandbox
+        src = Sandbox.create(api_key=key, url=url, timeout=3600)
+        src.commands.run("echo warm > /root/warm")
+        src.snapshot("load")
+        src.kill()
+        local = asyncio.run(run_local(SnapshotStore(f"{tmp}/state/snapshots/bench")
+                                      .get("load")))
 
-            src = Sandbox.create(api_key=key, url=url, timeout=3600)
-            src.commands.run("echo warm > /root/warm")
-            src.snapshot("load")
-            src.kill()
-            from sandvm.snapshots.store import SnapshotStore
+        # ---- create-from-pool, one at a time (the pool refills between)
+        pool = Pool.create(name="one", snapshot="load", min_size=2, max_size=2,
+                           api_key=key, url=url)
+        deadline = time.monotonic() + 120
+        while pool.stats().ready < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        one: list[float] = []
+        for _ in range(POOL_N):
+            while pool.stats().ready < 1:
+                time.sleep(0.02)
+            t0 = time.perf_counter()
+            with pool.acquire() as sb:
+                one.append(time.perf_counter() - t0)
+                sb.commands.run("true")
+        restore = pool.stats()
+        pool.delete()
 
-            local = asyncio.run(run_local(SnapshotStore(f"{tmp}/state/snapshots/bench")
-                                          .get("load")))
-
-            # ---- create-from-pool, one at a time (the pool refills between)
-            pool = Pool.create(name="one", snapshot="load", min_size=2, max_size=4,
-                               api_key=key, url=url)
-            deadline = time.monotonic() + 120
-            while pool.stats().ready < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            one: list[float] = []
-            for _ in range(POOL_N):
-                while pool.stats().ready < 1:
-                    time.sleep(0.02)
-                t0 = time.perf_counter()
-                with pool.acquire() as sb:
-                    one.append(time.perf_counter() - t0)
-                    sb.commands.run("true")
-            restore = pool.stats()
-            pool.delete()
-
-            # ---- the load: CLIENTS at once, the pool warm for all of them
-            pool = Pool.create(name="load", snapshot="load", min_size=CLIENTS,
-                               max_size=CLIENTS + 4, api_key=key, url=url)
-            t_fill = time.perf_counter()
-            deadline = time.monotonic() + 600
-            while pool.stats().ready < CLIENTS and time.monotonic() < deadline:
-                time.sleep(0.1)
-            fill_s = time.perf_counter() - t_fill
-            load = asyncio.run(run_load(url, key, "load"))
-            hits = pool.stats().hits
-            pool.delete()
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
-            log.close()
-            from sandvm.runtime.manager import SandboxManager
-
-            left = SandboxManager()
-            for info in left.ls():
-                asyncio.run(left.kill(info.sandbox_id))
-            left.journal.close()
+        # ---- the load: CLIENTS at once, the pool warm for all of them
+        pool = Pool.create(name="load", snapshot="load", min_size=CLIENTS,
+                           max_size=CLIENTS + 4, api_key=key, url=url)
+        t_fill = time.perf_counter()
+        deadline = time.monotonic() + 600
+        while pool.stats().ready < CLIENTS and time.monotonic() < deadline:
+            time.sleep(0.1)
+        fill_s = time.perf_counter() - t_fill
+        load = asyncio.run(run_load(url, key, "load"))
+        hits = pool.stats().hits
+        pool.delete()
 
     emit({
         "create_from_pool_http_ms": _summary(one),

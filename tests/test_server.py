@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,23 @@ class ServerProc:
             time.sleep(0.05)
         raise AssertionError(f"server did not start: {self.log.read_text()}")
 
+    def key(self, name: str, tenant: str | None = None) -> str:
+        """A new API key ``name`` (of ``tenant``, default the name), from the CLI."""
+        r = self.cli("key", "create", name, *(("--tenant", tenant) if tenant else ()))
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().splitlines()[-1]
+
+    @contextmanager
+    def running(self) -> Iterator[ServerProc]:
+        """Started for the block; then stopped, and every sandbox it made killed."""
+        self.start()
+        try:
+            yield self
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.stop()
+            self.kill_sandboxes()
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
@@ -115,18 +133,10 @@ class ServerProc:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     srv = ServerProc(tmp_path_factory.mktemp("server"))
-    r = srv.cli("key", "create", "alice")
-    assert r.returncode == 0, r.stderr
-    srv.alice = r.stdout.strip().splitlines()[-1]
-    r = srv.cli("key", "create", "bob-laptop", "--tenant", "bob")
-    srv.bob = r.stdout.strip().splitlines()[-1]
-    srv.start()
-    try:
+    srv.alice = srv.key("alice")
+    srv.bob = srv.key("bob-laptop", "bob")
+    with srv.running():
         yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop()
-        srv.kill_sandboxes()
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +145,17 @@ def alice_sb(server: ServerProc) -> Iterator[Sandbox]:
                         timeout=600)
     yield sb
     sb.kill()
+
+
+def until(pred: object, what: str, timeout: float = 30.0) -> None:
+    """Wait until ``pred()`` is true; fail saying ``what`` did not happen in time."""
+    assert callable(pred)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _auth(key: str) -> dict[str, str]:
@@ -413,6 +434,10 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
                 "{command_id}", shell.command_id).replace("{port}", "8000"),
                 headers=_auth(server.bob), **kw)
             assert (fake.status_code, fake.json()["code"]) == (404, "vm_not_found")
+        for body, code in (({"pool": "authsuite"}, "pool_not_found"),
+                           ({"snapshot": "authsuite"}, "snapshot_not_found")):
+            r = c.post("/v1/sandboxes", headers=_auth(server.bob), json=body)
+            assert (r.status_code, r.json()["code"]) == (404, code)
         for what in ("sandboxes", "snapshots", "pools"):
             r = c.get(f"/v1/{what}", headers=_auth(server.bob))
             assert r.status_code == 200 and r.json() == {what: []}

@@ -21,19 +21,10 @@ from sandvm import (
     VmNotFound,
 )
 from sandvm.client import CommandHandle, Sandbox
-from test_server import ServerProc, _auth, alice_sb, server  # noqa: F401
+from test_server import ServerProc, _auth, alice_sb, server, until  # noqa: F401
 
 pytestmark = pytest.mark.qemu
 
-
-def _until(pred: object, what: str, timeout: float = 15.0) -> None:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_background_run_wait_and_status(alice_sb: Sandbox) -> None:  # noqa: F811
@@ -43,7 +34,7 @@ def test_background_run_wait_and_status(alice_sb: Sandbox) -> None:  # noqa: F81
     assert isinstance(h, CommandHandle) and h.command_id.startswith("cmd-")
     assert isinstance(h.pid, int) and h.pid > 0
     assert h.info().state == "running"
-    _until(lambda: "1\n" in h.stdout, "the first line")  # streamed while it runs
+    until(lambda: "1\n" in h.stdout, "the first line")  # streamed while it runs
     r = h.wait()
     assert (r.exit_code, r.stdout, r.stderr) == (0, "1\n2\n3\n", "e\n")
     assert "".join(seen) == "1\n2\n3\n"
@@ -67,7 +58,7 @@ def test_stdin_chunks_and_close(alice_sb: Sandbox) -> None:  # noqa: F811
     h.send_stdin("hello ")
     h.send_stdin(b"\x00\xffworld")
     h.send_stdin(b"z" * (700 << 10))  # over one request's chunk: sent in pieces
-    _until(lambda: "hello" in h.stdout, "the echoed input")
+    until(lambda: "hello" in h.stdout, "the echoed input")
     h.close_stdin()
     r = h.wait()
     assert r.stdout_bytes == b"hello \x00\xffworld" + b"z" * (700 << 10) + b"done\n"
@@ -79,7 +70,7 @@ def test_stdin_chunks_and_close(alice_sb: Sandbox) -> None:  # noqa: F811
     assert not fed.info().stdin_open
     shut = alice_sb.commands.run("cat; echo eof; sleep 30", background=True, check=False)
     shut.close_stdin()
-    _until(lambda: shut.stdout == "eof\n", "cat to end")
+    until(lambda: shut.stdout == "eof\n", "cat to end")
     with pytest.raises(SandboxStateError, match="closed"):  # running, its stdin closed
         shut.send_stdin("x")
     shut.kill()
@@ -91,19 +82,19 @@ def test_signals_interrupt_terminate_kill(alice_sb: Sandbox) -> None:  # noqa: F
     for sig, name in (("SIGINT", "INT"), ("SIGTERM", "TERM"), (1, "HUP")):
         h = alice_sb.commands.run(f"S={name}; " + trap % name, background=True,
                                   check=False)
-        _until(lambda h=h: "ready" in h.stdout, "ready")  # type: ignore[misc]
+        until(lambda h=h: "ready" in h.stdout, "ready")  # type: ignore[misc]
         h.send_signal(sig)
         r = h.wait()
         assert (r.exit_code, r.stdout) == (7, f"ready\ngot-{name}\n"), sig
     h = alice_sb.commands.run("echo $$; sleep 60", background=True)
-    _until(lambda: h.stdout, "the pid")
+    until(lambda: h.stdout, "the pid")
     h.kill()
     with pytest.raises(CommandExitError) as ei:
         h.wait()
     assert ei.value.result.signal == 9
     stubborn = alice_sb.commands.run("trap '' TERM; echo ready; sleep 60", background=True,
                                      check=False)
-    _until(lambda: "ready" in stubborn.stdout, "ready")
+    until(lambda: "ready" in stubborn.stdout, "ready")
     stubborn.send_signal("SIGTERM", grace=0.5)  # ignored, then SIGKILL after the grace
     assert stubborn.wait().signal == 9
     with pytest.raises(InvalidSpec, match="unknown signal"):
@@ -115,14 +106,14 @@ def test_reconnect_after_dropping_the_client(server: ServerProc,  # noqa: F811
     sb = Sandbox.connect(alice_sb.sandbox_id, api_key=server.alice, url=server.url)
     h = sb.commands.run("echo start; sleep 1.5; echo end; cat", background=True)
     cid = h.command_id
-    _until(lambda: h.stdout == "start\n", "start")
+    until(lambda: h.stdout == "start\n", "start")
     sb.close()  # the client goes away; the command runs on
     with pytest.raises(SandboxStateError, match="closed"):
         h.wait()
     again = Sandbox.connect(alice_sb.sandbox_id, api_key=server.alice, url=server.url)
     h2 = again.commands.connect(cid)
     assert h2.pid == h.pid
-    _until(lambda: "end" in h2.stdout, "end")
+    until(lambda: "end" in h2.stdout, "end")
     h2.send_stdin("more")  # its stdin is still open
     h2.close_stdin()
     r = h2.wait()

@@ -29,14 +29,9 @@ CLIENTS, COMMANDS = 20, 50
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     srv = ServerProc(tmp_path_factory.mktemp("server"), max_sandboxes=CLIENTS + 2,
                      extra=("--max-pool-size", str(CLIENTS + 2)))
-    srv.alice = srv.cli("key", "create", "load").stdout.strip().splitlines()[-1]
-    srv.start()
-    try:
+    srv.alice = srv.key("load")
+    with srv.running():
         yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop()
-        srv.kill_sandboxes()
 
 
 def test_twenty_clients_fifty_commands_each(server: ServerProc) -> None:

@@ -9,6 +9,7 @@ him.
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ import pytest
 from sandvm.client import Pool, Sandbox, SnapshotStore
 from sandvm.errors import (
     InvalidSpec,
+    PoolError,
+    PoolExhausted,
     PoolExists,
     PoolNotFound,
     QuotaExceeded,
@@ -28,23 +31,18 @@ from sandvm.errors import (
     VmNotFound,
 )
 from sandvm.runtime.journal import Journal
-from test_server import ServerProc, _auth
+from test_server import ServerProc, _auth, until
 
 pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    srv = ServerProc(tmp_path_factory.mktemp("server"), max_sandboxes=6)
-    srv.alice = srv.cli("key", "create", "alice").stdout.strip().splitlines()[-1]
-    srv.bob = srv.cli("key", "create", "bob").stdout.strip().splitlines()[-1]
-    srv.start()
-    try:
+    srv = ServerProc(tmp_path_factory.mktemp("server"), max_sandboxes=6,
+                     extra=("--max-snapshots", "3"))
+    srv.alice, srv.bob = srv.key("alice"), srv.key("bob")
+    with srv.running():
         yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop()
-        srv.kill_sandboxes()
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +74,6 @@ def _live_in_journal(server: ServerProc) -> set[str]:
     finally:
         j.close()
 
-
-def _until(pred: object, what: str, timeout: float = 60.0) -> None:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_snapshot_restore_and_tenancy(server: ServerProc, source: Sandbox, snap: str) -> None:
@@ -156,7 +145,7 @@ def test_pool_hands_out_restored_sandboxes(server: ServerProc, source: Sandbox,
                                            snap: str) -> None:
     with Pool.create(name="warm", snapshot=snap, min_size=2, max_size=3,
                      api_key=server.alice, url=server.url) as pool:
-        _until(lambda: pool.stats().ready == 2, "two waiting sandboxes")
+        until(lambda: pool.stats().ready == 2, "two waiting sandboxes")
         waiting = _live_in_journal(server)
         with pytest.raises(PoolExists):
             Pool.create(name="warm", snapshot=snap, api_key=server.alice, url=server.url)
@@ -177,7 +166,7 @@ def test_pool_hands_out_restored_sandboxes(server: ServerProc, source: Sandbox,
             assert info.expires_at is not None and info.expires_at - time.time() > 30
             st = pool.stats()
             assert st.hits == 1 and st.misses == 0
-            _until(lambda: pool.stats().ready == 2, "the pool to refill")
+            until(lambda: pool.stats().ready == 2, "the pool to refill")
             taken = sb.sandbox_id
         assert taken not in _live_in_journal(server)  # killed at the end of the block
         names = [p.name for p in Pool.list(api_key=server.alice, url=server.url)]
@@ -194,13 +183,13 @@ def test_pool_comes_back_after_a_restart(server: ServerProc, source: Sandbox,
     pool = Pool.create(name="kept", snapshot=snap, min_size=1, max_size=2,
                        api_key=server.alice, url=server.url)
     try:
-        _until(lambda: pool.stats().ready == 1, "a waiting sandbox")
+        until(lambda: pool.stats().ready == 1, "a waiting sandbox")
         old = _live_in_journal(server) - {source.sandbox_id}
         assert len(old) == 1
         server.stop(signal.SIGKILL)  # no clean stop: the next server repairs
         server.start()
         again = Pool.connect("kept", api_key=server.alice, url=server.url)
-        _until(lambda: again.stats().ready == 1, "the pool to refill after the restart")
+        until(lambda: again.stats().ready == 1, "the pool to refill after the restart")
         assert not old & _live_in_journal(server)  # the dead server's waiting one: killed
         with again.acquire() as sb:
             assert sb.files.read("/root/state") == "before the snapshot"
@@ -214,7 +203,7 @@ def test_bad_pool_requests(server: ServerProc, snap: str) -> None:
     h = _auth(server.alice)
     for body, status in (({"name": "x", "snapshot": "nope"}, 404),
                          ({"name": "x", "snapshot": snap, "min_size": 3, "max_size": 2}, 400),
-                         ({"name": "x", "snapshot": snap, "max_size": 1000}, 400),
+                         ({"name": "x", "snapshot": snap, "max_size": 1000}, 429),
                          ({"name": "../x", "snapshot": snap}, 422)):
         r = httpx.post(f"{server.url}/v1/pools", headers=h, json=body)
         assert r.status_code == status, (body, r.text)
@@ -229,3 +218,68 @@ def test_snapshots_are_per_tenant_on_disk(server: ServerProc, snap: str) -> None
     root = server.tmp / "state" / "snapshots"
     assert (root / "alice" / snap / "manifest.json").exists()
     assert not (root / "bob").exists() or not any(Path(root / "bob").iterdir())
+
+
+def test_pool_miss_waits_for_a_restore_and_can_time_out(server: ServerProc, snap: str) -> None:
+    with Pool.create(name="cold", snapshot=snap, min_size=0, max_size=2,
+                     api_key=server.alice, url=server.url) as pool:
+        assert pool.stats().ready == 0
+        with pytest.raises(PoolExhausted), pool.acquire(timeout=0.01):
+            pass  # nothing waits, and 10 ms is too short for a restore
+        with pool.acquire(timeout=60) as sb:  # a miss: restored for this request
+            assert sb.files.read("/root/state") == "before the snapshot"
+        st = pool.stats()
+        assert st.misses == 2 and st.timeouts == 1
+
+
+def test_snapshot_quota_holds_against_concurrent_requests(server: ServerProc,
+                                                          source: Sandbox, snap: str) -> None:
+    store = SnapshotStore(api_key=server.alice, url=server.url)
+    assert len(store.list()) == 1  # "ready"; this server keeps 3 per tenant
+    outcomes: list[str] = []
+
+    def take(i: int) -> None:
+        sb = Sandbox.connect(source.sandbox_id, api_key=server.alice, url=server.url)
+        try:
+            sb.snapshot(f"race-{i}")
+            outcomes.append("ok")
+        except QuotaExceeded:
+            outcomes.append("quota")
+        finally:
+            sb.close()
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(outcomes) == ["ok", "ok", "quota", "quota"]
+    for s in store.list():
+        if s.name.startswith("race-"):
+            store.remove(s.name)
+
+
+def test_a_pool_that_cannot_start_again_stays_listed_and_deletable(
+        server: ServerProc, source: Sandbox, snap: str) -> None:
+    source.snapshot("fragile")
+    pool = Pool.create(name="fragile", snapshot="fragile", min_size=0, max_size=1,
+                       api_key=server.alice, url=server.url)
+    server.stop()
+    state = server.tmp / "state" / "snapshots" / "alice" / "fragile" / "state"
+    state.write_bytes(state.read_bytes()[:100])  # damaged while the server was down
+    server.start()
+    (info,) = [p for p in Pool.list(api_key=server.alice, url=server.url)
+               if p.name == "fragile"]
+    assert info.ready == 0 and info.last_error is not None
+    assert "snapshot_corrupt" in info.last_error and "/" not in info.last_error
+    broken = Pool.connect("fragile", api_key=server.alice, url=server.url)
+    with pytest.raises(PoolError), broken.acquire():
+        pass
+    broken.close()
+    r = httpx.get(f"{server.url}/v1/snapshots/fragile", headers=_auth(server.alice))
+    assert r.status_code == 409 and str(server.tmp) not in r.text  # no server paths
+    with pytest.raises(SnapshotInUse):
+        SnapshotStore(api_key=server.alice, url=server.url).remove("fragile")
+    pool.delete()
+    SnapshotStore(api_key=server.alice, url=server.url).remove("fragile")
+    assert [p.name for p in Pool.list(api_key=server.alice, url=server.url)] == []

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -28,7 +27,7 @@ import pytest
 from egress_servers import HttpServer
 from sandvm import ExposedPort, InvalidSpec, NetworkPolicy, PortTimeout, QuotaExceeded
 from sandvm.client import Sandbox
-from test_server import ServerProc, _auth
+from test_server import ServerProc, _auth, until
 
 pytestmark = pytest.mark.qemu
 
@@ -60,15 +59,9 @@ print(data.decode(errors="replace"))
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     srv = ServerProc(tmp_path_factory.mktemp("ports"), max_sandboxes=2,
                      extra=("--max-ports", "2"))
-    srv.alice = srv.cli("key", "create", "alice").stdout.strip().splitlines()[-1]
-    srv.bob = srv.cli("key", "create", "bob").stdout.strip().splitlines()[-1]
-    srv.start()
-    try:
+    srv.alice, srv.bob = srv.key("alice"), srv.key("bob")
+    with srv.running():
         yield srv
-    finally:
-        if srv.proc is not None and srv.proc.poll() is None:
-            srv.stop()
-        srv.kill_sandboxes()
 
 
 @pytest.fixture(scope="module")
@@ -84,15 +77,6 @@ def _serve_www(box: Sandbox, port: int = 8000) -> None:
     box.commands.run(WWW.format(port=port), background=True, timeout=900)
     box.ports.wait(port, timeout=60)
 
-
-def _until(pred: object, what: str, timeout: float = 30.0) -> None:
-    assert callable(pred)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------------------- ports
@@ -237,7 +221,7 @@ def test_restart_reopens_exposed_ports_and_keeps_the_policy(server: ServerProc,
         except OSError:
             return False
 
-    _until(listening, "the server to listen for the exposed port again")  # no request yet
+    until(listening, "the server to listen for the exposed port again")  # no request yet
     again = Sandbox.connect(sb.sandbox_id, api_key=server.alice, url=server.url)
     assert again.ports.list() == [url]  # same host port: it was free
     assert again.network.policy == policy

@@ -982,7 +982,8 @@ def gc_cmd() -> None:
 @click.option("--max-pools", default=4, show_default=True, type=click.IntRange(0, 4096),
               help="Warm pools per tenant.")
 @click.option("--max-pool-size", default=32, show_default=True, type=click.IntRange(1, 4096),
-              help="Sandboxes one pool keeps waiting or restoring (its max_size cap).")
+              help="Sandboxes a tenant's pools keep waiting or restoring, all together"
+                   " (their max_size summed).")
 @click.option("--max-fork", default=16, show_default=True, type=click.IntRange(1, 4096),
               help="Copies one fork request makes.")
 @click.option("--log-level", default="info", show_default=True,

@@ -24,6 +24,7 @@ will return, so callers can match on it across versions::
     ├── SnapshotError (snapshot_error)
     │   ├── SnapshotNotFound (snapshot_not_found)
     │   ├── SnapshotCorrupt (snapshot_corrupt)          truncated, altered, not a snapshot
+    │   ├── SnapshotInUse (snapshot_in_use)             a pool restores from it
     │   └── SnapshotIncompatible (snapshot_incompatible) other QEMU/format/accelerator
     ├── ImageError (image_error)                images, layers, registries, volumes
     │   ├── ImageNotFound (image_not_found)     no such image, tag or blob
@@ -36,7 +37,9 @@ will return, so callers can match on it across versions::
     │   └── VolumeInUse (volume_in_use)         a second read-write attach
     ├── PoolError (pool_error)
     │   ├── PoolExhausted (pool_exhausted)      no VM became ready within the timeout
-    │   └── PoolClosed (pool_closed)
+    │   ├── PoolClosed (pool_closed)
+    │   ├── PoolNotFound (pool_not_found)       no pool of that name (on a server: of the tenant)
+    │   └── PoolExists (pool_exists)
     ├── AgentError (agent_error)                the guest agent side
     │   ├── AgentProtocolError (agent_protocol_error)   the guest sent garbage
     │   ├── AgentTimeout (agent_timeout)
@@ -61,6 +64,7 @@ will return, so callers can match on it across versions::
         ├── Unauthenticated (unauthenticated)   no API key, or not a valid one (HTTP 401)
         ├── QuotaExceeded (quota_exceeded)      the tenant's quota is used up (HTTP 429)
         │   └── RateLimited (rate_limited)      too many requests: wait Retry-After seconds
+        ├── UnknownCommand (unknown_command)    no background command of that id
         ├── RequestTooLarge (request_too_large) body or headers over the server's caps
         └── ServerUnreachable (server_unreachable)  the client cannot reach the server
 
@@ -103,6 +107,8 @@ __all__ = [
     "PoolClosed",
     "PoolError",
     "PoolExhausted",
+    "PoolExists",
+    "PoolNotFound",
     "PortError",
     "PortInUse",
     "PortRefused",
@@ -123,6 +129,7 @@ __all__ = [
     "SnapshotAlreadyExists",
     "SnapshotCorrupt",
     "SnapshotError",
+    "SnapshotInUse",
     "SnapshotIncompatible",
     "SnapshotNotFound",
     "Unauthenticated",

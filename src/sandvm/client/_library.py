@@ -187,22 +187,27 @@ class AsyncPool:
         finally:
             await api.aclose()
 
-    async def acquire(self, *, timeout: float | None = None) -> AsyncSandbox:
-        """A sandbox from the pool, the tenant's from now on (alive ``timeout`` seconds,
-        default the server's; ``kill`` it when done). Raises PoolExhausted (none
-        became ready in the server's wait), PoolNotFound, QuotaExceeded."""
+    async def acquire(self, *, timeout: float | None = 30.0,
+                      ttl: float | None = None) -> AsyncSandbox:
+        """A sandbox from the pool, the tenant's from now on (``kill`` it when done).
+        As locally, ``timeout`` is how long to wait for one to be ready (None: the
+        server's cap, 60 s by default); ``ttl`` is its lifetime (default the server's).
+        Raises PoolExhausted (none became ready in time), PoolNotFound, QuotaExceeded."""
         body: dict[str, Any] = {"pool": self.name}
         if timeout is not None:
-            body["timeout"] = timeout
+            body["wait"] = timeout
+        if ttl is not None:
+            body["timeout"] = ttl
         info = SandboxInfo.from_json(await self._api.call(
             "POST", "/v1/sandboxes", json=body,
             timeout=httpx.Timeout(60.0, connect=10.0, read=CREATE_TIMEOUT)))
         return AsyncSandbox(api=self._api.sibling(), info=info)
 
     @contextlib.asynccontextmanager
-    async def sandbox(self, *, timeout: float | None = None) -> AsyncIterator[AsyncSandbox]:
+    async def sandbox(self, *, timeout: float | None = 30.0,
+                      ttl: float | None = None) -> AsyncIterator[AsyncSandbox]:
         """``async with pool.sandbox() as sb:`` acquire, then kill."""
-        sb = await self.acquire(timeout=timeout)
+        sb = await self.acquire(timeout=timeout, ttl=ttl)
         try:
             yield sb
         finally:
@@ -286,12 +291,13 @@ class Pool:
         return _portal.call(AsyncPool.list(api_key=api_key, url=url, transport=transport))
 
     @contextlib.contextmanager
-    def acquire(self, *, timeout: float | None = None) -> Iterator[Any]:
+    def acquire(self, *, timeout: float | None = 30.0,
+                ttl: float | None = None) -> Iterator[Any]:
         """A sandbox from the pool for the ``with`` block (a ``sandvm.client.Sandbox``),
-        killed afterwards. Raises PoolExhausted."""
+        killed afterwards; see AsyncPool.acquire. Raises PoolExhausted."""
         from sandvm.client._sync import Sandbox
 
-        sb = Sandbox(_portal.call(self._a.acquire(timeout=timeout)))
+        sb = Sandbox(_portal.call(self._a.acquire(timeout=timeout, ttl=ttl)))
         try:
             yield sb
         finally:

@@ -94,6 +94,7 @@ class AsyncPool:
         self._provider = provider
         self._restore = restore
         self._snap: Snapshot | None = None
+        self._failing = 0  # restores failed in a row (their retries back off)
         self._ready: deque[tuple[AsyncSandbox, float]] = deque()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._in_use: set[AsyncSandbox] = set()
@@ -176,10 +177,13 @@ class AsyncPool:
                 sb = await AsyncSandbox.from_snapshot(self._snap, store=self._store,
                                                       provider=self._provider,
                                                       network=self.network)
-        except SandvmError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure: counted, retried later
             self._counts["restore_failures"] += 1
-            self.last_error = exc
-            await asyncio.sleep(0.5)  # do not spin on a broken snapshot
+            self._failing += 1
+            self.last_error = exc if isinstance(exc, SandvmError) else SandvmError(
+                f"{type(exc).__name__}: {exc}")
+            # do not spin on a broken snapshot: 0.5 s, doubling up to a minute
+            await asyncio.sleep(min(60.0, 0.5 * 2 ** min(self._failing - 1, 7)))
             task = asyncio.current_task()
             if task is not None:
                 self._in_flight.discard(task)
@@ -188,6 +192,7 @@ class AsyncPool:
         if self._closed:
             await sb.kill()
             return
+        self._failing = 0
         self._restore_times.append(time.monotonic() - t0)
         self._counts["restored"] += 1
         self._ready.append((sb, time.monotonic()))
@@ -250,6 +255,10 @@ class AsyncPool:
         await sb.kill()
         self._counts["destroyed"] += 1
         self._refill()
+
+    def waiting(self) -> list[AsyncSandbox]:
+        """The sandboxes ready and waiting now (still the pool's)."""
+        return [sb for sb, _ in self._ready]
 
     def disown(self, sb: AsyncSandbox) -> None:
         """Hand ``sb`` over for good: the pool forgets it (``close`` will not kill it, it

@@ -85,6 +85,7 @@ _STATUS = {
     "pool_exhausted": 503,
     "pool_exists": 409,
     "pool_closed": 409,
+    "pool_error": 409,
     "snapshot_in_use": 409,
     "snapshot_corrupt": 409,
     "snapshot_incompatible": 409,
@@ -164,7 +165,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "No such sandbox for this key's tenant (code vm_not_found), no such file"
               " (file_not_found), command (unknown_command), snapshot"
               " (snapshot_not_found) or pool (pool_not_found)."),
-        (409, "The sandbox has ended or is busy (code sandbox_state, sandbox_busy)."),
+        (409, "The sandbox has ended or is busy (code sandbox_state, sandbox_busy), or"
+              " a name is taken or in use (snapshot_already_exists, pool_exists,"
+              " snapshot_in_use, ...)."),
         (413, "Over a size cap (code request_too_large, file_too_large)."),
         (422, "The request does not match its schema (code invalid_spec)."),
         (429, "The tenant's quota is used up (code quota_exceeded), or it sent more"
@@ -400,6 +403,8 @@ def create_app(config: ServerConfig | None = None, *,
         became ready in time)."""
         svc = _service(request)
         network = _policy(body.network)
+        if body.wait is not None and body.pool is None:
+            raise InvalidSpec("wait is for taking a sandbox from a pool: give pool too")
         if body.snapshot is not None or body.pool is not None:
             given = body.model_fields_set & {"image", "memory_mib", "vcpus"}
             if body.snapshot is not None and body.pool is not None:
@@ -411,7 +416,8 @@ def create_app(config: ServerConfig | None = None, *,
                 if network is not None:
                     raise InvalidSpec("a pool's sandboxes have the pool's network policy:"
                                       " leave network out (PUT .../network changes it)")
-                return await svc.library.from_pool(tenant, body.pool, ttl=body.timeout)
+                return await svc.library.from_pool(tenant, body.pool, ttl=body.timeout,
+                                                   wait=body.wait)
             assert body.snapshot is not None
             return await svc.library.from_snapshot(tenant, body.snapshot, ttl=body.timeout,
                                                    network=network)

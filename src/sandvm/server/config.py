@@ -33,8 +33,12 @@ class ServerConfig:
     commands a sandbox keeps (running and ended; the oldest ended ones go first).
     ``command_buffer_bytes``: output kept per background command (the oldest goes).
     ``attach_wait``: seconds to wait for a sandbox another process (e.g. `sandvm exec`)
-    holds. Raises ConfigError for
-    values out of range.
+    holds. ``max_tenant_memory_mib``: memory of a tenant's sandboxes and pools together.
+    ``max_tenant_ports``, ``port_host``: exposed ports per tenant, where they listen.
+    ``rate_limit``/``rate_burst``: requests per second per tenant. ``max_snapshots``,
+    ``max_pools``: per tenant; ``max_pool_size``: the ``max_size`` of a tenant's pools
+    summed; ``max_fork``: copies per fork; ``pool_acquire_timeout``: the longest a
+    create-from-pool waits. Raises ConfigError for values out of range.
     """
 
     state_dir: Path = field(default_factory=server_dir)
@@ -53,7 +57,7 @@ class ServerConfig:
     # -- snapshots, fork, pools (per tenant; checked in _check_library)
     max_snapshots: int = 20
     max_pools: int = 4
-    max_pool_size: int = 32  # sandboxes one pool keeps waiting or restoring
+    max_pool_size: int = 32  # sandboxes a tenant's pools keep waiting (max_size summed)
     max_fork: int = 16  # copies one fork makes
     pool_acquire_timeout: float = 60.0  # seconds a create-from-pool waits for a sandbox
     # -- tenants' memory, exposed ports, request rates (checked in _check_limits)
@@ -110,10 +114,16 @@ class ServerConfig:
 
     def _check_library(self) -> None:
         """Snapshot, fork and pool settings. Raises ConfigError."""
-        for name in ("max_snapshots", "max_pools", "max_pool_size", "max_fork"):
+        from sandvm.runtime.manager import MAX_TTL
+
+        if self.max_ttl > MAX_TTL:
+            raise ConfigError(f"server setting max_ttl must be at most {MAX_TTL:.0f} s (7"
+                              f" days, the runtime's cap), got {self.max_ttl!r}")
+        for name, lo in (("max_snapshots", 0), ("max_pools", 0), ("max_pool_size", 1),
+                         ("max_fork", 1)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 4096:
-                raise ConfigError(f"server setting {name} must be an int in 0..4096,"
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= 4096:
+                raise ConfigError(f"server setting {name} must be an int in {lo}..4096,"
                                   f" got {v!r}")
         v = self.pool_acquire_timeout
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:

@@ -21,16 +21,21 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sandvm.core import new_id, validate_vm_id
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     InvalidSpec,
+    PoolError,
+    PoolExhausted,
     PoolExists,
     PoolNotFound,
     QuotaExceeded,
     SandvmError,
+    SnapshotAlreadyExists,
+    SnapshotCorrupt,
+    SnapshotIncompatible,
     SnapshotInUse,
     SnapshotNotFound,
 )
@@ -67,6 +72,7 @@ CREATE TABLE IF NOT EXISTS pool_members (
 
 
 RESTORE_CONCURRENCY = 2  # pool restores at once, over all pools (one per core here)
+REFRESH_INTERVAL = 600.0  # seconds between renewals of waiting sandboxes' TTLs
 
 
 def _check_name(name: str, what: str) -> str:
@@ -86,6 +92,9 @@ class Library:
         self._db = service.store._db
         self._db.executescript(SCHEMA)
         self._pools: dict[tuple[str, str], AsyncPool] = {}
+        self._broken: dict[tuple[str, str], str] = {}  # kept pools that did not start
+        self._snap_locks: dict[str, asyncio.Lock] = {}  # per tenant: quota check + save
+        self._refresher: asyncio.Task[None] | None = None
         self._pool_lock = asyncio.Lock()
         # pools refill in the background: a few restores at a time, so that a burst of
         # takes does not starve the sandboxes already running of CPU
@@ -97,10 +106,13 @@ class Library:
         """Kill the waiting sandboxes a stopped server left, start the kept pools again
         (a pool whose snapshot is gone is logged and skipped)."""
         leftovers = [r[0] for r in self._db.execute("SELECT id FROM pool_members")]
-        for sid in leftovers:
+
+        async def kill(sid: str) -> None:
             with contextlib.suppress(SandvmError):
                 await self.svc.manager.kill(sid, reason="a waiting pool sandbox of a stopped"
                                                         " server")
+
+        await asyncio.gather(*(kill(sid) for sid in leftovers))
         with transaction(self._db) as db:
             db.execute("DELETE FROM pool_members")
         rows = self._db.execute("SELECT tenant, name, snapshot, min_size, max_size,"
@@ -110,12 +122,21 @@ class Library:
                 await self._start_pool(tenant, name, snap, min_size=lo, max_size=hi,
                                        idle_timeout=idle,
                                        network=NetworkPolicy(**json.loads(net)) if net else None)
-            except SandvmError as exc:
+            except Exception as exc:  # noqa: BLE001 - the pool stays listed, with why
+                why = getattr(exc, "code", type(exc).__name__)
+                self._broken[(tenant, name)] = f"{why}: it did not start again after a" \
+                                               " restart (details in the server's log)"
                 log.warning("pool %s of tenant %s not started again: %s", name, tenant,
-                            exc.message)
+                            getattr(exc, "message", exc))
+        self._refresher = asyncio.get_running_loop().create_task(self.svc.every(
+            REFRESH_INTERVAL, self.refresh_members, "renewing waiting pool sandboxes"))
 
     async def stop(self) -> None:
         """Close every pool (their waiting sandboxes are killed; the pools stay kept)."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
         pools = list(self._pools.values())
         self._pools.clear()
         await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
@@ -135,6 +156,12 @@ class Library:
             return self.store(tenant).get(name)
         except SnapshotNotFound:
             raise SnapshotNotFound(f"no snapshot named {name!r}") from None
+        except (SnapshotCorrupt, SnapshotIncompatible) as exc:  # their messages name paths
+            log.warning("tenant %s: %s", tenant, exc.message)
+            what = "is damaged" if isinstance(exc, SnapshotCorrupt) else \
+                "was made by another version of sandvm or QEMU"
+            raise type(exc)(f"snapshot {name!r} {what}: delete it and take it"
+                            " again") from None
 
     @staticmethod
     def _snap_info(snap: Snapshot) -> SnapshotInfo:
@@ -150,14 +177,20 @@ class Library:
         self.svc._record(tenant, sandbox_id)
         store = self.store(tenant)
         cap = self.svc.config.max_snapshots
-        if len(store.list()) >= cap:
-            raise QuotaExceeded(f"tenant {tenant!r} has {cap} snapshots, its quota: delete"
-                                " one (DELETE /v1/snapshots/NAME)")
-        sb = await self.svc._hold(sandbox_id)
-        try:
-            snap = await sb.snapshot(name, store=store)
-        except SandvmError as exc:
-            raise await self.svc._ended_instead(sandbox_id, exc) from exc
+        # one save at a time per tenant: the count is checked with none in flight
+        async with self._snap_locks.setdefault(tenant, asyncio.Lock()):
+            if len(store.list()) >= cap:
+                raise QuotaExceeded(f"tenant {tenant!r} has {cap} snapshots, its quota:"
+                                    " delete one (DELETE /v1/snapshots/NAME)")
+            if store.exists(name):
+                raise SnapshotAlreadyExists("", name)
+            sb = await self.svc._hold(sandbox_id)
+            try:
+                snap = await sb.snapshot(name, store=store)
+            except SnapshotAlreadyExists:
+                raise SnapshotAlreadyExists("", name) from None
+            except SandvmError as exc:
+                raise await self.svc._ended_instead(sandbox_id, exc) from exc
         return self._snap_info(snap)
 
     def list_snapshots(self, tenant: str) -> list[SnapshotInfo]:
@@ -177,9 +210,10 @@ class Library:
             raise SnapshotInUse(f"snapshot {name!r} is used by pool {users[0]!r}: delete the"
                                 " pool first (DELETE /v1/pools/NAME)")
         store = self.store(tenant)
-        if not store.exists(name):
-            raise SnapshotNotFound(f"no snapshot named {name!r}")
-        store.remove(name)
+        try:
+            store.remove(name)
+        except SnapshotNotFound:  # its message names the store's path
+            raise SnapshotNotFound(f"no snapshot named {name!r}") from None
 
     # ------------------------------------------------------------------ sandboxes
 
@@ -208,6 +242,7 @@ class Library:
         memory = int((rec.record.get("spec") or {}).get("memory_mib", 0))
         sb = await self.svc._hold(sandbox_id)
         ttl = self.svc._check_ttl(ttl)
+        await self.svc.reap()  # sandboxes that ended free their quota first
         ids = [new_id("sb") for _ in range(n)]
         for i, sid in enumerate(ids):  # every copy's quota first: all or none
             try:
@@ -228,17 +263,35 @@ class Library:
             raise
         finally:
             self.svc._creating.difference_update(ids)
+        infos = []
         for c in copies:
             self.svc._held[c.sandbox_id] = c
-        return [self.svc.get(tenant, c.sandbox_id) for c in copies]
+            self.svc.metrics.sandboxes_created.inc(outcome="fork")
+            copy = self.svc.manager.journal.get(c.sandbox_id)
+            if copy is not None:  # listed even if it ended at once: the caller owns it
+                infos.append(self.svc._info(copy))
+        return infos
 
     # ------------------------------------------------------------------ pools
 
-    def _pool(self, tenant: str, name: str) -> AsyncPool:
+    def _row(self, tenant: str, name: str) -> tuple[Any, ...]:
+        """The kept pool's row. Raises PoolNotFound."""
         _check_name(name, "pool")
+        row = self._db.execute("SELECT snapshot, min_size, max_size, idle_timeout, network,"
+                               " memory_mib, created FROM pools WHERE tenant = ? AND"
+                               " name = ?", (tenant, name)).fetchone()
+        if row is None:
+            raise PoolNotFound(f"no pool named {name!r}")
+        return tuple(row)
+
+    def _pool(self, tenant: str, name: str) -> AsyncPool:
+        """The running pool. Raises PoolNotFound, PoolError (kept but not running)."""
+        self._row(tenant, name)
         pool = self._pools.get((tenant, name))
         if pool is None:
-            raise PoolNotFound(f"no pool named {name!r}")
+            why = self._broken.get((tenant, name), "starting")
+            raise PoolError(f"pool {name!r} is not running ({why}): delete it and create it"
+                            " again")
         return pool
 
     def pool_memory_mib(self, tenant: str) -> int:
@@ -258,13 +311,27 @@ class Library:
             async with self._restore_slots:
                 return await self.svc.manager.from_snapshot(
                     snap, ttl=self.svc.config.max_ttl, sandbox_id=sid, network=network)
-        except BaseException:
+        except BaseException as exc:
             self._forget_member(sid)
+            if isinstance(exc, Exception):
+                log.warning("pool %s of tenant %s: a restore failed: %s", pool, tenant,
+                            getattr(exc, "message", exc))
             raise
 
     def _forget_member(self, sid: str) -> None:
         with transaction(self._db) as db:
             db.execute("DELETE FROM pool_members WHERE id = ?", (sid,))
+
+    async def refresh_members(self) -> None:
+        """Keep waiting sandboxes alive: one whose deadline is less than half the
+        server's max TTL away gets the whole of it again (they wait for days, maybe)."""
+        horizon = time.time() + self.svc.config.max_ttl / 2
+        for pool in list(self._pools.values()):
+            for sb in pool.waiting():
+                rec = self.svc.manager.journal.get(sb.sandbox_id)
+                if rec is not None and rec.deadline is not None and rec.deadline < horizon:
+                    with contextlib.suppress(SandvmError):
+                        self.svc.manager.set_ttl(sb.sandbox_id, self.svc.config.max_ttl)
 
     async def _start_pool(self, tenant: str, name: str, snapshot: str, *, min_size: int,
                           max_size: int, idle_timeout: float | None,
@@ -278,6 +345,7 @@ class Library:
                          idle_timeout=idle_timeout, network=network, restore=restore)
         await pool.start()
         self._pools[(tenant, name)] = pool
+        self._broken.pop((tenant, name), None)
         return pool
 
     async def create_pool(self, tenant: str, name: str, *, snapshot: str, min_size: int,
@@ -285,103 +353,137 @@ class Library:
                           network: NetworkPolicy | None) -> PoolInfo:
         """Start a pool restoring the tenant's ``snapshot``, kept across restarts.
         Raises PoolExists, SnapshotNotFound, QuotaExceeded (``max_pools``,
-        ``max_pool_size`` or the tenant's memory), InvalidSpec."""
+        ``max_pool_size`` over the tenant's pools, or its memory), InvalidSpec."""
         cfg = self.svc.config
         _check_name(name, "pool")
-        if not 0 <= min_size <= max_size or not 1 <= max_size <= cfg.max_pool_size:
-            raise InvalidSpec(f"need 0 <= min_size <= max_size and 1 <= max_size <="
-                              f" {cfg.max_pool_size} (this server's cap), got {min_size},"
-                              f" {max_size}")
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise InvalidSpec(f"need 0 <= min_size <= max_size and max_size >= 1, got"
+                              f" {min_size}, {max_size}")
         snap = self._snapshot(tenant, snapshot)
-        async with self._pool_lock:  # the checks and the insert, one pool at a time
-            if (tenant, name) in self._pools:
+        async with self._pool_lock:  # the checks and the insert, one at a time
+            n, held = self._db.execute("SELECT count(*), coalesce(sum(max_size), 0) FROM"
+                                       " pools WHERE tenant = ?", (tenant,)).fetchone()
+            if self._db.execute("SELECT 1 FROM pools WHERE tenant = ? AND name = ?",
+                                (tenant, name)).fetchone() is not None:
                 raise PoolExists(f"a pool named {name!r} exists: delete it first or choose"
                                  " another name")
-            mine = sum(1 for t, _ in self._pools if t == tenant)
-            if mine >= cfg.max_pools:
-                raise QuotaExceeded(f"tenant {tenant!r} has {mine} pools, its quota: delete"
+            if n >= cfg.max_pools:
+                raise QuotaExceeded(f"tenant {tenant!r} has {n} pools, its quota: delete"
                                     " one (DELETE /v1/pools/NAME)")
+            if held + max_size > cfg.max_pool_size:
+                raise QuotaExceeded(f"the pools of tenant {tenant!r} hold up to {held}"
+                                    " sandboxes;"
+                                    f" {max_size} more is over this server's cap of"
+                                    f" {cfg.max_pool_size} waiting sandboxes per tenant:"
+                                    " make max_size smaller or delete a pool")
             self.svc._check_memory(tenant, max_size * snap.spec.memory_mib,
                                    what=f"a pool of up to {max_size} sandboxes of"
                                         f" {snap.spec.memory_mib} MiB")
             with transaction(self._db) as db:
-                db.execute("INSERT OR REPLACE INTO pools (tenant, name, snapshot, min_size,"
-                           " max_size, idle_timeout, network, memory_mib, created) VALUES"
+                db.execute("INSERT INTO pools (tenant, name, snapshot, min_size, max_size,"
+                           " idle_timeout, network, memory_mib, created) VALUES"
                            " (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (tenant, name, snapshot, min_size, max_size, idle_timeout,
                             json.dumps(network.to_dict()) if network else None,
                             snap.spec.memory_mib, time.time()))
-            try:
-                await self._start_pool(tenant, name, snapshot, min_size=min_size,
-                                       max_size=max_size, idle_timeout=idle_timeout,
-                                       network=network)
-            except BaseException:
-                with transaction(self._db) as db:
-                    db.execute("DELETE FROM pools WHERE tenant = ? AND name = ?",
-                               (tenant, name))
-                raise
+        try:  # outside the lock: its first verify reads the whole snapshot
+            await self._start_pool(tenant, name, snapshot, min_size=min_size,
+                                   max_size=max_size, idle_timeout=idle_timeout,
+                                   network=network)
+        except BaseException:
+            with transaction(self._db) as db:
+                db.execute("DELETE FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
+            raise
         return self.pool_info(tenant, name)
 
     def pool_info(self, tenant: str, name: str) -> PoolInfo:
-        """Raises PoolNotFound."""
-        pool = self._pool(tenant, name)
-        row = self._db.execute("SELECT snapshot, created FROM pools WHERE tenant = ? AND"
-                               " name = ?", (tenant, name)).fetchone()
-        if row is None:
-            raise PoolNotFound(f"no pool named {name!r}")
+        """Settings and counters of a kept pool (one that did not start again after a
+        restart shows zeros and why in ``last_error``). Raises PoolNotFound."""
+        snapshot, lo, hi, idle, net, _mem, created = self._row(tenant, name)
+        pool = self._pools.get((tenant, name))
+        common = {"name": name, "snapshot": snapshot, "min_size": lo, "max_size": hi,
+                  "idle_timeout": idle, "network": net is not None, "created": created}
+        if pool is None:
+            return PoolInfo(**common, ready=0, restoring=0, hits=0, misses=0, timeouts=0,
+                            restored=0, restore_failures=0, restore_ms_p50=None,
+                            restore_ms_p99=None,
+                            last_error=self._broken.get((tenant, name), "starting"))
         st = pool.stats()
-        return PoolInfo(name=name, snapshot=row[0], min_size=pool.min_size,
-                        max_size=pool.max_size, idle_timeout=pool.idle_timeout,
-                        network=pool.network is not None, created=row[1], ready=st.ready,
-                        restoring=st.in_flight, hits=st.hits, misses=st.misses,
-                        timeouts=st.timeouts, restored=st.restored,
+        # the code only: messages name server paths (the server's log has them)
+        err = pool.last_error
+        return PoolInfo(**common, ready=st.ready, restoring=st.in_flight, hits=st.hits,
+                        misses=st.misses, timeouts=st.timeouts, restored=st.restored,
                         restore_failures=st.restore_failures,
                         restore_ms_p50=st.restore_ms_p50, restore_ms_p99=st.restore_ms_p99,
-                        last_error=st.last_error)
+                        last_error=None if err is None
+                        else f"{err.code}: a restore failed (details in the server's log)")
 
     def list_pools(self, tenant: str) -> list[PoolInfo]:
-        return [self.pool_info(t, n) for t, n in sorted(self._pools) if t == tenant]
+        names = [r[0] for r in self._db.execute(
+            "SELECT name FROM pools WHERE tenant = ? ORDER BY name", (tenant,))]
+        return [self.pool_info(tenant, n) for n in names]
 
     async def delete_pool(self, tenant: str, name: str) -> None:
         """Stop the pool and kill its waiting sandboxes (the ones it handed out are the
         tenant's and go on). Raises PoolNotFound."""
-        pool = self._pool(tenant, name)
-        self._pools.pop((tenant, name), None)
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
-        await pool.close()
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM pool_members WHERE tenant = ? AND pool = ?",
-                       (tenant, name))
+        async with self._pool_lock:
+            self._row(tenant, name)
+            pool = self._pools.pop((tenant, name), None)
+            self._broken.pop((tenant, name), None)
+            with transaction(self._db) as db:
+                db.execute("DELETE FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
+            if pool is not None:
+                await pool.close()
+            with transaction(self._db) as db:
+                db.execute("DELETE FROM pool_members WHERE tenant = ? AND pool = ?",
+                           (tenant, name))
 
-    async def from_pool(self, tenant: str, name: str, *, ttl: float | None) -> SandboxInfo:
+    async def from_pool(self, tenant: str, name: str, *, ttl: float | None,
+                        wait: float | None = None) -> SandboxInfo:
         """Take a waiting sandbox from the tenant's pool (restoring one if none waits,
-        up to ``pool_acquire_timeout`` seconds): it becomes the tenant's, alive ``ttl``
-        seconds. Raises PoolNotFound, PoolExhausted (none became ready: 503),
-        PoolClosed, QuotaExceeded."""
+        up to ``wait`` seconds, at most the server's ``pool_acquire_timeout``): it
+        becomes the tenant's, alive ``ttl`` seconds. Raises PoolNotFound, PoolExhausted
+        (none became ready: 503), PoolClosed, QuotaExceeded."""
         pool = self._pool(tenant, name)
-        mem = int(self._db.execute("SELECT memory_mib FROM pools WHERE tenant = ? AND"
-                                   " name = ?", (tenant, name)).fetchone()[0])
+        mem = int(self._row(tenant, name)[5])
         ttl = self.svc._check_ttl(ttl)
+        cap = self.svc.config.pool_acquire_timeout
+        wait = cap if wait is None else min(wait, cap)
+        await self.svc.reap()
         placeholder = new_id("sb")  # the quota is taken before waiting for the pool
         self.svc._reserve(placeholder, tenant, memory_mib=mem)
+        self.svc._creating.add(placeholder)  # not reaped while it waits
         try:
-            sb = await pool.acquire(timeout=self.svc.config.pool_acquire_timeout)
-        except BaseException:
-            self.svc.store.mark_ended(placeholder)
-            raise
-        pool.disown(sb)
-        sid = sb.sandbox_id
-        try:
-            self.svc.store.rename_reserved(placeholder, sid)
-            self._forget_member(sid)
-            self.svc.manager.set_ttl(sid, ttl)
-        except BaseException:
-            self.svc.store.mark_ended(placeholder)
-            self.svc.store.mark_ended(sid)
-            with contextlib.suppress(SandvmError):
-                await sb.kill()
-            raise
+            try:
+                sb = await pool.acquire(timeout=wait)
+            except PoolExhausted:
+                raise PoolExhausted(f"pool {name!r} had no sandbox ready within {wait:g} s"
+                                    f" ({pool.stats().in_use} taken now): retry, or raise"
+                                    " its min_size") from None
+            except BaseException:
+                self.svc.store.mark_ended(placeholder)
+                raise
+            pool.disown(sb)
+            sid = sb.sandbox_id
+            try:
+                with transaction(self._db) as db:  # the tenant's now: in one step
+                    cur = db.execute("UPDATE sandboxes SET id = ? WHERE id = ? AND ended IS"
+                                     " NULL", (sid, placeholder))
+                    if cur.rowcount != 1:
+                        raise SandvmError(f"the reservation for sandbox {sid} was lost")
+                    db.execute("DELETE FROM pool_members WHERE id = ?", (sid,))
+                self.svc.manager.set_ttl(sid, ttl)
+            except BaseException:
+                self.svc.store.mark_ended(placeholder)
+                self.svc.store.mark_ended(sid)
+                self._forget_member(sid)
+                with contextlib.suppress(SandvmError):
+                    await self.svc.manager.kill(sid, reason="killed: handing it out failed")
+                with contextlib.suppress(SandvmError):
+                    await sb.kill()
+                raise
+        finally:
+            self.svc._creating.discard(placeholder)
         self.svc._held[sid] = sb
         self.svc.metrics.sandboxes_created.inc(outcome="pool")
         return self.svc.get(tenant, sid)

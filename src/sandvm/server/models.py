@@ -67,6 +67,9 @@ class CreateSandboxRequest(_Strict):
     pool: SnapshotName | None = Field(
         default=None, description="Take a waiting sandbox from this pool of the tenant"
         " (image, memory, vcpus and network are the pool's).")
+    wait: float | None = Field(default=None, gt=0, le=3600, description="With pool: the"
+                               " longest to wait for a ready sandbox (capped by the"
+                               " server; default its cap, 60 s).")
 
 
 SnapshotName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]

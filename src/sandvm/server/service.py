@@ -105,7 +105,8 @@ class SandboxService:
         for sid in self.store.owned():
             if sid not in live:
                 self.store.mark_ended(sid)
-        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop())
+        self._reaper = asyncio.get_running_loop().create_task(
+            self.every(REAP_INTERVAL, self.reap, "reaping ended sandboxes"))
         self.networking.start()
         await self.library.start()
         log.info("sandvm server: %d sandboxes still running, %d repaired", len(live),
@@ -135,13 +136,16 @@ class SandboxService:
         if self._owns[1]:
             self.manager.journal.close()
 
-    async def _reap_loop(self) -> None:
+    @staticmethod
+    async def every(seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:
+        """Run ``job`` every ``seconds`` until cancelled; a failure is logged (``what``
+        failed), never fatal: the loop goes on."""
         while True:
-            await asyncio.sleep(REAP_INTERVAL)
+            await asyncio.sleep(seconds)
             try:
-                await self.reap()
-            except Exception:  # the loop must go on; a failure is logged, not fatal
-                log.exception("reaping ended sandboxes failed")
+                await job()
+            except Exception:
+                log.exception("%s failed", what)
 
     async def reap(self) -> list[str]:
         """Mark owned sandboxes that ended on their own (TTL, crash) and let go of them.

@@ -189,15 +189,6 @@ class ServerStore:
         (n,) = self._db.execute("SELECT count(*) FROM sandboxes WHERE ended IS NULL").fetchone()
         return int(n)
 
-    def rename_reserved(self, old_id: str, new_id: str) -> None:
-        """Give a reservation made before the sandbox's id was known (a pool's
-        sandbox) that id. Raises InvalidSpec if ``old_id`` is not a live reservation."""
-        with self._tx() as db:
-            cur = db.execute("UPDATE sandboxes SET id = ? WHERE id = ? AND ended IS NULL",
-                             (new_id, old_id))
-        if cur.rowcount != 1:
-            raise InvalidSpec(f"no live reservation {old_id!r}")
-
     # ------------------------------------------------------------------ memory quota
 
     def _migrate_limits(self) -> None:
