@@ -103,8 +103,9 @@ class Library:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Kill the waiting sandboxes a stopped server left, start the kept pools again
-        (a pool whose snapshot is gone is logged and skipped)."""
+        """Kill the waiting sandboxes a stopped server left, remove what its cut-off
+        snapshot saves left, start the kept pools again (one that cannot start stays
+        listed, with why)."""
         leftovers = [r[0] for r in self._db.execute("SELECT id FROM pool_members")]
 
         async def kill(sid: str) -> None:
@@ -113,6 +114,10 @@ class Library:
                                                         " server")
 
         await asyncio.gather(*(kill(sid) for sid in leftovers))
+        if self.root.is_dir():  # what saves and deletions a dead server cut off left
+            for d in self.root.iterdir():
+                if d.is_dir():
+                    SnapshotStore(d).clean_staging(older_than=60.0)
         with transaction(self._db) as db:
             db.execute("DELETE FROM pool_members")
         rows = self._db.execute("SELECT tenant, name, snapshot, min_size, max_size,"
