@@ -54,3 +54,32 @@ def test_runtime_root_refuses_an_unsafe_directory(tmp_path: Path,
     os.symlink(tmp_path, root)
     with pytest.raises(ConfigError, match="not a directory"):
         runtime_root()
+
+
+def test_gc_sweeps_fork_snapshots_of_dead_processes(tmp_path: Path) -> None:
+    from sandvm.runtime.journal import Journal
+    from sandvm.runtime.manager import SandboxManager
+    from sandvm.sandbox import fork_roots
+
+    tmpfs_root, disk_side = fork_roots()
+    mine = tmpfs_root / "fork-mine"
+    mine.mkdir(parents=True, exist_ok=True)
+    write_owner(mine)  # a fork in progress here: kept
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = []
+    for root in (tmpfs_root, disk_side):  # both places a fork puts its snapshot
+        d = root / f"fork-of-{proc.pid}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / OWNER_FILE).write_text(f"{proc.pid} 12345\n")
+        (d / "mem").write_bytes(b"x" * 4096)
+        dead.append(d)
+    m = SandboxManager(Journal(tmp_path / "journal.db"))
+    try:
+        m.gc()
+    finally:
+        m.journal.close()
+    assert not any(d.exists() for d in dead)
+    assert mine.exists()
+    (mine / OWNER_FILE).unlink()
+    mine.rmdir()

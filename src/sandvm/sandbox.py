@@ -64,7 +64,7 @@ from sandvm.errors import (
 )
 from sandvm.network import AsyncNetwork, Network
 from sandvm.ports import AsyncPorts, Ports
-from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
+from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img, write_owner
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 from sandvm.volumes import VolumeAttachment, VolumeMount, VolumeStore, parse_mounts
@@ -1275,6 +1275,7 @@ class AsyncSandbox:
         staging = store.staging(name)
         # while the VM is paused, its state goes to tmpfs (fast); to the store after
         fast = Path(tempfile.mkdtemp(prefix="snap-", dir=runtime_root()))
+        write_owner(fast)  # a sweep removes it if we die before removing it ourselves
         t0 = time.monotonic()
         try:
             try:
@@ -1372,10 +1373,9 @@ class AsyncSandbox:
             raise InvalidSpec(f"fork needs 1 to 256 copies, not {n!r}")
         # in the runtime dir (tmpfs), unless the sandbox has disks: their layers (and
         # the image under them) are linked from the copies, so they stay on disk
-        fork_root = (runtime_root() if not self._vm.disk_tops
-                     else disk_root().parent) / "fork-snapshots"
-        tmp_store = SnapshotStore(fork_root)
+        tmp_store = SnapshotStore(fork_roots()[1 if self._vm.disk_tops else 0])
         snap = await self.snapshot(new_id("fork"), store=tmp_store)
+        write_owner(snap.path)  # `sandvm gc` removes it if we die before we do
         try:
             results = await asyncio.gather(*(restore(snap, tmp_store) for _ in range(n)),
                                            return_exceptions=True)
@@ -1769,6 +1769,12 @@ class Sandbox:
 
 
 DEFAULT_DISK_SIZE = 4 << 30
+
+
+def fork_roots() -> tuple[Path, Path]:
+    """Where ``fork`` keeps its temporary snapshot: in the runtime dir (tmpfs), or on
+    disk for a sandbox with disks. Each carries its owner; ``gc`` sweeps the dead's."""
+    return runtime_root() / "fork-snapshots", disk_root().parent / "fork-snapshots"
 
 
 def _check_network(network: object) -> None:

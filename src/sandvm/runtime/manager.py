@@ -38,7 +38,7 @@ from sandvm.errors import (
 )
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, proc_start_time
 from sandvm.runtime.journal import Journal, SandboxRecord
-from sandvm.sandbox import AsyncSandbox
+from sandvm.sandbox import AsyncSandbox, fork_roots
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 
 DEFAULT_TTL = 300.0
@@ -438,6 +438,9 @@ class SandboxManager:
                 repaired.append(rec.id)
         sweep_stale_rundirs()
         sweep_stale_rundirs(disk_root())
+        for root in fork_roots():  # forks whose process died before removing them
+            if root.is_dir():
+                sweep_stale_rundirs(root)
         return repaired
 
     @staticmethod
