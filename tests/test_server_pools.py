@@ -9,6 +9,7 @@ him.
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -226,6 +227,13 @@ def test_pool_miss_waits_for_a_restore_and_can_time_out(server: ServerProc, snap
         assert pool.stats().ready == 0
         with pytest.raises(PoolExhausted), pool.acquire(timeout=0.01):
             pass  # nothing waits, and 10 ms is too short for a restore
+        db = sqlite3.connect(server.tmp / "state" / "server.db")
+        try:  # the timed-out take gave its quota back at once (not at the next reap)
+            (held,) = db.execute("SELECT count(*) FROM sandboxes WHERE tenant = 'alice'"
+                                 " AND ended IS NULL").fetchone()
+        finally:
+            db.close()
+        assert held == 1  # the source sandbox only
         with pool.acquire(timeout=60) as sb:  # a miss: restored for this request
             assert sb.files.read("/root/state") == "before the snapshot"
         st = pool.stats()

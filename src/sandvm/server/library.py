@@ -289,9 +289,9 @@ class Library:
             raise PoolNotFound(f"no pool named {name!r}")
         return tuple(row)
 
-    def _pool(self, tenant: str, name: str) -> AsyncPool:
-        """The running pool. Raises PoolNotFound, PoolError (kept but not running)."""
-        self._row(tenant, name)
+    def _running(self, tenant: str, name: str) -> AsyncPool:
+        """The kept pool ``name`` (its row read already), running. Raises PoolError
+        (kept but not running)."""
         pool = self._pools.get((tenant, name))
         if pool is None:
             why = self._broken.get((tenant, name), "starting")
@@ -449,8 +449,8 @@ class Library:
         up to ``wait`` seconds, at most the server's ``pool_acquire_timeout``): it
         becomes the tenant's, alive ``ttl`` seconds. Raises PoolNotFound, PoolExhausted
         (none became ready: 503), PoolClosed, QuotaExceeded."""
-        pool = self._pool(tenant, name)
         mem = int(self._row(tenant, name)[5])
+        pool = self._running(tenant, name)
         ttl = self.svc._check_ttl(ttl)
         cap = self.svc.config.pool_acquire_timeout
         wait = cap if wait is None else min(wait, cap)
@@ -461,12 +461,12 @@ class Library:
         try:
             try:
                 sb = await pool.acquire(timeout=wait)
-            except PoolExhausted:
-                raise PoolExhausted(f"pool {name!r} had no sandbox ready within {wait:g} s"
-                                    f" ({pool.stats().in_use} taken now): retry, or raise"
-                                    " its min_size") from None
-            except BaseException:
-                self.svc.store.mark_ended(placeholder)
+            except BaseException as exc:
+                self.svc.store.mark_ended(placeholder)  # the quota is free again at once
+                if isinstance(exc, PoolExhausted):  # its message names server paths
+                    raise PoolExhausted(f"pool {name!r} had no sandbox ready within"
+                                        f" {wait:g} s: retry, or raise its min_size"
+                                        ) from None
                 raise
             pool.disown(sb)
             sid = sb.sandbox_id
