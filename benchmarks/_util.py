@@ -18,10 +18,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 def summary(values: list[float], unit_scale: float = 1000.0) -> dict[str, float]:
-    """p50/p99/min/max/mean of seconds, in milliseconds by default."""
+    """p50/p90/p99/min/max/mean of seconds, in milliseconds by default."""
     return {
         "n": len(values),
         "p50": round(pct(values, 50) * unit_scale, 3),
+        "p90": round(pct(values, 90) * unit_scale, 3),
         "p99": round(pct(values, 99) * unit_scale, 3),
         "min": round(min(values) * unit_scale, 3),
         "max": round(max(values) * unit_scale, 3),

@@ -14,20 +14,16 @@ import os
 import time
 from typing import Any
 
+from _util import summary
+
 CLIENTS = int(os.environ.get("LOAD_CLIENTS", "20"))
 COMMANDS = int(os.environ.get("LOAD_COMMANDS", "50"))
 POOL_N = int(os.environ.get("POOL_N", "20"))
 
 
 def _summary(xs: list[float]) -> dict[str, float]:
-    s = sorted(xs)
-    if not s:
-        return {}
-
-    def q(p: float) -> float:
-        return round(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))] * 1000, 2)
-
-    return {"n": len(s), "p50": q(50), "p90": q(90), "p99": q(99), "max": q(100)}
+    """``summary`` in ms; empty if nothing was measured (every client failed)."""
+    return summary(xs) if xs else {}
 
 
 async def _commands(sb: Any, i: int, n: int, times: list[float],

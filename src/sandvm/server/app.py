@@ -537,13 +537,7 @@ def create_app(config: ServerConfig | None = None, *,
         events = await _service(request).run_command(
             tenant, sandbox_id, cmd=body.cmd, env=body.env, cwd=body.cwd, user=body.user,
             timeout=body.timeout, stdin=_stdin(body))
-
-        async def lines() -> AsyncIterator[bytes]:
-            async for event in events:
-                yield ndjson(event)
-
-        return NDJSONResponse(lines(), headers={"Cache-Control": "no-store",
-                                                "X-Content-Type-Options": "nosniff"})
+        return _ndjson_response(events)
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands/start", status_code=201,
               response_model=CommandInfo, tags=["commands"],
@@ -588,13 +582,7 @@ def create_app(config: ServerConfig | None = None, *,
         the next ``seq`` you want. Closing the connection leaves the command running."""
         events = _service(request).command_output(tenant, sandbox_id, command_id,
                                                   offset=offset, follow=follow)
-
-        async def lines() -> AsyncIterator[bytes]:
-            async for event in events:
-                yield ndjson(event)
-
-        return NDJSONResponse(lines(), headers={"Cache-Control": "no-store",
-                                                "X-Content-Type-Options": "nosniff"})
+        return _ndjson_response(events)
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin", status_code=204,
               response_class=Response, tags=["commands"],
@@ -780,6 +768,16 @@ def _rate_limit_responses(doc: dict[str, Any]) -> None:
                 responses["429"]["headers"] = {"Retry-After": {
                     "description": "Whole seconds to wait (with code rate_limited).",
                     "schema": {"type": "integer", "minimum": 1}}}
+
+
+def _ndjson_response(events: AsyncIterator[dict[str, Any]]) -> NDJSONResponse:
+    """A command's events as an NDJSON body, sent as they come and never cached."""
+    async def lines() -> AsyncIterator[bytes]:
+        async for event in events:
+            yield ndjson(event)
+
+    return NDJSONResponse(lines(), headers={"Cache-Control": "no-store",
+                                            "X-Content-Type-Options": "nosniff"})
 
 
 def _policy(body: NetworkPolicyBody | None) -> NetworkPolicy | None:
