@@ -87,3 +87,51 @@ def test_copy_into_a_preallocated_file_keeps_content_and_holes(tmp_path: Path) -
     assert dst.read_bytes() == src.read_bytes()
     with open(src, "rb") as a, open(dst, "rb") as b:
         assert data_extents(a.fileno()) == data_extents(b.fileno())
+
+
+def test_identical_diffs_over_different_parents_never_share_a_built_image(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tenants' stores, each a parent with its own RAM and a diff snapshot whose
+    files (mem.diff, state) have the same bytes: every restore gets its own parent's
+    memory, not the RAM image built first for the other one."""
+    from sandvm.snapshots import SnapshotStore
+
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("SANDVM_RUNTIME_DIR", str(runtime))  # the host's one cache
+    manifest = {"sandvm_version": "0.1.0", "qemu_version": "q", "machine": "microvm",
+                "accelerator": "tcg", "cpu": "max", "kernel_release": "k", "created": 1.0,
+                "source_id": "sb-x", "spec": {"image": "base", "memory_mib": 256, "vcpus": 1}}
+    changed = os.urandom(PAGE)  # the one page both diffs write (page 5)
+    secrets = {"a": os.urandom(PAGE), "b": os.urandom(PAGE)}  # page 0: each tenant's own
+    diffs = {}
+    for tenant, secret in secrets.items():
+        store = SnapshotStore(tmp_path / tenant)
+        staging = store.staging("base")
+        (staging / "state").write_bytes(b"QEVM parent state")
+        _ram(staging / "mem", {0: secret}, size=256 * PAGE)
+        parent = store.commit(staging, "base", dict(manifest))
+        new = tmp_path / f"new-{tenant}"
+        _ram(new, {0: secret, 5: changed}, size=256 * PAGE)
+        staging = store.staging("child")
+        (staging / "state").write_bytes(b"QEVM child state")  # the same bytes for both
+        assert write_diff(parent.path / "mem", new, staging / "mem.diff") == 1
+        diffs[tenant] = store.commit(staging, "child", {**manifest, "parent": {
+            "name": "base", "mem_sha256": parent.files["mem"]["sha256"]}})
+    a, b = diffs["a"], diffs["b"]
+    assert a.files == b.files  # byte-identical diff snapshots (same sha256s) ...
+    assert a.parent_mem_sha256 != b.parent_mem_sha256  # ... over different parents
+    built = {}
+    for tenant, snap in diffs.items():
+        store = SnapshotStore(tmp_path / tenant)
+        store.verify(snap)
+        built[tenant] = store.materialize(snap)
+    assert built["a"] != built["b"]
+    for tenant, secret in secrets.items():
+        mem = (built[tenant] / "mem").read_bytes()
+        assert mem[:PAGE] == secret and mem[5 * PAGE:6 * PAGE] == changed
+        assert (built[tenant] / "state").read_bytes() == b"QEVM child state"
+        assert built[tenant] == SnapshotStore.materialized_dir(diffs[tenant])
+    # removing one tenant's diff removes its own built image only
+    SnapshotStore(tmp_path / "a").remove("child")
+    assert not built["a"].exists() and (built["b"] / "mem").exists()

@@ -65,6 +65,8 @@ DISK_FILE = re.compile(r"disk-([a-z0-9][a-z0-9-]{0,19})\.qcow2|image-([a-z0-9][a
                        r"\.ext4")
 MAX_MANIFEST = 1 << 20
 ONCE_THRESHOLD = 1 << 20  # files larger than this are hashed once per process by default
+# the materialised RAM images' key format (part of every key: a change makes new ones)
+MATERIALIZED_FORMAT = b"sandvm-materialized-1"
 
 _verified_lock = threading.Lock()
 _verified: set[tuple[int, int, int, int, str]] = set()  # (dev, ino, size, mtime_ns, sha)
@@ -266,8 +268,7 @@ class SnapshotStore:
         with contextlib.suppress(SnapshotCorrupt, SnapshotIncompatible, InvalidSpec, OSError):
             snap = self.load(path)
             if snap.ram == "diff":  # its full RAM image, built for restores
-                shutil.rmtree(materialized_root() / snap.files["mem.diff"]["sha256"][:32],
-                              ignore_errors=True)
+                shutil.rmtree(self.materialized_dir(snap), ignore_errors=True)
         # rename first so a half-deleted directory never looks like a snapshot
         trash = self.root / f".trash-{name}-{os.getpid()}-{time.monotonic_ns()}"
         os.rename(path, trash)
@@ -354,20 +355,34 @@ class SnapshotStore:
                                    " made against (it was replaced?)")
         return parent
 
+    @staticmethod
+    def materialized_dir(snap: Snapshot, cache_root: Path | None = None) -> Path:
+        """Where ``materialize`` keeps the full RAM image of the "diff" snapshot
+        ``snap``: a key over everything the built bytes depend on (the parent's RAM,
+        the diff and the device state, by sha256), so that two diffs with the same
+        bytes over different parents (another tenant's, say) never share one."""
+        assert snap.ram == "diff" and snap.parent_mem_sha256 is not None
+        h = hashlib.sha256(MATERIALIZED_FORMAT)
+        for part in (snap.parent_mem_sha256, snap.files["mem.diff"]["sha256"],
+                     snap.files["state"]["sha256"]):
+            h.update(b"\0" + part.encode())
+        return (cache_root or materialized_root()) / h.hexdigest()[:32]
+
     def materialize(self, snap: Snapshot, cache_root: Path | None = None) -> Path:
         """A directory with ``state`` and a full ``mem`` for restoring ``snap``.
 
         For a "diff" snapshot the full RAM file is built once from the parent and
-        the diff, under ``cache_root`` (keyed by the diff's sha256) and reused by
-        every later restore. Raises SnapshotCorrupt.
+        the diff, under ``cache_root`` (at ``materialized_dir``: keyed by the parent's
+        RAM, the diff and the state) and reused by every later restore. Raises
+        SnapshotCorrupt, SnapshotNotFound (the parent is gone).
         """
         if snap.ram != "diff":
             return snap.path
         from sandvm.snapshots.diff import apply_diff
 
         cache_root = cache_root or materialized_root()
-        key: str = snap.files["mem.diff"]["sha256"][:32]
-        done = cache_root / key
+        done = self.materialized_dir(snap, cache_root)
+        key = done.name
         if (done / "mem").exists():
             return done
         parent = self.parent_of(snap)
