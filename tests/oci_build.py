@@ -191,3 +191,103 @@ def build_docker_archive(out: Path, layers: list[list[Entry]], *,
         add("manifest.json", json.dumps([{"Config": cfg_name, "RepoTags": [repo_tag],
                                           "Layers": names}]).encode())
     return out
+
+
+# ------------------------------------------------------------------ hostile tars, by hand
+
+SPARSE_FLAVOURS = ("gnu-old", "pax-0.0", "pax-0.1", "pax-1.0")
+_BLOCK = 512
+_END = bytes(2 * _BLOCK)
+
+
+def _pad(data: bytes) -> bytes:
+    return data + bytes(-len(data) % _BLOCK)
+
+
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _with_checksum(block: bytearray) -> bytes:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def _header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type, ti.mtime = size, kind, 1_700_000_000
+    return ti.tobuf(tarfile.USTAR_FORMAT)
+
+
+def pax_records(records: list[tuple[str, str]]) -> bytes:
+    """PAX extended-header data: ``"<len> key=value\\n"`` records, repeats allowed."""
+    out = []
+    for key, value in records:
+        body = f" {key}={value}\n".encode()
+        n = len(body) + 1
+        while len(str(n)) + len(body) != n:
+            n = len(str(n)) + len(body)
+        out.append(str(n).encode() + body)
+    return b"".join(out)
+
+
+def pax_header(records: list[tuple[str, str]], kind: bytes = tarfile.XHDTYPE) -> bytes:
+    """A PAX extended (or, with ``kind=XGLTYPE``, global) header alone."""
+    pax = pax_records(records)
+    return _header("././@PaxHeader", len(pax), kind) + _pad(pax)
+
+
+def plain_member(name: str, data: bytes) -> bytes:
+    """A ustar regular-file member (header and padded data)."""
+    return _header(name, len(data)) + _pad(data)
+
+
+def pax_member(records: list[tuple[str, str]], name: str, data: bytes,
+               kind: bytes = tarfile.XHDTYPE) -> bytes:
+    """A PAX header with ``records`` followed by member ``name`` holding ``data``."""
+    return pax_header(records, kind) + plain_member(name, data)
+
+
+END_OF_ARCHIVE = _END
+
+
+def sparse_tar(flavour: str, entries: int) -> bytes:
+    """An uncompressed tar with one GNU sparse member whose map has about ``entries``
+    (offset, size) pairs, in one of :data:`SPARSE_FLAVOURS`: ``gnu-old`` (type ``S``
+    with extended header blocks), PAX ``0.0`` (repeated GNU.sparse.offset/numbytes),
+    ``0.1`` (GNU.sparse.map) or ``1.0`` (the map at the start of the data). The PAX
+    0.0/0.1 maps live in the PAX header, so ``entries`` should keep it under 1 MiB."""
+    if flavour == "gnu-old":
+        head = bytearray(_header("sparse", 0, tarfile.GNUTYPE_SPARSE))
+        head[257:265] = tarfile.GNU_MAGIC
+        for i in range(4):
+            head[386 + 24 * i:410 + 24 * i] = _octal(1, 12) + _octal(1, 12)
+        head[482] = 1
+        head[483:495] = _octal(1 << 30, 12)
+        blocks = [_with_checksum(head)]
+        ext = b"".join(_octal(1, 12) + _octal(1, 12) for _ in range(21))
+        n = max(1, (entries - 4) // 21)
+        for i in range(n):
+            blocks.append(ext + (b"\1" if i < n - 1 else b"\0") + bytes(7))
+        return b"".join(blocks) + _END
+    if flavour == "pax-0.0":
+        recs = [("GNU.sparse.size", str(1 << 30)), ("GNU.sparse.numblocks", str(entries))]
+        recs += [r for _ in range(entries)
+                 for r in (("GNU.sparse.offset", "0"), ("GNU.sparse.numbytes", "1"))]
+        return pax_member(recs, "sparse", b"") + _END
+    if flavour == "pax-0.1":
+        recs = [("GNU.sparse.size", str(1 << 30)), ("GNU.sparse.numblocks", str(entries)),
+                ("GNU.sparse.map", ",".join(["0,1"] * entries))]
+        return pax_member(recs, "sparse", b"") + _END
+    if flavour == "pax-1.0":
+        recs = [("GNU.sparse.major", "1"), ("GNU.sparse.minor", "0"),
+                ("GNU.sparse.name", "sparse"), ("GNU.sparse.realsize", str(1 << 30))]
+        data = _pad(b"%d\n" % entries + b"0\n1\n" * entries)
+        return pax_member(recs, "GNUSparseFile.0/sparse", data) + _END
+    raise ValueError(f"unknown sparse flavour {flavour!r}")
+
+
+def pax_comment_tar(comment_bytes: int) -> bytes:
+    """An uncompressed tar whose one member carries a PAX ``comment`` of that size."""
+    return pax_member([("comment", "x" * comment_bytes)], "README", b"hi") + _END

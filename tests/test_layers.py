@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import stat
 import subprocess
 import tarfile
+import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from oci_build import Device, Dir, Entry, Fifo, File, Hardlink, Symlink, layer_tar
+from oci_build import (
+    END_OF_ARCHIVE,
+    SPARSE_FLAVOURS,
+    Device,
+    Dir,
+    Entry,
+    Fifo,
+    File,
+    Hardlink,
+    Symlink,
+    layer_tar,
+    pax_header,
+    plain_member,
+    sparse_tar,
+)
 from sandvm.errors import ImageError, ImageInvalid, ImageTooLarge
 from sandvm.images.blobs import BlobStore
 from sandvm.images.layers import ApplyStats, apply_layers
@@ -396,3 +413,70 @@ def test_unknown_layer_media_type(blobs: BlobStore, dest: Path) -> None:
     with pytest.raises(ImageInvalid, match="media type"):
         apply_layers(blobs, [ref], dest)
     assert names_under(dest) == set()
+
+
+# ------------------------------------------------------------------ tar bombs in headers
+
+# how many (offset, size) pairs each flavour's map gets: the PAX 0.0/0.1 maps sit in the
+# PAX header itself, so they stay under its 1 MiB cap; the others have no limit of their own
+SPARSE_ENTRIES = {"gnu-old": 300_000, "pax-0.0": 20_000, "pax-0.1": 200_000,
+                  "pax-1.0": 300_000}
+PEAK_BOUND = 8 << 20   # bytes of Python heap a refused layer may take (tracemalloc)
+
+
+@contextlib.contextmanager
+def heap_peak() -> Iterator[list[int]]:
+    """Trace Python allocations in the block; on leaving (even by an exception) the
+    list gets the peak bytes allocated in it."""
+    out: list[int] = []
+    tracemalloc.start()
+    try:
+        yield out
+    finally:
+        out.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("compression", ["tar", "gzip"])
+@pytest.mark.parametrize("flavour", SPARSE_FLAVOURS)
+def test_sparse_members_are_refused_before_their_map_is_read(
+        blobs: BlobStore, dest: Path, flavour: str, compression: str) -> None:
+    ref = put_layer(blobs, sparse_tar(flavour, SPARSE_ENTRIES[flavour]), compression)
+    with heap_peak() as peak, pytest.raises(ImageInvalid, match="sparse") as exc:
+        apply_layers(blobs, [ref], dest)
+    assert ref.digest in str(exc.value) and "without --sparse" in str(exc.value)
+    assert peak[0] < PEAK_BOUND
+    assert names_under(dest) == set()
+
+
+def test_sparse_records_in_a_global_header_are_refused(blobs: BlobStore, dest: Path) -> None:
+    tar = (pax_header([("GNU.sparse.major", "1"), ("GNU.sparse.minor", "1")], tarfile.XGLTYPE)
+           + plain_member("a", b"x") + END_OF_ARCHIVE)
+    with pytest.raises(ImageInvalid, match="sparse"):
+        apply(blobs, dest, tar)
+
+
+def test_extended_headers_are_capped_per_member_not_only_each(
+        blobs: BlobStore, tmp_path: Path) -> None:
+    # tarfile keeps every header of a chain in memory until the member after them
+    big = pax_header([("comment", "x" * (600 << 10))])
+    (tmp_path / "a").mkdir()
+    ref = put_layer(blobs, big * 2 + plain_member("f", b"") + END_OF_ARCHIVE, "gzip")
+    with pytest.raises(ImageTooLarge, match="extended header"):
+        apply_layers(blobs, [ref], tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ImageInvalid, match="more than 16 extended headers"):
+        apply(blobs, tmp_path / "b",
+              pax_header([("comment", "y")]) * 17 + plain_member("f", b"") + END_OF_ARCHIVE)
+    # one big header per member is fine, as before
+    (tmp_path / "c").mkdir()
+    apply(blobs, tmp_path / "c", (big + plain_member("f", b"1")) * 3 + END_OF_ARCHIVE)
+    assert (tmp_path / "c/f").read_bytes() == b"1"
+
+
+def test_global_headers_are_capped_in_all(blobs: BlobStore, dest: Path) -> None:
+    # every global header's records stay in memory for the rest of the archive
+    tar = b"".join(pax_header([(f"comment{i}", "x" * (600 << 10))], tarfile.XGLTYPE)
+                   + plain_member(f"f{i}", b"") for i in range(3)) + END_OF_ARCHIVE
+    with pytest.raises(ImageTooLarge, match="global PAX headers"):
+        apply(blobs, dest, tar, compression="gzip")

@@ -44,11 +44,13 @@ from sandvm.images.model import (
     LayerRef,
 )
 
-__all__ = ["MAX_DEPTH", "MAX_PATH_BYTES", "ApplyStats", "apply_layers"]
+__all__ = ["MAX_DEPTH", "MAX_PATH_BYTES", "ApplyStats", "TarRefused", "apply_layers",
+           "capped_tarinfo", "open_untrusted_tar"]
 
 MAX_PATH_BYTES = 4096            # longest member name (or hardlink target) accepted
 MAX_DEPTH = 256                  # most path components in a member name
-_MAX_HEADER_BYTES = 1 << 20      # a PAX / GNU long-name header larger than this is refused
+_MAX_HEADER_BYTES = 1 << 20      # PAX / GNU long-name headers before one member, in all
+_MAX_HEADER_CHAIN = 16           # extended headers in a row before one member
 _MAX_TRAILING_BYTES = 16 << 20   # data after the tar's end-of-archive marker
 _CHUNK = 1 << 20
 _PROGRESS_STEP = 1 << 20
@@ -77,24 +79,102 @@ class ApplyStats:
     layers: int
 
 
-class _HeaderTooLarge(tarfile.TarError):
-    pass
+class TarRefused(tarfile.TarError):
+    """What the capped TarInfo raises for a tar sandvm will not read: ``too_large`` when a
+    cap was hit (ImageTooLarge to the user), else a refused format (ImageInvalid)."""
+
+    def __init__(self, message: str, *, too_large: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.too_large = too_large
+
+    def image_error(self, where: str) -> ImageError:
+        """This refusal as the ImageError a user sees, prefixed by ``where``."""
+        cls = ImageTooLarge if self.too_large else ImageInvalid
+        return cls(f"{where}: {self.message}")
+
+
+def _sparse_refused(kind: str) -> TarRefused:
+    return TarRefused(f"a GNU sparse member ({kind}): sandvm does not read sparse tar"
+                      " members; write the tar without --sparse (-S)", too_large=False)
 
 
 def capped_tarinfo() -> type[tarfile.TarInfo]:
-    """The TarInfo class to pass to ``tarfile.open`` for untrusted tars: it refuses
-    extended headers over 1 MiB before they are read into memory."""
+    """The TarInfo class to pass to ``tarfile.open`` for untrusted tars (see
+    :func:`open_untrusted_tar`, which uses it)."""
     return _CappedTarInfo
 
 
-class _CappedTarInfo(tarfile.TarInfo):
-    """A TarInfo that refuses huge extended headers before tarfile reads them into memory."""
+def open_untrusted_tar(source: Path | IO[bytes], *, stream: bool = False) -> tarfile.TarFile:
+    """Open an untrusted tar for reading with sandvm's caps (the capped TarInfo).
 
-    def _proc_member(self, tarfile: Any) -> Any:
-        if self.type in _HEADER_TYPES and self.size > _MAX_HEADER_BYTES:
-            raise _HeaderTooLarge(f"an extended header of {self.size} bytes (over the"
-                                  f" {_MAX_HEADER_BYTES} byte cap)")
-        return super()._proc_member(tarfile)  # type: ignore[misc]
+    A ``Path`` is opened with random access and any compression tarfile knows
+    (``r:*``); a file object is read as an uncompressed stream (``r|``) if
+    ``stream``, else with random access (``r:*``). Extended headers (PAX, GNU long
+    names) over 1 MiB before one member, more than 16 of them in a row, global PAX
+    headers over 1 MiB in all, and GNU sparse members of every flavour (old GNU
+    ``S``, PAX 0.0, 0.1, 1.0) are refused with :class:`TarRefused` before tarfile
+    reads them into memory. Raises what ``tarfile.open`` raises (OSError,
+    tarfile.TarError) and TarRefused.
+    """
+    if isinstance(source, Path):
+        return tarfile.open(source, "r:*", tarinfo=_CappedTarInfo)
+    return tarfile.open(fileobj=source, mode="r|" if stream else "r:*",
+                        tarinfo=_CappedTarInfo)
+
+
+_CHAIN_BYTES = "_sandvm_chain_bytes"    # extended-header bytes before the current member
+_CHAIN_COUNT = "_sandvm_chain_count"    # extended headers before the current member
+_GLOBAL_BYTES = "_sandvm_global_bytes"  # global PAX header bytes read so far
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses huge extended headers and sparse members before tarfile
+    reads them into memory (tarfile keeps a member's header chain, the archive's
+    global PAX headers and a sparse member's whole map in memory)."""
+
+    def _proc_member(self, tf: Any) -> Any:
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _sparse_refused("old GNU format, type 'S'")
+        if self.type in _HEADER_TYPES:
+            chain = getattr(tf, _CHAIN_BYTES, 0) + self.size
+            count = getattr(tf, _CHAIN_COUNT, 0) + 1
+            if self.size > _MAX_HEADER_BYTES or chain > _MAX_HEADER_BYTES:
+                raise TarRefused(f"an extended header of {self.size} bytes ({chain} in all"
+                                 f" before one member, over the {_MAX_HEADER_BYTES} byte cap)",
+                                 too_large=True)
+            if count > _MAX_HEADER_CHAIN:
+                raise TarRefused(f"more than {_MAX_HEADER_CHAIN} extended headers before one"
+                                 " member", too_large=False)
+            if self.type == tarfile.XGLTYPE:
+                total = getattr(tf, _GLOBAL_BYTES, 0) + self.size
+                if total > _MAX_HEADER_BYTES:
+                    raise TarRefused(f"global PAX headers of {total} bytes in all (over the"
+                                     f" {_MAX_HEADER_BYTES} byte cap)", too_large=True)
+                setattr(tf, _GLOBAL_BYTES, total)
+        else:
+            chain = count = 0   # a real member ends the chain
+        setattr(tf, _CHAIN_BYTES, chain)
+        setattr(tf, _CHAIN_COUNT, count)
+        member = super()._proc_member(tf)  # type: ignore[misc]
+        if member.sparse is not None or any(k.startswith("GNU.sparse.")
+                                            for k in member.pax_headers):
+            raise _sparse_refused("PAX GNU.sparse.* records")
+        return member
+
+    # tarfile calls these from _proc_pax once the member after a PAX header is read,
+    # before it parses the sparse map: refuse there, with nothing parsed
+    def _proc_sparse(self, *args: Any) -> Any:
+        raise _sparse_refused("old GNU format, type 'S'")
+
+    def _proc_gnusparse_00(self, *args: Any) -> Any:
+        raise _sparse_refused("PAX format 0.0, GNU.sparse.offset/numbytes")
+
+    def _proc_gnusparse_01(self, *args: Any) -> Any:
+        raise _sparse_refused("PAX format 0.1, GNU.sparse.map")
+
+    def _proc_gnusparse_10(self, *args: Any) -> Any:
+        raise _sparse_refused("PAX format 1.0, GNU.sparse.major=1")
 
 
 def apply_layers(blobs: BlobStore, layers: Sequence[LayerRef], dest: Path, *,
@@ -542,8 +622,9 @@ class _Applier:
             try:
                 with _decompressed(raw, layer) as stream:
                     self._apply_tar(stream, raw, layer)
-            except _HeaderTooLarge as exc:
-                raise ImageTooLarge(f"layer {layer.digest}: {exc}") from None
+            except TarRefused as exc:
+                where = f" after member {self.member[:200]!r}" if self.member else ""
+                raise exc.image_error(f"layer {layer.digest}{where}") from None
             except _STREAM_ERRORS as exc:
                 where = f" at member {self.member[:200]!r}" if self.member else ""
                 raise ImageInvalid(f"layer {layer.digest} ({layer.media_type}) is not a"
@@ -552,7 +633,7 @@ class _Applier:
         self.done += layer.size
 
     def _apply_tar(self, stream: IO[bytes], raw: BinaryIO, layer: LayerRef) -> None:
-        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_CappedTarInfo) as tf:
+        with open_untrusted_tar(stream, stream=True) as tf:
             while (ti := tf.next()) is not None:
                 tf.members.clear()  # type: ignore[attr-defined]  # r| keeps every header
                 try:
