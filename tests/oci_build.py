@@ -9,11 +9,14 @@ layers too (``../`` names, whiteouts, bombs).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
 import json
 import tarfile
+import tracemalloc
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -291,3 +294,16 @@ def sparse_tar(flavour: str, entries: int) -> bytes:
 def pax_comment_tar(comment_bytes: int) -> bytes:
     """An uncompressed tar whose one member carries a PAX ``comment`` of that size."""
     return pax_member([("comment", "x" * comment_bytes)], "README", b"hi") + _END
+
+
+@contextlib.contextmanager
+def heap_peak() -> Iterator[list[int]]:
+    """Trace Python allocations in the block; on leaving (even by an exception) the
+    list gets the peak bytes allocated in it."""
+    out: list[int] = []
+    tracemalloc.start()
+    try:
+        yield out
+    finally:
+        out.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -19,8 +21,11 @@ from oci_build import (
     Symlink,
     build_docker_archive,
     build_layout,
+    heap_peak,
     layer_tar,
     layout_to_tar,
+    pax_comment_tar,
+    sparse_tar,
 )
 from sandvm.errors import DigestMismatch, ImageInvalid, ImageNotFound, ImageTooLarge
 from sandvm.images.blobs import BlobStore
@@ -449,6 +454,64 @@ def test_docker_archive_oversized_manifest(tmp_path: Path, blobs: BlobStore) -> 
                           lambda d: d + b" " * (5 << 20))
     with pytest.raises(ImageTooLarge, match=r"manifest\.json"):
         import_archive(bad, blobs)
+
+
+# ------------------------------------------------------------------ hostile archives
+
+HEAP_BOUND = 8 << 20   # bytes of Python heap reading a hostile archive may take
+
+
+def test_archive_with_a_huge_pax_header_is_refused_in_bounded_memory(
+        tmp_path: Path, blobs: BlobStore) -> None:
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(gzip.compress(pax_comment_tar(32 << 20)))
+    assert bomb.stat().st_size < 64 << 10
+    with heap_peak() as peak, pytest.raises(ImageTooLarge, match="extended header") as exc:
+        import_archive(bomb, blobs)
+    assert str(bomb) in str(exc.value)
+    assert peak[0] < HEAP_BOUND
+    with pytest.raises(ImageTooLarge):
+        default_name(bomb)
+
+
+def test_archive_with_a_sparse_member_is_refused(tmp_path: Path, blobs: BlobStore) -> None:
+    bomb = tmp_path / "sparse.tar.gz"
+    bomb.write_bytes(gzip.compress(sparse_tar("gnu-old", 300_000)))
+    with heap_peak() as peak, pytest.raises(ImageInvalid, match="sparse"):
+        import_archive(bomb, blobs)
+    assert peak[0] < HEAP_BOUND
+
+
+def test_archive_headers_are_not_kept_for_every_member(tmp_path: Path,
+                                                       blobs: BlobStore) -> None:
+    # each member's PAX header is under the cap; kept together they were not
+    layout = _layout(tmp_path)
+    tar = tmp_path / "padded.tar.gz"
+    with tarfile.open(tar, "w:gz", format=tarfile.PAX_FORMAT) as t:
+        for p in sorted(layout.rglob("*")):
+            ti = t.gettarinfo(p, arcname=str(p.relative_to(layout)))
+            ti.pax_headers = {"comment": "x" * (900 << 10)}
+            with open(p, "rb") if p.is_file() else contextlib.nullcontext() as f:
+                t.addfile(ti, f)
+        for i in range(12):
+            ti = tarfile.TarInfo(f"padding/{i}")
+            ti.pax_headers = {"comment": "x" * (900 << 10)}
+            t.addfile(ti, io.BytesIO(b""))
+    with heap_peak() as peak:
+        image = import_archive(tar, blobs)
+    assert_stored(blobs, image)
+    assert peak[0] < HEAP_BOUND
+
+
+def test_archive_member_names_are_capped_in_all(tmp_path: Path, blobs: BlobStore,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sandvm.images.oci._MAX_ARCHIVE_NAME_BYTES", 2000)
+    tar = tmp_path / "names.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        for i in range(3):
+            t.addfile(tarfile.TarInfo(f"{i}" + "n" * 900), io.BytesIO(b""))
+    with pytest.raises(ImageTooLarge, match="member names"):
+        import_archive(tar, blobs)
 
 
 # ------------------------------------------------------------------ default names

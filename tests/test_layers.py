@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import io
 import os
 import stat
 import subprocess
 import tarfile
-import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from oci_build import (
     File,
     Hardlink,
     Symlink,
+    heap_peak,
     layer_tar,
     pax_header,
     plain_member,
@@ -422,19 +420,6 @@ def test_unknown_layer_media_type(blobs: BlobStore, dest: Path) -> None:
 SPARSE_ENTRIES = {"gnu-old": 300_000, "pax-0.0": 20_000, "pax-0.1": 200_000,
                   "pax-1.0": 300_000}
 PEAK_BOUND = 8 << 20   # bytes of Python heap a refused layer may take (tracemalloc)
-
-
-@contextlib.contextmanager
-def heap_peak() -> Iterator[list[int]]:
-    """Trace Python allocations in the block; on leaving (even by an exception) the
-    list gets the peak bytes allocated in it."""
-    out: list[int] = []
-    tracemalloc.start()
-    try:
-        yield out
-    finally:
-        out.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
 
 
 @pytest.mark.parametrize("compression", ["tar", "gzip"])

@@ -33,6 +33,7 @@ from typing import IO, Any, Protocol
 
 from sandvm.errors import DigestMismatch, ImageError, ImageInvalid, ImageNotFound, ImageTooLarge
 from sandvm.images.blobs import BlobStore, parse_digest
+from sandvm.images.layers import TarRefused, open_untrusted_tar
 from sandvm.images.manifest import (
     Descriptor,
     choose_platform,
@@ -61,7 +62,8 @@ __all__ = ["default_name", "import_archive", "import_layout"]
 
 _CHUNK = 1 << 20
 _MAX_LAYOUT_FILE = 64 << 10          # oci-layout
-_MAX_ARCHIVE_MEMBERS = 100_000       # headers kept in memory while reading an archive
+_MAX_ARCHIVE_MEMBERS = 100_000       # members of an archive
+_MAX_ARCHIVE_NAME_BYTES = 16 << 20   # names (and link targets) kept while reading one
 _MAX_LINK_HOPS = 8                   # symlinked/hardlinked members inside an archive
 _MAX_INDEX_DEPTH = 3                 # index -> index -> manifest
 _HEX_JSON = re.compile(r"(?:.*/)?([0-9a-f]{64})\.json")
@@ -150,7 +152,7 @@ class _DirSource:
             if size > cap:
                 raise ImageTooLarge(f"{self.label}: {what} is {size} bytes, over the"
                                     f" {cap} byte cap")
-            data = f.read(cap + 1)
+            data = f.read(size + 1)   # not cap + 1: read(n) allocates n bytes at once
         if len(data) > cap:
             raise ImageTooLarge(f"{self.label}: {what} is over the {cap} byte cap")
         return data
@@ -163,8 +165,9 @@ class _TarSource:
         self.tf = tf
         self.label = label
         self.members: dict[str, tarfile.TarInfo] = {}
-        count = 0
+        count = kept = 0
         while (ti := tf.next()) is not None:
+            tf.members.clear()  # type: ignore[attr-defined]  # only ours are kept, slimmed
             count += 1
             if count > _MAX_ARCHIVE_MEMBERS:
                 raise ImageTooLarge(f"{label}: more than {_MAX_ARCHIVE_MEMBERS} members;"
@@ -172,6 +175,12 @@ class _TarSource:
             if ti.isreg() or ti.issym() or ti.islnk():
                 name = _archive_name(ti.name)
                 if name:
+                    kept += len(ti.name) + len(ti.linkname)
+                    if kept > _MAX_ARCHIVE_NAME_BYTES:
+                        raise ImageTooLarge(f"{label}: member names of more than"
+                                            f" {_MAX_ARCHIVE_NAME_BYTES} bytes in all;"
+                                            " not an image archive")
+                    ti.pax_headers = {}   # read already; nothing here needs them
                     self.members[name] = ti   # a later member of the same name wins
 
     def _resolve(self, name: str) -> tarfile.TarInfo:
@@ -209,7 +218,7 @@ class _TarSource:
                                 f" {cap} byte cap")
         f, _ = self.open_file(name)
         with f:
-            return f.read(cap + 1)[:cap]
+            return f.read(ti.size)   # size, not cap: read(n) allocates n bytes at once
 
 
 def _archive_name(name: str) -> str:
@@ -261,7 +270,7 @@ def _read_blob(src: _Source, blobs: BlobStore, desc: Descriptor, cap: int, what:
                             f" {cap} byte cap")
     _store_blob(src, blobs, desc.digest, desc.size, what)
     with blobs.open(desc.digest) as f:
-        return f.read(cap + 1)
+        return f.read(desc.size + 1)   # stored verified: desc.size <= cap bytes
 
 
 # --------------------------------------------------------------------------- OCI layouts
@@ -356,18 +365,25 @@ def import_layout(path: Path, blobs: BlobStore, *, ref: str | None = None) -> Im
 
 @contextlib.contextmanager
 def _open_archive(tar_path: Path) -> Iterator[_TarSource]:
+    """The archive's members, read with the caps of untrusted tars (extended headers,
+    sparse members: :func:`~sandvm.images.layers.open_untrusted_tar`). Raises
+    ImageNotFound, ImageInvalid (damaged, a refused member), ImageTooLarge (a cap)."""
     label = str(tar_path)
     try:
-        tf = tarfile.open(tar_path, "r:*")  # noqa: SIM115 - closed below
+        tf = open_untrusted_tar(tar_path)
     except FileNotFoundError:
         raise ImageNotFound(f"{tar_path} does not exist") from None
     except IsADirectoryError:
         raise ImageInvalid(f"{tar_path} is a directory: import it as an OCI layout") from None
+    except TarRefused as exc:
+        raise exc.image_error(f"{tar_path} cannot be read") from None
     except _ARCHIVE_ERRORS as exc:
         raise ImageInvalid(f"{tar_path} is not a readable tar archive: {exc}") from None
     try:
         with tf:
             yield _TarSource(tf, label)
+    except TarRefused as exc:
+        raise exc.image_error(f"{tar_path} cannot be read") from None
     except _ARCHIVE_ERRORS as exc:
         raise ImageInvalid(f"{tar_path}: damaged archive: {exc}") from None
 
