@@ -63,6 +63,14 @@ from sandvm.server.models import (
     WriteResult,
 )
 from sandvm.server.ratelimit import limiter_for, retry_after_seconds
+from sandvm.server.redact import (
+    Redactor,
+    default_redactor,
+    escape_text,
+    new_request_id,
+    request_id,
+    status_for,
+)
 from sandvm.server.service import SandboxService, ndjson
 
 log = logging.getLogger("sandvm.server")
@@ -71,65 +79,17 @@ PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 MAX_HEADERS = 100
 _UPLOAD_RE = re.compile(r"/v1/sandboxes/[^/]+/files")
 
-# the first code found along the exception's class tree decides the status
-_STATUS = {
-    "unauthenticated": 401,
-    "quota_exceeded": 429,
-    "request_too_large": 413,
-    "file_too_large": 413,
-    "vm_not_found": 404,
-    "unknown_command": 404,
-    "file_not_found": 404,
-    "snapshot_not_found": 404,
-    "pool_not_found": 404,
-    "pool_exhausted": 503,
-    "pool_exists": 409,
-    "pool_closed": 409,
-    "pool_error": 409,
-    "snapshot_in_use": 409,
-    "snapshot_corrupt": 409,
-    "snapshot_incompatible": 409,
-    "image_not_found": 404,
-    "volume_not_found": 404,
-    "sandbox_state": 409,
-    "file_exists": 409,
-    "invalid_transition": 409,
-    "vm_already_exists": 409,
-    "snapshot_already_exists": 409,
-    "volume_in_use": 409,
-    "permission_denied": 403,
-    "agent_timeout": 504,
-    "command_timeout": 504,
-    "rate_limited": 429,
-    "port_timeout": 504,
-    "port_in_use": 409,
-    "asset_missing": 503,
-    "invalid_config": 400,
-    "guest_error": 400,
-    "command_error": 400,
-    "port_error": 400,
-}
-
-
-def status_for(exc: SandvmError) -> int:
-    """The HTTP status of an error response (500 for what the caller cannot fix)."""
-    status = getattr(exc, "http_status", None)  # set where the class alone cannot say
-    if isinstance(status, int) and 400 <= status <= 599:
-        return status
-    for cls in type(exc).__mro__:
-        code = getattr(cls, "code", None)
-        if isinstance(code, str) and code in _STATUS:
-            return _STATUS[code]
-    return 500
-
-
 def error_response(exc: SandvmError, status: int | None = None, *,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: dict[str, str] | None = None,
+                   redactor: Redactor | None = None) -> JSONResponse:
+    """The JSON error response for ``exc``: its message as ``redactor`` (default: one
+    for sandvm's own directories) lets a client see it (see sandvm.server.redact)."""
     status = status or status_for(exc)
     headers = dict(headers or {})
     if status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="sandvm"'
-    return JSONResponse(exc.to_dict(), status_code=status, headers=headers or None)
+    body = (redactor or default_redactor()).public(exc, status=status)
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _service(request: Request) -> SandboxService:
@@ -195,16 +155,26 @@ class _Guard:
         self.config = config
         self.fastapi = fastapi
         self.limiter = limiter_for(config.rate_limit, config.rate_burst)
+        self.redactor = Redactor([config.state_dir])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind == "lifespan":
             await self.app(scope, receive, send)
             return
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if kind != "http":  # nothing else is served: fail closed
+            raise RuntimeError(f"sandvm serves no {kind!r} connections")
         t0 = time.monotonic()
         status = [500]
+        rid = new_request_id().encode()
 
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                   (b"x-request-id", rid)]}
                 status[0] = message["status"]
                 svc = getattr(self.fastapi.state, "service", None)
                 if svc is not None:
@@ -232,35 +202,60 @@ class _Guard:
                     break
         return str(getattr(route, "path", "unmatched"))
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _admit(self, scope: Scope, *, public: bool) -> JSONResponse | None:
+        """The refusal of a request or WebSocket (over the header caps, no valid key,
+        over the rate limit), or None: admitted, its tenant in ``scope`` (``public``:
+        the path needs no key)."""
         headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
         if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers) > \
                 self.config.max_header_bytes:
-            await error_response(RequestTooLarge(
+            return error_response(RequestTooLarge(
                 f"request headers are over this server's cap ({MAX_HEADERS} headers,"
-                f" {self.config.max_header_bytes} bytes)"), 431)(scope, receive, send)
+                f" {self.config.max_header_bytes} bytes)"), 431, redactor=self.redactor)
+        if public:
+            return None
+        svc: SandboxService | None = getattr(self.fastapi.state, "service", None)
+        if svc is None:
+            return error_response(SandvmError("the server is starting"), 503,
+                                  redactor=self.redactor)
+        auth = next((v for k, v in headers if k == b"authorization"), None)
+        try:
+            scope["sandvm.tenant"] = svc.authenticate(
+                auth.decode("latin-1") if auth is not None else None)
+        except Unauthenticated as exc:
+            return error_response(exc, redactor=self.redactor)
+        if self.limiter is not None:  # per tenant, after authentication
+            wait = self.limiter.take(scope["sandvm.tenant"])
+            if wait > 0:
+                svc.metrics.rate_limited.inc()
+                return error_response(self.limiter.error(wait), headers={
+                    "Retry-After": str(retry_after_seconds(wait))}, redactor=self.redactor)
+        return None
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A WebSocket is admitted like a request, on every path (no public ones):
+        without a valid key it is refused before it opens, with the error response
+        where the server can send one (else closed with 1008, policy violation)."""
+        new_request_id()
+        scope.pop("sandvm.tenant", None)  # only _admit puts it there
+        refusal = self._admit(scope, public=False)
+        if refusal is None:
+            await self.app(scope, receive, send)
             return
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await refusal(scope, receive, send)  # an HTTP answer to the upgrade
+        else:
+            code = json.loads(bytes(refusal.body)).get("code", "refused")
+            await send({"type": "websocket.close", "code": 1008, "reason": str(code)[:100]})
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
         path: str = scope.get("path", "")
-        if path not in PUBLIC_PATHS:
-            svc: SandboxService | None = getattr(self.fastapi.state, "service", None)
-            if svc is None:
-                await error_response(SandvmError("the server is starting"), 503)(
-                    scope, receive, send)
-                return
-            auth = next((v for k, v in headers if k == b"authorization"), None)
-            try:
-                scope["sandvm.tenant"] = svc.authenticate(
-                    auth.decode("latin-1") if auth is not None else None)
-            except Unauthenticated as exc:
-                await error_response(exc)(scope, receive, send)
-                return
-            if self.limiter is not None:  # per tenant, after authentication
-                wait = self.limiter.take(scope["sandvm.tenant"])
-                if wait > 0:
-                    svc.metrics.rate_limited.inc()
-                    await error_response(self.limiter.error(wait), headers={
-                        "Retry-After": str(retry_after_seconds(wait))})(scope, receive, send)
-                    return
+        scope.pop("sandvm.tenant", None)  # only _admit puts it there
+        refusal = self._admit(scope, public=path in PUBLIC_PATHS)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         length_h = next((v for k, v in headers if k == b"content-length"), None)
         try:
             length = int(length_h) if length_h is not None else None
@@ -271,15 +266,15 @@ class _Guard:
             if length is not None and length > cap:
                 await error_response(RequestTooLarge(
                     f"the file is {length} bytes; this server takes at most {cap} per"
-                    " upload"))(scope, receive, send)
+                    " upload"), redactor=self.redactor)(scope, receive, send)
                 return
             await self.app(scope, receive, send)  # streamed; the service counts the bytes
             return
         cap = self.config.max_json_bytes
         if length is not None and length > cap:
             await error_response(RequestTooLarge(
-                f"the request body is {length} bytes, over this server's cap of {cap}"))(
-                scope, receive, send)
+                f"the request body is {length} bytes, over this server's cap of {cap}"),
+                redactor=self.redactor)(scope, receive, send)
             return
         body = bytearray()
         while True:
@@ -289,8 +284,8 @@ class _Guard:
             body += message.get("body", b"")
             if len(body) > cap:
                 await error_response(RequestTooLarge(
-                    f"the request body is over this server's cap of {cap} bytes"))(
-                    scope, receive, send)
+                    f"the request body is over this server's cap of {cap} bytes"),
+                    redactor=self.redactor)(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -335,10 +330,11 @@ def create_app(config: ServerConfig | None = None, *,
                   " JSON objects with a stable `code` and a `message`.")
     app.state.service = None
     app.add_middleware(_Guard, config=cfg, fastapi=app)
+    redactor = Redactor([cfg.state_dir])  # what errors may tell clients
 
     @app.exception_handler(SandvmError)
     async def _sandvm_error(request: Request, exc: SandvmError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, redactor=redactor)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -346,7 +342,8 @@ def create_app(config: ServerConfig | None = None, *,
         for e in exc.errors()[:10]:
             loc = ".".join(str(p) for p in e.get("loc", ()))
             parts.append(f"{loc}: {e.get('msg', 'invalid')}")
-        return error_response(InvalidSpec("invalid request: " + "; ".join(parts)), 422)
+        return error_response(InvalidSpec("invalid request: " + "; ".join(parts)), 422,
+                              redactor=redactor)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -364,18 +361,21 @@ def create_app(config: ServerConfig | None = None, *,
                                     if r.path.count("{") == fewest))
             allow = {"Allow": ", ".join(sorted(methods))}
         return error_response(ServiceError(f"{what}: {request.method} {request.url.path}"),
-                              exc.status_code, headers=allow)
+                              exc.status_code, headers=allow, redactor=redactor)
 
     @app.exception_handler(ClientDisconnect)
     async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # an upload whose client went away: nothing was written, nobody reads this
-        return error_response(SandvmError("the client went away mid-request"), 400)
+        return error_response(SandvmError("the client went away mid-request"), 400,
+                              redactor=redactor)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in %s %s", request.method, request.url.path)
-        return error_response(SandvmError("internal server error (logged on the server)"),
-                              500)
+        log.exception("request %s: unexpected error in %s %s", request_id(), request.method,
+                      escape_text(request.url.path))
+        return error_response(SandvmError("internal server error (logged on the server,"
+                                          f" request {request_id()})"), 500,
+                              redactor=redactor)
 
     # ------------------------------------------------------------------ public
 

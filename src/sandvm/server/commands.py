@@ -21,6 +21,7 @@ from typing import Any
 from sandvm.errors import CommandTimeout, SandboxStateError, SandvmError, UnknownCommand
 from sandvm.sandbox import AsyncCommandHandle, _signal_number
 from sandvm.server.models import CommandInfo
+from sandvm.server.redact import Redactor, default_redactor, status_for
 
 MAX_BUFFERED_EVENTS = 4096  # besides the byte cap: many tiny chunks cost per event too
 
@@ -102,10 +103,11 @@ class BackgroundCommand:
 
     def watch(self, handle: AsyncCommandHandle, *,
               on_end: Callable[[BackgroundCommand], None] | None = None,
-              explain: Callable[[SandvmError], Awaitable[SandvmError]] | None = None
-              ) -> None:
+              explain: Callable[[SandvmError], Awaitable[SandvmError]] | None = None,
+              redactor: Redactor | None = None) -> None:
         """Start waiting for ``handle``'s end; its exit (or error: ``explain`` may put
-        another in its place) becomes the last event."""
+        another in its place; its message as ``redactor`` lets clients see it) becomes
+        the last event."""
         self.handle = handle
 
         async def go() -> None:
@@ -121,8 +123,9 @@ class BackgroundCommand:
                 final = {"type": "exit", "exit_code": res.exit_code, "signal": res.signal,
                          "timed_out": timed_out, "duration": round(res.duration, 6)}
             except SandvmError as exc:
-                final = {"type": "error",
-                         **(await explain(exc) if explain is not None else exc).to_dict()}
+                err = await explain(exc) if explain is not None else exc
+                final = {"type": "error", **(redactor or default_redactor()).public(
+                    err, status=status_for(err))}
             except asyncio.CancelledError:
                 self.append({"type": "error", "code": "sandbox_state",
                              "message": "the server let go of the sandbox (it stopped, or"

@@ -51,6 +51,7 @@ from sandvm.server.library import Library
 from sandvm.server.metrics import Metrics
 from sandvm.server.models import CommandInfo, SandboxInfo, WriteResult
 from sandvm.server.networking import Networking
+from sandvm.server.redact import Redactor, status_for
 from sandvm.server.store import ServerStore
 
 log = logging.getLogger("sandvm.server")
@@ -89,6 +90,7 @@ class SandboxService:
                                exposed_ports=lambda: float(self.store.count_exposed()))
         self.networking = Networking(self)  # exposed ports, egress policies
         self.library = Library(self)  # snapshots, pools
+        self.redactor = Redactor([config.state_dir])  # what errors may tell clients
         self._held: dict[str, AsyncSandbox] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating: set[str] = set()
@@ -444,8 +446,8 @@ class SandboxService:
                 final = task.result()
                 self.metrics.commands.inc(outcome="exit")
             except SandvmError as exc:
-                final = {"type": "error",
-                         **(await self._ended_instead(sb.sandbox_id, exc)).to_dict()}
+                err = await self._ended_instead(sb.sandbox_id, exc)
+                final = {"type": "error", **self.redactor.public(err, status=status_for(err))}
                 self.metrics.commands.inc(outcome="error")
             self.metrics.command_seconds.observe(time.monotonic() - t0)
             yield final
@@ -507,7 +509,8 @@ class SandboxService:
         if stdin is not None:
             bg.stdin_open = False  # fed whole, then closed (as locally)
         bg.watch(handle, on_end=ended,
-                 explain=lambda exc: self._ended_instead(sandbox_id, exc))
+                 explain=lambda exc: self._ended_instead(sandbox_id, exc),
+                 redactor=self.redactor)
         return bg.info()
 
     def _command(self, tenant: str, sandbox_id: str, command_id: str) -> BackgroundCommand:
