@@ -67,6 +67,15 @@ def client(port: int, cert: tuple[Path, Path]) -> httpx.AsyncClient:
     return httpx.AsyncClient(proxy=f"http://127.0.0.1:{port}", verify=ctx, timeout=10)
 
 
+async def until_async(cond: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll ``cond`` until it holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """Send ``request`` to the proxy; the status, headers and body it answers."""
     r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -387,7 +396,7 @@ def test_connection_cap_and_bad_requests(https: HttpServer) -> None:
 
     async def go() -> None:
         pol = policy(allow=["pypi.test"], ports=[srv.port], max_connections=2)
-        async with proxy(pol) as (_, port):
+        async with proxy(pol) as (p, port):
             held = []
             for _ in range(2):
                 r, w = await asyncio.open_connection("127.0.0.1", port)
@@ -399,6 +408,7 @@ def test_connection_cap_and_bad_requests(https: HttpServer) -> None:
             assert status == 429 and "too many connections" in headers["X-Sandvm-Reason"]
             for w in held:
                 w.close()
+            await until_async(lambda: p.room() is None, "the closed tunnels' slots back")
             status, _, _ = await raw(port, b"NONSENSE\r\n\r\n")
             assert status == 400
             status, _, _ = await raw(port, b"CONNECT pypi.test:99999 HTTP/1.1\r\n\r\n")
@@ -579,3 +589,239 @@ def test_the_system_resolver_answers_from_its_own_pool(monkeypatch: pytest.Monke
     addrs = asyncio.run(system_resolver("localhost", 443))
     assert "127.0.0.1" in addrs or "::1" in addrs
     assert threads and threads[0].startswith("sandvm-dns")  # not the default executor
+
+
+# --------------------------------------------------------------------------- hostile loads
+
+
+def test_silent_connections_count_against_the_connection_cap() -> None:
+    """A client that connects and says nothing holds a connection (a socket pair on the
+    host, in a sandbox): it counts against max_connections from its first byte, so a
+    workload cannot hold more silent ones than the cap."""
+    srv = HalfCloseServer()
+
+    async def go() -> None:
+        audit = AuditLog()
+        pol = policy(allow=["pypi.test"], ports=[srv.port], max_connections=3)
+        async with proxy(pol, audit=audit) as (p, port):
+            silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+            await until_async(lambda: len(p._clients) == 3, "the proxy to take the silent ones")
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 429 and "too many connections" in headers["X-Sandvm-Reason"]
+            assert [e.action for e in audit][-1] == "deny"
+            for _, w in silent:
+                w.close()
+            await until_async(lambda: not p._clients, "the silent ones' slots back")
+            status, _, _ = await raw(
+                port, f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 200
+    try:
+        asyncio.run(go())
+    finally:
+        srv.close()
+
+
+def test_a_name_that_never_resolves_stalls_only_its_own_sandbox(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The system resolver of one sandbox stuck on a name whose DNS never answers (here
+    a stub of getaddrinfo that hangs for hang.test) leaves other sandboxes' lookups
+    answering: each proxy resolves in threads of its own."""
+    import socket
+    import threading
+
+    srv = HalfCloseServer()
+    release = threading.Event()
+    hung: list[str] = []
+    real = socket.getaddrinfo
+
+    def stub(host: Any, port: Any, *a: Any, **kw: Any) -> Any:
+        if host == "hang.test":
+            hung.append(host)
+            release.wait(60)
+            raise OSError("released")
+        if host == "pypi.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        if host == "127.0.0.1":  # numeric: answers without any lookup
+            return real(host, port, *a, **kw)
+        raise OSError(f"the test resolver does not know {host!r}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", stub)
+
+    async def go() -> None:
+        tenant_a = EgressProxy(policy(allow=["hang.test"], ports=[srv.port],
+                                      connect_timeout=30), sandbox_id="sb-a")
+        tenant_b = EgressProxy(policy(allow=["pypi.test"], ports=[srv.port],
+                                      connect_timeout=10), sandbox_id="sb-b")
+        srv_a, srv_b = await tenant_a.serve_tcp(), await tenant_b.serve_tcp()
+        port_a, port_b = (s.sockets[0].getsockname()[1] for s in (srv_a, srv_b))
+        try:
+            stuck = [asyncio.create_task(raw(port_a, f"CONNECT hang.test:{srv.port}"
+                                             " HTTP/1.1\r\n\r\n".encode()))
+                     for _ in range(16)]
+            await until_async(lambda: len(hung) >= 4, "sandbox a's lookups to hang")
+            status, headers, _ = await raw(
+                port_b, f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 200, headers
+            assert len(hung) <= 16
+            for t in stuck:
+                t.cancel()
+        finally:
+            release.set()
+            for p, s in ((tenant_a, srv_a), (tenant_b, srv_b)):
+                await p.aclose()
+                s.close()
+    try:
+        asyncio.run(go())
+    finally:
+        release.set()
+        srv.close()
+
+
+def test_special_use_names_never_reach_the_resolver(https: HttpServer) -> None:
+    calls: list[str] = []
+
+    async def go() -> None:
+        pol = policy(allow=["localhost", "a.localhost", "gone.invalid"], ports=[https.port],
+                     allow_ips=[])
+        async with proxy(pol, table({}, calls)) as (_, port):
+            for name in ("localhost", "a.localhost"):
+                status, headers, _ = await raw(
+                    port, f"CONNECT {name}:{https.port} HTTP/1.1\r\n\r\n".encode())
+                assert status == 403 and "loopback" in headers["X-Sandvm-Reason"], name
+            status, headers, _ = await raw(
+                port, f"CONNECT gone.invalid:{https.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 502 and "RFC 6761" in headers["X-Sandvm-Reason"]
+    asyncio.run(go())
+    assert calls == []
+
+
+def test_repeated_refusals_are_coalesced_and_the_file_is_capped(tmp_path: Path) -> None:
+    """A guest repeating a refused request: the audit file gets one record for the
+    first and one with the count of the repeats, not one per request; past its byte
+    cap it gets one "dropped N events" record; when the sandbox ends it is moved to
+    ended/, where only the newest KEEP_ENDED are kept."""
+    from sandvm import egress
+
+    def deny(host: str, n: int) -> egress.EgressEvent:
+        return egress.EgressEvent(ts=time.time(), sandbox_id="sb-x", action="deny",
+                                  method="CONNECT", host=host, port=443,
+                                  reason=f"{host} is not on this sandbox's allow list")
+
+    path = tmp_path / "audit" / "egress-sb-x.jsonl"
+    audit = AuditLog(path, window=3600)
+    seen: list[egress.EgressEvent] = []
+    audit.subscribe(seen.append)
+    for i in range(2000):
+        audit.record(deny("evil.test", i))
+        audit.record(deny("other.test", i))
+    assert len(seen) == 4000  # subscribers see every event
+    assert path.stat().st_size < 1000  # two first records, the repeats pending
+    audit.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(lines) == 4
+    assert sorted((x["host"], x["count"]) for x in lines) == [
+        ("evil.test", 1), ("evil.test", 1999), ("other.test", 1), ("other.test", 1999)]
+    assert sum(e.count for e in audit.events()) == 4000
+
+    # distinct refusals (nothing to coalesce) up to the cap, then a "dropped" record
+    capped = AuditLog(tmp_path / "audit" / "egress-sb-y.jsonl", max_bytes=20_000)
+    for i in range(1000):
+        capped.record(deny(f"h{i}.test", i))
+    capped.close()
+    assert capped.path is not None
+    size = capped.path.stat().st_size
+    assert size <= 20_000
+    last = json.loads(capped.path.read_text().splitlines()[-1])
+    assert last["action"] == "dropped" and last["count"] > 900 and "cap" in last["reason"]
+    # a later holder of the same sandbox starts from what is there: the cap holds
+    again = AuditLog(capped.path, max_bytes=20_000)
+    for i in range(100):
+        again.record(deny(f"g{i}.test", i))
+    again.close()
+    assert capped.path.stat().st_size <= 20_000
+
+    # the sandbox ends: the file moves to ended/, the oldest ended ones go
+    moved = audit.end()
+    assert moved == tmp_path / "audit" / "ended" / "egress-sb-x.jsonl" and moved.exists()
+    assert not path.exists()
+    for i in range(egress.KEEP_ENDED + 5):
+        AuditLog(tmp_path / "audit" / f"egress-e{i}.jsonl").end()
+    assert len(list((tmp_path / "audit" / "ended").iterdir())) == egress.KEEP_ENDED
+
+
+def test_the_descriptor_budget_refuses_upstream_connections_before_the_process_runs_out(
+        ) -> None:
+    from sandvm.fds import MIN_RESERVE, FdBudget
+
+    budget = FdBudget(limit=MIN_RESERVE + 8)  # 8 for guest connections, 2 per sandbox
+    assert (budget.capacity, budget.share) == (8, 2)
+    assert budget.acquire("a", 2) is None
+    assert "share" in (budget.acquire("a", 1) or "")
+    for sb in ("b", "c", "d"):
+        assert budget.acquire(sb, 2) is None
+    assert "open-file limit" in (budget.acquire("e", 1) or "")
+    budget.release("a", 2)
+    assert budget.acquire("e", 1) is None and budget.held == 7
+
+    srv = HalfCloseServer()
+
+    async def go() -> None:
+        audit = AuditLog()
+        tight = FdBudget(limit=MIN_RESERVE + 4)  # one upstream connection per sandbox
+        pol = policy(allow=["pypi.test"], ports=[srv.port])
+        p = EgressProxy(pol, sandbox_id="sb-fd", resolver=table(NAMES), audit=audit,
+                        budget=tight)
+        server = await p.serve_tcp()
+        port = server.sockets[0].getsockname()[1]
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            assert tight.held_by("sb-fd") == 1
+            status, headers, _ = await raw(
+                port, f"CONNECT pypi.test:{srv.port} HTTP/1.1\r\n\r\n".encode())
+            assert status == 503 and "descriptors" in headers["X-Sandvm-Reason"]
+            assert audit.events()[-1].action == "error"
+            w.close()
+            await until_async(lambda: tight.held == 0, "the descriptor back")
+        finally:
+            await p.aclose()
+            server.close()
+    try:
+        asyncio.run(go())
+    finally:
+        srv.close()
+
+
+def test_raise_nofile_limit_is_idempotent() -> None:
+    import resource
+    import subprocess
+    import sys
+
+    code = ("import resource; from sandvm.fds import raise_nofile_limit as r;"
+            "s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, h), h));"
+            "a = r(); b = r(); print(a == b == resource.getrlimit(resource.RLIMIT_NOFILE),"
+            " a[0] == h)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["True", "True"]
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 0
+
+
+def test_upstream_connections_outside_loopback_are_caught(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """The seam every proxy connects through: with SANDVM_EGRESS_LOOPBACK_ONLY (the test
+    suite sets it) a connection anywhere but loopback is refused and noted."""
+    from sandvm import egress
+
+    note = tmp_path / "violations"
+    monkeypatch.setenv(egress.LOOPBACK_ONLY_ENV, str(note))
+
+    async def go() -> None:
+        with pytest.raises(OSError, match="only loopback"):
+            await egress.open_upstream("192.0.2.1", 443)  # TEST-NET-1: never contacted
+    asyncio.run(go())
+    assert "192.0.2.1:443" in note.read_text()

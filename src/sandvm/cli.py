@@ -41,6 +41,9 @@ def _fail(exc: SandvmError) -> None:
 @click.version_option(package_name="sandvm")
 def main() -> None:
     """sandvm: run untrusted code in real microVMs."""
+    from sandvm.fds import raise_nofile_limit
+
+    raise_nofile_limit()  # guests drive host connections: the full descriptor limit
 
 
 @main.command()

@@ -14,9 +14,17 @@ channel, to an :class:`EgressProxy` on the host, which applies the sandbox's
   CIDR in ``allow_ips`` names them;
 - allowed ports (443 only, by default); HTTPS through ``CONNECT``; plain HTTP
   (absolute-form requests) only with ``allow_http``;
-- connect and idle timeouts, a byte cap for the whole sandbox, a connection cap;
+- connect and idle timeouts, a byte cap for the whole sandbox, a connection cap (a
+  connection counts from its first byte: one still sending its request head too);
+- names are resolved in threads of the sandbox's own (a name whose DNS never answers
+  stalls only that sandbox's lookups); ``localhost`` and ``.invalid`` names (RFC 6761)
+  never reach the resolver;
+- upstream connections take descriptors from the process's budget (:mod:`sandvm.fds`):
+  what does not fit is refused (503) before the process runs out;
 - every decision is an :class:`EgressEvent` with its reason: kept in memory, handed to
-  subscribers, and appended to a JSON-lines audit file when one is given;
+  subscribers, and appended to a JSON-lines audit file when one is given (repeats
+  coalesced into one record with a count, the file capped in bytes, moved aside when
+  the sandbox ends);
 - ``set_policy`` replaces the policy atomically: new requests see the new one at
   once, and open tunnels the new one refuses are closed.
 
@@ -31,6 +39,8 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
+import errno
 import functools
 import ipaddress
 import json
@@ -44,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from sandvm.errors import InvalidSpec
+from sandvm.fds import BUDGET, FdBudget
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -54,6 +65,12 @@ HEAD_TIMEOUT = 10.0  # to send them
 CHUNK = 64 * 1024
 MAX_EVENTS = 1000  # kept in memory per proxy
 MAX_REASON = 300  # characters of a reason kept (a guest's host name can be long)
+MAX_AUDIT_BYTES = 1 << 20  # of a sandbox's audit file, over its life (then "dropped")
+COALESCE_WINDOW = 10.0  # seconds: identical refusals within it become one record + a count
+MAX_BURSTS = 64  # distinct refusals coalesced at once
+KEEP_ENDED = 64  # audit files of ended sandboxes kept (in audit/ended/, oldest removed)
+MAX_LOOKUPS = 4  # getaddrinfo threads of one sandbox (lookups at once)
+LOOPBACK_ONLY_ENV = "SANDVM_EGRESS_LOOPBACK_ONLY"  # test suites: see open_upstream
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # tab is allowed in values
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -276,7 +293,10 @@ class EgressEvent:
 
     ``action``: ``allow`` (a connection was made), ``deny`` (refused by the policy),
     ``error`` (allowed but failed: resolution, connect, timeout) or ``close`` (a
-    connection ended; with its byte counts)."""
+    connection ended; with its byte counts). ``count``: how many identical decisions
+    the record stands for (repeated refusals are coalesced: the first is recorded at
+    once, the repeats of the next COALESCE_WINDOW seconds as one record with their
+    count and the time of the last)."""
 
     ts: float
     sandbox_id: str
@@ -289,35 +309,141 @@ class EgressEvent:
     bytes_out: int = 0
     bytes_in: int = 0
     seconds: float = 0.0
+    count: int = 1
+
+
+@dataclass
+class _Burst:
+    since: float  # monotonic time of the first
+    last: EgressEvent
+    repeats: int = 0
 
 
 class AuditLog:
-    """Events of one proxy: the last MAX_EVENTS in memory, subscribers, a JSONL file."""
+    """Events of one proxy: the last MAX_EVENTS in memory, subscribers, a JSONL file.
 
-    def __init__(self, path: Path | None = None) -> None:
+    Subscribers get every event. Memory and the file get repeated refusals (``deny`` and
+    ``error`` with the same method, host, port, address and reason) coalesced: the
+    first at once, the repeats as one record with a ``count`` once COALESCE_WINDOW
+    seconds have passed (or at ``close``). The file holds at most ``max_bytes`` (counted
+    over the sandbox's life, across holders): what does not fit is counted and, at
+    ``close``, summed up in one ``dropped`` record. ``end`` (the sandbox ended) moves
+    the file to ``ended/`` beside it, where the last KEEP_ENDED are kept."""
+
+    def __init__(self, path: Path | None = None, *, max_bytes: int = MAX_AUDIT_BYTES,
+                 window: float = COALESCE_WINDOW) -> None:
         self.path = path
+        self.max_bytes = max_bytes
+        self.window = window
         self._events: collections.deque[EgressEvent] = collections.deque(maxlen=MAX_EVENTS)
         self._subscribers: list[Callable[[EgressEvent], None]] = []
-        self.write_errors = 0  # events the file did not get
+        self._bursts: dict[tuple[Any, ...], _Burst] = {}
+        self.write_errors = 0  # events the file did not get (I/O errors)
+        self.dropped = 0  # events the file did not get (its byte cap), not yet reported
+        self._size = 0
+        self._sandbox_id = "-"
         if path is not None:  # there from the start (mode 0600), even before any event
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                self._size = os.fstat(fd).st_size  # an earlier holder's records count
+            finally:
+                os.close(fd)
 
     def record(self, event: EgressEvent) -> None:
-        self._events.append(event)
-        if self.path is not None:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                             0o600)
-                try:
-                    os.write(fd, (json.dumps(asdict(event)) + "\n").encode())
-                finally:
-                    os.close(fd)
-            except OSError:  # e.g. a full disk: counted, and the event is still kept here
-                self.write_errors += 1
+        """Keep ``event`` (coalesced with its repeats) and hand it to every subscriber."""
+        self._sandbox_id = event.sandbox_id
+        now = time.monotonic()
+        self._flush(now)
         for fn in list(self._subscribers):
             with contextlib.suppress(Exception):  # an observer's bug never breaks egress
                 fn(event)
+        if event.action in ("deny", "error"):
+            key = (event.action, event.method, event.host, event.port, event.address,
+                   event.reason)
+            burst = self._bursts.get(key)
+            if burst is not None:
+                burst.repeats += 1
+                burst.last = event
+                return
+            if len(self._bursts) >= MAX_BURSTS:  # the oldest one is written now
+                oldest = min(self._bursts, key=lambda k: self._bursts[k].since)
+                self._emit_repeats(self._bursts.pop(oldest))
+            self._bursts[key] = _Burst(now, event)
+        self._keep(event)
+
+    def _flush(self, now: float | None = None) -> None:
+        """Write the repeat records of bursts older than the window (all: ``now`` None)."""
+        for key, burst in list(self._bursts.items()):
+            if now is None or now - burst.since >= self.window:
+                del self._bursts[key]
+                self._emit_repeats(burst)
+
+    def _emit_repeats(self, burst: _Burst) -> None:
+        if burst.repeats:
+            self._keep(dataclasses.replace(burst.last, count=burst.repeats))
+
+    def _keep(self, event: EgressEvent) -> None:
+        self._events.append(event)
+        self._write(json.dumps(asdict(event)) + "\n")
+
+    def _write(self, line: str, *, reserve: int = 1024) -> bool:
+        """Append ``line`` if it fits under the cap (less ``reserve`` bytes kept for the
+        ``dropped`` record); False if not written."""
+        if self.path is None:
+            return False
+        data = line.encode()
+        if self._size + len(data) > self.max_bytes - reserve:
+            self.dropped += 1
+            return False
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        except OSError:  # e.g. a full disk: counted, and the event is still kept here
+            self.write_errors += 1
+            return False
+        self._size += len(data)
+        return True
+
+    def close(self) -> None:
+        """Write what is pending: coalesced repeats, and a ``dropped`` record if the cap
+        cut events off. The log stays usable (a later event is recorded as usual)."""
+        self._flush(None)
+        if self.dropped and self.path is not None:
+            n = self.dropped
+            rec = EgressEvent(ts=time.time(), sandbox_id=self._sandbox_id, action="dropped",
+                              method="-", host="-", port=0, count=n,
+                              reason=f"the audit file reached its cap of {self.max_bytes}"
+                                     f" bytes: {n} events were not written to it")
+            if self._write(json.dumps(asdict(rec)) + "\n", reserve=0):
+                self.dropped = 0
+
+    def end(self) -> Path | None:
+        """The sandbox ended: ``close``, then move the file to ``ended/`` beside it
+        (keeping the newest KEEP_ENDED there); returns its new path (None: no file).
+        Never raises."""
+        self.close()
+        path, self.path = self.path, None
+        if path is None or not path.exists():
+            return None
+        ended = path.parent / "ended"
+        try:
+            ended.mkdir(exist_ok=True, mode=0o700)
+            target = ended / path.name
+            os.replace(path, target)
+            kept = sorted(ended.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in kept[KEEP_ENDED:]:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+            return target
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
 
     def subscribe(self, fn: Callable[[EgressEvent], None]) -> Callable[[], None]:
         """Call ``fn`` with every event from now on; returns what unsubscribes it."""
@@ -325,6 +451,8 @@ class AuditLog:
         return lambda: self._subscribers.remove(fn) if fn in self._subscribers else None
 
     def events(self) -> list[EgressEvent]:
+        """The kept events, oldest first (repeats whose window passed included)."""
+        self._flush(time.monotonic())
         return list(self._events)
 
     def __iter__(self) -> Iterator[EgressEvent]:
@@ -334,18 +462,70 @@ class AuditLog:
 # --------------------------------------------------------------------------- proxy
 
 
-# getaddrinfo cannot be cancelled: its own bounded pool, so slow lookups (a timed-out
-# one keeps its thread) never starve the default executor the rest of sandvm uses
-_RESOLVER_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8,
-                                                       thread_name_prefix="sandvm-dns")
+_REAL_GETADDRINFO = socket.getaddrinfo
+
+
+def _guard_violation(what: str) -> None:
+    """Under LOOPBACK_ONLY_ENV (a file path): note an attempt to leave the machine."""
+    path = os.environ.get(LOOPBACK_ONLY_ENV)
+    if path:
+        with contextlib.suppress(OSError), open(path, "a") as f:
+            f.write(what.replace("\n", " ")[:500] + "\n")
+
+
+class SystemResolver:
+    """The host's own resolver (getaddrinfo) for one sandbox: addresses in its order, no
+    duplicates. getaddrinfo cannot be cancelled, so a lookup that never answers keeps
+    its thread after the proxy gave up on it; each sandbox's proxy has its own pool of
+    ``workers`` threads, so such names stall only that sandbox's lookups, never another
+    sandbox's (nor the default executor the rest of sandvm uses)."""
+
+    def __init__(self, *, workers: int = MAX_LOOKUPS) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                           thread_name_prefix="sandvm-dns")
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        lookup = socket.getaddrinfo  # read here: a test's resolver stub replaces it
+        if lookup is _REAL_GETADDRINFO and host != "localhost":
+            _guard_violation(f"system resolver asked for {host}")
+        infos = await asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(lookup, host, port, type=socket.SOCK_STREAM))
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    def close(self) -> None:
+        """Lookups queued are dropped; running ones end on their own."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+_SHARED_RESOLVER = SystemResolver(workers=8)
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
-    """The host's own resolver (getaddrinfo), addresses in its order, no duplicates."""
-    infos = await asyncio.get_running_loop().run_in_executor(
-        _RESOLVER_POOL, functools.partial(socket.getaddrinfo, host, port,
-                                          type=socket.SOCK_STREAM))
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    """The host's own resolver, for callers without a proxy (a proxy has its own)."""
+    return await _SHARED_RESOLVER(host, port)
+
+
+def _special_use(name: str) -> list[str] | None:
+    """Answers for special-use names (RFC 6761) that never go to a resolver:
+    ``localhost`` and ``*.localhost`` are loopback; ``*.invalid`` never resolves."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return ["127.0.0.1", "::1"]
+    if name == "invalid" or name.endswith(".invalid"):
+        raise _Refused(502, f"cannot resolve {name}: .invalid names never resolve"
+                            " (RFC 6761)")
+    return None
+
+
+async def open_upstream(address: str, port: int
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """How every proxy connects to an address it checked: a module-level hook, so a
+    test suite can watch it. With ``$SANDVM_EGRESS_LOOPBACK_ONLY`` set to a file path
+    (sandvm's own tests set it), connections to addresses that are not loopback are
+    refused and written to that file."""
+    if os.environ.get(LOOPBACK_ONLY_ENV) and not ipaddress.ip_address(address).is_loopback:
+        _guard_violation(f"egress connect to {address}:{port}")
+        raise OSError(errno.EACCES, f"{LOOPBACK_ONLY_ENV} is set: only loopback addresses")
+    return await asyncio.open_connection(address, port, limit=CHUNK)
 
 
 class _Refused(Exception):
@@ -379,7 +559,7 @@ class _Tunnel:
 
 _STATUS_TEXT = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed",
                 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-                502: "Bad Gateway", 504: "Gateway Timeout"}
+                502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 class EgressProxy:
@@ -387,11 +567,14 @@ class EgressProxy:
     of asyncio streams: a TCP connection, or a stream over the agent channel)."""
 
     def __init__(self, policy: NetworkPolicy | None = None, *, sandbox_id: str = "-",
-                 resolver: Resolver | None = None, audit: AuditLog | None = None) -> None:
+                 resolver: Resolver | None = None, audit: AuditLog | None = None,
+                 budget: FdBudget | None = None) -> None:
         self._policy = policy or NetworkPolicy()
         self.sandbox_id = sandbox_id
-        self.resolver = resolver or system_resolver
+        self._own_resolver = SystemResolver() if resolver is None else None
+        self.resolver: Resolver = resolver or self._own_resolver  # type: ignore[assignment]
         self.audit = audit or AuditLog()
+        self.budget = budget or BUDGET  # upstream connections' descriptors
         self._tunnels: set[_Tunnel] = set()
         self._clients: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -407,6 +590,23 @@ class EgressProxy:
     def active(self) -> int:
         """Connections open through the proxy now."""
         return len(self._tunnels)
+
+    def room(self) -> str | None:
+        """Why a new client connection would be refused at once (None: there is room):
+        the network is closed, or ``max_connections`` are taken (connections count from
+        their first byte, so silent ones count too)."""
+        if self._closed:
+            return "the sandbox's network is closed"
+        cap = self._policy.max_connections
+        if self._slots >= cap:
+            return f"too many connections open ({cap})"
+        return None
+
+    def refuse(self, status: int, reason: str) -> bytes:
+        """Record a refusal made before the request was read (the caller answers with
+        the bytes returned: an HTTP error response)."""
+        self._event("deny" if status in (403, 429) else "error", "?", "?", 0, reason)
+        return error_response(status, reason)
 
     def set_policy(self, policy: NetworkPolicy) -> None:
         """Replace the policy, atomically: requests from now on see only the new one,
@@ -431,6 +631,9 @@ class EgressProxy:
                 w.transport.abort()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=5.0)
+        if self._own_resolver is not None:
+            self._own_resolver.close()
+        self.audit.close()
 
     def _event(self, action: str, method: str, host: str, port: int, reason: str,
                **extra: Any) -> None:
@@ -444,6 +647,16 @@ class EgressProxy:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one client connection: one CONNECT tunnel or one plain HTTP request."""
+        why = self.room()
+        if why is not None:  # before reading anything: a silent client holds a slot too
+            status = 403 if self._closed else 429
+            with contextlib.suppress(Exception):
+                writer.write(self.refuse(status, why))
+                await asyncio.wait_for(writer.drain(), 5.0)
+            with contextlib.suppress(Exception):
+                writer.close()
+            return
+        self._slots += 1  # held from the first byte until the connection ends
         self._clients.add(writer)
         me = asyncio.current_task()
         if me is not None:
@@ -476,6 +689,7 @@ class EgressProxy:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._slots -= 1
             self._clients.discard(writer)
             if me is not None:
                 self._handlers.discard(me)
@@ -494,15 +708,11 @@ class EgressProxy:
         if policy.max_bytes is not None and self.bytes_total >= policy.max_bytes:
             raise _Refused(403, f"the sandbox's egress byte cap ({policy.max_bytes} bytes)"
                                 " is used up")
-        if self._slots >= policy.max_connections:
+        if self._slots > policy.max_connections:  # the cap was lowered meanwhile
             raise _Refused(429, f"too many connections open ({policy.max_connections})")
-        self._slots += 1  # held from here (resolving, connecting) until the tunnel ends
-        try:
-            await self._connect_and_pipe(reader, writer, method=method, scheme=scheme,
-                                         host=host, port=port, version=version,
-                                         headers=headers, path=path, policy=policy)
-        finally:
-            self._slots -= 1
+        await self._connect_and_pipe(reader, writer, method=method, scheme=scheme,
+                                     host=host, port=port, version=version,
+                                     headers=headers, path=path, policy=policy)
 
     async def _connect_and_pipe(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter, *, method: str, scheme: str,
@@ -511,6 +721,8 @@ class EgressProxy:
                                 policy: NetworkPolicy) -> None:
         name = normalize_host(host)
         addresses = policy.pinned(name)
+        if addresses is None:
+            addresses = _special_use(name)
         try:
             if addresses is None:
                 addresses = await asyncio.wait_for(self.resolver(name, port),
@@ -530,6 +742,22 @@ class EgressProxy:
         if not allowed:
             raise _Refused(403, f"{name} resolves only to refused addresses: "
                                 f"{refusals[0] if refusals else 'none'}")
+        why = self.budget.acquire(self.sandbox_id, 1)
+        if why is not None:
+            raise _Refused(503, why)
+        try:
+            await self._connect_checked(reader, writer, method=method, scheme=scheme,
+                                        name=name, port=port, version=version,
+                                        headers=headers, path=path, policy=policy,
+                                        allowed=allowed)
+        finally:
+            self.budget.release(self.sandbox_id, 1)
+
+    async def _connect_checked(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter, *, method: str, scheme: str,
+                               name: str, port: int, version: str,
+                               headers: list[tuple[str, str]], path: str | None,
+                               policy: NetworkPolicy, allowed: list[str]) -> None:
         upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         address = allowed[0]
         deadline = time.monotonic() + policy.connect_timeout
@@ -539,8 +767,7 @@ class EgressProxy:
             if left <= 0:
                 break
             try:
-                upstream = await asyncio.wait_for(
-                    asyncio.open_connection(address, port, limit=CHUNK), left)
+                upstream = await asyncio.wait_for(open_upstream(address, port), left)
                 break
             except TimeoutError:
                 last_error = "timed out"
@@ -727,7 +954,9 @@ def _close_head(head: bytes) -> bytes:
     return b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
 
 
-async def _reply_error(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
+def error_response(status: int, reason: str) -> bytes:
+    """The proxy's HTTP error response: ``status``, the reason in the status line, an
+    ``X-Sandvm-Reason`` header and the body."""
     reason_line = reason.replace("\r", " ").replace("\n", " ")[:500]
     body = f"sandvm egress: {reason_line}\n".encode()
     # the reason in the status line too: clients that show only it (Python's "Tunnel
@@ -737,8 +966,12 @@ async def _reply_error(writer: asyncio.StreamWriter, status: int, reason: str) -
             f"X-Sandvm-Reason: {reason_line}\r\n"
             "Content-Type: text/plain; charset=utf-8\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("utf-8", "replace") + body
+
+
+async def _reply_error(writer: asyncio.StreamWriter, status: int, reason: str) -> None:
     with contextlib.suppress(Exception):
-        writer.write(head.encode("utf-8", "replace") + body)
+        writer.write(error_response(status, reason))
         await asyncio.wait_for(writer.drain(), 5.0)
 
 

@@ -60,6 +60,7 @@ will return, so callers can match on it across versions::
     │   └── PortTimeout (port_timeout)          ports.wait, a connect or a read ran out of time
     ├── SandboxStateError (sandbox_state)       operation not allowed in this state
     │   └── SandboxBusy (sandbox_busy)          another process holds the managed sandbox
+    ├── ResourceExhausted (resource_exhausted)  the process's open-file budget is used up (HTTP 503)
     └── ServiceError (service_error)            the HTTP server (`sandvm serve`) and its clients
         ├── Unauthenticated (unauthenticated)   no API key, or not a valid one (HTTP 401)
         ├── QuotaExceeded (quota_exceeded)      the tenant's quota is used up (HTTP 429)
@@ -120,6 +121,7 @@ __all__ = [
     "RateLimited",
     "RegistryError",
     "RequestTooLarge",
+    "ResourceExhausted",
     "SandboxBusy",
     "SandboxStateError",
     "SandvmError",
@@ -491,6 +493,15 @@ class SandboxBusy(SandboxStateError):
     """A managed sandbox is attached by another process (one holder at a time)."""
 
     code = "sandbox_busy"
+
+
+class ResourceExhausted(SandvmError):
+    """A host resource guest-driven work takes (the process's file descriptors: egress
+    connections, tunnels, listeners) is used up, process-wide or for this sandbox; the
+    message says which and what to close or raise (``ulimit -n``). HTTP 503."""
+
+    code = "resource_exhausted"
+    http_status: ClassVar[int] = 503
 
 
 class ServiceError(SandvmError):

@@ -7,6 +7,12 @@ each, with flow control) to this sandbox's :class:`~sandvm.egress.EgressProxy` o
 host, which applies the policy, makes the connection itself and records every
 decision. The host keeps a few ``egress_accept`` streams waiting in the guest, so a
 new connection costs no extra round trip.
+
+Each guest connection served holds a socket pair on the host (a bridge). A new one is
+refused, with an HTTP error the guest's client shows and an audit event, when the
+proxy has no room (``max_connections``, counting connections still sending their
+request head), MAX_BRIDGES are open, or the process's descriptor budget
+(:mod:`sandvm.fds`) does not cover it: a refusal holds no host descriptor.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandvm import _portal
+from sandvm import _portal, wire
 from sandvm.agent_client import AgentConnection, HostStream, require_feature
 from sandvm.egress import AuditLog, EgressEvent, EgressProxy, NetworkPolicy, Resolver, proxy_env
 from sandvm.errors import InvalidSpec, SandvmError, Unsupported
+from sandvm.fds import BUDGET, raise_nofile_limit
 from sandvm.ports import _download, _upload
 
 if TYPE_CHECKING:
@@ -32,6 +39,7 @@ GUEST_PROXY_PORT = 3128
 WAITING = 4  # egress_accept streams kept waiting in the guest
 MAX_BRIDGES = 256  # guest connections served at once (the proxy's own caps come after)
 BRIDGE_GRACE = 2.0  # seconds a guest connection may linger after the proxy is done
+BRIDGE_FDS = 2  # host descriptors a bridge holds (its socket pair)
 _CHUNK = 64 * 1024
 
 
@@ -50,10 +58,12 @@ class AsyncNetwork:
     """The sandbox's egress policy, its audit events, and the plumbing behind them."""
 
     def __init__(self, sb: AsyncSandbox) -> None:
+        raise_nofile_limit()  # once per process: every sandbox gets here
         self._sb = sb
         self._proxy: EgressProxy | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._bridges: set[asyncio.Task[Any]] = set()  # guest connections being served
+        self._refusing = 0  # guest connections being told why they were refused
         self._start_lock = asyncio.Lock()
         self._ended = False
         self.guest_port = GUEST_PROXY_PORT
@@ -126,9 +136,11 @@ class AsyncNetwork:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if bridge:
+        if bridge:  # its descriptors go back however it ends (even cancelled unstarted)
+            sid = self._sb.sandbox_id
             self._bridges.add(task)
             task.add_done_callback(self._bridges.discard)
+            task.add_done_callback(lambda _: BUDGET.release(sid, BRIDGE_FDS))
 
     async def _acceptor(self) -> None:
         """Keep one egress_accept stream waiting in the guest, again and again."""
@@ -147,10 +159,14 @@ class AsyncNetwork:
                     return  # the agent connection is gone (a new holder starts anew)
             if item is not None and item.kind == "event" and \
                     (item.message or {}).get("event") == "connected":
-                if len(self._bridges) >= MAX_BRIDGES:
-                    await st.reset()  # the workload holds too many: this one is refused
-                else:
+                why = self._admit()
+                if why is None:
                     self._spawn(self._bridge(st), bridge=True)
+                elif self._refusing < MAX_BRIDGES:
+                    self._refusing += 1
+                    self._spawn(self._refuse(st, *why))
+                else:
+                    await st.reset()
                 pause = 0.05
                 continue
             if item is not None:
@@ -162,13 +178,49 @@ class AsyncNetwork:
             await asyncio.sleep(pause)  # busy (too many streams) or misbehaving: back off
             pause = min(pause * 2, 2.0)
 
+    def _admit(self) -> tuple[int, str] | None:
+        """Whether a new guest connection gets a bridge: None (yes; its descriptors are
+        taken from the budget), else the HTTP status and reason of its refusal."""
+        assert self._proxy is not None
+        why = self._proxy.room()
+        if why is not None:
+            return 429, why
+        if len(self._bridges) >= MAX_BRIDGES:
+            return 429, f"too many connections open ({MAX_BRIDGES} guest connections)"
+        why = BUDGET.acquire(self._sb.sandbox_id, BRIDGE_FDS)
+        if why is not None:
+            return 503, why
+        return None
+
+    async def _refuse(self, st: HostStream, status: int, reason: str) -> None:
+        """Answer a guest connection that gets no bridge straight over its stream (an
+        HTTP error with the reason; no host descriptor), audit it, end it."""
+        try:
+            assert self._proxy is not None
+            await st.send_data(self._proxy.refuse(status, reason), channel=wire.CH_STDIN,
+                               timeout=BRIDGE_GRACE)
+            await st.send_eof(wire.CH_STDIN)
+            async with asyncio.timeout(BRIDGE_GRACE):  # the guest's client reads, closes
+                while (await st.next(None)).kind not in ("reply", "error"):
+                    pass
+        except (SandvmError, TimeoutError):
+            pass
+        finally:
+            self._refusing -= 1
+            await st.reset()
+
     async def _bridge(self, st: HostStream) -> None:
         """One guest connection ↔ the proxy, through a socket pair (the proxy speaks
         asyncio streams; the pair gives both sides flow control). Once the proxy is done
         with it, the guest's side gets BRIDGE_GRACE seconds to finish, then is reset:
-        a silent client cannot hold a stream."""
+        a silent client cannot hold a stream. Its BRIDGE_FDS descriptors were taken
+        from the budget (``_admit``); ``_spawn`` gives them back when it ends."""
         assert self._proxy is not None
-        a, b = socket.socketpair()
+        try:
+            a, b = socket.socketpair()
+        except OSError:
+            await st.reset()
+            return
         try:
             pr, pw = await asyncio.open_connection(sock=a, limit=_CHUNK)
             cr, cw = await asyncio.open_connection(sock=b, limit=_CHUNK)
@@ -203,7 +255,9 @@ class AsyncNetwork:
                 await asyncio.wait([handler], timeout=5.0)
 
     async def _shutdown(self) -> None:
-        """The sandbox ends: close the proxy and every connection. Never raises."""
+        """The sandbox ends, or is detached: close the proxy and every connection. The
+        audit file is moved aside when the sandbox ended (killed), and left for the next
+        holder when it was detached. Never raises."""
         self._ended = True
         tasks = list(self._tasks)
         for t in tasks:
@@ -213,6 +267,9 @@ class AsyncNetwork:
                 await self._proxy.aclose()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
+        if self._proxy is not None and not getattr(self._sb, "_detached", False):
+            with contextlib.suppress(Exception):
+                self._proxy.audit.end()
 
 
 class Network:

@@ -13,7 +13,10 @@ one tunnel per accepted connection; ``ports.connect`` opens one tunnel and hands
 it to the caller as a stream; ``ports.wait`` polls the guest's
 /proc/net/tcp{,6} until something listens. Listeners and tunnels end with the
 sandbox. Whatever the guest sends is checked: data only on channel 1, no item
-before the connection is up, a bounded number of tunnels per sandbox.
+before the connection is up, a bounded number of tunnels per sandbox (MAX_TUNNELS,
+exposed connections and ``connect`` streams together). Listeners and accepted
+connections take descriptors from the process's budget (:mod:`sandvm.fds`): a
+connection it does not cover is reset at once and logged (``sandvm.ports``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import socket
 import struct
+import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +43,10 @@ from sandvm.errors import (
     PortInUse,
     PortReset,
     PortTimeout,
+    ResourceExhausted,
     SandvmError,
 )
+from sandvm.fds import BUDGET, raise_nofile_limit
 
 if TYPE_CHECKING:
     from sandvm.sandbox import AsyncSandbox
@@ -61,6 +69,7 @@ DEFAULT_WAIT = 30.0
 _CHUNK = wire.DATA_CHUNK
 _PROBE_PAUSE = (0.01, 0.25)  # first and largest pause between readiness probes
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
+log = logging.getLogger("sandvm.ports")
 
 
 # --------------------------------------------------------------------------- values
@@ -488,10 +497,29 @@ class AsyncPorts:
     every connection is tunneled through the agent channel)."""
 
     def __init__(self, sb: AsyncSandbox) -> None:
+        raise_nofile_limit()  # once per process: every sandbox gets here
         self._sb = sb
         self._listeners: dict[tuple[str, int], _Listener] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # tunnels and lingering closes
+        self._streams: weakref.WeakSet[AsyncPortStream] = weakref.WeakSet()  # connect()'s
         self._ended = False
+        self.refused = 0  # connections refused (MAX_TUNNELS, the descriptor budget)
+        self._logged = 0.0
+
+    def tunnels(self) -> int:
+        """Tunnels open now: exposed ports' connections (and lingering closes) and
+        ``connect`` streams not closed."""
+        return len(self._tasks) + sum(1 for s in self._streams
+                                      if not s._closed and not s._st.closed)
+
+    def _refused(self, why: str) -> None:
+        """Count (and log, at most once a second) a connection refused for ``why``."""
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._logged >= 1.0:
+            self._logged = now
+            log.warning("sandbox %s: a tunnel was refused (%d so far): %s",
+                        self._sb.sandbox_id, self.refused, why)
 
     def _conn(self) -> AgentConnection:
         # raises if the sandbox is gone
@@ -514,7 +542,8 @@ class AsyncPorts:
         ``host_port`` returns the existing listener. Connections made before the
         guest's server listens are reset. Allowed while the sandbox runs; the
         listener ends with it or with ``close``. Raises InvalidSpec, PortInUse,
-        PortError, SandboxStateError.
+        PortError, SandboxStateError, ResourceExhausted (the process's descriptor
+        budget; then connections beyond it are reset too).
         """
         port = check_port(port)
         host = check_bind_host(host)
@@ -530,9 +559,20 @@ class AsyncPorts:
         req = {"op": "tcp_connect", "port": port, "host": guest_host, "notify": False}
         holder: list[_Listener] = []
 
+        sid = self._sb.sandbox_id
+
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
-            if not holder or self._ended or task is None or len(self._tasks) >= MAX_TUNNELS:
+            if not holder or self._ended or task is None:
+                _abort_writer(writer)
+                return
+            why = None
+            if self.tunnels() >= MAX_TUNNELS:
+                why = f"too many tunnels open ({MAX_TUNNELS})"
+            else:
+                why = BUDGET.acquire(sid, 1)  # the accepted connection's descriptor
+            if why is not None:
+                self._refused(why)
                 _abort_writer(writer)
                 return
             self._track(task, holder[0])
@@ -544,11 +584,17 @@ class AsyncPorts:
                 # the listener or the sandbox is closing: the client gets a RST. Not
                 # re-raised: asyncio's streams log a cancelled handler task as an error
                 _abort_writer(writer)
+            finally:
+                BUDGET.release(sid, 1)
 
+        why = BUDGET.acquire(sid, 1)  # the listener's own descriptor
+        if why is not None:
+            raise ResourceExhausted(f"cannot listen for guest port {port}: {why}")
         try:
             server = await asyncio.start_server(serve, host, host_port, limit=_CHUNK,
                                                 backlog=128)
         except OSError as exc:
+            BUDGET.release(sid, 1)
             where = f"{host}:{host_port}"
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUse(f"cannot listen on {where}: the address is in use; choose"
@@ -559,6 +605,7 @@ class AsyncPorts:
             raise PortError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
         if self._ended:  # the sandbox ended meanwhile
             server.close()
+            BUDGET.release(sid, 1)
             self._sb._conn()
         bound = server.sockets[0].getsockname()[1]
         lst = _Listener(ExposedPort(host, bound, port), guest_host)
@@ -610,7 +657,8 @@ class AsyncPorts:
         """A TCP connection to ``guest_host``:``port`` in the guest, as a stream (no host
         listener involved). ``timeout`` bounds the connect (default: the sandbox's
         op_timeout). Allowed while the sandbox runs. Raises PortRefused if nothing
-        listens there, PortTimeout, InvalidSpec, SandboxStateError.
+        listens there, PortTimeout, InvalidSpec, SandboxStateError, PortError when
+        MAX_TUNNELS are open.
         """
         port = check_port(port)
         guest_host = check_guest_host(guest_host)
@@ -618,6 +666,11 @@ class AsyncPorts:
         if not limit > 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, not {timeout!r}")
         conn = self._conn()
+        if self.tunnels() >= MAX_TUNNELS:
+            self._refused(f"too many tunnels open ({MAX_TUNNELS})")
+            raise PortError(f"this sandbox has {MAX_TUNNELS} tunnels open, its cap: close"
+                            " some (streams from ports.connect, connections to exposed"
+                            " ports)")
         st = await conn.open({"op": "tcp_connect", "port": port, "host": guest_host})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
@@ -634,7 +687,9 @@ class AsyncPorts:
                     raise AgentProtocolError(f"guest sent {item.kind} before the tunnel was"
                                              " connected")
                 if (item.message or {}).get("event") == "connected":
-                    return AsyncPortStream(st, self, port)
+                    stream = AsyncPortStream(st, self, port)
+                    self._streams.add(stream)
+                    return stream
         except BaseException:
             await st.reset()
             raise
@@ -661,6 +716,8 @@ class AsyncPorts:
     async def _close_listener(self, lst: _Listener) -> None:
         if lst.server is not None:
             lst.server.close()
+            lst.server = None
+            BUDGET.release(self._sb.sandbox_id, 1)
         tasks = list(lst.tasks)
         for t in tasks:
             t.cancel()
