@@ -145,7 +145,9 @@ class FakeRegistry:
     ``truncate[digest] = n`` sends only n bytes of that blob once, then drops the
     connection; ``ignore_range`` answers Range requests with the whole blob;
     ``redirect_blobs`` sends blob GETs there (a base URL); ``manifest_headers`` are
-    added to manifest answers.
+    added to manifest answers. ``token_body`` and ``error_body`` replace the token
+    endpoint's and the error answers' bodies; ``token_realm`` replaces the realm the
+    Bearer challenge names (default: this server's ``/token``).
     """
 
     manifests: dict[str, bytes] = field(default_factory=dict)
@@ -157,6 +159,9 @@ class FakeRegistry:
     ignore_range: bool = False
     redirect_blobs: str | None = None
     manifest_headers: dict[str, str] = field(default_factory=dict)
+    token_body: bytes | None = None
+    error_body: bytes | None = None
+    token_realm: str | None = None
     seen: list[Seen] = field(default_factory=list)
     token_requests: list[Seen] = field(default_factory=list)
 
@@ -212,8 +217,9 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _error(self, status: int, code: str) -> None:
-            self._send(status, json.dumps({"errors": [{"code": code, "message": code}]})
-                       .encode(), {"Content-Type": "application/json"})
+            body = reg.error_body if reg.error_body is not None else json.dumps(
+                {"errors": [{"code": code, "message": code}]}).encode()
+            self._send(status, body, {"Content-Type": "application/json"})
 
         def _authorized(self, repo: str) -> bool:
             given = self.headers.get("Authorization")
@@ -221,7 +227,8 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             if reg.auth is None or (given is not None and given == accepted):
                 return True
             if reg.auth == "bearer":
-                challenge = (f'Bearer realm="{reg.url}/token",service="fake",'
+                realm = reg.token_realm or f"{reg.url}/token"
+                challenge = (f'Bearer realm="{realm}",service="fake",'
                              f'scope="repository:{repo}:pull"')
             else:
                 challenge = 'Basic realm="fake"'
@@ -237,7 +244,8 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
                 ok = basic() is None or self.headers.get("Authorization") == basic()
                 scope = parse_qs(url.query).get("scope", [""])[0]
                 if ok and scope.endswith(":pull"):
-                    self._send(200, json.dumps({"token": TOKEN}).encode())
+                    self._send(200, reg.token_body if reg.token_body is not None
+                               else json.dumps({"token": TOKEN}).encode())
                 else:
                     self._send(401, b"{}")
                 return
@@ -258,8 +266,10 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
                 if body is None:
                     self._error(404, "MANIFEST_UNKNOWN")
                     return
-                mt = json.loads(body).get("mediaType", OCI_MANIFEST) if body[:1] == b"{" \
-                    else OCI_MANIFEST
+                try:
+                    mt = json.loads(body).get("mediaType", OCI_MANIFEST)
+                except (ValueError, RecursionError, AttributeError):
+                    mt = OCI_MANIFEST
                 self._send(200, body, {"Content-Type": mt, **reg.manifest_headers})
                 return
             self._blob(repo, ref)

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from oci_build import (
 )
 from sandvm.errors import DigestMismatch, ImageInvalid, ImageNotFound, ImageTooLarge
 from sandvm.images.blobs import BlobStore
+from sandvm.images.manifest import load_json
 from sandvm.images.model import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
@@ -540,3 +542,43 @@ def test_default_name_without_a_tag(tmp_path: Path, blobs: BlobStore) -> None:
     image = import_layout(layout, blobs)
     assert default_name(layout) == "layout:latest"
     assert default_name(layout, image) == f"layout:{image.manifest_digest[7:19]}"
+
+
+# ------------------------------------------------------------------ hostile JSON
+
+DEEP = b"{\"a\":" + b"[" * 20_000 + b"]" * 20_000 + b"}"
+
+
+@pytest.mark.parametrize("name", ["oci-layout", "index.json"])
+def test_deeply_nested_layout_json_is_invalid(tmp_path: Path, blobs: BlobStore,
+                                              name: str) -> None:
+    layout = _layout(tmp_path)
+    (layout / name).write_bytes(DEEP)
+    with pytest.raises(ImageInvalid, match="too deeply"):
+        import_layout(layout, blobs)
+
+
+def test_deeply_nested_manifest_and_config_are_invalid(tmp_path: Path,
+                                                       blobs: BlobStore) -> None:
+    layout = _layout(tmp_path)
+    blob_file(layout, sha(DEEP)).write_bytes(DEEP)   # under its own digest: it verifies
+    config = tmp_path / "config"
+    shutil.copytree(layout, config)
+    edit_manifest(config, lambda doc: doc["config"].update(digest=sha(DEEP), size=len(DEEP)))
+    with pytest.raises(ImageInvalid, match="too deeply"):
+        import_layout(config, blobs)
+    index = read_json(layout / "index.json")
+    index["manifests"][0].update(digest=sha(DEEP), size=len(DEEP))
+    (layout / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ImageInvalid, match="too deeply"):
+        import_layout(layout, blobs)
+    with pytest.raises(ImageInvalid, match="too deeply"):
+        load_json(DEEP, "a document")
+
+
+def test_deeply_nested_docker_manifest_is_invalid(tmp_path: Path, blobs: BlobStore) -> None:
+    tar = build_docker_archive(tmp_path / "d.tar", LAYERS)
+    bad = _rewrite_member(tar, tmp_path / "bad.tar", lambda n: n == "manifest.json",
+                          lambda d: DEEP)
+    with pytest.raises(ImageInvalid, match="too deeply"):
+        import_archive(bad, blobs)

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from conftest import require
 from oci_build import Dir, File, build_layout, layer_tar
 from registry_server import (
     FakeRegistry,
@@ -401,8 +402,7 @@ def _outward_ip() -> str | None:
 def test_plain_http_only_for_loopback_or_insecure(store: BlobStore,
                                                   sent: list[tuple[httpx.Request, int]]) -> None:
     ip = _outward_ip()
-    if ip is None:
-        pytest.skip("this host has no non-loopback address")
+    require(ip is not None, "this host has no non-loopback address")
     with FakeRegistry(bind="0.0.0.0") as fake:
         digest = fake.add_image("v1", CONFIG, [LAYER])
         ref = f"{ip}:{fake.port}/team/app:v1"
@@ -426,3 +426,25 @@ def test_docker_hub_default(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(RegistryError, match=r"docker\.io"):
         pull("alpine", store)
     assert urls == ["https://registry-1.docker.io/v2/library/alpine/manifests/latest"]
+
+
+# ---------------------------------------------------------------- hostile JSON
+
+DEEP = b"{\"a\":" + b"[" * 20_000 + b"]" * 20_000 + b"}"   # 40 kB, past any recursion limit
+
+
+def test_deeply_nested_json_from_a_registry_is_invalid(fake: FakeRegistry,
+                                                       store: BlobStore) -> None:
+    fake.manifests["deep"] = DEEP
+    with pytest.raises(ImageInvalid, match="too deeply"):
+        pull(f"127.0.0.1:{fake.port}/team/app:deep", store)
+    # an error body is only read for its message: a deep one is ignored
+    fake.error_body = DEEP
+    with pytest.raises(ImageNotFound, match="'missing' not found"):
+        pull(f"127.0.0.1:{fake.port}/team/app:missing", store)
+    fake.error_body = None
+    fake.auth, fake.token_body = "bearer", DEEP
+    fake.add_image("v1", CONFIG, [LAYER])
+    with pytest.raises(RegistryError, match=r"token server .* sent garbage.*too deeply"):
+        pull(f"127.0.0.1:{fake.port}/team/app:v1", store)
+    assert store.digests() == []

@@ -45,14 +45,22 @@ class Manifest:
     layers: tuple[LayerRef, ...]
 
 
-def load_json(data: bytes, what: str, *, cap: int = MAX_MANIFEST_BYTES) -> dict[str, Any]:
-    """``data`` as a JSON object, after a size check. Raises ImageTooLarge, ImageInvalid."""
+def parse_json(data: bytes, what: str, *, cap: int = MAX_MANIFEST_BYTES) -> Any:
+    """``data`` as any JSON value, after a size check: the one way image and registry
+    JSON is decoded. Raises ImageTooLarge, ImageInvalid (not JSON, nested too deep)."""
     if len(data) > cap:
         raise ImageTooLarge(f"{what} is {len(data)} bytes, over the {cap} byte cap")
     try:
-        doc = json.loads(data)
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ImageInvalid(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ImageInvalid(f"{what} nests JSON arrays or objects too deeply") from None
+
+
+def load_json(data: bytes, what: str, *, cap: int = MAX_MANIFEST_BYTES) -> dict[str, Any]:
+    """``data`` as a JSON object, after a size check. Raises ImageTooLarge, ImageInvalid."""
+    doc = parse_json(data, what, cap=cap)
     if not isinstance(doc, dict):
         raise ImageInvalid(f"{what} must be a JSON object")
     return doc

@@ -41,6 +41,7 @@ from sandvm.images.manifest import (
     media_type_of,
     parse_config,
     parse_index,
+    parse_json,
     parse_manifest,
 )
 from sandvm.images.model import (
@@ -391,10 +392,7 @@ def _open_archive(tar_path: Path) -> Iterator[_TarSource]:
 def _docker_images(src: _TarSource) -> list[dict[str, Any]]:
     """manifest.json of a docker archive, checked. Raises ImageInvalid, ImageTooLarge."""
     data = src.read_file("manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
-    try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ImageInvalid(f"{src.label}: manifest.json is not valid JSON: {exc}") from None
+    doc = parse_json(data, f"{src.label}: manifest.json")
     if not isinstance(doc, list) or not doc:
         raise ImageInvalid(f"{src.label}: manifest.json must be a non-empty list")
     for i, item in enumerate(doc):
@@ -495,8 +493,8 @@ def _import_docker(src: _TarSource, blobs: BlobStore, ref: str | None) -> Import
 
 def _diff_ids(cfg_bytes: bytes) -> list[str]:
     """The config's rootfs.diff_ids if they are all well-formed digests, else []."""
-    doc = json.loads(cfg_bytes)
-    rootfs = doc.get("rootfs") if isinstance(doc, dict) else None
+    doc = load_json(cfg_bytes, "image config", cap=MAX_CONFIG_BYTES)
+    rootfs = doc.get("rootfs")
     ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(ids, list):
         return []

@@ -217,7 +217,7 @@ def _message(line: str) -> dict[str, Any] | None:
     """A JSON-object line from the child, else None."""
     try:
         msg = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return msg if isinstance(msg, dict) else None
 

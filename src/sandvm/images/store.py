@@ -130,7 +130,7 @@ class ImageStore:
             doc = json.loads((self.root / "refs.json").read_text())
         except FileNotFoundError:
             return {}
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise ImageInvalid(f"{self.root / 'refs.json'} is damaged ({exc}): remove it and"
                                " load or pull your images again") from None
         return doc if isinstance(doc, dict) else {}
