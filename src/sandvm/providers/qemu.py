@@ -16,12 +16,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import ctypes
 import fcntl
 import functools
 import json
+import logging
 import os
+import re
 import shutil
 import signal
+import socket
+import stat as stat_mod
 import subprocess
 import tempfile
 import time
@@ -48,14 +53,17 @@ from sandvm.errors import (
     VmError,
     VmNotFound,
 )
+from sandvm.providers import jail
 from sandvm.providers.base import check_transition
 from sandvm.providers.qmp import QmpClient
 
 __all__ = [
     "AccelChoice",
+    "Confinement",
     "QemuVm",
     "QemuVmProvider",
     "choose_accel",
+    "confinement",
     "host_tsc_khz",
     "move_file",
     "runtime_root",
@@ -179,7 +187,9 @@ def orphaned_qemus(root: Path | None = None) -> list[tuple[int, Path]]:
         if not entry.name.isdigit():
             continue
         try:
-            if entry.stat().st_uid != os.getuid():
+            owner = entry.stat().st_uid
+            # a confined QEMU runs as a uid of its own (only root starts those)
+            if owner != os.getuid() and not (os.getuid() == 0 and jail.is_confined_uid(owner)):
                 continue
             with open(f"/proc/{entry.name}/cmdline", "rb") as f:
                 argv = f.read().decode(errors="replace").split("\0")
@@ -187,8 +197,15 @@ def orphaned_qemus(root: Path | None = None) -> list[tuple[int, Path]]:
             continue
         if not argv or "qemu-system" not in Path(argv[0]).name:
             continue
-        chardev = next((a for a in argv if a.startswith("socket,id=agent,")), "")
-        _, _, rest = chardev.partition(prefix)
+        rest = ""
+        for i, a in enumerate(argv[:-1]):  # -name guest=sandvm:<rundir>
+            if a == "-name" and argv[i + 1].startswith("guest=sandvm:"):
+                marked = Path(argv[i + 1].removeprefix("guest=sandvm:").replace(",,", ","))
+                if marked.parent == root:
+                    rest = marked.name
+        if not rest:  # QEMUs started before confinement named their agent socket
+            chardev = next((a for a in argv if a.startswith("socket,id=agent,")), "")
+            _, _, rest = chardev.partition(prefix)
         if not rest:
             continue
         rundir = root / rest.split("/", 1)[0]
@@ -215,6 +232,99 @@ def _set_pdeathsig(parent: int) -> None:
         # QEMU madvises its TCG code buffer for huge pages: each clone would then
         # hold its translated code in 2 MiB steps. 4 KiB pages keep idle clones small.
         LIBC.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE
+
+
+_log = logging.getLogger("sandvm.qemu")
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """How QEMU processes are confined on this host (``sandvm doctor`` shows it).
+
+    ``mode``: ``uid`` (root: a leased uid per VM, the shared group, own mount and
+    network namespaces), ``userns`` (not root: own user, mount and network
+    namespaces, the user's own uid), ``none`` (``SANDVM_CONFINE=0``, or the kernel
+    allows no namespace).
+    """
+
+    mode: str
+    detail: str
+
+
+_CONFINEMENT: Confinement | None = None
+
+
+def _probe_userns() -> str | None:
+    """None if this user can make user + mount namespaces, else why not."""
+    try:
+        subprocess.run(["true"], preexec_fn=functools.partial(
+            _unshare_or_die, 0x10000000 | 0x00020000), check=True, timeout=10,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"user namespaces are not available: {exc}"
+    return None
+
+
+def _unshare_or_die(flags: int) -> None:
+    if LIBC.unshare(flags) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+
+
+def confinement() -> Confinement:
+    """The confinement new QEMU processes get (probed once per process)."""
+    global _CONFINEMENT
+    if os.environ.get("SANDVM_CONFINE", "1") == "0":
+        return Confinement("none", "SANDVM_CONFINE=0: QEMU runs with this process's"
+                                   " privileges and sees its whole file system")
+    if _CONFINEMENT is None:
+        if os.geteuid() == 0:
+            _CONFINEMENT = Confinement(
+                "uid", f"each QEMU runs as its own uid ({jail.UID_BASE}+, leased under"
+                f" {jail.LEASE_DIR}), group {jail.SHARED_GID}, no_new_privs, in its own"
+                " mount, network, IPC and UTS namespaces seeing only /usr, a few devices"
+                " and its own files; seccomp sandbox on")
+        elif (why := _probe_userns()) is None:
+            _CONFINEMENT = Confinement(
+                "userns", "not root, so QEMU keeps this user's uid (a uid of its own needs"
+                " root), in its own user, mount, network, IPC and UTS namespaces seeing"
+                " only /usr, a few devices and its own files; seccomp sandbox on")
+        else:
+            _CONFINEMENT = Confinement(
+                "none", f"not root and {why}: QEMU runs with this user's privileges and"
+                        " sees its whole file system (seccomp sandbox on)")
+    return _CONFINEMENT
+
+
+def _child_setup(plan: dict[str, Any], parent: int) -> None:
+    """preexec_fn of a QEMU: confine it, then tie it to its parent (PDEATHSIG is
+    cleared by the uid change, so it comes after)."""
+    try:
+        jail.enter(plan)
+    except OSError as exc:
+        os.write(2, f"sandvm: cannot confine QEMU: {exc}\n".encode())
+        raise
+    _set_pdeathsig(parent)
+
+
+def scrub(text: str, *paths: Path | str | None) -> str:
+    """``text`` (QEMU's or the guest's) fit for an error message: host paths (the given
+    ones, sandvm's home and runtime dirs, any absolute path) replaced, control
+    characters escaped. The full text belongs in the log only."""
+    for p in (*paths, sandvm_home(), runtime_root_name()):
+        if p:
+            text = text.replace(str(p), "<sandvm>")
+    text = re.sub(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*", "<path>", text)
+    return "".join(c if c in "\n" or (c.isprintable() and c not in "\u202a\u202b\u202c"
+                                        "\u202d\u202e\u2066\u2067\u2068\u2069")
+                   else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
+                   for c in text)
+
+
+def runtime_root_name() -> str | None:
+    try:
+        return str(runtime_root())
+    except SandvmError:
+        return None
 
 
 # every booted VM until its shutdown: killed at interpreter exit whatever loop it ran on
@@ -304,9 +414,15 @@ def disk_root() -> Path:
 
 
 def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
-               probe: bool = False, restore_from: Path | None = None,
+               fds: dict[str, int], probe: bool = False, restore_from: Path | None = None,
                disk_paths: dict[str, Path] | None = None) -> list[str]:
     """The QEMU command line for one microVM (no network device, seccomp on).
+
+    ``fds`` are the open file descriptors QEMU inherits: ``agent`` and ``qmp``
+    (listening unix sockets bound by the host in ``rundir``) and ``console`` (one end
+    of a socketpair whose other end feeds a bounded log): QEMU opens no socket or
+    log path itself. ``-name guest=sandvm:<rundir>`` marks the process for
+    ``orphaned_qemus``.
 
     With ``restore_from`` (a snapshot directory) guest RAM is that snapshot's
     memory file mapped copy-on-write (share=off: the file never changes, and
@@ -341,25 +457,182 @@ def build_argv(*, assets: Assets, spec: VmSpec, accel: str, rundir: Path,
         "-m", mem,
         "-object", ram,
         *boot,
-        "-serial", f"file:{rundir / 'console.log'}",
+        "-name", "guest=sandvm:" + str(rundir).replace(",", ",,"),
+        "-chardev", f"socket,id=console,fd={fds['console']}",
+        "-serial", "chardev:console",
         "-device", "virtio-serial-device,max_ports=2",
-        "-chardev", f"socket,id=agent,path={rundir / 'agent.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=agent,fd={fds['agent']},server=on,wait=off",
         "-device", "virtserialport,chardev=agent,name=sandvm.agent",
         "-device", "virtio-rng-device",
         *_disk_args(spec, disk_paths or {}),
-        "-qmp", f"unix:{rundir / 'qmp.sock'},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,fd={fds['qmp']},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-monitor", "none",
     ]
 
 
 def _tail(path: Path, n: int = 15) -> str:
-    try:
-        data = path.read_bytes()[-8192:]
-    except OSError:
-        return ""
+    """The last ``n`` lines of a bounded log (raw: for logs and checks, not messages)."""
+    data = jail.log_tail(path, 8192)
     lines = data.decode("utf-8", "replace").splitlines()[-n:]
     return "\n".join(lines)
+
+
+def console_tail(rundir: Path, max_bytes: int = 4096) -> bytes:
+    """The last bytes a VM wrote to its console (kept bounded: ``jail.CONSOLE_CAP``)."""
+    return jail.log_tail(rundir / "console.log", max_bytes)
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == str(r) or real.startswith(str(r).rstrip("/") + "/") for r in roots)
+
+
+def _backing_chain(top: Path, trusted: list[Path]) -> list[Path]:
+    """The files under a qcow2 ``top`` (its backing chain), followed only while each
+    lies under ``trusted`` dirs or beside the file naming it: a header a guest's QEMU
+    wrote never makes the host expose another file."""
+    out: list[Path] = []
+    cur = top
+    for _ in range(32):
+        try:
+            name = qcow2_backing(cur)
+        except OSError:
+            break
+        if not name or name.startswith("json:"):
+            break
+        nxt = Path(name) if name.startswith("/") else cur.parent / name
+        if not nxt.is_file() or not _under(nxt, [*trusted, Path(os.path.realpath(cur.parent))]):
+            break
+        out.append(nxt)
+        cur = nxt
+    return out
+
+
+def _grant(path: Path, *, write: bool) -> None:
+    """Let confined QEMUs (group ``jail.SHARED_GID``) open ``path`` (read, or also write)
+    if its mode does not already: only what is bound into a VM's namespace is reachable."""
+    st = os.stat(path)
+    need = 0o060 if write else 0o040
+    if not write and st.st_mode & 0o004:
+        return
+    if st.st_gid == jail.SHARED_GID and st.st_mode & need == need:
+        return
+    os.chown(path, -1, jail.SHARED_GID)
+    os.chmod(path, stat_mod.S_IMODE(st.st_mode) | need)
+
+
+@dataclass
+class _Launch:
+    """What one QEMU start needs besides its argv: the fds it inherits (``fds``), the
+    host's end of its console, its confinement plan and uid lease."""
+
+    fds: dict[str, int]
+    console_host: int
+    plan: dict[str, Any]
+    lease_fd: int | None = None
+    uid: int | None = None
+
+    def qemu_fds(self) -> tuple[int, ...]:
+        return tuple(self.fds.values())
+
+    def close_qemu_side(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+
+    def close_all(self) -> None:
+        self.close_qemu_side()
+        for fd in (self.console_host, self.lease_fd):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.console_host, self.lease_fd = -1, None
+
+
+def _prepare_launch(rundir: Path, *, assets: Assets, spec: VmSpec, accel: str,
+                    restore_from: Path | None = None, disk_paths: dict[str, Path] | None = None,
+                    diskdir: Path | None = None) -> _Launch:
+    """Bind the VM's sockets, make its console pair, lease its uid and describe what its
+    namespace holds (see ``jail``), giving it the files it must open. Raises OSError."""
+    fds: dict[str, int] = {}
+    launch = _Launch(fds=fds, console_host=-1, plan={"mode": "none"})
+    try:
+        for name in ("agent", "qmp"):
+            sk = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sk.bind(str(rundir / f"{name}.sock"))
+                sk.listen(16)
+            except OSError:
+                sk.close()
+                raise
+            fds[name] = sk.detach()
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds["console"], launch.console_host = a.detach(), b.detach()
+        conf = confinement()
+        if conf.mode == "none":
+            return launch
+        uid = None
+        if conf.mode == "uid":
+            uid, launch.lease_fd = jail.lease_uid()
+            launch.uid = uid
+
+        def own(path: Path) -> None:
+            if uid is not None:
+                os.chown(path, uid, jail.SHARED_GID)
+
+        root = rundir / "root"
+        root.mkdir(mode=0o755)
+        ro: list[Path] = []
+        rw: list[Path] = []
+        if restore_from is not None and (restore_from / "mem").exists():
+            ram = restore_from / "mem"  # mapped privately, but QEMU 7.2 opens it O_RDWR
+            if uid is not None:
+                _grant(ram, write=True)
+        else:
+            ram = rundir / "mem"
+            os.close(os.open(ram, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            own(ram)
+        rw.append(ram)
+        if restore_from is None:
+            ro += [assets.kernel, assets.initramfs]
+        trusted = [Path(os.path.realpath(sandvm_home())), Path(os.path.realpath(
+            runtime_root()))]
+        if diskdir is not None:
+            rw.append(diskdir)
+            if uid is not None:
+                os.chown(diskdir, -1, jail.SHARED_GID)
+                os.chmod(diskdir, 0o710)
+            trusted.append(Path(os.path.realpath(diskdir)))
+        for d in spec.disks:
+            if d.overlay_size is not None:
+                top = (disk_paths or {})[d.serial]
+                own(top)
+            else:
+                top = Path(d.path)
+                (ro if d.read_only else rw).append(top)
+                if uid is not None:
+                    _grant(top, write=not d.read_only)
+            chain = _backing_chain(top, [*trusted, Path(os.path.realpath(Path(d.path).parent))])
+            for f in chain:
+                if diskdir is None or not _under(f, [diskdir]):
+                    ro.append(f)
+                if uid is not None and os.stat(f).st_uid != uid:
+                    _grant(f, write=False)
+        dev = ["/dev/null", "/dev/zero", "/dev/urandom", "/dev/random"]
+        groups: list[int] = []
+        if accel == "kvm":
+            dev.append("/dev/kvm")
+            groups.append(os.stat("/dev/kvm").st_gid)
+        launch.plan = {"mode": conf.mode, "uid": uid, "gid": jail.SHARED_GID,
+                       "groups": groups, "root": str(root), "dev": dev,
+                       "ro": sorted({str(x) for x in ro}), "rw": sorted({str(x) for x in rw})}
+        return launch
+    except BaseException:
+        launch.close_all()
+        raise
 
 
 # --------------------------------------------------------------------------- accelerator
@@ -383,11 +656,19 @@ def _probe_key(assets: Assets) -> str:
 
 async def _probe_kvm(assets: Assets, timeout: float) -> tuple[bool, str]:
     rundir = Path(tempfile.mkdtemp(prefix="probe-", dir=runtime_root()))
+    launch: _Launch | None = None
     try:
-        argv = build_argv(assets=assets, spec=VmSpec(), accel="kvm", rundir=rundir, probe=True)
+        launch = await asyncio.to_thread(_prepare_launch, rundir, assets=assets, spec=VmSpec(),
+                                         accel="kvm")
+        argv = build_argv(assets=assets, spec=VmSpec(), accel="kvm", rundir=rundir,
+                          fds=launch.fds, probe=True)
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, preexec_fn=functools.partial(_set_pdeathsig, os.getpid()))
+            stderr=subprocess.PIPE, pass_fds=launch.qemu_fds(),
+            preexec_fn=functools.partial(_child_setup, launch.plan, os.getpid()))
+        launch.close_qemu_side()
+        jail.BoundedLog(rundir / "console.log", jail.CONSOLE_CAP).pump(launch.console_host)
+        launch.console_host = -1  # the pump closes it
         deadline = time.monotonic() + timeout
         console = rundir / "console.log"
         try:
@@ -411,6 +692,8 @@ async def _probe_kvm(assets: Assets, timeout: float) -> tuple[bool, str]:
                 proc.kill()
                 await proc.wait()
     finally:
+        if launch is not None:
+            launch.close_all()
         shutil.rmtree(rundir, ignore_errors=True)
 
 
@@ -486,6 +769,8 @@ class QemuVm:
         self.detached = False
         self.resumed = False  # attach found it paused and let it run: its clock lags
         self._holder_fd: int | None = None  # flock on rundir/holder: we are its one user
+        self.uid: int | None = None  # QEMU's own uid when confined by uid
+        self._lease_fd: int | None = None  # holds that uid while our child QEMU lives
 
     def _hold(self, *, wait: float = 0.0) -> None:
         """Become the one process that uses this detachable VM (an flock, released by
@@ -561,25 +846,52 @@ class QemuVm:
                 await self._cleanup_files()
                 raise
         self.disk_tops = dict(disk_paths)
+        try:
+            launch = await asyncio.to_thread(
+                _prepare_launch, self.rundir, assets=self.assets, spec=self.spec,
+                accel=self.accel, restore_from=restore_from, disk_paths=disk_paths,
+                diskdir=self.diskdir)
+        except OSError as exc:
+            _log.warning("VM %s: cannot prepare QEMU's confinement: %s", self.vm_id, exc)
+            await self._cleanup_files()
+            raise VmBootError(f"cannot prepare VM {self.vm_id}'s confinement"
+                              f" ({type(exc).__name__}: {scrub(exc.strerror or '')}); set"
+                              " SANDVM_CONFINE=0 to run QEMU unconfined") from exc
+        self.uid = launch.uid
         argv = build_argv(assets=self.assets, spec=self.spec, accel=self.accel,
-                          rundir=self.rundir, restore_from=restore_from,
+                          rundir=self.rundir, fds=launch.fds, restore_from=restore_from,
                           disk_paths=disk_paths)
         self.restored_from = restore_from
         # RAM mapped privately from a snapshot file (not a file of our own)?
         self.private_ram = restore_from is not None and (restore_from / "mem").exists()
         if self.keeper_job is not None:
-            await self._start_keeper(argv)
+            await self._start_keeper(argv, launch)
         else:
-            stderr_log = open(self.rundir / "qemu.log", "wb")  # noqa: SIM115
+            err_r, err_w = os.pipe()
             try:
                 self.proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=subprocess.DEVNULL, stdout=stderr_log, stderr=stderr_log,
-                    preexec_fn=functools.partial(_set_pdeathsig, os.getpid()))
-            except OSError as exc:
+                    *argv, stdin=subprocess.DEVNULL, stdout=err_w, stderr=err_w,
+                    pass_fds=launch.qemu_fds(),
+                    preexec_fn=functools.partial(_child_setup, launch.plan, os.getpid()))
+            except (OSError, subprocess.SubprocessError) as exc:
+                os.set_blocking(err_r, False)
+                with contextlib.suppress(OSError):
+                    exc.add_note(os.read(err_r, 4096).decode(errors="replace"))
+                os.close(err_r)
+                launch.close_all()
+                _log.warning("VM %s: cannot start %s: %s %s", self.vm_id, argv[0], exc,
+                             getattr(exc, "__notes__", ""))
                 await self._cleanup_files()
-                raise VmBootError(f"cannot start {argv[0]}: {exc}") from exc
+                raise VmBootError(f"cannot start QEMU for VM {self.vm_id}"
+                                  f" ({type(exc).__name__}); see the log") from exc
             finally:
-                stderr_log.close()
+                os.close(err_w)
+            jail.BoundedLog(self.rundir / "qemu.log", jail.STDERR_CAP).pump(err_r)
+            jail.BoundedLog(self.rundir / "console.log", jail.CONSOLE_CAP).pump(
+                launch.console_host)
+            launch.console_host = -1  # the pump closes it
+            self._lease_fd, launch.lease_fd = launch.lease_fd, None  # until QEMU is gone
+            launch.close_all()
         _LIVE.add(self)
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
         try:
@@ -602,15 +914,22 @@ class QemuVm:
         self.boot_seconds = time.monotonic() - t0
 
     def _diagnostics(self) -> str:
+        """QEMU's last words and the guest console's tail for an error message: host
+        paths replaced and control characters escaped (``scrub``); the raw text goes to
+        the log only."""
         if self.rundir is None:
             return ""
         parts = []
         qlog = _tail(self.rundir / "qemu.log", 5)
-        if qlog:
-            parts.append(f"\nQEMU said:\n{qlog}")
         console = _tail(self.rundir / "console.log", 10)
+        if qlog or console:
+            _log.warning("VM %s: QEMU said: %r; guest console tail: %r", self.vm_id, qlog,
+                         console)
+        if qlog:
+            parts.append(f"\nQEMU said:\n{scrub(qlog, self.rundir, self.diskdir)}")
         if console:
-            parts.append(f"\nlast guest console lines:\n{console}")
+            parts.append("\nlast guest console lines:\n"
+                         f"{scrub(console, self.rundir, self.diskdir)}")
         return "".join(parts)
 
     async def _wait_socket(self, path: Path) -> None:
@@ -678,23 +997,34 @@ class QemuVm:
             return self._crashed(self.proc.returncode)
         return None
 
-    async def _start_keeper(self, argv: list[str]) -> None:
-        """Start QEMU under a keeper in its own session (it outlives this process)."""
+    async def _start_keeper(self, argv: list[str], launch: _Launch) -> None:
+        """Start QEMU under a keeper in its own session (it outlives this process). The
+        keeper inherits QEMU's fds, the console's host end (it keeps the bounded log)
+        and the uid lease (held while it lives)."""
         import sys
 
         assert self.rundir is not None and self.keeper_job is not None
         keeper = Path(__file__).resolve().parent.parent / "runtime" / "keeper.py"
         job = {**self.keeper_job, "argv": argv, "rundir": str(self.rundir),
                "diskdir": str(self.diskdir) if self.diskdir else None,
-               "sandbox_id": self.vm_id}
+               "sandbox_id": self.vm_id, "confine": launch.plan,
+               "pass_fds": list(launch.qemu_fds()), "console_fd": launch.console_host}
+        inherit = (*launch.qemu_fds(), launch.console_host,
+                   *(() if launch.lease_fd is None else (launch.lease_fd,)))
         with open(self.rundir / "keeper.log", "wb") as log:
             try:
                 self.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-I", "-S", str(keeper), stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+                    stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                    pass_fds=inherit)
             except OSError as exc:
+                launch.close_all()
+                _log.warning("VM %s: cannot start its keeper: %s", self.vm_id, exc)
                 await self._cleanup_files()
-                raise VmBootError(f"cannot start the VM's keeper: {exc}") from exc
+                raise VmBootError(f"cannot start the keeper of VM {self.vm_id}"
+                                  f" ({type(exc).__name__})") from exc
+            finally:
+                launch.close_all()  # the keeper has its copies
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.proc.stdin.write(json.dumps(job).encode())
         await self.proc.stdin.drain()
@@ -708,8 +1038,10 @@ class QemuVm:
                 self.proc.kill()
             await self.proc.wait()
             tail = _tail(self.rundir / "keeper.log", 8)
+            _log.warning("VM %s: its keeper did not start QEMU: %s", self.vm_id, tail)
             await self._cleanup_files()
-            raise VmBootError(f"the VM's keeper did not start QEMU: {tail or 'no output'}")
+            raise VmBootError(f"the keeper of VM {self.vm_id} did not start QEMU:"
+                              f" {scrub(tail[-600:], self.rundir, self.diskdir) or 'no output'}")
         await self.proc.wait()  # the keeper forked away from it: watched by pid from now
         self.proc = None
         self.qemu_pid, self.keeper_pid = (int(x) for x in line.split()[1:3])
@@ -864,6 +1196,7 @@ class QemuVm:
         copy_ram = not take_memory and not self.private_ram
         if copy_ram:  # allocate the copy's pages before pausing, not during the pause
             await asyncio.to_thread(preallocate_like, self.rundir / "mem", dest / "mem")
+        await self._prepare_tops()
         self.stopped_at = time.monotonic()
         await self._qmp("stop")
         await self._freeze_disks()
@@ -891,6 +1224,8 @@ class QemuVm:
             return  # the RAM is in the stream
         if take_memory:
             await asyncio.to_thread(move_file, self.rundir / "mem", dest / "mem")
+            if os.stat(dest / "mem").st_uid != os.getuid():  # the snapshot's, not QEMU's
+                os.chown(dest / "mem", os.getuid(), os.getgid())
         else:
             await asyncio.to_thread(sparse_copy, self.rundir / "mem", dest / "mem",
                                     into_existing=copy_ram)
@@ -927,13 +1262,41 @@ class QemuVm:
         self.frozen_disks = {}
         assert self.diskdir is not None or not self.disk_tops
         for serial, top in list(self.disk_tops.items()):
-            assert self.diskdir is not None
-            n = int(top.stem.rsplit("-", 1)[1]) + 1
-            new = self.diskdir / f"{serial}-{n}.qcow2"
+            new = self._next_top(serial, top)
+            # made by the host beforehand (``_prepare_tops``): QEMU, confined, cannot
+            # create files in the disk dir
             await self._qmp("blockdev-snapshot-sync", {
-                "device": f"disk-{serial}", "snapshot-file": str(new), "format": "qcow2"})
+                "device": f"disk-{serial}", "snapshot-file": str(new), "format": "qcow2",
+                "mode": "existing"})
             self.frozen_disks[serial] = top
             self.disk_tops[serial] = new
+
+    def _next_top(self, serial: str, top: Path) -> Path:
+        assert self.diskdir is not None
+        n = int(top.stem.rsplit("-", 1)[1]) + 1
+        return self.diskdir / f"{serial}-{n}.qcow2"
+
+    async def _prepare_tops(self) -> None:
+        """Create the overlays ``_freeze_disks`` puts on top of each disk (before the
+        pause: it costs no paused time), owned by QEMU's uid. Raises VmError."""
+        import struct
+
+        for serial, top in list(self.disk_tops.items()):
+            new = self._next_top(serial, top)
+            fd = os.open(top, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                head = os.pread(fd, 32, 0)
+            finally:
+                os.close(fd)
+            if len(head) < 32 or head[:4] != b"QFI\xfb":
+                raise VmError(f"disk {serial}'s top layer is not a qcow2 image")
+            size = struct.unpack(">Q", head[24:32])[0]
+            new.unlink(missing_ok=True)
+            await qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-u",
+                           "-F", "qcow2", "-b", str(top), str(new), str(size))
+            if st.st_uid != os.getuid():
+                os.chown(new, st.st_uid, st.st_gid)
 
     async def merge_disks(self, *, timeout: float = 300.0) -> None:
         """After the frozen layers were exported: fold each disk's new top back into its
@@ -994,10 +1357,17 @@ class QemuVm:
                 await self._monitor
         await self._release()
 
+    def _let_go_uid(self) -> None:
+        if self._lease_fd is not None:  # only once our QEMU child is gone
+            os.close(self._lease_fd)
+            self._lease_fd = None
+
     async def _release(self) -> None:
         if self.qmp is not None:
             await self.qmp.close()
         self._let_go_hold()
+        if self.proc is None or self.proc.returncode is not None:
+            self._let_go_uid()
         await self._cleanup_files()
         _LIVE.discard(self)
 
@@ -1009,6 +1379,7 @@ class QemuVm:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self._let_go_hold()
+        self._let_go_uid()  # SIGKILLed: it runs no more code as that uid
         for d in (self.rundir, self.diskdir):
             if d is not None:
                 shutil.rmtree(d, ignore_errors=True)

@@ -2,9 +2,13 @@
 
 Started by the creating process in a session of its own (``python -I -S keeper.py``,
 stdlib only and small: it runs as long as the VM). It reads its job as JSON on stdin:
-``{"argv", "rundir", "diskdir", "sandbox_id", "journal"}``, starts QEMU with
-PDEATHSIG (QEMU dies with its keeper), prints ``started <qemu pid> <keeper pid>``
-and then (it forked away first, so it is not the creator's child):
+``{"argv", "rundir", "diskdir", "sandbox_id", "journal", "confine", "pass_fds",
+"console_fd"}``, starts QEMU confined as ``confine`` says (providers/jail.py) with
+the inherited fds ``pass_fds`` and PDEATHSIG (QEMU dies with its keeper), prints
+``started <qemu pid> <keeper pid>`` and then (it forked away first, so it is not the
+creator's child):
+
+- keeps QEMU's console (``console_fd``) and stderr as bounded logs in the runtime dir;
 
 - enforces the sandbox's TTL: the deadline is re-read from the journal every
   second (so it can be extended), and an expired VM is killed and recorded so;
@@ -31,14 +35,21 @@ from typing import Any
 OWNER_FILE = "owner"
 
 
-def _load_journal() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "sandvm_journal", Path(__file__).with_name("journal.py"))
+def _load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["sandvm_journal"] = mod  # dataclasses look their module up
+    sys.modules[name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_journal() -> Any:
+    return _load("sandvm_journal", Path(__file__).with_name("journal.py"))
+
+
+def _load_jail() -> Any:
+    return _load("sandvm_jail", Path(__file__).resolve().parent.parent / "providers" / "jail.py")
 
 
 def _start_time(pid: int) -> str:
@@ -46,7 +57,12 @@ def _start_time(pid: int) -> str:
         return f.read().rpartition(")")[2].split()[19]
 
 
-def _child_setup(parent: int) -> None:
+def _child_setup(parent: int, jail: Any, plan: dict[str, Any]) -> None:
+    try:
+        jail.enter(plan)  # before PDEATHSIG: a uid change clears it
+    except OSError as exc:
+        os.write(2, f"sandvm: cannot confine QEMU: {exc}\n".encode())
+        raise
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: QEMU dies with us
     if os.getppid() != parent:  # we died before the prctl: it would never fire
@@ -80,10 +96,27 @@ def main() -> int:
                 tmp.write_text(me)
                 os.replace(tmp, Path(d) / OWNER_FILE)  # sweeps see us, not the creator
         journal = _load_journal().Journal(Path(job["journal"]))
-        with open(rundir / "qemu.log", "wb") as log:
-            qemu = subprocess.Popen(job["argv"], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=log, preexec_fn=lambda: _child_setup(keeper_pid))
+        jail = _load_jail()
+        plan = job.get("confine") or {"mode": "none"}
+        pass_fds = tuple(int(fd) for fd in job.get("pass_fds", ()))
+        err_r, err_w = os.pipe()
+        try:
+            qemu = subprocess.Popen(job["argv"], stdin=subprocess.DEVNULL, stdout=err_w,
+                                    stderr=err_w, pass_fds=pass_fds,
+                                    preexec_fn=lambda: _child_setup(keeper_pid, jail, plan))
+        except BaseException:
+            os.set_blocking(err_r, False)
+            with contextlib.suppress(OSError):
+                sys.stderr.write(os.read(err_r, 4096).decode(errors="replace"))
+            raise
+        finally:
+            os.close(err_w)
+            for fd in pass_fds:  # QEMU's now
+                os.close(fd)
         started.append(qemu)
+        jail.BoundedLog(rundir / "qemu.log", jail.STDERR_CAP).pump(err_r)
+        if job.get("console_fd") is not None:
+            jail.BoundedLog(rundir / "console.log", jail.CONSOLE_CAP).pump(int(job["console_fd"]))
         if reason:  # SIGTERM while it started
             qemu.kill()
         (rundir / "qemu.pid").write_text(f"{qemu.pid}\n")
