@@ -24,6 +24,31 @@ if "SANDVM_RUNTIME_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _RUNTIME, ignore_errors=True)
 
 
+def require(condition: object, reason: str) -> None:
+    """For a test that needs something of this machine (a tool, an address, a mirror):
+    skip it when ``condition`` is false, but under CI (env ``CI`` set; `.ci/run` sets
+    it) fail instead, since CI's set-up provides everything and a skip there would
+    hide a broken set-up. ``reason`` says what is missing and how to get it."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"cannot run in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Under CI no test may skip: whatever a skip's reason (a `skipif`, an
+    `importorskip`, a `pytest.skip` that does not go through ``require``), CI's set-up
+    was meant to provide it, so the skip is reported as a failure."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if os.environ.get("CI") and report.skipped and not hasattr(report, "wasxfail"):
+        why = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI (CI={os.environ['CI']}): {why}"
+
+
 def _assets_ok() -> str | None:
     from sandvm.assets import find_assets
 

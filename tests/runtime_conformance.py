@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 
+from conftest import require
 from sandvm.errors import (
     ConfigError,
     ImageNotFound,
@@ -161,8 +162,8 @@ class Harness:
     async def kind(self) -> str:
         """The kind to test with; skips the test on an unsupported host."""
         report = await self.report()
-        if report.health is HealthStatus.UNSUPPORTED_HOST:
-            pytest.skip(f"unsupported host: {'; '.join(report.missing)}")
+        require(report.health is not HealthStatus.UNSUPPORTED_HOST,
+                f"unsupported host: {'; '.join(report.missing)}")
         kinds = report.supported_kinds
         return KIND_MICROVM if KIND_MICROVM in kinds else kinds[0]
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
+
 SANDVM = str(Path(sys.executable).parent / "sandvm")
 
 
@@ -115,8 +117,8 @@ def test_doctor_reports_missing_assets(tmp_path: Path) -> None:
 
 
 def test_run_without_assets_says_what_to_do(tmp_path: Path) -> None:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("QEMU not installed")
+    require(shutil.which("qemu-system-x86_64"),
+            "needs QEMU (`make setup`, or apt-get install qemu-system-x86)")
     env = dict(os.environ, SANDVM_HOME=str(tmp_path / "empty"))
     r = subprocess.run([SANDVM, "run", "--", "true"], capture_output=True, env=env, check=False,
                        timeout=60)

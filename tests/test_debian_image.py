@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from sandvm.errors import ImageError, ImageInvalid
 from sandvm.images import debian
 from sandvm.images.debian import build_default, host_apt_options, host_mirrors
@@ -46,8 +47,6 @@ def _why_no_mirror() -> str | None:
     return None
 
 
-needs_mmdebstrap = pytest.mark.skipif(_why_no_build() is not None,
-                                      reason=_why_no_build() or "")
 
 
 # ---------------------------------------------------------------------- host apt config
@@ -127,8 +126,9 @@ def test_refuses_to_replace_an_image_it_did_not_build(tmp_path: Path) -> None:
         build_default(store, name="other", packages=("python3; rm -rf /",))
 
 
-@needs_mmdebstrap
 def test_unreachable_mirror_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    why = _why_no_build()
+    require(why is None, why or "")
     store = ImageStore(root=tmp_path / "images")
     with pytest.raises(ImageError) as err:
         build_default(store, mirrors=["deb http://127.0.0.1:9/debian bookworm main"])
@@ -153,8 +153,7 @@ class Built:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     why = _why_no_build() or _why_no_mirror()
-    if why:
-        pytest.skip(why)
+    require(why is None, why or "")
     store = ImageStore(root=tmp_path_factory.mktemp("debian") / "images")
     lines: list[str] = []
     t0 = time.monotonic()

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from conftest import require
+
 sys.path.insert(0, str(Path(__file__).parent))
 from oci_build import Device, Dir, Entry, Fifo, File, Hardlink, Symlink, build_layout
 
@@ -53,11 +55,7 @@ def _tool(name: str) -> str | None:
 def _require(*tools: str) -> None:
     """Skip unless the tools are installed; in CI (env CI set) fail instead."""
     missing = [t for t in tools if _tool(t) is None]
-    if missing:
-        reason = f"needs {', '.join(missing)} (apt-get install {' '.join(missing)})"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require(not missing, f"needs {', '.join(missing)} (apt-get install {' '.join(missing)})")
 
 
 @pytest.fixture
@@ -111,10 +109,8 @@ def _load_as_user(base: Path, layers: list[list[Entry]], *, path: str) -> dict[s
                "--clear-groups") if os.geteuid() == 0 else ())
     python = _user_python(prefix)
     if python is None:
-        reason = "no Python interpreter that the unprivileged user can run imports sandvm"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        require(False, "no Python interpreter that the unprivileged user can run imports"
+                       " sandvm")
     env = {"HOME": str(base / "home"), "TMPDIR": str(base / "home"), "PATH": path,
            "LANG": "C.UTF-8", "PYTHONPATH": SRC}
     res = subprocess.run([*prefix, python, "-c", CHILD, str(base / "store"),

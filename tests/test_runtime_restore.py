@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -61,9 +62,12 @@ async def _ticks(sb: AsyncSandbox) -> tuple[int, int]:
     """(ticker pid, ticks): the snapshot's process is alive when ticks go up."""
     pid = int(await sb.files.read("/root/ticker.pid"))
     first = int(await sb.files.read("/tmp/ticks"))
-    await asyncio.sleep(0.5)
-    r = await sb.commands.run(f"kill -0 {pid} && cat /tmp/ticks")
-    return pid, int(r.stdout) - first
+    deadline = time.monotonic() + 30  # it ticks every 0.1 s of guest time
+    while True:
+        r = await sb.commands.run(f"kill -0 {pid} && cat /tmp/ticks")
+        if int(r.stdout) > first or time.monotonic() > deadline:
+            return pid, int(r.stdout) - first
+        await asyncio.sleep(0.1)
 
 
 def _mapped(pid: int | None, inode: int) -> list[str]:
@@ -528,13 +532,14 @@ def test_attach_resumes_a_sandbox_its_holder_left_paused(journal_env: dict[str, 
         await m.detach(sb)
         return sb.sandbox_id
 
-    async def use(sid: str) -> tuple[str, float]:
+    async def use(sid: str) -> tuple[str, float, float]:
         sb = await m.attach(sid)
         try:
             _, ticked = await _ticks(sb)
             assert ticked > 0
+            t0 = time.time()
             r = await sb.commands.run("date +%s")
-            return r.stdout.strip(), time.time()
+            return r.stdout.strip(), t0, time.time()
         finally:
             await _end(m, sb)
 
@@ -544,8 +549,9 @@ def test_attach_resumes_a_sandbox_its_holder_left_paused(journal_env: dict[str, 
                            text=True, env=journal_env, timeout=60)
         assert r.stdout == "paused\n", r.stderr
         time.sleep(2.0)  # the guest's clock stands still meanwhile
-        guest, host = asyncio.run(use(sid))
-        assert abs(int(guest) - host) < 1.5
+        guest, t0, t1 = asyncio.run(use(sid))
+        # within 1 s of the host's clock while the command ran (in whole seconds)
+        assert math.floor(t0 - 1.0) <= int(guest) <= t1 + 1.0, (t0, guest, t1)
         _assert_left_nothing(m, sid)
     finally:
         _kill_all(m)
