@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from oci_build import Dir, File, Symlink, build_docker_archive, build_layout
-from sandvm.errors import ImageInvalid, ImageNotFound, UnknownImage
+from sandvm.errors import ImageInvalid, ImageNotFound, ImageTooLarge, UnknownImage
 from sandvm.images.store import ImageStore, default_image, split_source
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="building a rootfs needs root")
@@ -140,3 +141,36 @@ def test_prune_keeps_the_blobs_of_an_import_in_flight(tmp_path: Path) -> None:
     other.prune()  # no import any more: unnamed blobs and partials go
     assert store.blobs.digests() == []
     assert not store.blobs.partial_path(image.layers[0].digest).exists()
+
+
+@needs_root
+def test_built_images_are_private(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    root.mkdir(mode=0o755)
+    root.chmod(0o755)   # an existing store made before stores were private
+    store = ImageStore(root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(ImageStore(tmp_path / "new").root.stat().st_mode) == 0o700
+    build_layout(tmp_path / "lay", _layers("private"), tag="p")  # type: ignore[arg-type]
+    img = store.load(tmp_path / "lay")
+    assert stat.S_IMODE(img.rootfs.stat().st_mode) == 0o600
+    img.rootfs.chmod(0o644)   # built by an older sandvm: tightened on its next use
+    assert stat.S_IMODE(store.get(img.name).rootfs.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("kind", ["layout", "docker"])
+def test_declared_blob_sizes_are_capped_on_import(tmp_path: Path, kind: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ImageStore(tmp_path / "store")
+    layers = [[File("big", os.urandom(64 << 10))]]
+    if kind == "layout":
+        build_layout(tmp_path / "lay", layers, tag="t")  # type: ignore[arg-type]
+        source = tmp_path / "lay"
+    else:
+        source = build_docker_archive(tmp_path / "d.tar", layers)  # type: ignore[arg-type]
+    monkeypatch.setenv("SANDVM_MAX_BLOB_BYTES", str(32 << 10))
+    with pytest.raises(ImageTooLarge, match="SANDVM_MAX_BLOB_BYTES"):
+        store.load(source)
+    assert not [d for d in store.blobs.digests()
+                if store.blobs.path(d).stat().st_size > 32 << 10]
+    assert store.ls() == []

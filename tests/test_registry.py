@@ -21,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import require
 from oci_build import Dir, File, build_layout, layer_tar
 from registry_server import (
     FakeRegistry,
@@ -31,6 +30,7 @@ from registry_server import (
     oci_manifest,
 )
 from sandvm.errors import (
+    ConfigError,
     DigestMismatch,
     ImageInvalid,
     ImageNotFound,
@@ -388,31 +388,106 @@ def test_range_ignored_and_bad_partial(fake: FakeRegistry, store: BlobStore) -> 
     assert_clean(store)
 
 
-def _outward_ip() -> str | None:
-    """This host's non-loopback address, if it has one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("192.0.2.123", 9))  # no packet is sent
-            ip = str(s.getsockname()[0])
-        except OSError:
-            return None
-    return None if ip.startswith("127.") else ip
+@pytest.fixture
+def pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names under ``.test`` resolve to 127.0.0.1 (a registry that is not loopback by
+    name, reached on loopback); every other name but localhost fails to resolve."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kw: Any) -> Any:
+        name = host.decode() if isinstance(host, bytes) else str(host)
+        if name.endswith(".test"):
+            return real("127.0.0.1", port, *args, **kw)
+        if name in ("localhost", "127.0.0.1", "::1"):
+            return real(host, port, *args, **kw)
+        raise socket.gaierror(socket.EAI_NONAME, f"{name} is not resolved in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
-def test_plain_http_only_for_loopback_or_insecure(store: BlobStore,
-                                                  sent: list[tuple[httpx.Request, int]]) -> None:
-    ip = _outward_ip()
-    require(ip is not None, "this host has no non-loopback address")
-    with FakeRegistry(bind="0.0.0.0") as fake:
+def test_plain_http_only_for_loopback_or_insecure(
+        store: BlobStore, sent: list[tuple[httpx.Request, int]], pinned: None) -> None:
+    with FakeRegistry() as fake:
         digest = fake.add_image("v1", CONFIG, [LAYER])
-        ref = f"{ip}:{fake.port}/team/app:v1"
+        ref = f"reg.test:{fake.port}/team/app:v1"
         with pytest.raises(RegistryError, match="insecure_registries"):
             pull(ref, store)  # TLS to a plain-HTTP server: refused, nothing sent in clear
         assert fake.seen == []
-        assert str(sent[0][0].url).startswith(f"https://{ip}:")
-        assert pull(ref, store, insecure_registries=[f"{ip}:{fake.port}"]
+        assert str(sent[0][0].url).startswith(f"https://reg.test:{fake.port}/")
+        assert pull(ref, store, insecure_registries=[f"reg.test:{fake.port}"]
                     ).manifest_digest == digest
         assert fake.seen
+
+
+def test_remote_registry_cannot_send_the_puller_to_loopback(
+        store: BlobStore, pinned: None) -> None:
+    with FakeRegistry() as fake, FakeRegistry() as local:
+        fake.add_image("v1", CONFIG, [LAYER])
+        local.add_image("v1", CONFIG, [LAYER])
+        ref, insecure = f"reg.test:{fake.port}/team/app:v1", [f"reg.test:{fake.port}"]
+        fake.redirect_blobs = f"http://127.0.0.1:{local.port}"   # a local service
+        with pytest.raises(RegistryError, match="refusing to follow a redirect"):
+            pull(ref, store, insecure_registries=insecure)
+        assert local.seen == []
+        fake.redirect_blobs = None
+        fake.auth, fake.token_realm = "bearer", f"http://localhost:{local.port}/token"
+        with pytest.raises(RegistryError, match="token realm"):
+            pull(ref, store, insecure_registries=insecure)
+        assert local.token_requests == []
+        # a loopback service the user lists as insecure is theirs to allow
+        assert pull(ref, store, insecure_registries=[*insecure, f"localhost:{local.port}"])
+        assert len(local.token_requests) == 1
+    assert store.has(digest_of(LAYER))
+
+
+def test_credentials_go_only_to_the_registrys_own_token_realm(
+        fake: FakeRegistry, store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeRegistry() as other:   # another origin (localhost vs 127.0.0.1, another port)
+        fake.auth, fake.token_realm = "bearer", f"http://localhost:{other.port}/token"
+        fake.add_image("v1", CONFIG, [LAYER])
+        ref = f"127.0.0.1:{fake.port}/team/app:v1"
+        with pytest.raises(RegistryError, match=rf"not its own origin.*localhost:{other.port}"):
+            pull(ref, store, username="alice", password="s3cret")
+        assert other.token_requests == []
+        # anonymous: nothing to leak, any realm the URL rules allow
+        assert pull(ref, store).manifest_digest
+        assert "authorization" not in other.token_requests[-1].headers
+        # named by the user (option or environment): the credentials go there
+        pull(ref, store, username="alice", password="s3cret",
+             token_realms=[f"localhost:{other.port}"])
+        assert other.token_requests[-1].headers["authorization"].startswith("Basic ")
+        monkeypatch.setenv("SANDVM_REGISTRY_TOKEN_REALMS",
+                           f"example.invalid, localhost:{other.port}")
+        pull(ref, store, username="alice", password="s3cret")
+        assert len(other.token_requests) == 3
+
+
+# ---------------------------------------------------------------- declared sizes
+
+
+def test_declared_blob_sizes_are_capped_before_download(
+        fake: FakeRegistry, store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.add_image("v1", CONFIG, [LAYER])
+    monkeypatch.setenv("SANDVM_MAX_BLOB_BYTES", str(len(LAYER) - 1))
+    with pytest.raises(ImageTooLarge, match="SANDVM_MAX_BLOB_BYTES"):
+        pull(f"127.0.0.1:{fake.port}/team/app:v1", store)
+    assert fake.blob_requests() == [] and store.digests() == []
+    monkeypatch.setenv("SANDVM_MAX_BLOB_BYTES", "lots")
+    with pytest.raises(ConfigError, match="SANDVM_MAX_BLOB_BYTES"):
+        pull(f"127.0.0.1:{fake.port}/team/app:v1", store)
+    monkeypatch.delenv("SANDVM_MAX_BLOB_BYTES")
+    assert pull(f"127.0.0.1:{fake.port}/team/app:v1", store).manifest_digest
+
+
+def test_declared_blob_sizes_are_checked_against_free_disk(
+        fake: FakeRegistry, store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    st = os.statvfs(store.root)
+    free = st.f_bavail * st.f_frsize
+    monkeypatch.setenv("SANDVM_MAX_BLOB_BYTES", str(1 << 62))
+    fake.add_image("v1", CONFIG, [LAYER, LAYER + b"x"], sizes=[len(LAYER), free])
+    with pytest.raises(ImageTooLarge, match="bytes free"):
+        pull(f"127.0.0.1:{fake.port}/team/app:v1", store)
+    assert fake.blob_requests() == [] and store.digests() == []
 
 
 def test_docker_hub_default(store: BlobStore, monkeypatch: pytest.MonkeyPatch) -> None:

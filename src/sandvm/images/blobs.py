@@ -17,10 +17,24 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
-from sandvm.errors import DigestMismatch, ImageInvalid, ImageNotFound
+from sandvm.errors import ConfigError, DigestMismatch, ImageInvalid, ImageNotFound, ImageTooLarge
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _CHUNK = 1 << 20
+MAX_BLOB_ENV = "SANDVM_MAX_BLOB_BYTES"
+DEFAULT_MAX_BLOB_BYTES = 16 << 30   # no layer over this could be applied anyway (16 GiB of files)
+DISK_RESERVE = 256 << 20            # free space a download leaves on the store's file system
+
+
+def max_blob_bytes() -> int:
+    """The largest blob an image may declare: ``$SANDVM_MAX_BLOB_BYTES`` (bytes), else
+    16 GiB. Raises ConfigError if the variable is not a positive integer."""
+    raw = os.environ.get(MAX_BLOB_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_BLOB_BYTES
+    if not raw.isdigit() or int(raw) <= 0:
+        raise ConfigError(f"{MAX_BLOB_ENV} must be a positive number of bytes, got {raw[:50]!r}")
+    return int(raw)
 
 
 def parse_digest(digest: str) -> str:
@@ -53,6 +67,34 @@ class BlobStore:
             return open(self.path(digest), "rb")
         except FileNotFoundError:
             raise ImageNotFound(f"blob {digest} is not in the local cache") from None
+
+    def check_room(self, blobs: Iterable[tuple[str | None, int]], what: str) -> None:
+        """Refuse blobs (digest or None if not known yet, declared size) before any is
+        fetched: each must be at most :func:`max_blob_bytes`, and those not stored yet
+        (less what partial downloads hold) must fit in the store's free disk space with
+        256 MiB to spare. Raises ImageTooLarge (saying what to change), ConfigError."""
+        cap = max_blob_bytes()
+        need, seen = 0, set()
+        for digest, size in blobs:
+            if size > cap:
+                raise ImageTooLarge(f"{what}: a blob of {size} bytes ({digest or 'a layer'}) is"
+                                    f" over the {cap} byte cap; raise {MAX_BLOB_ENV} if the"
+                                    " image is really that large")
+            if digest is not None:
+                if digest in seen or self.has(digest):
+                    continue
+                seen.add(digest)
+                with contextlib.suppress(OSError):
+                    size -= min(size, self.partial_path(digest).stat().st_size)
+            need += size
+        st = os.statvfs(self.root)
+        free = st.f_bavail * st.f_frsize
+        if need + DISK_RESERVE > free:
+            raise ImageTooLarge(f"{what} needs {need} bytes of blobs and the image store's file"
+                                f" system has {free} bytes free (keeping {DISK_RESERVE} spare):"
+                                " free some"
+                                " space (`sandvm image prune`) or use another image store"
+                                " ($SANDVM_IMAGE_STORE)")
 
     def partial_path(self, digest: str) -> Path:
         """Where a resumable download of ``digest`` accumulates."""

@@ -205,6 +205,10 @@ class _TarSource:
     def has(self, name: str) -> bool:
         return name in self.members
 
+    def size_of(self, name: str) -> int:
+        """The size of regular-file member ``name`` (links followed). Raises ImageNotFound."""
+        return self._resolve(name).size
+
     def open_file(self, name: str) -> tuple[IO[bytes], int]:
         ti = self._resolve(name)
         f = self.tf.extractfile(ti)
@@ -332,6 +336,7 @@ def _import_oci(src: _Source, blobs: BlobStore, ref: str | None) -> ImportedImag
     manifest = parse_manifest(doc, desc.media_type)
     config_bytes = _read_blob(src, blobs, manifest.config, MAX_CONFIG_BYTES, "image config")
     config = _check_platform(parse_config(config_bytes))
+    blobs.check_room([(x.digest, x.size) for x in manifest.layers], src.label)
     for layer in manifest.layers:
         _store_blob(src, blobs, layer.digest, layer.size, "layer")
     return ImportedImage(desc.digest, manifest.config.digest, config, manifest.layers)
@@ -461,10 +466,11 @@ def _import_docker(src: _TarSource, blobs: BlobStore, ref: str | None) -> Import
         raise DigestMismatch(f"{src.label}: config {cfg_name} hashes to {cfg_digest}")
     config = _check_platform(parse_config(cfg_bytes))
     diff_ids = _diff_ids(cfg_bytes)
+    names = [_archive_name(raw) for raw in image["Layers"]]
+    blobs.check_room([(None, src.size_of(name)) for name in names], src.label)
     layers: list[LayerRef] = []
-    for i, raw_name in enumerate(image["Layers"]):
-        name = _archive_name(raw_name)
-        size = src.open_file(name)[1]
+    for i, name in enumerate(names):
+        size = src.size_of(name)
         media_type = _sniff(src, name)
         if m := _BLOB_NAME.fullmatch(name):
             digest = "sha256:" + m.group(1)

@@ -7,7 +7,13 @@ is stored, so a lying registry leaves nothing behind. Blobs already in the store
 not fetched again (the store is shared between images), and an interrupted blob
 download resumes from its partial file with a ``Range`` request. Plain HTTP is used
 only for loopback hosts and hosts the caller lists as insecure; everything else is
-HTTPS. Auth: anonymous, then a Bearer token (or Basic) when the registry asks.
+HTTPS. A redirect or a token realm may use plain HTTP to a loopback host only when the
+registry itself is on loopback (a remote registry cannot point the puller at local
+services). Auth: anonymous, then a Bearer token (or Basic) when the registry asks. The
+user's credentials go only to the registry's own origin and to token realms the user
+names (``token_realms=``, ``$SANDVM_REGISTRY_TOKEN_REALMS``; Docker Hub's
+``auth.docker.io`` is known). Blob sizes a manifest declares are capped
+(``$SANDVM_MAX_BLOB_BYTES``) and checked against free disk before anything is fetched.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import base64
 import contextlib
 import hashlib
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +70,9 @@ DOCKER_HUB = "docker.io"
 _DOCKER_HUB_API = "registry-1.docker.io"
 _ACCEPT = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 _MAX_REDIRECTS = 5
+TOKEN_REALMS_ENV = "SANDVM_REGISTRY_TOKEN_REALMS"
+# token realms a registry is known to use on another origin (host[:port])
+_KNOWN_REALMS = {DOCKER_HUB: ("auth.docker.io",)}
 _MAX_SMALL_BODY = 1 << 20  # token responses and error bodies
 
 # docker/distribution reference grammar (lowercase repository paths, tags, hosts)
@@ -152,23 +162,29 @@ def parse_reference(ref: str) -> Reference:
 
 def pull(ref: str | Reference, blobs: BlobStore, *, insecure_registries: Sequence[str] = (),
          username: str | None = None, password: str | None = None,
-         progress: Progress | None = None, timeout: float = 30.0) -> ImportedImage:
+         token_realms: Sequence[str] = (), progress: Progress | None = None,
+         timeout: float = 30.0) -> ImportedImage:
     """Pull image ``ref`` (its linux/amd64 variant) into ``blobs`` and describe it.
 
     ``insecure_registries`` are ``host`` or ``host:port`` entries that may be reached
-    over plain HTTP (loopback hosts always may). ``timeout`` applies to each network
-    operation. The manifest is stored last, so a stored manifest means all its blobs
-    are there. Raises ImageInvalid (bad reference, unsupported media type),
-    ImageNotFound (no such repository, tag, platform or blob), DigestMismatch (content
-    or size differs from a digest or descriptor: nothing of it is stored),
-    ImageTooLarge (oversized manifest or config), RegistryError (transport, HTTP
-    status, auth, a refused plain-HTTP host), ConfigError (a password without username).
+    over plain HTTP (loopback hosts always may). ``username``/``password`` go only to
+    the registry's own origin and to the token realms in ``token_realms`` (``host``
+    or ``host:port``, added to ``$SANDVM_REGISTRY_TOKEN_REALMS``, comma-separated).
+    ``timeout`` applies to each network operation. The manifest is stored last, so a
+    stored manifest means all its blobs are there. Raises ImageInvalid (bad
+    reference, unsupported media type), ImageNotFound (no such repository, tag,
+    platform or blob), DigestMismatch (content or size differs from a digest or
+    descriptor: nothing of it is stored), ImageTooLarge (oversized manifest or
+    config, a blob over ``$SANDVM_MAX_BLOB_BYTES``, not enough free disk),
+    RegistryError (transport, HTTP status, auth, a refused plain-HTTP host or token
+    realm), ConfigError (a password without username, a bad environment setting).
     """
     reference = parse_reference(str(ref))
     if password is not None and username is None:
         raise ConfigError("a registry password needs a username")
     with _Session(reference, insecure=insecure_registries, username=username,
-                  password=password, timeout=timeout) as session:
+                  password=password, token_realms=token_realms,
+                  timeout=timeout) as session:
         data, ctype = session.manifest(reference.target, digest=reference.digest)
         docs = [data]
         manifest_digest = _sha256(data)
@@ -189,6 +205,8 @@ def pull(ref: str | Reference, blobs: BlobStore, *, insecure_registries: Sequenc
         if cfg.size > MAX_CONFIG_BYTES:
             raise ImageTooLarge(f"{reference}: image config is {cfg.size} bytes, over the"
                                 f" {MAX_CONFIG_BYTES} byte cap")
+        blobs.check_room([(cfg.digest, cfg.size), *((x.digest, x.size) for x in manifest.layers)],
+                         str(reference))
         session.blob(blobs, cfg.digest, cfg.size, f"config {cfg.digest[7:19]}", progress)
         config = parse_config(blobs.path(cfg.digest).read_bytes())
         for layer in manifest.layers:
@@ -203,18 +221,34 @@ def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _plain_http_ok(host: str, port: int | None, insecure: Sequence[str]) -> bool:
-    """Whether ``host`` (no brackets) may be reached over plain HTTP."""
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (no brackets) is ``localhost`` or a loopback address."""
     host = host.lower()
-    shown = f"[{host}]" if ":" in host else host
-    if shown in insecure or (port is not None and f"{shown}:{port}" in insecure):
-        return True
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _listed(host: str, port: int | None, entries: Sequence[str]) -> bool:
+    """Whether ``host`` (no brackets) or ``host:port`` is one of ``entries`` (lowercase)."""
+    host = host.lower()
+    shown = f"[{host}]" if ":" in host else host
+    return shown in entries or (port is not None and f"{shown}:{port}" in entries)
+
+
+def _plain_http_ok(host: str, port: int | None, insecure: Sequence[str], *,
+                   loopback: bool = True) -> bool:
+    """Whether ``host`` (no brackets) may be reached over plain HTTP: listed as insecure,
+    or (if ``loopback``) a loopback host."""
+    return _listed(host, port, insecure) or (loopback and _is_loopback(host))
+
+
+def _env_realms() -> tuple[str, ...]:
+    return tuple(x.strip().lower() for x in os.environ.get(TOKEN_REALMS_ENV, "").split(",")
+                 if x.strip())
 
 
 def _read_capped(resp: httpx.Response, cap: int, what: str) -> bytes:
@@ -252,13 +286,17 @@ class _Session:
     """One repository on one registry: an httpx client, its URL policy and auth state."""
 
     def __init__(self, ref: Reference, *, insecure: Sequence[str], username: str | None,
-                 password: str | None, timeout: float) -> None:
+                 password: str | None, token_realms: Sequence[str], timeout: float) -> None:
         self.ref = ref
         self.insecure = tuple(i.lower() for i in insecure)
+        self.token_realms = (*(r.lower() for r in token_realms), *_env_realms(),
+                             *_KNOWN_REALMS.get(ref.registry, ()))
         host = _DOCKER_HUB_API if ref.registry == DOCKER_HUB else ref.registry
         m = _HOST.fullmatch(host)
         assert m is not None  # parse_reference checked it
         port = int(m.group(2)) if m.group(2) else None
+        # plain HTTP to loopback elsewhere (redirects, realms) only from a loopback registry
+        self.loopback = _is_loopback(m.group(1).strip("[]"))
         scheme = "http" if _plain_http_ok(m.group(1).strip("[]"), port, self.insecure) \
             else "https"
         self.base = httpx.URL(f"{scheme}://{host}/v2/{ref.repository}/")
@@ -280,8 +318,15 @@ class _Session:
                                                     self.base.port)
 
     def _url_ok(self, url: httpx.URL) -> bool:
+        """Whether a redirect or token realm may lead to ``url``: HTTPS, or plain HTTP to
+        an insecure-listed host, or to loopback if the registry itself is on loopback."""
         return url.scheme == "https" or (
-            url.scheme == "http" and _plain_http_ok(url.host, url.port, self.insecure))
+            url.scheme == "http" and _plain_http_ok(url.host, url.port, self.insecure,
+                                                    loopback=self.loopback))
+
+    def _realm_trusted(self, realm: httpx.URL) -> bool:
+        """Whether the user's credentials may go to token realm ``realm``."""
+        return self._same_origin(realm) or _listed(realm.host, realm.port, self.token_realms)
 
     def _transport_error(self, exc: httpx.HTTPError, what: str) -> RegistryError:
         where = self.ref.registry if self.ref.registry != DOCKER_HUB \
@@ -314,8 +359,9 @@ class _Session:
             resp.close()
             url = url.join(resp.headers["location"])
             if not self._url_ok(url):
-                raise RegistryError(f"refusing to follow a redirect for {what} to {url}: plain"
-                                    " HTTP only to loopback or insecure_registries")
+                raise RegistryError(f"refusing to follow a redirect for {what} to"
+                                    f" {str(url)[:200]}: plain HTTP only to insecure_registries,"
+                                    " or to loopback from a registry on loopback")
         raise RegistryError(f"too many redirects fetching {what}")
 
     def get(self, path: str, headers: dict[str, str], what: str) -> httpx.Response:
@@ -354,7 +400,15 @@ class _Session:
                                 f" {params['realm'][:200]!r}") from None
         if not self._url_ok(realm):
             raise RegistryError(f"{registry} named token realm {str(realm)[:200]!r}: plain"
-                                " HTTP only to loopback or insecure_registries")
+                                " HTTP only to insecure_registries, or to loopback from a"
+                                " registry on loopback")
+        if self.basic is not None and not self._realm_trusted(realm):
+            where = f"{realm.host}:{realm.port}" if realm.port else realm.host
+            raise RegistryError(
+                f"{registry} asks for a token from {realm.scheme}://{where}, not its own"
+                " origin: sandvm sends your registry credentials only to the registry itself"
+                " or to token realms you name. If you trust that host, name it"
+                f" (token_realms=[{where!r}] or {TOKEN_REALMS_ENV}={where})")
         query = {"scope": params.get("scope") or f"repository:{self.ref.repository}:pull"}
         if params.get("service"):
             query["service"] = params["service"]

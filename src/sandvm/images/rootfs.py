@@ -63,8 +63,13 @@ def _find_tool(name: str) -> str | None:
 
 def _mke2fs(mke2fs: str, tree: Path, out: Path, size: int,
             inodes: int) -> subprocess.CompletedProcess[str]:
-    with open(out, "wb") as f:
-        f.truncate(size)
+    # 0600: a built image holds whatever the image's files hold (keys, tokens)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
     return subprocess.run(
         [mke2fs, "-q", "-F", "-t", "ext4", "-b", str(BLOCK), "-N", str(inodes),
          "-L", "sandvm-root", "-m", "0", "-E", "root_owner=0:0,lazy_itable_init=1",

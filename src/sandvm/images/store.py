@@ -92,7 +92,8 @@ class ImageStore:
     def __init__(self, root: Path | None = None, *, cache_max: int | None = None) -> None:
         env_root = os.environ.get("SANDVM_IMAGE_STORE")
         self.root = root or (Path(env_root) if env_root else sandvm_home() / "images")
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _owner_only(self.root, 0o700)   # images may hold secrets: the store is ours alone
         self.blobs = BlobStore(self.root / "blobs")
         (self.root / "rootfs").mkdir(exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
@@ -177,6 +178,7 @@ class ImageStore:
             if out.exists():
                 cached: dict[str, Any] = json.loads(rec.read_text())
                 os.utime(rec)
+                _owner_only(out, 0o600)   # built before images were made 0600
                 return cached
         with self.lock():
             if out.exists() and rec.exists():
@@ -252,17 +254,20 @@ class ImageStore:
 
     def pull(self, ref: str, *, insecure_registries: Sequence[str] = (),
              username: str | None = None, password: str | None = None,
+             token_realms: Sequence[str] = (),
              progress: Callable[[str, int, int], None] | None = None,
              build_progress: Callable[[int, int], None] | None = None) -> StoredImage:
-        """Pull ``ref`` from its registry, build its rootfs and name it ``ref``
-        (normalised). Raises ImageError and its subclasses, RegistryError."""
+        """Pull ``ref`` from its registry (options as :func:`sandvm.images.registry.pull`),
+        build its rootfs and name it ``ref`` (normalised). Raises ImageError and its
+        subclasses, RegistryError, ConfigError."""
         from sandvm.images.registry import parse_reference
         from sandvm.images.registry import pull as registry_pull
 
         name = str(parse_reference(ref))
         with self.importing():
             imported = registry_pull(ref, self.blobs, insecure_registries=insecure_registries,
-                                     username=username, password=password, progress=progress)
+                                     username=username, password=password,
+                                     token_realms=token_realms, progress=progress)
             return self.add_pulled(name, imported, source=f"registry:{name}",
                                    progress=build_progress)
 
@@ -353,6 +358,14 @@ class ImageStore:
                 fs.unlink(missing_ok=True)
                 rec.unlink(missing_ok=True)
         return freed
+
+
+def _owner_only(p: Path, mode: int) -> None:
+    """Give ``p`` ``mode`` (no group/other bits) if it has more and is ours."""
+    with contextlib.suppress(OSError):
+        st = os.stat(p)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(p, mode)
 
 
 def _mtime(p: Path) -> float:
