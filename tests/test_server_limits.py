@@ -66,7 +66,8 @@ def test_settings_refuse_nonsense(tmp_path: Path) -> None:
     for bad in ({"rate_limit": 0}, {"rate_limit": -1.0}, {"rate_limit": 1, "rate_burst": 0},
                 {"rate_burst": 5}, {"max_tenant_memory_mib": 0},
                 {"max_tenant_memory_mib": True}, {"max_tenant_ports": -1},
-                {"port_host": "example.com"}):
+                {"port_host": "example.com"}, {"max_snapshot_bytes": 0},
+                {"max_snapshot_bytes": True}, {"max_snapshot_bytes": 1.5}):
         with pytest.raises(ConfigError):
             ServerConfig(state_dir=tmp_path, **bad)  # type: ignore[arg-type]
     assert ServerConfig(state_dir=tmp_path, port_host="localhost").port_host == "127.0.0.1"

@@ -291,3 +291,34 @@ def test_a_pool_that_cannot_start_again_stays_listed_and_deletable(
     pool.delete()
     SnapshotStore(api_key=server.alice, url=server.url).remove("fragile")
     assert [p.name for p in Pool.list(api_key=server.alice, url=server.url)] == []
+
+
+def test_snapshot_bytes_quota_refuses_a_save_and_keeps_nothing(server: ServerProc,
+                                                               source: Sandbox,
+                                                               snap: str) -> None:
+    """`--max-snapshot-bytes`: the server restarts with a cap 1 MiB above what alice's
+    snapshots take on disk; a save (far more than 1 MiB of RAM) is refused with 429
+    quota_exceeded, names no server path, and leaves nothing in her store."""
+    from sandvm.snapshots import SnapshotStore as DiskStore
+
+    root = server.tmp / "state" / "snapshots" / "alice"
+    used = DiskStore(root).bytes_used()
+    listing = sorted(p.name for p in root.iterdir() if p.name != ".quota.lock")
+    extra = server.extra
+    server.stop()
+    server.extra = (*extra, "--max-snapshot-bytes", str(used + (1 << 20)))
+    server.start()
+    try:
+        r = httpx.post(f"{server.url}/v1/sandboxes/{source.sandbox_id}/snapshots",
+                       headers=_auth(server.alice), json={"name": "too-big"}, timeout=120)
+        assert (r.status_code, r.json()["code"]) == (429, "quota_exceeded"), r.text
+        assert "quota" in r.json()["message"] and str(server.tmp) not in r.text
+        assert sorted(p.name for p in root.iterdir() if p.name != ".quota.lock") == listing
+        assert DiskStore(root).bytes_used() == used
+        with pytest.raises(SnapshotNotFound):
+            SnapshotStore(api_key=server.alice, url=server.url).get("too-big")
+        assert source.files.read("/root/state") == "before the snapshot"  # still running
+    finally:
+        server.stop()
+        server.extra = extra
+        server.start()

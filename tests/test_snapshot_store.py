@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -141,3 +142,91 @@ def test_remove(tmp_path: Path) -> None:
     with pytest.raises(SnapshotNotFound):
         store.remove("a")
     assert not any(p.name.startswith(".trash") for p in tmp_path.iterdir())
+
+
+def _ram_snapshot(store: SnapshotStore, name: str, data_bytes: int) -> None:
+    """A snapshot whose sparse 64 MiB RAM file holds ``data_bytes`` of data."""
+    staging = store.staging(name)
+    (staging / "state").write_bytes(b"QEVM device state")
+    with open(staging / "mem", "wb") as f:
+        f.truncate(64 << 20)
+        f.write(os.urandom(data_bytes))
+    store.commit(staging, name, dict(MANIFEST))
+
+
+def test_byte_quota_counts_what_is_on_disk_and_refuses_cleanly(tmp_path: Path) -> None:
+    from sandvm.errors import InvalidSpec, QuotaExceeded
+
+    store = SnapshotStore(tmp_path, max_bytes=3 << 20)
+    _ram_snapshot(store, "a", 1 << 20)
+    used = store.bytes_used()
+    assert (1 << 20) <= used < (1 << 20) + (64 << 10)  # the data, not the 64 MiB file
+    _ram_snapshot(store, "b", 1 << 20)
+    with pytest.raises(QuotaExceeded, match="over the store's cap") as ei:
+        _ram_snapshot(store, "c", 1 << 20)  # 3 MiB of data + state and manifests
+    assert "remove snapshots" in ei.value.message
+    # nothing left of the refused save: no snapshot, no staging directory
+    assert [s.name for s in store.list()] == ["a", "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".quota.lock", "a", "b"]
+    assert store.bytes_used() < 3 << 20
+    store.remove("a")
+    _ram_snapshot(store, "c", 1 << 20)  # room again
+    assert SnapshotStore(tmp_path).max_bytes is None  # no cap unless given
+    with pytest.raises(InvalidSpec):
+        SnapshotStore(tmp_path, max_bytes=0)
+
+
+def test_byte_quota_leaves_out_files_shared_with_the_image_cache(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "store", max_bytes=1 << 30)
+    cache = tmp_path / "image.ext4"
+    cache.write_bytes(os.urandom(2 << 20))  # an image's root filesystem
+    _ram_snapshot(store, "a", 4096)
+    before = store.bytes_used()
+    os.link(cache, store.root / "a" / "image-root.ext4")  # as _export_disks pins it
+    assert store.bytes_used() == before  # the image cache's file, not the tenant's
+    cache.unlink()  # evicted from the cache: now only the snapshot keeps it
+    assert store.bytes_used() >= before + (2 << 20)
+
+
+def test_byte_quota_holds_against_concurrent_commits(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two saves of which one fits, each in its own thread with its own store object
+    (as two processes would be): their measurements never overlap. The measurement
+    waits (at most 2 s) for the other one to measure too, so that without the store's
+    lock both would see the store empty and both be kept."""
+    import threading
+
+    from sandvm.errors import QuotaExceeded
+
+    measuring = threading.Barrier(2)
+    measure = SnapshotStore.bytes_used
+
+    def slow_measure(self: SnapshotStore, *, staged: Path | None = None) -> int:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            measuring.wait(timeout=2)
+        return measure(self, staged=staged)
+
+    monkeypatch.setattr(SnapshotStore, "bytes_used", slow_measure)
+    outcomes: list[str] = []
+    staged = threading.Barrier(2)
+
+    def save(i: int) -> None:
+        store = SnapshotStore(tmp_path, max_bytes=(1 << 20) + (256 << 10))  # one fits
+        staging = store.staging(f"s{i}")
+        (staging / "state").write_bytes(b"QEVM")
+        (staging / "mem").write_bytes(os.urandom(1 << 20))
+        staged.wait(timeout=30)
+        try:
+            store.commit(staging, f"s{i}", dict(MANIFEST))
+            outcomes.append("ok")
+        except QuotaExceeded:
+            outcomes.append("quota")
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(outcomes) == ["ok", "quota"]
+    assert len(SnapshotStore(tmp_path).list()) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]

@@ -982,6 +982,9 @@ def gc_cmd() -> None:
                    " second's worth).")
 @click.option("--max-snapshots", default=20, show_default=True, type=click.IntRange(0, 4096),
               help="Snapshots a tenant keeps on the server.")
+@click.option("--max-snapshot-bytes", default="16G", show_default=True, metavar="SIZE",
+              help="Disk a tenant's snapshots take together (RAM, state, disk layers), e.g."
+                   " 50G; a save that would go over it is refused (429), 'none': no cap.")
 @click.option("--max-pools", default=4, show_default=True, type=click.IntRange(0, 4096),
               help="Warm pools per tenant.")
 @click.option("--max-pool-size", default=32, show_default=True, type=click.IntRange(1, 4096),
@@ -994,8 +997,8 @@ def gc_cmd() -> None:
 def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_ttl: float,
               max_upload: str, max_tenant_memory: str | None, max_ports: int,
               port_host: str, rate_limit: float | None, rate_burst: int | None,
-              max_snapshots: int, max_pools: int, max_pool_size: int, max_fork: int,
-              log_level: str) -> None:
+              max_snapshots: int, max_snapshot_bytes: str, max_pools: int,
+              max_pool_size: int, max_fork: int, log_level: str) -> None:
     """Serve the HTTP API (keys from `sandvm key create`; state in $SANDVM_SERVER_DIR,
     default $SANDVM_HOME/server). Stopping it (SIGTERM, Ctrl-C) detaches its sandboxes:
     they keep running, and the next `sandvm serve` takes them over."""
@@ -1013,7 +1016,11 @@ def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_
                               max_tenant_memory_mib=_tenant_memory(max_tenant_memory),
                               max_tenant_ports=max_ports, port_host=port_host,
                               rate_limit=rate_limit, rate_burst=rate_burst,
-                              max_snapshots=max_snapshots, max_pools=max_pools,
+                              max_snapshots=max_snapshots,
+                              max_snapshot_bytes=None if max_snapshot_bytes.strip().lower()
+                              == "none" else parse_size(max_snapshot_bytes,
+                                                        what="--max-snapshot-bytes"),
+                              max_pools=max_pools,
                               max_pool_size=max_pool_size, max_fork=max_fork)
         store = ServerStore(config.state_dir)
         if not store.keys():

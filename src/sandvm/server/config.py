@@ -36,7 +36,8 @@ class ServerConfig:
     holds. ``max_tenant_memory_mib``: memory of a tenant's sandboxes and pools together.
     ``max_tenant_ports``, ``port_host``: exposed ports per tenant, where they listen.
     ``rate_limit``/``rate_burst``: requests per second per tenant. ``max_snapshots``,
-    ``max_pools``: per tenant; ``max_pool_size``: the ``max_size`` of a tenant's pools
+    ``max_pools``: per tenant; ``max_snapshot_bytes``: the disk a tenant's snapshots
+    take together; ``max_pool_size``: the ``max_size`` of a tenant's pools
     summed; ``max_fork``: copies per fork; ``pool_acquire_timeout``: the longest a
     create-from-pool waits. Raises ConfigError for values out of range.
     """
@@ -56,6 +57,9 @@ class ServerConfig:
     command_buffer_bytes: int = 1 << 20
     # -- snapshots, fork, pools (per tenant; checked in _check_library)
     max_snapshots: int = 20
+    # bytes a tenant's snapshots take on disk together (RAM, state, disk layers; None:
+    # only max_snapshots caps them)
+    max_snapshot_bytes: int | None = 16 << 30
     max_pools: int = 4
     max_pool_size: int = 32  # sandboxes a tenant's pools keep waiting (max_size summed)
     max_fork: int = 16  # copies one fork makes
@@ -125,6 +129,10 @@ class ServerConfig:
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= 4096:
                 raise ConfigError(f"server setting {name} must be an int in {lo}..4096,"
                                   f" got {v!r}")
+        v = self.max_snapshot_bytes
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"server setting max_snapshot_bytes must be a positive int or"
+                              f" None, got {v!r}")
         v = self.pool_acquire_timeout
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 3600:
             raise ConfigError("server setting pool_acquire_timeout must be seconds in"

@@ -151,8 +151,10 @@ class Library:
     # ------------------------------------------------------------------ snapshots
 
     def store(self, tenant: str) -> SnapshotStore:
-        """The tenant's own snapshot store (its name was checked when its key was made)."""
-        return SnapshotStore(self.root / tenant)
+        """The tenant's own snapshot store (its name was checked when its key was made),
+        capped at the server's ``max_snapshot_bytes``."""
+        return SnapshotStore(self.root / tenant,
+                             max_bytes=self.svc.config.max_snapshot_bytes)
 
     def _snapshot(self, tenant: str, name: str) -> Snapshot:
         """Raises SnapshotNotFound (also for another tenant's), SnapshotCorrupt."""
@@ -177,16 +179,28 @@ class Library:
     async def snapshot(self, tenant: str, sandbox_id: str, name: str | None) -> SnapshotInfo:
         """Save the running sandbox as the tenant's snapshot ``name`` (default: a new
         id); the sandbox goes on running. Raises InvalidSpec, SnapshotAlreadyExists,
-        QuotaExceeded (``max_snapshots``), VmNotFound, SandboxStateError."""
+        QuotaExceeded (``max_snapshots``, or ``max_snapshot_bytes``: then nothing of
+        the save is left), VmNotFound, SandboxStateError."""
         name = _check_name(name, "snapshot") if name is not None else new_id("snap")
         self.svc._record(tenant, sandbox_id)
         store = self.store(tenant)
         cap = self.svc.config.max_snapshots
-        # one save at a time per tenant: the count is checked with none in flight
+        byte_cap = store.max_bytes
+        # one save at a time per tenant: the count and the bytes are checked with none
+        # in flight (the store measures the bytes again, with the new snapshot, under
+        # its own lock before it keeps it)
         async with self._snap_locks.setdefault(tenant, asyncio.Lock()):
             if len(store.list()) >= cap:
+                self.svc.metrics.quota_rejections.inc()
                 raise QuotaExceeded(f"tenant {tenant!r} has {cap} snapshots, its quota:"
                                     " delete one (DELETE /v1/snapshots/NAME)")
+            if byte_cap is not None:
+                used = await asyncio.to_thread(store.bytes_used)
+                if used >= byte_cap:
+                    self.svc.metrics.quota_rejections.inc()
+                    raise QuotaExceeded(f"the snapshots of tenant {tenant!r} take {used}"
+                                        f" bytes on disk, its quota is {byte_cap}: delete"
+                                        " one (DELETE /v1/snapshots/NAME)")
             if store.exists(name):
                 raise SnapshotAlreadyExists("", name)
             sb = await self.svc._hold(sandbox_id)
@@ -194,6 +208,14 @@ class Library:
                 snap = await sb.snapshot(name, store=store)
             except SnapshotAlreadyExists:
                 raise SnapshotAlreadyExists("", name) from None
+            except QuotaExceeded as exc:  # the store's byte cap; its message names paths
+                self.svc.metrics.quota_rejections.inc()
+                d = exc.details
+                raise QuotaExceeded(
+                    f"snapshot {name!r} takes {d.get('size', '?')} bytes on disk; with it"
+                    f" the snapshots of tenant {tenant!r} would take {d.get('used', '?')},"
+                    f" over its quota of {byte_cap} bytes: nothing was kept; delete a"
+                    " snapshot (DELETE /v1/snapshots/NAME)") from None
             except SandvmError as exc:
                 raise await self.svc._ended_instead(sandbox_id, exc) from exc
         return self._snap_info(snap)

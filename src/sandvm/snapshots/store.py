@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,7 @@ from sandvm.assets import sandvm_home
 from sandvm.core import DiskSpec, VmSpec, validate_vm_id
 from sandvm.errors import (
     InvalidSpec,
+    QuotaExceeded,
     SnapshotAlreadyExists,
     SnapshotCorrupt,
     SnapshotIncompatible,
@@ -198,12 +201,39 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
 
 
 class SnapshotStore:
-    """A directory of snapshots (default ``$SANDVM_SNAPSHOT_DIR`` or ``$SANDVM_HOME/snapshots``)."""
+    """A directory of snapshots (default ``$SANDVM_SNAPSHOT_DIR`` or ``$SANDVM_HOME/snapshots``).
 
-    def __init__(self, root: Path | str | None = None) -> None:
+    ``max_bytes``: the disk the store may use (``bytes_used``); a ``commit`` that would
+    take it over is refused (QuotaExceeded) and leaves nothing behind. None: no cap.
+    """
+
+    def __init__(self, root: Path | str | None = None, *, max_bytes: int | None = None) -> None:
         env = os.environ.get("SANDVM_SNAPSHOT_DIR")
         self.root = Path(root) if root is not None else (
             Path(env) if env else sandvm_home() / "snapshots")
+        if max_bytes is not None and (isinstance(max_bytes, bool)
+                                      or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise InvalidSpec(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+
+    def bytes_used(self, *, staged: Path | None = None) -> int:
+        """Bytes the store's snapshots take on disk (blocks allocated: a sparse RAM file
+        counts what it holds), with the ``staged`` directory of a save if given (not
+        other saves in progress, nor deletions). A file also linked from outside them
+        (a disk image's root filesystem shared with the image cache) is not the
+        store's: it counts once only the store keeps it."""
+        seen: dict[tuple[int, int], list[int]] = {}  # inode: [links seen, nlink, bytes]
+        tops = [p for p in self.root.iterdir() if not p.name.startswith(".")] \
+            if self.root.is_dir() else []
+        for top in ([*tops, staged] if staged is not None else tops):
+            for d, _, files in os.walk(top):
+                for fname in files:
+                    with contextlib.suppress(OSError):
+                        st = os.lstat(os.path.join(d, fname))
+                        entry = seen.setdefault((st.st_dev, st.st_ino),
+                                                [0, st.st_nlink, st.st_blocks * 512])
+                        entry[0] += 1
+        return sum(size for links, nlink, size in seen.values() if links >= nlink)
 
     def _dir(self, name: str) -> Path:
         validate_vm_id(name)
@@ -328,10 +358,12 @@ class SnapshotStore:
         _fsync(mpath)
         _fsync(staging)
         dest = self._dir(name)
-        if dest.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-            raise SnapshotAlreadyExists("", name)
-        os.rename(staging, dest)
+        with self._quota_lock():  # measured and renamed with no other commit in between
+            if dest.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+                raise SnapshotAlreadyExists("", name)
+            self._check_quota(staging, name)
+            os.rename(staging, dest)
         _fsync(self.root)
         snap = _snapshot_from(dest, man)
         if ram == "file":
@@ -340,6 +372,36 @@ class SnapshotStore:
                 _verified.add((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                files["mem"]["sha256"]))
         return snap
+
+    @contextlib.contextmanager
+    def _quota_lock(self) -> Iterator[None]:
+        """With ``max_bytes``: an exclusive lock on the store (also against other
+        processes) while a commit measures and renames."""
+        if self.max_bytes is None:
+            yield
+            return
+        fd = os.open(self.root / ".quota.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _check_quota(self, staging: Path, name: str) -> None:
+        """Raises QuotaExceeded (``staging`` removed) if the store is over ``max_bytes``
+        with the staged snapshot in it."""
+        if self.max_bytes is None:
+            return
+        used = self.bytes_used(staged=staging)
+        if used <= self.max_bytes:
+            return
+        size = sum(p.lstat().st_blocks * 512 for p in staging.iterdir())
+        shutil.rmtree(staging, ignore_errors=True)
+        raise QuotaExceeded(
+            f"snapshot {name!r} takes {_mib(size)} on disk; with it the snapshots in"
+            f" {self.root} would take {_mib(used)}, over the store's cap of"
+            f" {_mib(self.max_bytes)}: remove snapshots first", size=size, used=used,
+            max_bytes=self.max_bytes)
 
     def parent_of(self, snap: Snapshot) -> Snapshot:
         """The parent of a diff snapshot (same store), checked to be the one it was
@@ -418,6 +480,10 @@ class SnapshotStore:
 def materialized_root() -> Path:
     """Where full RAM images built from diff snapshots are cached (tmpfs)."""
     return runtime_root() / "materialized"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n} bytes)"
 
 
 def _fsync(path: Path) -> None:
