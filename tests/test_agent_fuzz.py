@@ -21,12 +21,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sandvm import wire
-from sandvm.agent_client import AgentConnection, AgentInfo, guest_error
+from sandvm.agent_client import (
+    AgentConnection,
+    AgentInfo,
+    guest_bool,
+    guest_error,
+    guest_float,
+    guest_int,
+    guest_list,
+    guest_opt_int,
+    guest_str,
+)
 from sandvm.errors import (
     AgentDisconnected,
     AgentError,
     AgentProtocolError,
     AgentTimeout,
+    AgentVersionMismatch,
     CommandNotFound,
     FileTooLarge,
     GuestError,
@@ -37,6 +48,7 @@ from sandvm.errors import (
     InvalidSpec,
     SandvmError,
 )
+from sandvm.sandbox import AsyncCommandHandle, CommandResult, _entry
 
 T = TypeVar("T")
 
@@ -266,7 +278,8 @@ def test_handshake_rejects_malformed_hello_payload(tmp_path: Path, payload: byte
 def test_handshake_hostile_hello_fields_are_sanitised(tmp_path: Path) -> None:
     async def guest(g: Guest) -> None:
         await g.hello(kernel="k" * 10_000, agent_version=123, boot_id=["x"],
-                      features=["exec", 5, None, *[f"f{i}" for i in range(200)]])
+                      features=["exec", 5, None, *wire.REQUIRED_FEATURES,
+                                *[f"f{i}" for i in range(200)]])
         assert await g.host_hangs_up()
 
     async def host(conn: AgentConnection) -> AgentInfo:
@@ -1034,3 +1047,267 @@ def test_agent_restart_fails_open_operations(tmp_path: Path) -> None:
     (res, instance), _ = run(run_case(tmp_path, guest, host))
     assert isinstance(res, AgentError) and "restarted" in str(res)
     assert instance == "two"
+
+
+# ------------------------------------------------------------------ bytes, not items (issue 14)
+
+
+def _dict_event(sid: int, n: int) -> bytes:
+    """An EVENT of ~3n bytes that decodes to ~72n bytes of Python objects."""
+    return wire.encode_json(wire.EVENT, sid, {"e": [{}] * n})
+
+
+MIB_EVENT = 15_000  # dicts: 45 KB on the wire, ~1.1 MB decoded
+
+
+async def _send_until_hung_up(g: Guest, frames: list[bytes]) -> bool:
+    """Send the frames; True once the host has closed the channel (mid-way or after)."""
+    try:
+        for f in frames:
+            await g.send(f)
+        async with asyncio.timeout(BOUND):
+            while await g.reader.read(1 << 16):
+                pass
+    except ConnectionError:  # a reset is a hang-up too
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def _flood_guest(frames: list[bytes]) -> GuestScript:
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        return await _send_until_hung_up(g, frames)
+
+    return guest
+
+
+async def _failure_within(conn: AgentConnection, seconds: float = 3.0) -> SandvmError | None:
+    """Poll (never sleep blindly) until the connection fails or the deadline passes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while conn.failure is None and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    return conn.failure
+
+
+def test_unread_stream_is_bounded_in_bytes_not_items(tmp_path: Path) -> None:
+    # 40 events are far below the count cap (4096) but hold ~44 MB decoded
+    flood = [_dict_event(1, MIB_EVENT)] * 40
+
+    async def host(conn: AgentConnection) -> tuple[SandvmError | None, int]:
+        await conn.handshake(timeout=2)
+        await conn.open({"op": "exec", "argv": ["x"]})  # and never read it
+        return await _failure_within(conn), conn._queued_bytes
+
+    (err, queued), hung_up = run(run_case(tmp_path, _flood_guest(flood), host))
+    assert isinstance(err, AgentProtocolError) and "flooded stream 1" in str(err), err
+    assert "MiB unread" in str(err)
+    assert queued == 0  # everything it held was let go with the connection
+    assert hung_up
+
+
+def test_unread_streams_are_bounded_per_connection(tmp_path: Path) -> None:
+    # 6 streams x ~6.5 MB: each under the per-stream cap, together over the connection's
+    sids = [1, 3, 5, 7, 9, 11]
+
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        for sid in sids:
+            await g.expect_open(sid)
+        return await _send_until_hung_up(g, [_dict_event(sid, MIB_EVENT) for sid in sids
+                                             for _ in range(6)])
+
+    async def host(conn: AgentConnection) -> SandvmError | None:
+        await conn.handshake(timeout=2)
+        for _ in sids:
+            await conn.open({"op": "exec", "argv": ["x"]})
+        return await _failure_within(conn)
+
+    err, hung_up = run(run_case(tmp_path, guest, host))
+    assert isinstance(err, AgentProtocolError) and "flooded the channel" in str(err), err
+    assert hung_up
+
+
+def test_one_event_decoding_to_megabytes_is_refused(tmp_path: Path) -> None:
+    big = _dict_event(1, 87_000)  # within MAX_JSON on the wire, ~6 MB decoded
+    assert len(big) <= wire.MAX_JSON + wire.HEADER_SIZE
+    err, hung_up = run(run_case(tmp_path, _flood_guest([big]), _open_and_drain))
+    assert isinstance(err, AgentProtocolError) and "MiB of objects" in str(err), err
+    assert hung_up
+
+
+def test_deeply_nested_event_is_refused(tmp_path: Path) -> None:
+    deep = wire.encode(wire.EVENT, 1, b'{"e":' + b"[" * 40 + b"]" * 40 + b"}")
+    err, hung_up = run(run_case(tmp_path, _flood_guest([deep]), _open_and_drain))
+    assert isinstance(err, AgentProtocolError) and "nested deeper" in str(err), err
+    assert hung_up
+
+
+def test_events_read_as_they_come_never_hit_the_byte_cap(tmp_path: Path) -> None:
+    # ~12 MB of events in total (over the per-stream cap) on a stream that is read
+    frames = [wire.encode_json(wire.EVENT, 1, {"e": "x" * 200_000})] * 60
+
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        for f in frames:
+            await g.send(f)
+        await g.send(wire.encode_json(wire.REPLY, 1, {"done": True}))
+        return await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[int, dict[str, Any] | None, int]:
+        await conn.handshake(timeout=2)
+        st = await conn.open({"op": "exec", "argv": ["x"]})
+        events = 0
+        while True:
+            item = await st.next(2)
+            if item.kind != "event":
+                break
+            events += 1
+        assert conn.failure is None, conn.failure
+        return events, item.message, conn._queued_bytes
+
+    (events, reply, queued), _ = run(run_case(tmp_path, guest, host))
+    assert events == 60 and reply == {"done": True}
+    assert queued == 0  # read items and finished streams give their bytes back
+
+
+# ------------------------------------------------------------------ versions (issue 14)
+
+
+@pytest.mark.parametrize("override", [
+    {"version": wire.PROTOCOL_VERSION - 1},
+    {"version": wire.PROTOCOL_VERSION + 1},
+    {"features": ["exec", "files"]},
+    {"features": None},
+], ids=["older", "newer", "missing-features", "no-features"])
+def test_agent_of_another_build_is_a_version_mismatch(
+        tmp_path: Path, override: dict[str, Any]) -> None:
+    async def guest(g: Guest) -> None:
+        await g.hello(agent_version="0.1.0", **override)
+        assert await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[BaseException | AgentInfo, Any]:
+        return await outcome(conn.handshake(timeout=2)), conn.failure
+
+    (res, failure), _ = run(run_case(tmp_path, guest, host))
+    assert isinstance(res, AgentVersionMismatch), res
+    assert res.code == "agent_version_mismatch" and failure is res
+    assert "sandvm setup" in str(res) and "0.1.0" in str(res)
+    if "features" in override:
+        assert "files.stream" in str(res) and "flow-control" in str(res)
+    else:
+        assert f"protocol {override['version']}" in str(res)
+
+
+# ------------------------------------------------------------------ numbers (issue 14)
+
+
+async def _command_result(conn: AgentConnection) -> BaseException | CommandResult:
+    await conn.handshake(timeout=2)
+    st = await conn.open({"op": "exec", "argv": ["x"]})
+    h = AsyncCommandHandle(st, timeout=None, check=False, on_stdout=None, on_stderr=None,
+                           stdin=None, stdin_open=False)
+    return await outcome(h.wait())
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"exit_code":0,"duration":1' + b"0" * 400 + b"}",
+    b'{"exit_code":0,"duration":1e400}',
+    b'{"exit_code":0,"duration":NaN}',
+    b'{"exit_code":0,"duration":-Infinity}',
+    b'{"exit_code":1' + b"0" * 5000 + b"}",
+    b'{"exit_code":1' + b"0" * 400 + b"}",
+    b'{"exit_code":true}',
+    b'{"exit_code":0,"signal":"9"}',
+    b'{"exit_code":0,"signal":1' + b"0" * 30 + b"}",
+    b'{"exit_code":0,"duration":-1}',
+    b'{"exit_code":0,"timed_out":1}',
+    b'{"exit_code":-5}',
+], ids=["dur-400-digits", "dur-1e400", "dur-nan", "dur-inf", "code-5000-digits",
+        "code-400-digits", "code-bool", "sig-str", "sig-huge", "dur-negative", "timed-out-int",
+        "code-negative"])
+def test_hostile_exit_report_is_a_protocol_error(tmp_path: Path, payload: bytes) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.EVENT, 1, b'{"event":"started","pid":42}'))
+        await g.send(wire.encode(wire.REPLY, 1, payload))
+        await asyncio.sleep(0.3)
+
+    res, _ = run(run_case(tmp_path, guest, _command_result))
+    assert isinstance(res, AgentProtocolError), res
+
+
+def test_sane_exit_report_still_reads(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.EVENT, 1, b'{"event":"started","pid":42}'))
+        await g.send(wire.encode(wire.REPLY, 1, b'{"exit_code":137,"signal":9,'
+                                                b'"timed_out":false,"duration":1.5}'))
+        await asyncio.sleep(0.3)
+
+    res, _ = run(run_case(tmp_path, guest, _command_result))
+    assert isinstance(res, CommandResult), res
+    assert (res.exit_code, res.signal, res.duration, res.timed_out) == (137, 9, 1.5, False)
+
+
+def test_hostile_pid_in_start_event_is_a_protocol_error(tmp_path: Path) -> None:
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.EVENT, 1, b'{"event":"started","pid":1' + b"0" * 400
+                                 + b"}"))
+        await g.send(wire.encode(wire.REPLY, 1, b'{"exit_code":0}'))
+        await asyncio.sleep(0.3)
+
+    res, _ = run(run_case(tmp_path, guest, _command_result))
+    assert isinstance(res, AgentProtocolError), res
+
+
+GOOD_ENTRY = {"path": "/a", "name": "a", "type": "file", "size": 1, "mode": 0o644,
+              "mtime": 1.5, "uid": 0, "gid": 0}
+
+
+@pytest.mark.parametrize("override", [
+    {"mtime": 10 ** 400}, {"mtime": float("inf")}, {"size": 10 ** 400}, {"size": -1},
+    {"size": "12"}, {"size": 1.0}, {"mode": 1 << 20}, {"uid": 1 << 40}, {"gid": True},
+    {"path": 5}, {"name": "x" * 5000}, {"type": "fifo"}, {"target": ["x"]},
+], ids=lambda o: next(iter(o)))
+def test_hostile_file_entry_is_a_protocol_error(override: dict[str, Any]) -> None:
+    with pytest.raises(AgentProtocolError):
+        _entry({**GOOD_ENTRY, **override})
+    assert _entry(GOOD_ENTRY).mtime == 1.5
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10 ** 500), max_value=10 ** 500)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=3), kids,
+                                                              max_size=3),
+    max_leaves=6)
+
+
+@given(value=_json_values)
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+def test_typed_guest_reads_only_return_in_range_or_raise_protocol_errors(value: Any) -> None:
+    msg = {"k": value}
+    for read, check in (
+        (lambda: guest_int(msg, "k", lo=0, hi=255), lambda v: type(v) is int and 0 <= v <= 255),
+        (lambda: guest_opt_int(msg, "k", lo=1, hi=64),
+         lambda v: v is None or (type(v) is int and 1 <= v <= 64)),
+        (lambda: guest_float(msg, "k", hi=1e9, default=0.0),
+         lambda v: type(v) is float and 0.0 <= v <= 1e9),
+        (lambda: guest_str(msg, "k", max_len=10), lambda v: type(v) is str and len(v) <= 10),
+        (lambda: guest_bool(msg, "k"), lambda v: type(v) is bool),
+        (lambda: guest_list(msg, "k", max_len=2), lambda v: type(v) is list and len(v) <= 2),
+    ):
+        try:
+            got = read()
+        except AgentProtocolError:
+            continue
+        assert check(got), (value, got)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from sandvm.assets import cpio, setup
-from sandvm.errors import SetupError
+from sandvm.assets import buildkey, cpio, paths, setup
+from sandvm.errors import AssetMissing, SetupError
 
 
 @pytest.mark.qemu
@@ -56,3 +59,67 @@ def test_module_dependencies_are_checked(tmp_path: Path) -> None:
     assert setup._modinfo_depends(ko) == ["virtio", "virtio_ring"]
     ko.write_bytes(b"\x00depends=\x00")
     assert setup._modinfo_depends(ko) == []
+
+
+# ------------------------------------------------------------------ builds keyed by content
+
+
+def _fake_build(home: Path, key: str) -> Path:
+    """A guest build as `sandvm setup` leaves it (its manifest written by setup itself)."""
+    kdir = home / "kernel" / "6.1-test"
+    kdir.mkdir(parents=True, exist_ok=True)
+    (kdir / "vmlinuz").write_bytes(b"kernel")
+    cpio_path = home / "initramfs" / key / f"{key[:4]}cpio.cpio"
+    cpio_path.parent.mkdir(parents=True, exist_ok=True)
+    cpio_path.write_bytes(key.encode())
+    setup._write_manifest(kdir, cpio_path, "6.1-test", key)
+    return cpio_path
+
+
+def test_two_builds_side_by_side_each_host_selects_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDVM_HOME", str(tmp_path))
+    monkeypatch.setenv("SANDVM_QEMU", sys.executable)
+    ours = buildkey.build_key()
+    other = "0" * 20
+    mine = _fake_build(tmp_path, ours)
+    theirs = _fake_build(tmp_path, other)  # the other version's setup ran last
+    assert json.loads((tmp_path / "assets.json").read_text())["initramfs"] == str(theirs)
+    assert paths.find_assets(tmp_path).initramfs == mine
+    # the other version (another build key) finds its own, not ours
+    monkeypatch.setattr(paths, "build_key", lambda: other)
+    assert paths.find_assets(tmp_path).initramfs == theirs
+
+
+def test_find_assets_without_this_build_says_to_run_setup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDVM_HOME", str(tmp_path))
+    monkeypatch.setenv("SANDVM_QEMU", sys.executable)
+    _fake_build(tmp_path, "0" * 20)  # only another version's guest is built
+    with pytest.raises(AssetMissing) as ei:
+        paths.find_assets(tmp_path)
+    assert "sandvm setup" in ei.value.message and buildkey.build_key() in ei.value.message
+    assert "other sandvm versions" in ei.value.message
+
+
+def test_build_key_follows_what_the_package_ships() -> None:
+    files = buildkey.guest_files()
+    assert set(files) == {"init", "usr/bin/nohup", "lib/sandvm/agent.py", "lib/sandvm/wire.py"}
+    assert buildkey.build_key(files) == buildkey.build_key()
+    for name in files:
+        changed = {**files, name: files[name] + b"\n# another version\n"}
+        assert buildkey.build_key(changed) != buildkey.build_key(files), name
+
+
+def test_prune_keeps_this_build_and_the_newest_others(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDVM_HOME", str(tmp_path))
+    keys = [f"{i:020x}" for i in range(6)]
+    for i, key in enumerate(keys):
+        _fake_build(tmp_path, key)
+        os.utime(tmp_path / "initramfs" / key / "assets.json", (1000 + i, 1000 + i))
+    (tmp_path / "initramfs" / "legacy.cpio").write_bytes(b"an old layout's build")
+    removed = setup.prune_builds(keep=2, current=keys[0], home=tmp_path)
+    assert sorted(removed) == keys[1:4]
+    left = sorted(p.name for p in (tmp_path / "initramfs").iterdir())
+    assert left == sorted([keys[0], keys[4], keys[5], "legacy.cpio"])

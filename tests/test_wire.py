@@ -331,3 +331,37 @@ def test_split_channel_rejects_unknown_channel(channel: int) -> None:
 def test_split_channel_accepts_known_channels(channel: int) -> None:
     assert wire.split_channel(bytes((channel,))) == (channel, b"")
     assert wire.split_channel(bytes((channel,)) + b"\x03xy") == (channel, b"\x03xy")
+
+
+# ------------------------------------------------------------------ decoded size (issue 14)
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"n":1e400}', b'{"n":-1e999}', b'{"n":NaN}', b'{"n":Infinity}', b'{"n":-Infinity}',
+    b'{"n":1' + b"0" * 5000 + b"}",
+], ids=["1e400", "-1e999", "nan", "inf", "-inf", "5000-digits"])
+def test_numbers_json_cannot_hold_are_protocol_violations(payload: bytes) -> None:
+    with pytest.raises(wire.ProtocolViolation):
+        wire.decode_json(payload)
+
+
+def test_footprint_measures_decoded_objects_not_wire_bytes() -> None:
+    dicts = b'{"e":[' + b",".join([b"{}"] * 10_000) + b"]}"
+    _, size = wire.decode_json_sized(dicts)
+    assert size > 20 * len(dicts)  # ~72 bytes of objects per 3 bytes on the wire
+    text = b'{"e":"' + b"x" * 100_000 + b'"}'
+    _, size = wire.decode_json_sized(text)
+    assert 100_000 <= size < 101_000
+
+
+def test_decoded_size_and_nesting_are_capped() -> None:
+    big = b'{"e":[' + b",".join([b"{}"] * 87_000) + b"]}"
+    assert len(big) <= wire.MAX_JSON
+    with pytest.raises(wire.ProtocolViolation, match="MiB of objects"):
+        wire.decode_json_sized(big)
+    wire.decode_json_sized(big, limit=64 << 20)  # the cap is the caller's to choose
+    deep = b'{"e":' + b"[" * wire.MAX_DEPTH + b"]" * wire.MAX_DEPTH + b"}"
+    with pytest.raises(wire.ProtocolViolation, match="nested deeper"):
+        wire.decode_json_sized(deep)
+    ok = b'{"e":' + b"[" * (wire.MAX_DEPTH - 2) + b"]" * (wire.MAX_DEPTH - 2) + b"}"
+    wire.decode_json_sized(ok)

@@ -3,10 +3,17 @@
 Everything the guest sends is hostile. The decoder caps frame sizes before
 allocating. The connection is closed with AgentProtocolError when the guest
 sends more DATA than the credit it was granted, an empty DATA frame, data
-after EOF, a second EOF, more queued control items than a stream may hold, a
-frame for a stream the host never opened, JSON that is not an object, or a
-frame that makes no sense where it arrives. Every wait that depends on the
-guest is bounded: reads by the caller's timeout, writes by ``write_timeout``.
+after EOF, a second EOF, more queued control items than a stream may hold (by
+count, or by the bytes their decoded messages take, per stream and per
+connection), a frame for a stream the host never opened, JSON that is not an
+object (or nested too deep, or decoding to too much), or a frame that makes no
+sense where it arrives. A HELLO of another protocol version, or lacking a feature
+the host needs, is AgentVersionMismatch. Every wait that depends on the guest is
+bounded: reads by the caller's timeout, writes by ``write_timeout``.
+
+Numbers and strings read from guest replies go through the typed readers below
+(:func:`guest_int`, :func:`guest_float`, ...): a value of the wrong type or out of
+range is AgentProtocolError, never a TypeError or OverflowError at the caller.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +34,7 @@ from sandvm.errors import (
     AgentError,
     AgentProtocolError,
     AgentTimeout,
+    AgentVersionMismatch,
     CommandNotFound,
     FileTooLarge,
     GuestError,
@@ -41,11 +50,20 @@ from sandvm.errors import (
     SandvmError,
 )
 
-__all__ = ["AgentConnection", "AgentInfo", "HostStream", "StreamItem"]
+__all__ = ["AgentConnection", "AgentInfo", "HostStream", "StreamItem", "guest_bool",
+           "guest_float", "guest_int", "guest_list", "guest_opt_int", "guest_str"]
 
 READ_SIZE = 1 << 18
 WRITE_TIMEOUT = 60.0
 MAX_QUEUED_ITEMS = 4096  # non-DATA items a stream may hold unread (DATA is bounded by credit)
+# bytes of non-DATA items (their decoded messages, wire.json_footprint, plus ITEM_OVERHEAD
+# each) a stream may hold unread, and all open streams of one connection together; a
+# guest that exceeds either loses its connection (read when charged, so tests and the
+# flood benchmark can change them)
+MAX_QUEUED_BYTES = 8 << 20
+MAX_CONN_QUEUED_BYTES = 32 << 20
+ITEM_OVERHEAD = 256  # a queued StreamItem's own objects, besides its message
+INT64_MAX = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,89 @@ _GUEST_CODES: dict[str, type[SandvmError]] = {
 }
 
 
+def _bad(what: str, key: str, why: str) -> AgentProtocolError:
+    return AgentProtocolError(f"guest sent a malformed {what}: {key} {why}")
+
+
+def guest_int(msg: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = INT64_MAX,
+              default: int | None = None, what: str = "reply") -> int:
+    """``msg[key]`` as an int in [lo, hi]; ``default`` when absent or null (if given).
+    Raises AgentProtocolError otherwise (a bool, a float, a 400-digit number...)."""
+    v = msg.get(key)
+    if v is None and default is not None:
+        return default
+    if type(v) is not int:
+        raise _bad(what, key, "is not an integer")
+    if not lo <= v <= hi:
+        raise _bad(what, key, f"is out of range [{lo}, {hi}]")
+    return v
+
+
+def guest_opt_int(msg: Mapping[str, Any], key: str, *, lo: int = 0, hi: int = INT64_MAX,
+                  what: str = "reply") -> int | None:
+    """``msg[key]`` as an int in [lo, hi], or None when absent or null."""
+    if msg.get(key) is None:
+        return None
+    return guest_int(msg, key, lo=lo, hi=hi, what=what)
+
+
+def guest_float(msg: Mapping[str, Any], key: str, *, lo: float = 0.0, hi: float = 1e12,
+                default: float | None = None, what: str = "reply") -> float:
+    """``msg[key]`` (an int or a float) as a finite float in [lo, hi]; ``default`` when
+    absent or null (if given). Raises AgentProtocolError otherwise."""
+    v = msg.get(key)
+    if v is None and default is not None:
+        return default
+    if type(v) is int:
+        if not lo <= v <= hi:  # compared as ints: a 400-digit one never reaches float()
+            raise _bad(what, key, f"is out of range [{lo}, {hi}]")
+        return float(v)
+    if type(v) is not float:
+        raise _bad(what, key, "is not a number")
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise _bad(what, key, f"is out of range [{lo}, {hi}]")
+    return v
+
+
+def guest_str(msg: Mapping[str, Any], key: str, *, max_len: int = 4096,
+              default: str | None = None, what: str = "reply") -> str:
+    """``msg[key]`` as a str of at most ``max_len`` characters; ``default`` when absent
+    or null (if given). Raises AgentProtocolError otherwise."""
+    v = msg.get(key)
+    if v is None and default is not None:
+        return default
+    if type(v) is not str:
+        raise _bad(what, key, "is not a string")
+    if len(v) > max_len:
+        raise _bad(what, key, f"is longer than {max_len} characters")
+    return v
+
+
+def guest_bool(msg: Mapping[str, Any], key: str, *, default: bool | None = False,
+               what: str = "reply") -> bool:
+    """``msg[key]`` as a bool; ``default`` when absent or null (None: required)."""
+    v = msg.get(key)
+    if v is None and default is not None:
+        return default
+    if type(v) is not bool:
+        raise _bad(what, key, "is not a boolean")
+    return v
+
+
+def guest_list(msg: Mapping[str, Any], key: str, *, max_len: int = 1 << 16,
+               default: list[Any] | None = None, what: str = "reply") -> list[Any]:
+    """``msg[key]`` as a list of at most ``max_len`` items; ``default`` when absent or
+    null (if given). Its items are the caller's to check."""
+    v = msg.get(key)
+    if v is None and default is not None:
+        return default
+    if type(v) is not list:
+        raise _bad(what, key, "is not a list")
+    if len(v) > max_len:
+        raise _bad(what, key, f"has more than {max_len} items")
+    return v
+
+
 def require_feature(conn: AgentConnection, feature: str, what: str,
                     error: type[SandvmError]) -> AgentConnection:
     """``conn`` if its agent has ``feature``; else ``error`` saying the guest must be
@@ -112,6 +213,7 @@ class HostStream:
         self.conn = conn
         self.sid = sid
         self._items: deque[StreamItem] = deque()
+        self._costs: deque[int] = deque()  # what each queued item is charged (bytes)
         self._ready = asyncio.Event()
         self._send_window = wire.INITIAL_WINDOW
         self._window_open = asyncio.Event()
@@ -119,16 +221,38 @@ class HostStream:
         self._recv_budget = wire.INITIAL_WINDOW  # DATA bytes the guest may still send
         self._unacked = 0  # consumed bytes whose credit is not yet returned
         self._queued_other = 0
+        self._queued_bytes = 0  # charged for the items in _items
+        self._attached = True  # counted in the connection's budget (still open)
         self._eof: set[int] = set()
         self.closed = False
 
     # called by the connection's reader
-    def _push(self, item: StreamItem) -> None:
+    def _charge(self, cost: int) -> None:
+        """Count ``cost`` bytes more held unread; raises AgentProtocolError (which fails
+        the connection) when this stream or the connection holds too much."""
+        self._queued_bytes += cost
+        if self._attached:
+            self.conn._queued_bytes += cost
+        if self._queued_bytes > MAX_QUEUED_BYTES:
+            raise AgentProtocolError(
+                f"guest flooded stream {self.sid} with messages: more than"
+                f" {MAX_QUEUED_BYTES >> 20} MiB unread")
+        if self.conn._queued_bytes > MAX_CONN_QUEUED_BYTES:
+            raise AgentProtocolError(
+                f"guest flooded the channel with messages: more than"
+                f" {MAX_CONN_QUEUED_BYTES >> 20} MiB unread over its streams")
+
+    def _push(self, item: StreamItem, size: int = 0) -> None:
+        """Queue an item whose message holds ``size`` bytes (DATA: bounded by credit)."""
+        cost = 0
         if item.kind != "data":
             self._queued_other += 1
             if self._queued_other > MAX_QUEUED_ITEMS:
                 raise AgentProtocolError(f"guest flooded stream {self.sid} with messages")
+            cost = size + ITEM_OVERHEAD
+            self._charge(cost)
         self._items.append(item)
+        self._costs.append(cost)
         self._ready.set()
 
     def _on_data(self, channel: int, data: bytes) -> None:
@@ -155,10 +279,12 @@ class HostStream:
         if self._send_window > 0:
             self._window_open.set()
 
-    def _finish(self, item: StreamItem) -> None:
-        """Terminal item: wakes every reader and any sender waiting for credit."""
+    def _finish(self, item: StreamItem, cost: int = 0) -> None:
+        """Terminal item (``cost`` already charged): wakes every reader and any sender
+        waiting for credit."""
         self.closed = True
         self._items.append(item)
+        self._costs.append(cost)
         self._ready.set()
         self._window_open.set()
 
@@ -171,6 +297,11 @@ class HostStream:
             except TimeoutError:
                 raise AgentTimeout(f"no answer from the guest agent within {timeout} s") from None
         item = self._items.popleft()
+        cost = self._costs.popleft()
+        if cost:
+            self._queued_bytes -= cost
+            if self._attached:
+                self.conn._queued_bytes -= cost
         if item.kind != "data":
             self._queued_other -= 1
         elif not self.closed:
@@ -214,7 +345,7 @@ class HostStream:
         """Abandon the stream: the guest kills what it runs for it; readers get an error."""
         if self.closed:
             return
-        self.conn._streams.pop(self.sid, None)
+        self.conn._detach(self)
         self._finish(StreamItem("error", error=AgentError(f"stream {self.sid} was cancelled")))
         with contextlib.suppress(SandvmError):
             self.conn._send_nowait(wire.encode_json(wire.RESET, self.sid, {"code": "cancelled"}))
@@ -232,6 +363,7 @@ class AgentConnection:
         self.write_timeout = write_timeout
         self._decoder = wire.FrameDecoder()
         self._streams: dict[int, HostStream] = {}
+        self._queued_bytes = 0  # charged for unread non-DATA items of the open streams
         self._next_sid = 1
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pings: dict[bytes, asyncio.Future[None]] = {}
@@ -296,10 +428,6 @@ class AgentConnection:
         if (msg.get("proto") != "sandvm-agent" or not isinstance(version, int)
                 or isinstance(version, bool)):
             raise self._protocol_error("the guest's HELLO is not a sandvm agent's")
-        if version != wire.PROTOCOL_VERSION:
-            raise self._protocol_error(
-                f"guest agent speaks protocol {version}, host speaks"
-                f" {wire.PROTOCOL_VERSION}: rebuild the guest with `sandvm setup`")
         feats = msg.get("features")
         features = tuple(f[:64] for f in feats if isinstance(f, str))[:64] if isinstance(
             feats, list) else ()
@@ -307,6 +435,20 @@ class AgentConnection:
         def s(key: str) -> str:
             v = msg.get(key)
             return v[:200] if isinstance(v, str) else ""
+
+        agent = f"the guest agent (version {s('agent_version')[:40] or '?'})"
+        fix = ("its guest assets are from another sandvm build: run `sandvm setup` with"
+               " this sandvm (and take snapshots made with the old agent again)")
+        if version != wire.PROTOCOL_VERSION:
+            self.fail(exc := AgentVersionMismatch(
+                f"{agent} speaks protocol {version}, this host speaks"
+                f" {wire.PROTOCOL_VERSION}: {fix}"))
+            raise exc
+        missing = [f for f in wire.REQUIRED_FEATURES if f not in features]
+        if missing:
+            self.fail(exc := AgentVersionMismatch(
+                f"{agent} lacks {', '.join(missing)}, which this host needs: {fix}"))
+            raise exc
 
         self.info = AgentInfo(version=version, agent_version=s("agent_version"),
                               features=features, kernel=s("kernel"), boot_id=s("boot_id"),
@@ -390,8 +532,8 @@ class AgentConnection:
             # a new agent process: whatever the old one was doing is gone
             lost = AgentError("the guest agent restarted; the operation was lost")
             for st in list(self._streams.values()):
+                self._detach(st)
                 st._finish(StreamItem("error", error=lost))
-            self._streams.clear()
             with contextlib.suppress(AgentProtocolError):
                 self._parse_hello(msg)
 
@@ -424,17 +566,29 @@ class AgentConnection:
         elif ftype == wire.WINDOW:
             st._on_window(wire.decode_window(payload))
         elif ftype == wire.EVENT:
-            st._push(StreamItem("event", message=wire.decode_json(payload)))
+            msg, size = wire.decode_json_sized(payload)
+            st._push(StreamItem("event", message=msg), size)
         elif ftype == wire.REPLY:
-            msg = wire.decode_json(payload)  # before unregistering: a bad one fails the stream
-            self._streams.pop(sid, None)
-            st._finish(StreamItem("reply", message=msg))
+            # decoded and charged before unregistering: a bad one fails the connection
+            msg, size = wire.decode_json_sized(payload)
+            st._charge(size + ITEM_OVERHEAD)
+            self._detach(st)
+            st._finish(StreamItem("reply", message=msg), size + ITEM_OVERHEAD)
         elif ftype == wire.RESET:
-            msg = wire.decode_json(payload)
-            self._streams.pop(sid, None)
+            msg, _ = wire.decode_json_sized(payload)  # only a capped code and text are kept
+            self._detach(st)
             st._finish(StreamItem("error", error=guest_error(msg)))
         else:
             raise AgentProtocolError(f"unexpected {wire.FRAME_NAMES[ftype]} frame on stream {sid}")
+
+    def _detach(self, st: HostStream) -> None:
+        """Unregister a stream that is finished: the guest can add nothing to it now, so
+        what it still holds unread leaves the connection's budget (its own cap stays)."""
+        if self._streams.get(st.sid) is st:
+            del self._streams[st.sid]
+        if st._attached:
+            st._attached = False
+            self._queued_bytes -= st._queued_bytes
 
     def fail(self, exc: SandvmError) -> None:
         """Close the connection: every open stream and waiter gets ``exc``."""
@@ -445,8 +599,8 @@ class AgentConnection:
             self._hello.set_exception(exc)
             self._hello.exception()  # mark retrieved
         for st in list(self._streams.values()):
+            self._detach(st)
             st._finish(StreamItem("error", error=exc))
-        self._streams.clear()
         for fut in self._pings.values():
             if not fut.done():
                 fut.set_exception(exc)

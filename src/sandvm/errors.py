@@ -42,6 +42,7 @@ will return, so callers can match on it across versions::
     │   └── PoolExists (pool_exists)
     ├── AgentError (agent_error)                the guest agent side
     │   ├── AgentProtocolError (agent_protocol_error)   the guest sent garbage
+    │   │   └── AgentVersionMismatch (agent_version_mismatch)  another sandvm's agent
     │   ├── AgentTimeout (agent_timeout)
     │   ├── AgentDisconnected (agent_disconnected)
     │   └── GuestError (guest_error)            an operation failed inside the guest
@@ -86,6 +87,7 @@ __all__ = [
     "AgentError",
     "AgentProtocolError",
     "AgentTimeout",
+    "AgentVersionMismatch",
     "AssetMissing",
     "CommandError",
     "CommandExitError",
@@ -377,6 +379,13 @@ class AgentProtocolError(AgentError):
     """The guest sent something that is not valid protocol: the channel is closed."""
 
     code = "agent_protocol_error"
+
+
+class AgentVersionMismatch(AgentProtocolError):
+    """The guest agent speaks another protocol version or lacks a feature this host needs
+    (guest assets of another sandvm build, or an old snapshot): rebuild with `sandvm setup`."""
+
+    code = "agent_version_mismatch"
 
 
 class AgentTimeout(AgentError):

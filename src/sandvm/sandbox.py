@@ -36,7 +36,16 @@ from typing import Any, Literal, overload
 
 from sandvm import _portal, wire
 from sandvm._files import move_file, runtime_root, sparse_copy
-from sandvm.agent_client import AgentConnection, HostStream
+from sandvm.agent_client import (
+    AgentConnection,
+    HostStream,
+    guest_bool,
+    guest_float,
+    guest_int,
+    guest_list,
+    guest_opt_int,
+    guest_str,
+)
 from sandvm.assets.paths import qemu_version
 from sandvm.core import (
     BUILTIN_IMAGES,
@@ -148,14 +157,18 @@ class WriteInfo:
 
 
 def _entry(d: dict[str, Any]) -> EntryInfo:
-    """Build an EntryInfo from a guest dict, checking every field's type (guest is hostile)."""
-    try:
-        e = EntryInfo(path=str(d["path"])[:4096], name=str(d["name"])[:4096], type=str(d["type"]),
-                      size=int(d["size"]), mode=int(d["mode"]), mtime=float(d["mtime"]),
-                      uid=int(d.get("uid", 0)), gid=int(d.get("gid", 0)),
-                      target=None if d.get("target") is None else str(d["target"])[:4096])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AgentProtocolError(f"guest sent a malformed file entry: {exc!r}") from None
+    """Build an EntryInfo from a guest dict, checking every field's type and range (the
+    guest is hostile). Raises AgentProtocolError."""
+    w = "file entry"
+    e = EntryInfo(path=guest_str(d, "path", max_len=4096, what=w),
+                  name=guest_str(d, "name", max_len=4096, what=w),
+                  type=guest_str(d, "type", max_len=16, what=w),
+                  size=guest_int(d, "size", what=w), mode=guest_int(d, "mode", hi=0o7777, what=w),
+                  mtime=guest_float(d, "mtime", lo=-1e11, hi=1e11, what=w),
+                  uid=guest_int(d, "uid", hi=(1 << 32) - 1, default=0, what=w),
+                  gid=guest_int(d, "gid", hi=(1 << 32) - 1, default=0, what=w),
+                  target=None if d.get("target") is None else guest_str(
+                      d, "target", max_len=4096, what=w))
     if e.type not in ("file", "dir", "symlink", "other"):
         raise AgentProtocolError(f"guest sent an unknown entry type {e.type!r}")
     return e
@@ -479,13 +492,12 @@ async def _pipe_write(fd: int, data: bytes) -> None:
 
 
 def _count(msg: dict[str, Any], key: str) -> int:
-    v = msg.get(key)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-        raise AgentProtocolError(f"guest sent a malformed transfer report ({key})")
-    return v
+    return guest_int(msg, key, what="transfer report")
 
 
 MAX_COMMAND_TIMEOUT = 7 * 24 * 3600.0  # a week; beyond that, no timeout (None) is meant
+PID_MAX = 1 << 22  # Linux's largest pid_max
+MAX_DURATION = 1e9  # seconds (31 years): a guest's "duration" beyond is a lie
 
 
 class _Output:
@@ -597,8 +609,8 @@ class AsyncCommandHandle:
                     raise
             elif item.kind == "event":
                 msg = item.message or {}
-                if msg.get("event") == "started" and isinstance(msg.get("pid"), int):
-                    self._pid = msg["pid"]
+                if msg.get("event") == "started":
+                    self._pid = guest_int(msg, "pid", lo=1, hi=PID_MAX, what="start event")
                     if not self._started.done():
                         self._started.set_result(None)
             elif item.kind == "reply":
@@ -615,15 +627,13 @@ class AsyncCommandHandle:
     async def wait(self) -> CommandResult:
         """Wait for the command to end. Raises CommandExitError (if checking), CommandTimeout."""
         msg = await asyncio.shield(self._task)
-        code = msg.get("exit_code")
-        sig = msg.get("signal")
-        if not isinstance(code, int) or not (sig is None or isinstance(sig, int)):
-            raise AgentProtocolError("guest sent a malformed exit report")
-        dur = msg.get("duration")
+        w = "exit report"
+        code = guest_int(msg, "exit_code", hi=255, what=w)
+        sig = guest_opt_int(msg, "signal", lo=1, hi=255, what=w)
         result = CommandResult(
             exit_code=code, stdout_bytes=bytes(self._out.buf), stderr_bytes=bytes(self._err.buf),
-            signal=sig, timed_out=bool(msg.get("timed_out")),
-            duration=float(dur) if isinstance(dur, (int, float)) else 0.0,
+            signal=sig, timed_out=guest_bool(msg, "timed_out", what=w),
+            duration=guest_float(msg, "duration", hi=MAX_DURATION, default=0.0, what=w),
             output_truncated=self._out.truncated or self._err.truncated)
         if result.timed_out:
             raise CommandTimeout(
@@ -781,7 +791,7 @@ class AsyncFiles:
             while True:
                 item = await st.next(self._sb.op_timeout + len(data) / 1e6)
                 if item.kind == "reply":
-                    size = (item.message or {}).get("size")
+                    size = guest_int(item.message or {}, "size", what="write report")
                     if size != len(data):
                         raise AgentProtocolError(f"guest reports {size!r} bytes, sent {len(data)}")
                     return WriteInfo(path=path, size=len(data))
@@ -837,7 +847,7 @@ class AsyncFiles:
                         raise FileTooLarge(f"{path} is larger than the cap of {max_bytes} bytes")
                     yield item.data
                 elif item.kind == "reply":
-                    size = (item.message or {}).get("size")
+                    size = guest_int(item.message or {}, "size", what="read report")
                     if size != got:
                         raise AgentProtocolError(f"guest reports {size!r} bytes, sent {got}")
                     done = True
@@ -859,15 +869,14 @@ class AsyncFiles:
             while True:
                 item = await st.next(self._sb.op_timeout)
                 if item.kind == "event":
-                    batch = (item.message or {}).get("entries")
-                    if not isinstance(batch, list):
-                        raise AgentProtocolError("guest sent a malformed listing")
+                    batch = guest_list(item.message or {}, "entries", max_len=LIST_CAP,
+                                       what="listing")
                     entries.extend(_entry(e) if isinstance(e, dict) else _entry({})
                                    for e in batch)
                     if len(entries) > LIST_CAP:
                         raise AgentProtocolError(f"guest listed more than {LIST_CAP} entries")
                 elif item.kind == "reply":
-                    if (item.message or {}).get("count") != len(entries):
+                    if guest_int(item.message or {}, "count", what="listing") != len(entries):
                         raise AgentProtocolError("guest's listing count does not match")
                     return entries
                 elif item.kind == "error":

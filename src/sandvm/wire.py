@@ -16,7 +16,10 @@ a DATA frame spends credit, a WINDOW frame from the receiver gives it back once
 the receiver has consumed the data (in batches of at least WINDOW_BATCH). A
 receiver therefore never buffers more than one window of data per stream, and a
 fast producer on one stream cannot starve the others: the transport is always
-drained. Control items (EVENT etc.) are capped by count on the host side.
+drained. Control items (EVENT etc.) are capped on the host side by count and by
+bytes: each decoded message is measured (:func:`decode_json_sized`, which also caps
+its nesting and decoded size) and the host bounds what a stream and a connection may
+hold unread.
 
 Frames on a stream: OPEN (JSON request) → any of DATA/EOF/WINDOW/CTRL/EVENT →
 one of REPLY (JSON, final) or RESET (JSON error, final). DATA and EOF payloads
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +46,10 @@ DATA_CHUNK = 128 * 1024  # the largest DATA payload a sender emits
 INITIAL_WINDOW = 1 << 20  # per-stream, per-direction credit
 WINDOW_BATCH = INITIAL_WINDOW // 4  # receivers return credit in batches of at least this
 MAX_STREAMS = 1024  # concurrent streams a side accepts
+MAX_DEPTH = 32  # nesting a decoded control message may have (real ones have 3 or 4)
+# Python objects one decoded control message may take: 256 KiB of `[{},{},...]` decodes
+# to ~6 MiB, strings to about their own size
+MAX_DECODED = 4 << 20
 
 # Frame types
 HELLO = 1
@@ -78,6 +86,11 @@ CH_STDERR = 2
 
 FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream", "flow-control",
             "tcp", "egress")
+# what a host refuses to work without (others, e.g. "tcp", are checked when first used,
+# so an agent in an older snapshot keeps working for what it has). An incompatible change
+# to a request or reply bumps PROTOCOL_VERSION or adds a feature named here.
+REQUIRED_FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream",
+                     "flow-control")
 
 
 class ProtocolViolation(ValueError):
@@ -106,17 +119,72 @@ def encode_window(stream: int, increment: int) -> bytes:
     return encode(WINDOW, stream, struct.pack(">I", increment))
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):  # 1e400
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def decode_json(payload: bytes) -> dict[str, Any]:
     """Decode a JSON control payload; must be an object. Raises ProtocolViolation."""
     if len(payload) > MAX_JSON:
         raise ProtocolViolation(f"control message of {len(payload)} bytes exceeds {MAX_JSON}")
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_no_constant,
+                         parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolViolation(f"control message is not JSON: {exc!r}"[:200]) from None
     if not isinstance(obj, dict):
         raise ProtocolViolation("control message is not a JSON object")
     return obj
+
+
+def json_footprint(obj: Any, *, limit: int = MAX_DECODED, max_depth: int = MAX_DEPTH) -> int:
+    """The bytes of Python objects a decoded JSON value holds (``sys.getsizeof`` of every
+    node; shared ones counted each time, so never less than the truth).
+
+    Raises ProtocolViolation as soon as the total exceeds ``limit`` or the nesting
+    ``max_depth``. Iterative: any nesting json.loads returns is walked safely."""
+    size = sys.getsizeof
+    total = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        total += size(node)
+        if depth > max_depth:
+            raise ProtocolViolation(f"control message nested deeper than {max_depth}")
+        if type(node) is dict:
+            for k, v in node.items():
+                total += size(k)
+                if type(v) is dict or type(v) is list:
+                    stack.append((v, depth + 1))
+                else:
+                    total += size(v)
+        elif type(node) is list:
+            for v in node:
+                if type(v) is dict or type(v) is list:
+                    stack.append((v, depth + 1))
+                else:
+                    total += size(v)
+        if total > limit:
+            raise ProtocolViolation(
+                f"control message decodes to more than {limit >> 20} MiB of objects")
+    return total
+
+
+def decode_json_sized(payload: bytes, *, limit: int = MAX_DECODED
+                      ) -> tuple[dict[str, Any], int]:
+    """Decode a control payload from an untrusted peer: (object, bytes it holds in memory).
+
+    Raises ProtocolViolation for what :func:`decode_json` refuses and for a message
+    nested deeper than MAX_DEPTH or decoding to more than ``limit`` bytes."""
+    obj = decode_json(payload)
+    return obj, json_footprint(obj, limit=limit)
 
 
 def decode_window(payload: bytes) -> int:

@@ -20,11 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sandvm.assets.buildkey import (
+    BUILDER_VERSION,
+    GUEST_MODULES,
+    GUEST_PACKAGES,
+    PRUNE,
+    PRUNE_GLOBS,
+    build_key,
+    guest_files,
+)
 from sandvm.assets.cpio import write_cpio
-from sandvm.assets.paths import find_qemu, read_manifest, sandvm_home
+from sandvm.assets.paths import build_dir, find_qemu, read_manifest, sandvm_home
 from sandvm.errors import SetupError
 
-BUILDER_VERSION = "3"
 # qemu-utils: qcow2 overlays; e2fsprogs: `mke2fs -d <dir>` builds an image's ext4
 # rootfs; fakeroot: that build as a non-root user; zstd: zstd layers; mmdebstrap: the
 # `debian` image; skopeo + docker-registry: the loopback registry tests; openssl: the
@@ -32,49 +40,7 @@ BUILDER_VERSION = "3"
 HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "e2fsprogs", "fakeroot", "zstd",
                  "mmdebstrap", "skopeo", "docker-registry", "openssl")
 KERNEL_META = "linux-image-cloud-amd64"
-GUEST_PACKAGES = (
-    "busybox-static",
-    "python3.11-minimal",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "libc6",
-    "libssl3",
-    "zlib1g",
-    "libexpat1",
-    "libffi8",
-    "libbz2-1.0",
-    "liblzma5",
-    "libuuid1",
-    "libsqlite3-0",
-    "libcrypt1",
-)
-# the modules the initramfs loads, in dependency order (checked against .modinfo)
-GUEST_MODULES = (
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_mmio.ko",
-    "drivers/char/virtio_console.ko",
-    "drivers/block/virtio_blk.ko",
-    "drivers/char/hw_random/virtio-rng.ko",
-)
-# parts of the Debian Python and libc trees a sandbox never needs
-PRUNE = (
-    "usr/share",
-    "usr/lib/x86_64-linux-gnu/gconv",
-    "usr/lib/python3.11/test",
-    "usr/lib/python3.11/idlelib",
-    "usr/lib/python3.11/tkinter",
-    "usr/lib/python3.11/turtledemo",
-    "usr/lib/python3.11/turtle.py",
-    "usr/lib/python3.11/pydoc_data",
-    "usr/lib/python3.11/lib2to3",
-    "usr/lib/python3.11/ensurepip",
-    "usr/lib/python3.11/__phello__",
-    "usr/lib/python3.11/config-3.11-x86_64-linux-gnu",
-    "etc/ld.so.conf.d",
-)
-PRUNE_GLOBS = ("usr/lib/python3.11/lib-dynload/_test*", "usr/lib/python3.11/lib-dynload/xx*",
-               "usr/lib/python3.11/lib-dynload/_ctypes_test*")
+KEEP_OTHER_BUILDS = 4  # guest builds of other sandvm versions kept (newest first)
 
 Progress = Callable[[str], None]
 
@@ -258,28 +224,15 @@ def fetch_kernel(progress: Progress) -> str:
     return f"kernel {release} unpacked"
 
 
-def _guest_files() -> dict[str, bytes]:
-    """The sandvm files that go into the initramfs, by guest path."""
-    here = Path(__file__).resolve().parent.parent
-    return {
-        "init": (here / "guest" / "init.sh").read_bytes(),
-        "usr/bin/nohup": (here / "guest" / "nohup.sh").read_bytes(),
-        "lib/sandvm/agent.py": (here / "guest" / "agent.py").read_bytes(),
-        "lib/sandvm/wire.py": (here / "wire.py").read_bytes(),
-    }
-
-
-def _initramfs_key(debs: list[Path], kdir: Path) -> str:
+def _initramfs_key(debs: list[Path], kdir: Path, build: str) -> str:
+    """The key of one cpio of build ``build``: the Debian packages and the kernel too."""
     h = hashlib.sha256()
     h.update(BUILDER_VERSION.encode())
-    h.update(f"{sys.version_info[:2]}".encode())
+    h.update(build.encode())
     for d in debs:
         h.update(d.name.encode())
     h.update((kdir / "modules.order").read_bytes())
     h.update(kdir.name.encode())
-    for path, data in sorted(_guest_files().items()):
-        h.update(path.encode())
-        h.update(hashlib.sha256(data).digest())
     return h.hexdigest()[:20]
 
 
@@ -320,22 +273,26 @@ def _precompile(root: Path) -> int:
 
 
 def build_initramfs(progress: Progress) -> str:
+    """Build (or find) the initramfs of this sandvm's build key under
+    ``initramfs/<build key>/``; builds of other sandvm versions are left in place."""
     step = "guest initramfs"
-    man = read_manifest() or {}
+    build = build_key()
+    files = guest_files()
+    man = read_manifest(None, build) or {}
     kpkg = kernel_package(step, progress)
     release = kpkg.removeprefix("linux-image-")
     kdir = sandvm_home() / "kernel" / release
     if not (kdir / ".complete").exists():
         raise SetupError(step, "the guest kernel is not unpacked: run `sandvm setup` again")
     debs = download_debs(list(GUEST_PACKAGES), step, progress)
-    key = _initramfs_key(debs, kdir)
-    out_dir = sandvm_home() / "initramfs"
+    key = _initramfs_key(debs, kdir, build)
+    out_dir = build_dir(None, build)
     out = out_dir / f"{key}.cpio"
     if out.exists():
-        _write_manifest(kdir, out, release)
+        _write_manifest(kdir, out, release, build)
         if man.get("initramfs") == str(out):
-            return f"initramfs {key} up to date"
-        return f"initramfs {key} selected"
+            return f"initramfs {build}/{key} up to date"
+        return f"initramfs {build}/{key} selected"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=sandvm_home()) as tmp:
         root = Path(tmp) / "root"
@@ -353,7 +310,7 @@ def build_initramfs(progress: Progress) -> str:
         py = root / "usr" / "bin" / "python3"
         if not py.exists():
             py.symlink_to("python3.11")
-        for rel, data in _guest_files().items():
+        for rel, data in files.items():
             p = root / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
@@ -388,24 +345,51 @@ def build_initramfs(progress: Progress) -> str:
         with open(tmp_out, "wb") as f:
             write_cpio(root, f)
         os.replace(tmp_out, out)
-    _write_manifest(kdir, out, release)
-    # drop older initramfs builds
+    _write_manifest(kdir, out, release, build)
+    # drop this build's older cpios (other packages or kernel), and builds of other
+    # sandvm versions beyond the newest KEEP_OTHER_BUILDS
     for old in out_dir.glob("*.cpio"):
         if old != out:
             old.unlink()
+    prune_builds(keep=KEEP_OTHER_BUILDS, current=build)
     size_mib = out.stat().st_size / (1 << 20)
-    return f"initramfs {key} built ({size_mib:.1f} MiB)"
+    return f"initramfs {build}/{key} built ({size_mib:.1f} MiB)"
 
 
-def _write_manifest(kdir: Path, initramfs: Path, release: str) -> None:
+def prune_builds(*, keep: int, current: str, home: Path | None = None) -> list[str]:
+    """Remove guest builds of other sandvm versions but the ``keep`` newest (by when
+    their manifest was written); ``current`` is never removed. Returns the removed keys."""
+    root = (home or sandvm_home()) / "initramfs"
+    others = []
+    for d in root.iterdir() if root.is_dir() else ():
+        if d.is_dir() and not d.is_symlink() and d.name != current and re.fullmatch(
+                r"[0-9a-f]{20}", d.name):
+            try:
+                others.append(((d / "assets.json").stat().st_mtime, d))
+            except OSError:
+                others.append((0.0, d))  # a build cut off before its manifest
+    others.sort(reverse=True)
+    removed = []
+    for _, d in others[keep:]:
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d.name)
+    return removed
+
+
+def _write_manifest(kdir: Path, initramfs: Path, release: str, build: str) -> None:
+    """Write the build's own manifest, and the legacy ``$SANDVM_HOME/assets.json``
+    (read by sandvm versions from before build keys: the last setup wins there)."""
     data = {"kernel": str(kdir / "vmlinuz"), "initramfs": str(initramfs),
-            "kernel_release": release, "modules": str(kdir / "modules")}
-    path = sandvm_home() / "assets.json"
-    if read_manifest() == data:
-        return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+            "kernel_release": release, "modules": str(kdir / "modules"), "build": build}
+    for path in (build_dir(None, build) / "assets.json", sandvm_home() / "assets.json"):
+        try:
+            if json.loads(path.read_text()) == data:
+                continue
+        except (OSError, ValueError):
+            pass
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
 
 
 def check_qemu(progress: Progress) -> str:

@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandvm.agent_client import guest_bool, guest_int
 from sandvm.core import BUILTIN_IMAGES, new_id
 from sandvm.errors import (
+    AgentProtocolError,
     AssetMissing,
     CommandTimeout,
     InvalidSpec,
@@ -691,16 +693,17 @@ class QemuIsolationRuntime:
             assert proc.handle is not None and proc.handle.pid is not None
             res = await sb._conn().call({"op": "stats", "pid": proc.handle.pid},
                                         timeout=sb.op_timeout)
-            ints = {k: res.get(k) for k in ("cpu_usec", "memory_bytes", "processes")}
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                       for v in ints.values()):
-                raise SandboxStateError("the guest sent malformed stats")
-            running = bool(res.get("running")) and not proc.done
+            try:  # range-checked where read: a 400-digit number never reaches float()
+                ints = {k: guest_int(res, k, what="stats")
+                        for k in ("cpu_usec", "memory_bytes", "processes")}
+                running = guest_bool(res, "running", what="stats") and not proc.done
+            except AgentProtocolError as exc:
+                raise SandboxStateError(f"the guest sent malformed stats: {exc.message}"
+                                        ) from None
             if running:
-                proc.cpu_seconds = min(float(ints["cpu_usec"] or 0) / 1e6,
-                                       MAX_STATS_CPU_SECONDS)
-                memory = min(int(ints["memory_bytes"] or 0), MAX_STATS_MEMORY_BYTES)
-                count = max(1, min(int(ints["processes"] or 0), MAX_STATS_PROCESSES))
+                proc.cpu_seconds = min(ints["cpu_usec"] / 1e6, MAX_STATS_CPU_SECONDS)
+                memory = min(ints["memory_bytes"], MAX_STATS_MEMORY_BYTES)
+                count = max(1, min(ints["processes"], MAX_STATS_PROCESSES))
         end = proc.ended if proc.ended is not None else time.monotonic()
         return ProcessStatsSnapshot(
             process_id=proc.process_id, running=running, cpu_time_seconds=proc.cpu_seconds,

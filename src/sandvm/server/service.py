@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sandvm import wire
+from sandvm.agent_client import guest_int
 from sandvm.core import check_guest_path, new_id, validate_vm_id
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
@@ -591,7 +592,7 @@ class SandboxService:
             while True:
                 item = await st.next(sb.op_timeout)
                 if item.kind == "reply":
-                    size = (item.message or {}).get("size")
+                    size = guest_int(item.message or {}, "size", what="write report")
                     if size != sent:
                         raise AgentProtocolError(f"guest reports {size!r} bytes, sent {sent}")
                     self.metrics.file_bytes.inc(sent, direction="upload")
