@@ -23,6 +23,46 @@ if "SANDVM_RUNTIME_DIR" not in os.environ:
     os.environ["SANDVM_RUNTIME_DIR"] = _RUNTIME
     atexit.register(shutil.rmtree, _RUNTIME, ignore_errors=True)
 
+# tests touch only this machine: every egress proxy (in this process, and in the CLIs
+# and servers it starts) refuses upstream connections and DNS lookups that could leave
+# it, and notes them in this file; the autouse guard below fails the test that made one
+if "SANDVM_EGRESS_LOOPBACK_ONLY" not in os.environ:
+    _fd, _GUARD = tempfile.mkstemp(prefix="sandvm-egress-guard-")
+    os.close(_fd)
+    os.environ["SANDVM_EGRESS_LOOPBACK_ONLY"] = _GUARD
+    atexit.register(lambda: os.path.exists(_GUARD) and os.unlink(_GUARD))
+
+
+@pytest.fixture(autouse=True)
+def _egress_stays_on_loopback(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Fail a test whose egress proxy connected (or tried to connect, or to resolve a
+    name through the system resolver) anywhere but loopback."""
+    import ipaddress
+    from pathlib import Path
+
+    from sandvm import egress
+
+    guard = Path(os.environ["SANDVM_EGRESS_LOOPBACK_ONLY"])
+    before = guard.stat().st_size if guard.exists() else 0
+    seen: list[str] = []
+    connect = egress.open_upstream
+
+    async def watched(address: str, port: int) -> object:
+        r, w = await connect(address, port)
+        peer = w.get_extra_info("peername")
+        if peer and not ipaddress.ip_address(peer[0]).is_loopback:
+            seen.append(f"egress connected to {peer[0]}:{peer[1]}")
+        return r, w
+
+    monkeypatch.setattr(egress, "open_upstream", watched)
+    yield
+    if guard.exists() and guard.stat().st_size > before:
+        with guard.open() as f:
+            f.seek(before)
+            seen.extend(f.read().splitlines())
+    if seen:
+        pytest.fail("this test's egress left loopback: " + "; ".join(seen[:5]))
+
 
 def require(condition: object, reason: str) -> None:
     """For a test that needs something of this machine (a tool, an address, a mirror):

@@ -145,3 +145,52 @@ class HalfCloseServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class BlackHole:
+    """A loopback address:port where a TCP connect never completes: a listener with a
+    backlog of 0 that never accepts, its one queue slot taken by a connection of its
+    own, so the kernel drops every further SYN (the connector times out)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(0)
+        self.port = int(self.sock.getsockname()[1])
+        self._filler = socket.create_connection((host, self.port), timeout=5)
+
+    def close(self) -> None:
+        self._filler.close()
+        self.sock.close()
+
+    def __enter__(self) -> BlackHole:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class HoldServer:
+    """TCP on loopback: accepts and holds every connection, silent, until closed."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.sock.listen(1024)
+        self.port = int(self.sock.getsockname()[1])
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.held:
+            c.close()
+

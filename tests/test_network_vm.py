@@ -3,7 +3,8 @@ the agent channel and the host's proxy, which applies the sandbox's policy.
 
 Servers are real (HTTP and HTTPS with a self-signed certificate) on 127.0.0.1; test
 names are pinned with ``NetworkPolicy.hosts`` and loopback is allowed explicitly, so
-nothing leaves the machine. The per-rule tests of the proxy are in test_egress.py.
+nothing leaves the machine (conftest's guard fails a test whose proxy tries). The
+per-rule tests of the proxy are in test_egress.py.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from egress_servers import HttpServer
+from egress_servers import BlackHole, HoldServer, HttpServer
 from sandvm import Sandbox
 from sandvm.egress import EgressEvent, NetworkPolicy
 from sandvm.errors import InvalidSpec
@@ -306,10 +307,10 @@ def test_each_rule_from_inside_the_guest(https: HttpServer, base_snapshot: Any,
                                          snapshot_store: Any) -> None:
     """Every rule, exercised by a client in the guest (the per-rule proxy tests in
     test_egress.py drive the same proxy from the host)."""
-    with HttpServer("127.0.0.1", label="http-1") as plain:
+    with HttpServer("127.0.0.1", label="http-1") as plain, BlackHole("127.0.0.2") as dark:
         pins = {"pypi.test": "127.0.0.1", "a.example.test": "127.0.0.1",
                 "example.test": "127.0.0.1", "private.test": "10.1.2.3",
-                "meta.test": "169.254.169.254", "dark.test": "10.255.255.1",
+                "meta.test": "169.254.169.254", "dark.test": "127.0.0.2",
                 "loop.test": "127.0.0.1"}
         base = {"hosts": pins, "allow_ips": ["127.0.0.1/32"],
                 "ports": [https.port, plain.port]}
@@ -359,11 +360,13 @@ def test_each_rule_from_inside_the_guest(https: HttpServer, base_snapshot: Any,
             cut = probe("pypi.test", plain.port, "1000000")
             assert cut["body_len"] < 1_000_000
             assert "byte cap" in status("pypi.test")
-            # connect timeout: an allowed address that never answers
+            # connect timeout: an allowed address that never answers (a loopback
+            # listener of this test's whose queue is full: the SYN goes unanswered)
             sb.network.set_policy(NetworkPolicy(
-                allow=["dark.test"], hosts=pins, ports=[https.port],
-                allow_ips=["10.255.255.1/32"], connect_timeout=1.0))
-            assert status("dark.test").startswith("HTTP/1.1 50")  # 504 (or 502: no route)
+                allow=["dark.test"], hosts=pins, ports=[dark.port],
+                allow_ips=["127.0.0.2/32"], connect_timeout=1.0))
+            timed_out = status("dark.test", dark.port)
+            assert timed_out.startswith("HTTP/1.1 504") and "timed out" in timed_out
             # a resolver that rebinds between calls cannot move a connection
             calls: list[str] = []
 
@@ -381,3 +384,75 @@ def test_each_rule_from_inside_the_guest(https: HttpServer, base_snapshot: Any,
             assert {"allow", "deny", "close"} <= {e.action for e in events}
         finally:
             sb.kill()
+
+
+# many proxy connections at once from the guest: CONNECT on each, then read each answer
+MANY = r'''
+import json, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = []
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=60)
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+    socks.append(s)
+out = {}
+for s in socks:
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        line = data.split(b"\r\n", 1)[0].decode(errors="replace")
+        key = " ".join(line.split()[:2]) + (" (256)" if "256 guest" in line else "")
+    except OSError as e:
+        key = type(e).__name__
+    out[key] = out.get(key, 0) + 1
+print(json.dumps(out), flush=True)
+import time
+time.sleep(600)  # hold them until killed
+'''
+
+
+def test_guest_connections_are_capped_per_sandbox(base_snapshot: Any,
+                                                  snapshot_store: Any) -> None:
+    """MAX_BRIDGES (256) guest connections served at once per sandbox, even when the
+    policy's connection cap is higher: the rest get a 429 saying so, and none of them
+    holds a host descriptor. All of them back once the workload lets go; the audit
+    file is moved aside when the sandbox ends."""
+    import time
+
+    from sandvm.fds import BUDGET
+    from sandvm.network import BRIDGE_FDS, MAX_BRIDGES
+
+    hold = HoldServer()
+    sb = Sandbox.from_snapshot(base_snapshot, store=snapshot_store, network=NetworkPolicy(
+        allow=["hold.test"], hosts={"hold.test": "127.0.0.1"}, ports=[hold.port],
+        allow_ips=["127.0.0.1/32"], max_connections=1000))
+    try:
+        sb.files.write("/tmp/many.py", MANY)
+        h = sb.commands.run(["python3", "/tmp/many.py", "hold.test", str(hold.port), "300"],
+                            background=True, timeout=600)
+        deadline = time.monotonic() + 300
+        while not h.stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        counts = json.loads(h.stdout)
+        assert counts == {"HTTP/1.1 200": MAX_BRIDGES, "HTTP/1.1 429 (256)": 300 - MAX_BRIDGES}
+        net = sb.network._a
+        assert len(net._bridges) == MAX_BRIDGES
+        assert BUDGET.held_by(sb.sandbox_id) == MAX_BRIDGES * (BRIDGE_FDS + 1)  # + upstream
+        h.kill()
+        hold.close()  # the upstream ends too (a half-closed tunnel lives until idle)
+        deadline = time.monotonic() + 60
+        while (net._bridges or BUDGET.held_by(sb.sandbox_id)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not net._bridges and BUDGET.held_by(sb.sandbox_id) == 0
+        denied = [e for e in sb.network.events() if e.action == "deny"]
+        assert sum(e.count for e in denied) >= 1  # coalesced: not one record per refusal
+        path = sb.network.audit_path
+        assert path is not None and path.exists()
+    finally:
+        sb.kill()
+        hold.close()
+    assert not path.exists() and (path.parent / "ended" / path.name).exists()

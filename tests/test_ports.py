@@ -320,6 +320,7 @@ class _FakeAgent:
 
 class _FakeSandbox:
     op_timeout = 10.0
+    sandbox_id = "sb-rig"
 
     def __init__(self, conn: AgentConnection) -> None:
         self.conn = conn
@@ -430,6 +431,51 @@ def test_rig_echo_many_and_half_close(rig: Rig, host_server: Callable[[str], Hos
     assert rig.run(rig.ports.list()) == []
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", url.port), timeout=5)
+
+
+def test_rig_tunnel_cap_per_sandbox(rig: Rig) -> None:
+    """MAX_TUNNELS (512) tunnels per sandbox: connections to an exposed port beyond it
+    are reset at once, ports.connect refuses with PortError; each tunnel's host
+    descriptor is taken from the process's budget and given back when it ends."""
+    from sandvm.fds import BUDGET
+    from sandvm.ports import MAX_TUNNELS
+
+    target = socket.socket()  # the "guest's" server: completes connects, never accepts
+    target.bind(("127.0.0.1", 0))
+    target.listen(1024)
+    url = rig.run(rig.ports.expose(target.getsockname()[1]))
+    clients: list[socket.socket] = []
+    try:
+        assert BUDGET.held_by("sb-rig") == 1  # the listener
+        extra = 40
+        for _ in range(MAX_TUNNELS + extra):
+            clients.append(socket.create_connection(("127.0.0.1", url.port), timeout=30))
+        _poll(lambda: rig.ports.tunnels == MAX_TUNNELS)
+
+        def reset() -> int:
+            n = 0
+            for c in clients:
+                c.setblocking(False)
+                try:
+                    n += c.recv(1) == b""
+                except (ConnectionResetError, BrokenPipeError):
+                    n += 1
+                except BlockingIOError:
+                    pass
+            return n
+
+        assert _poll(lambda: reset() == extra, timeout=60)
+        assert rig.ports.tunnels == MAX_TUNNELS and rig.ports.refused >= extra
+        assert BUDGET.held_by("sb-rig") == MAX_TUNNELS + 1
+        with pytest.raises(PortError, match="tunnels open"):
+            rig.run(rig.ports.connect(target.getsockname()[1]))
+    finally:
+        for c in clients:
+            c.close()
+        target.close()  # its queued connections are reset: the tunnels end
+        _poll(lambda: rig.ports.tunnels == 0, timeout=60)
+        rig.run(rig.ports.close(url))
+    assert rig.ports.tunnels == 0 and BUDGET.held_by("sb-rig") == 0
 
 
 def test_rig_guest_half_close_first(rig: Rig, host_server: Callable[[str], HostServer]

@@ -486,8 +486,10 @@ class SystemResolver:
 
     async def __call__(self, host: str, port: int) -> list[str]:
         lookup = socket.getaddrinfo  # read here: a test's resolver stub replaces it
-        if lookup is _REAL_GETADDRINFO and host != "localhost":
+        if lookup is _REAL_GETADDRINFO and host != "localhost" and \
+                os.environ.get(LOOPBACK_ONLY_ENV):  # a lookup may leave the machine
             _guard_violation(f"system resolver asked for {host}")
+            raise OSError(errno.EACCES, f"{LOOPBACK_ONLY_ENV} is set: no DNS lookups")
         infos = await asyncio.get_running_loop().run_in_executor(
             self._pool, functools.partial(lookup, host, port, type=socket.SOCK_STREAM))
         return list(dict.fromkeys(str(info[4][0]) for info in infos))
@@ -520,8 +522,9 @@ async def open_upstream(address: str, port: int
                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """How every proxy connects to an address it checked: a module-level hook, so a
     test suite can watch it. With ``$SANDVM_EGRESS_LOOPBACK_ONLY`` set to a file path
-    (sandvm's own tests set it), connections to addresses that are not loopback are
-    refused and written to that file."""
+    (sandvm's own tests set it), connections to addresses that are not loopback (and
+    system resolver lookups, but for ``localhost``) are refused and written to that
+    file."""
     if os.environ.get(LOOPBACK_ONLY_ENV) and not ipaddress.ip_address(address).is_loopback:
         _guard_violation(f"egress connect to {address}:{port}")
         raise OSError(errno.EACCES, f"{LOOPBACK_ONLY_ENV} is set: only loopback addresses")

@@ -506,6 +506,7 @@ class AsyncPorts:
         self.refused = 0  # connections refused (MAX_TUNNELS, the descriptor budget)
         self._logged = 0.0
 
+    @property
     def tunnels(self) -> int:
         """Tunnels open now: exposed ports' connections (and lingering closes) and
         ``connect`` streams not closed."""
@@ -567,7 +568,7 @@ class AsyncPorts:
                 _abort_writer(writer)
                 return
             why = None
-            if self.tunnels() >= MAX_TUNNELS:
+            if self.tunnels >= MAX_TUNNELS:
                 why = f"too many tunnels open ({MAX_TUNNELS})"
             else:
                 why = BUDGET.acquire(sid, 1)  # the accepted connection's descriptor
@@ -666,7 +667,7 @@ class AsyncPorts:
         if not limit > 0:
             raise InvalidSpec(f"timeout must be positive seconds or None, not {timeout!r}")
         conn = self._conn()
-        if self.tunnels() >= MAX_TUNNELS:
+        if self.tunnels >= MAX_TUNNELS:
             self._refused(f"too many tunnels open ({MAX_TUNNELS})")
             raise PortError(f"this sandbox has {MAX_TUNNELS} tunnels open, its cap: close"
                             " some (streams from ports.connect, connections to exposed"
