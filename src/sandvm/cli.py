@@ -77,10 +77,13 @@ def setup() -> None:
 def doctor(as_json: bool, refresh: bool) -> None:
     """Report what this host can do: QEMU, guest assets, KVM usability, accelerator."""
     from sandvm.doctor import UNSUPPORTED, build_report
+    from sandvm.providers.qemu import confinement
 
     report = asyncio.run(build_report(refresh=refresh))
+    conf = confinement()  # how each QEMU is confined (README "Confinement")
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps({**report.to_dict(), "confinement": {
+            "mode": conf.mode, "detail": conf.detail}}, indent=2))
     else:
         click.echo(f"health:       {report.health}")
         q = report.qemu
@@ -93,6 +96,7 @@ def doctor(as_json: bool, refresh: bool) -> None:
                    f" {'usable' if k['usable'] else 'not usable'}"
                    + (f" ({k['reason']})" if k["reason"] else ""))
         click.echo(f"accelerator:  {report.accelerator or '-'}")
+        click.echo(f"confinement:  {conf.mode}: {conf.detail}")
         for m in report.missing:
             click.echo(f"missing:      {m['what']}: {m['fix']}")
         for n in report.notes:

@@ -1,0 +1,82 @@
+"""What confining QEMU costs (its own uid and namespaces, README "Confinement"): cold
+boot, restore to ready and a live snapshot's pause, confined and unconfined
+(``SANDVM_CONFINE=0``) alternated in one run, so both see the same machine load.
+Also the host-side bytes kept for a guest that floods its console."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from _util import emit, summary
+
+from sandvm import Sandbox
+from sandvm.providers import jail
+from sandvm.providers.qemu import confinement
+from sandvm.snapshots import SnapshotStore
+
+BOOTS = 3
+RESTORES = 10
+MODES = {"confined": "1", "unconfined": "0"}
+
+
+def mode(name: str) -> None:
+    os.environ["SANDVM_CONFINE"] = MODES[name]
+
+
+boot: dict[str, list[float]] = {m: [] for m in MODES}
+restore: dict[str, list[float]] = {m: [] for m in MODES}
+pause: dict[str, list[float]] = {m: [] for m in MODES}
+with tempfile.TemporaryDirectory() as tmp:
+    store = SnapshotStore(Path(tmp))
+    snaps = {}
+    for i in range(BOOTS):
+        for m in MODES:
+            mode(m)
+            t0 = time.monotonic()
+            sb = Sandbox.create()
+            boot[m].append(time.monotonic() - t0)
+            sb.commands.run(["true"])
+            snap = sb.snapshot(f"{m}{i}", store=store)
+            pause[m].append(sb.last_snapshot_times["pause_s"])
+            snaps[m] = snap
+            sb.kill()
+    for m in MODES:  # first use verifies the RAM file: not part of the figure
+        mode(m)
+        Sandbox.from_snapshot(snaps[m], store=store).kill()
+    for _ in range(RESTORES):
+        for m in MODES:
+            mode(m)
+            t0 = time.monotonic()
+            c = Sandbox.from_snapshot(snaps[m], store=store)
+            restore[m].append(time.monotonic() - t0)
+            c.kill()
+    mode("confined")
+    flood_mib = 16
+    c = Sandbox.from_snapshot(snaps["confined"], store=store)
+    t0 = time.monotonic()
+    c.commands.run(f"head -c {flood_mib << 20} /dev/zero | tr '\\0' x > /dev/ttyS0",
+                   timeout=900)
+    flood_s = time.monotonic() - t0
+    rundir = c._a._vm.rundir
+    assert rundir is not None
+    kept = sum(p.stat().st_size for p in rundir.glob("console.log*"))
+    c.kill()
+
+
+def ratio(key: dict[str, list[float]]) -> float:
+    return round(summary(key["confined"])["p50"] / summary(key["unconfined"])["p50"], 3)
+
+
+emit({"benchmark": "confinement", "accelerator": "tcg",
+      "confinement": confinement().mode,
+      "cold_boot_ms": {m: summary(v) for m, v in boot.items()},
+      "restore_to_ready_ms": {m: summary(v) for m, v in restore.items()},
+      "live_snapshot_pause_ms": {m: summary(v) for m, v in pause.items()},
+      "confined_over_unconfined_p50": {"cold_boot": ratio(boot),
+                                       "restore_to_ready": ratio(restore),
+                                       "live_snapshot_pause": ratio(pause)},
+      "console_flood": {"guest_wrote_mib": flood_mib, "seconds": round(flood_s, 1),
+                        "host_kept_bytes": kept, "cap_bytes": jail.CONSOLE_CAP}})
