@@ -11,7 +11,9 @@ are not public (``allow_ips`` and ``hosts`` are the operator's), and this machin
 network beyond loopback, so no request can be allowed *and* succeed here. The tests
 show what is observable honestly: the policy update takes effect at once (a name goes
 from "not on the allow list" to allowed by name), and an allowed name that resolves to
-loopback is still refused, although a real HTTP server listens there on the host.
+loopback is still refused, although a real HTTP server listens there on the host. The
+names used never reach a resolver: ``localhost`` is loopback and ``.invalid`` never
+resolves (RFC 6761), both answered by the proxy itself.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def test_network_policy_updates(server: ServerProc, sb: Sandbox) -> None:
     assert sb.network.policy is None and not sb.get_info().network
     info = sb.network.info()
     assert not info.enabled and info.bytes_total == 0 and sb.network.events() == []
-    assert _fetch(sb, "denied.test", 80).startswith("no proxy:")  # no egress at all
+    assert _fetch(sb, "denied.invalid", 80).startswith("no proxy:")  # no egress at all
     with HttpServer("127.0.0.1", label="the host") as host_srv:
         port = host_srv.port
         # a sandbox made without network gets egress from its first policy (as locally)
@@ -164,30 +166,31 @@ def test_network_policy_updates(server: ServerProc, sb: Sandbox) -> None:
         sb.network.set_policy(policy)
         assert sb.network.policy == policy and sb.get_info().network
         assert sb.network.info().enabled
-        out = _fetch(sb, "denied.test", port)
+        out = _fetch(sb, "denied.invalid", port)
         assert " 403 " in out.splitlines()[0], out
-        assert "denied.test is not on this sandbox's allow list" in out
+        assert "denied.invalid is not on this sandbox's allow list" in out
         # allowed by name, but it is the server's loopback: refused all the same
         out = _fetch(sb, "localhost", port)
         assert " 403 " in out.splitlines()[0] and "loopback" in out, out
         assert "hello from the host" not in out
         events = sb.network.events()
-        assert [(e.action, e.host) for e in events] == [("deny", "denied.test"),
+        assert [(e.action, e.host) for e in events] == [("deny", "denied.invalid"),
                                                          ("deny", "localhost")]
         assert all(e.sandbox_id == sb.sandbox_id for e in events)
         assert "loopback" in events[1].reason and sb.network.events(limit=1) == events[1:]
-        # the update takes effect at once: denied.test passes the name check now (and
-        # then cannot be resolved on this machine)
-        sb.network.set_policy(NetworkPolicy(allow=["denied.test"], ports=[port],
+        # the update takes effect at once: denied.invalid passes the name check now (and
+        # then does not resolve: .invalid names never do, no resolver is asked)
+        sb.network.set_policy(NetworkPolicy(allow=["denied.invalid"], ports=[port],
                                             allow_http=True))
-        out = _fetch(sb, "denied.test", port)
+        out = _fetch(sb, "denied.invalid", port)
         assert "not on this sandbox's allow list" not in out and " 200 " not in out, out
         last = sb.network.events()[-1]
-        assert (last.host, last.action) == ("denied.test", "error"), last
+        assert (last.host, last.action) == ("denied.invalid", "error"), last
+        assert "RFC 6761" in last.reason
         assert "not on this sandbox's allow list" in _fetch(sb, "localhost", port)
     raw = httpx.get(f"{server.url}/v1/sandboxes/{sb.sandbox_id}/network",
                     headers=_auth(server.alice)).json()
-    assert raw["policy"] == {"allow": ["denied.test"], "ports": [port], "allow_http": True,
+    assert raw["policy"] == {"allow": ["denied.invalid"], "ports": [port], "allow_http": True,
                              "max_bytes": None} and raw["enabled"] is True
     # addresses that are not public stay the operator's call
     with pytest.raises(InvalidSpec, match="operator"):
@@ -199,7 +202,7 @@ def test_network_policy_updates(server: ServerProc, sb: Sandbox) -> None:
     r = httpx.put(f"{server.url}/v1/sandboxes/{sb.sandbox_id}/network",
                   headers=_auth(server.bob), json={"allow": ["evil.test"]})
     assert r.status_code == 404
-    assert sb.network.policy is not None and sb.network.policy.allow == ("denied.test",)
+    assert sb.network.policy is not None and sb.network.policy.allow == ("denied.invalid",)
 
 
 # ---------------------------------------------------------------------------- restart
@@ -232,3 +235,30 @@ def test_restart_reopens_exposed_ports_and_keeps_the_policy(server: ServerProc,
     raw = json.loads(httpx.get(f"{server.url}/v1/sandboxes/{sb.sandbox_id}/ports",
                                headers=_auth(server.alice)).text)
     assert raw == {"ports": []}
+
+
+# ---------------------------------------------------------------------------- caps
+
+
+def test_the_header_count_cap(server: ServerProc) -> None:
+    """At most 100 request headers (app.MAX_HEADERS): one more gets 431, before any
+    authentication or routing."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(server.url)
+
+    def status(n_headers: int) -> tuple[int, bytes]:
+        lines = ["GET /health HTTP/1.1", f"Host: {u.hostname}:{u.port}", "Connection: close"]
+        lines += [f"X-Pad-{i}: {i}" for i in range(n_headers - 2)]
+        with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+            s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return int(data.split()[1]), data.partition(b"\r\n\r\n")[2]
+
+    assert status(100)[0] == 200
+    code, body = status(101)
+    assert code == 431 and json.loads(body)["code"] == "request_too_large"
+    assert b"100 headers" in body
+
