@@ -62,6 +62,7 @@ MAX_QUEUED_ITEMS = 4096  # non-DATA items a stream may hold unread (DATA is boun
 # flood benchmark can change them)
 MAX_QUEUED_BYTES = 8 << 20
 MAX_CONN_QUEUED_BYTES = 32 << 20
+MAX_MESSAGE_BYTES = wire.MAX_DECODED  # what one decoded guest message may take
 ITEM_OVERHEAD = 256  # a queued StreamItem's own objects, besides its message
 INT64_MAX = (1 << 63) - 1
 
@@ -566,16 +567,17 @@ class AgentConnection:
         elif ftype == wire.WINDOW:
             st._on_window(wire.decode_window(payload))
         elif ftype == wire.EVENT:
-            msg, size = wire.decode_json_sized(payload)
+            msg, size = wire.decode_json_sized(payload, limit=MAX_MESSAGE_BYTES)
             st._push(StreamItem("event", message=msg), size)
         elif ftype == wire.REPLY:
             # decoded and charged before unregistering: a bad one fails the connection
-            msg, size = wire.decode_json_sized(payload)
+            msg, size = wire.decode_json_sized(payload, limit=MAX_MESSAGE_BYTES)
             st._charge(size + ITEM_OVERHEAD)
             self._detach(st)
             st._finish(StreamItem("reply", message=msg), size + ITEM_OVERHEAD)
         elif ftype == wire.RESET:
-            msg, _ = wire.decode_json_sized(payload)  # only a capped code and text are kept
+            # only a capped code and text are kept of it
+            msg, _ = wire.decode_json_sized(payload, limit=MAX_MESSAGE_BYTES)
             self._detach(st)
             st._finish(StreamItem("error", error=guest_error(msg)))
         else:
