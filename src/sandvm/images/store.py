@@ -361,11 +361,15 @@ class ImageStore:
 
 
 def _owner_only(p: Path, mode: int) -> None:
-    """Give ``p`` ``mode`` (no group/other bits) if it has more and is ours."""
+    """Take other users' access to ``p`` away if it is ours: ``mode`` if it is open to
+    others; group bits stay when the group is not our own (a group a confined QEMU
+    was deliberately given read access through)."""
     with contextlib.suppress(OSError):
         st = os.stat(p)
-        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-            os.chmod(p, mode)
+        if st.st_uid != os.geteuid() or not st.st_mode & 0o007:
+            return
+        keep = 0 if st.st_gid == os.getegid() else st.st_mode & 0o070
+        os.chmod(p, mode | keep)
 
 
 def _mtime(p: Path) -> float:
