@@ -387,7 +387,9 @@ async def qemu_img(*args: str) -> str:
         stderr=subprocess.PIPE)
     out, err = await proc.communicate()
     if proc.returncode != 0:
-        raise VmError(f"qemu-img {args[0]} failed: {err.decode(errors='replace').strip()[-400:]}")
+        text = err.decode(errors="replace").strip()
+        _log.warning("qemu-img %s failed: %s", " ".join(args), text)
+        raise VmError(f"qemu-img {args[0]} failed: {scrub(text[-400:])}")
     return out.decode()
 
 
@@ -402,8 +404,10 @@ async def make_overlay(backing: Path, backing_format: str, out: Path, size: int)
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     msg, _ = await proc.communicate()
     if proc.returncode != 0:
-        raise VmBootError(f"cannot create a disk overlay over {backing}:"
-                          f" {msg.decode(errors='replace').strip()[-400:]}")
+        text = msg.decode(errors="replace").strip()
+        _log.warning("cannot create a disk overlay over %s: %s", backing, text)
+        raise VmBootError(f"cannot create a disk overlay over disk image {backing.name!r}:"
+                          f" {scrub(text[-400:], backing.parent, out.parent)}")
 
 
 def disk_root() -> Path:
@@ -910,7 +914,9 @@ class QemuVm:
             await self.shutdown()
             if isinstance(exc, VmBootError):
                 raise
-            raise VmBootError(f"VM {self.vm_id} failed to boot: {exc.message}{detail}") from exc
+            raise VmBootError(f"VM {self.vm_id} failed to boot:"
+                              f" {scrub(exc.message, self.rundir, self.diskdir)}{detail}"
+                              ) from exc
         self.boot_seconds = time.monotonic() - t0
 
     def _diagnostics(self) -> str:
@@ -1117,7 +1123,9 @@ class QemuVm:
                 vm.agent = vm.qmp = None
                 if attempt == 2 or not _pid_alive(keeper_pid):
                     vm._let_go_hold()
-                    raise VmBootError(f"cannot reattach to sandbox {vm_id}: {exc}") from None
+                    _log.warning("cannot reattach to sandbox %s: %s", vm_id, exc)
+                    raise VmBootError(f"cannot reattach to sandbox {vm_id}:"
+                                      f" {scrub(str(exc), rundir, diskdir)}") from None
                 await asyncio.sleep(0.1)
         vm.restored_from = restored_from
         vm._monitor = asyncio.get_running_loop().create_task(vm._watch())
