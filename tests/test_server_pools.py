@@ -8,6 +8,8 @@ him.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import sqlite3
 import threading
@@ -318,6 +320,18 @@ def test_snapshot_bytes_quota_refuses_a_save_and_keeps_nothing(server: ServerPro
         with pytest.raises(SnapshotNotFound):
             SnapshotStore(api_key=server.alice, url=server.url).get("too-big")
         assert source.files.read("/root/state") == "before the snapshot"  # still running
+        # a store already at its cap refuses before the sandbox is even paused
+        filler = root / "filler"  # not a snapshot, but disk the store takes
+        filler.mkdir()
+        (filler / "blob").write_bytes(os.urandom(1 << 20))
+        try:
+            r = httpx.post(f"{server.url}/v1/sandboxes/{source.sandbox_id}/snapshots",
+                           headers=_auth(server.alice), json={"name": "too-big"})
+            assert (r.status_code, r.json()["code"]) == (429, "quota_exceeded"), r.text
+            assert "bytes on disk, its quota is" in r.json()["message"]
+        finally:
+            shutil.rmtree(filler)
+        assert sorted(p.name for p in root.iterdir() if p.name != ".quota.lock") == listing
     finally:
         server.stop()
         server.extra = extra
