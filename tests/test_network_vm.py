@@ -441,7 +441,7 @@ def test_guest_connections_are_capped_per_sandbox(base_snapshot: Any,
         assert counts == {"HTTP/1.1 200": MAX_BRIDGES, "HTTP/1.1 429 (256)": 300 - MAX_BRIDGES}
         net = sb.network._a
         assert len(net._bridges) == MAX_BRIDGES
-        assert BUDGET.held_by(sb.sandbox_id) == MAX_BRIDGES * (BRIDGE_FDS + 1)  # + upstream
+        assert BUDGET.held_by(sb.sandbox_id) == MAX_BRIDGES * BRIDGE_FDS  # pair + upstream
         h.kill()
         hold.close()  # the upstream ends too (a half-closed tunnel lives until idle)
         deadline = time.monotonic() + 60

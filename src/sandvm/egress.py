@@ -648,8 +648,11 @@ class EgressProxy:
         """Serve on a TCP listener (tests, benchmarks, or a host-side proxy)."""
         return await asyncio.start_server(self.handle, host, port)
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one client connection: one CONNECT tunnel or one plain HTTP request."""
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                     upstream_reserved: bool = False) -> None:
+        """Serve one client connection: one CONNECT tunnel or one plain HTTP request.
+        ``upstream_reserved``: the caller took the upstream connection's descriptor from
+        the budget already (a sandbox's bridge does, with its own)."""
         why = self.room()
         if why is not None:  # before reading anything: a silent client holds a slot too
             status = 403 if self._closed else 429
@@ -682,7 +685,8 @@ class EgressProxy:
                 scheme, host, port, path = _split_absolute(target)
             await self._serve(reader, writer, method=method, scheme=scheme, host=host,
                               port=port, version=version, headers=headers,
-                              path=None if method == "CONNECT" else path)
+                              path=None if method == "CONNECT" else path,
+                              reserved=upstream_reserved)
         except _Refused as r:
             action = "deny" if r.status in (403, 429) else "error"
             if r.status in (400, 405, 431):
@@ -701,7 +705,8 @@ class EgressProxy:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
                      method: str, scheme: str, host: str, port: int, version: str,
-                     headers: list[tuple[str, str]], path: str | None) -> None:
+                     headers: list[tuple[str, str]], path: str | None,
+                     reserved: bool) -> None:
         policy = self._policy  # one policy for the whole decision
         if self._closed:
             raise _Refused(403, "the sandbox's network is closed")
@@ -715,13 +720,14 @@ class EgressProxy:
             raise _Refused(429, f"too many connections open ({policy.max_connections})")
         await self._connect_and_pipe(reader, writer, method=method, scheme=scheme,
                                      host=host, port=port, version=version,
-                                     headers=headers, path=path, policy=policy)
+                                     headers=headers, path=path, policy=policy,
+                                     reserved=reserved)
 
     async def _connect_and_pipe(self, reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter, *, method: str, scheme: str,
                                 host: str, port: int, version: str,
                                 headers: list[tuple[str, str]], path: str | None,
-                                policy: NetworkPolicy) -> None:
+                                policy: NetworkPolicy, reserved: bool) -> None:
         name = normalize_host(host)
         addresses = policy.pinned(name)
         if addresses is None:
@@ -745,7 +751,7 @@ class EgressProxy:
         if not allowed:
             raise _Refused(403, f"{name} resolves only to refused addresses: "
                                 f"{refusals[0] if refusals else 'none'}")
-        why = self.budget.acquire(self.sandbox_id, 1)
+        why = None if reserved else self.budget.acquire(self.sandbox_id, 1)
         if why is not None:
             raise _Refused(503, why)
         try:
@@ -754,7 +760,8 @@ class EgressProxy:
                                         headers=headers, path=path, policy=policy,
                                         allowed=allowed)
         finally:
-            self.budget.release(self.sandbox_id, 1)
+            if not reserved:
+                self.budget.release(self.sandbox_id, 1)
 
     async def _connect_checked(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter, *, method: str, scheme: str,

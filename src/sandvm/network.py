@@ -39,7 +39,7 @@ GUEST_PROXY_PORT = 3128
 WAITING = 4  # egress_accept streams kept waiting in the guest
 MAX_BRIDGES = 256  # guest connections served at once (the proxy's own caps come after)
 BRIDGE_GRACE = 2.0  # seconds a guest connection may linger after the proxy is done
-BRIDGE_FDS = 2  # host descriptors a bridge holds (its socket pair)
+BRIDGE_FDS = 3  # host descriptors a bridge holds: its socket pair, the upstream connection
 _CHUNK = 64 * 1024
 
 
@@ -230,7 +230,7 @@ class AsyncNetwork:
             await st.reset()
             return
         loop = asyncio.get_running_loop()
-        handler = loop.create_task(self._proxy.handle(cr, cw))
+        handler = loop.create_task(self._proxy.handle(cr, cw, upstream_reserved=True))
         up = loop.create_task(_upload(pr, st))
         down = loop.create_task(_download(st, pw))
         clean = False
