@@ -249,3 +249,32 @@ def test_doctor_reports_the_confinement(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("SANDVM_CONFINE", "0")
     out = CliRunner().invoke(main, ["doctor"])
     assert "confinement:  none: SANDVM_CONFINE=0" in out.output
+
+
+def test_gc_finds_orphaned_confined_qemus(tmp_path: Path) -> None:
+    """A QEMU running as a confined uid, marked by ``-name guest=sandvm:<rundir>``, whose
+    runtime dir is gone, is found by ``orphaned_qemus`` (gc kills it)."""
+    import time
+
+    from sandvm.providers.qemu import orphaned_qemus
+
+    if os.geteuid() != 0:
+        pytest.skip("only root starts QEMUs as confined uids")
+    uid, lease = jail.lease_uid(tmp_path / "leases")
+    code = "import time; time.sleep(60)"
+    python = "/usr/bin/python3"  # one the uid may run (not a venv under /root)
+    p = subprocess.Popen(["bash", "-c", f'exec -a qemu-system-x86_64 {python} -c'
+                          f' "{code}" -name "guest=sandvm:{tmp_path / "vm-gone"}"'],
+                         user=uid, group=jail.SHARED_GID, extra_groups=[])
+    try:
+        deadline = time.monotonic() + 10
+        found: list[tuple[int, Path]] = []
+        while time.monotonic() < deadline and not found:
+            found = orphaned_qemus(tmp_path)
+            time.sleep(0.05)
+        assert found == [(p.pid, tmp_path / "vm-gone")]
+        assert os.stat(f"/proc/{p.pid}").st_uid == uid
+    finally:
+        p.kill()
+        p.wait()
+        os.close(lease)
