@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from egress_servers import HalfCloseServer, HttpServer
-from sandvm.egress import AuditLog, EgressProxy, NetworkPolicy, proxy_env
+from sandvm.egress import AuditLog, EgressEvent, EgressProxy, NetworkPolicy, proxy_env
 from sandvm.errors import InvalidSpec
 
 LOOP = ("127.0.0.0/8",)
@@ -825,3 +825,15 @@ def test_upstream_connections_outside_loopback_are_caught(tmp_path: Path,
             await egress.open_upstream("192.0.2.1", 443)  # TEST-NET-1: never contacted
     asyncio.run(go())
     assert "192.0.2.1:443" in note.read_text()
+
+
+def test_an_ended_sandbox_nobody_held_gets_its_audit_file_moved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandvm.network import audit_file, end_audit
+
+    monkeypatch.setenv("SANDVM_AUDIT_DIR", str(tmp_path))
+    AuditLog(audit_file("sb-gone")).record(EgressEvent(
+        ts=time.time(), sandbox_id="sb-gone", action="deny", method="CONNECT",
+        host="x.test", port=443, reason="x.test is not on this sandbox's allow list"))
+    assert end_audit("sb-gone") == tmp_path / "ended" / "egress-sb-gone.jsonl"
+    assert not audit_file("sb-gone").exists() and end_audit("sb-gone") is None

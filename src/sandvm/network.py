@@ -54,6 +54,19 @@ def audit_file(sandbox_id: str) -> Path:
     return sandvm_home() / "audit" / f"egress-{sandbox_id}.jsonl"
 
 
+def end_audit(sandbox_id: str) -> Path | None:
+    """The sandbox ended while no process held its proxy (a managed sandbox killed by
+    id): move its audit file aside as its proxy would have (see AuditLog.end). Returns
+    the new path (None: there was no file). Never raises."""
+    path = audit_file(sandbox_id)
+    if not path.exists():
+        return None
+    try:
+        return AuditLog(path).end()
+    except OSError:
+        return None
+
+
 class AsyncNetwork:
     """The sandbox's egress policy, its audit events, and the plumbing behind them."""
 
