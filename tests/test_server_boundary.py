@@ -20,7 +20,7 @@ import pytest
 from fastapi import FastAPI
 from starlette.websockets import WebSocket
 
-from sandvm.errors import AgentDisconnected, GuestFileNotFound, VmBootError
+from sandvm.errors import AgentDisconnected, GuestFileNotFound, SnapshotInUse, VmBootError
 from sandvm.server import ServerConfig, ServerStore, create_app
 from sandvm.snapshots import SnapshotStore
 
@@ -103,6 +103,11 @@ def test_errors_from_below_come_out_clean_and_the_log_has_the_detail(
     async def guest() -> None:
         raise GuestFileNotFound(f"no such file: /root/data.txt (host {a.state}/server.db)")
 
+    @a.app.get("/v1/test-in-use")
+    async def in_use() -> None:
+        raise SnapshotInUse("snapshot 's' is used by pool 'p': delete the pool first"
+                            " (DELETE /v1/pools/NAME)")
+
     with caplog.at_level(logging.WARNING, logger="sandvm.server"):
         r = a.client.get("/v1/test-boom", headers=a.auth())
     assert r.status_code == 500 and r.json()["code"] == "vm_boot_failed"
@@ -118,6 +123,10 @@ def test_errors_from_below_come_out_clean_and_the_log_has_the_detail(
     assert f"{a.state}/snapshots/bob/secret/mem" in logged and str(console) in logged
     assert "\x1b" not in logged and "\\x1b" in logged  # one log line each, escaped
 
+    r = a.client.get("/v1/test-in-use", headers=a.auth())  # the API's paths stay
+    assert r.status_code == 409
+    assert r.json()["message"] == "snapshot 's' is used by pool 'p': delete the pool first" \
+                                  " (DELETE /v1/pools/NAME)"
     r = a.client.get("/v1/test-guest", headers=a.auth())  # the guest's own paths stay
     assert r.status_code == 404
     assert "/root/data.txt" in r.json()["message"] and str(a.state) not in r.text

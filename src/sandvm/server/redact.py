@@ -51,8 +51,9 @@ PATH_MARK = "<path>"
 KEEP_GUEST_PATHS: tuple[type[SandvmError], ...] = (
     ConfigError, GuestError, CommandError, SandboxStateError, ServiceError)
 _STOP = r"\s'\"`,;()<>\[\]{}|"  # characters that end a path in a message
-# an absolute path: a "/" that does not continue a word, a URL or another path
-_ABS_PATH = re.compile(r"(?<![\w.~:/\\-])/[^" + _STOP + "]+")
+# an absolute path: a "/" that does not continue a word, a URL or another path (and
+# is not one of the API's own, /v1/..., which messages name as what to do next)
+_ABS_PATH = re.compile(r"(?<![\w.~:/\\-])/(?!v1/)[^" + _STOP + "]+")
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "sandvm_request_id", default=None)
