@@ -1,11 +1,16 @@
-"""What confining QEMU costs (its own uid and namespaces, README "Confinement"): cold
-boot, restore to ready and a live snapshot's pause, confined and unconfined
-(``SANDVM_CONFINE=0``) alternated in one run, so both see the same machine load.
-Also the host-side bytes kept for a guest that floods its console."""
+"""What confining QEMU costs (its own uid and namespaces, README "Confinement"): QEMU's
+start up to its QMP greeting (where the confinement's own cost shows, without the
+guest's boot noise), cold boot, restore to ready and a live snapshot's pause, confined
+and unconfined (``SANDVM_CONFINE=0``) alternated in one run, so both see the same
+machine load. Also the host-side bytes kept for a guest that floods its console."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -13,8 +18,17 @@ from pathlib import Path
 from _util import emit, summary
 
 from sandvm import Sandbox
+from sandvm.assets import find_assets
+from sandvm.core import VmSpec
 from sandvm.providers import jail
-from sandvm.providers.qemu import confinement
+from sandvm.providers.qemu import (
+    _child_setup,
+    _prepare_launch,
+    build_argv,
+    confinement,
+    runtime_root,
+)
+from sandvm.providers.qmp import QmpClient
 from sandvm.snapshots import SnapshotStore
 
 BOOTS = 3
@@ -26,6 +40,40 @@ def mode(name: str) -> None:
     os.environ["SANDVM_CONFINE"] = MODES[name]
 
 
+STARTS = 20
+
+
+async def start_to_qmp() -> float:
+    """Seconds from preparing a QEMU (sockets, lease, plan) to its QMP greeting."""
+    assets = find_assets()
+    rundir = Path(tempfile.mkdtemp(prefix="bench-", dir=runtime_root()))
+    try:
+        t0 = time.monotonic()
+        launch = _prepare_launch(rundir, assets=assets, spec=VmSpec(), accel="tcg")
+        argv = [*build_argv(assets=assets, spec=VmSpec(), accel="tcg", rundir=rundir,
+                            fds=launch.fds), "-S"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, pass_fds=launch.qemu_fds(),
+            preexec_fn=functools.partial(_child_setup, launch.plan, os.getpid()))
+        launch.close_qemu_side()
+        qmp = QmpClient()
+        await qmp.connect(str(rundir / "qmp.sock"))
+        took = time.monotonic() - t0
+        await qmp.close()
+        proc.kill()
+        await proc.wait()
+        launch.close_all()
+        return took
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+start: dict[str, list[float]] = {m: [] for m in MODES}
+for _ in range(STARTS):
+    for m in MODES:
+        mode(m)
+        start[m].append(asyncio.run(start_to_qmp()))
 boot: dict[str, list[float]] = {m: [] for m in MODES}
 restore: dict[str, list[float]] = {m: [] for m in MODES}
 pause: dict[str, list[float]] = {m: [] for m in MODES}
@@ -72,10 +120,12 @@ def ratio(key: dict[str, list[float]]) -> float:
 
 emit({"benchmark": "confinement", "accelerator": "tcg",
       "confinement": confinement().mode,
+      "qemu_start_to_qmp_ms": {m: summary(v) for m, v in start.items()},
       "cold_boot_ms": {m: summary(v) for m, v in boot.items()},
       "restore_to_ready_ms": {m: summary(v) for m, v in restore.items()},
       "live_snapshot_pause_ms": {m: summary(v) for m, v in pause.items()},
-      "confined_over_unconfined_p50": {"cold_boot": ratio(boot),
+      "confined_over_unconfined_p50": {"qemu_start_to_qmp": ratio(start),
+                                       "cold_boot": ratio(boot),
                                        "restore_to_ready": ratio(restore),
                                        "live_snapshot_pause": ratio(pause)},
       "console_flood": {"guest_wrote_mib": flood_mib, "seconds": round(flood_s, 1),
