@@ -1,11 +1,14 @@
 """The HTTP API: FastAPI routes that parse a request and call the service, nothing more.
 
 ``create_app(config)`` builds the application; `sandvm serve` runs it on uvicorn.
-In front of every route a guard (plain ASGI) caps the headers, authenticates the
-API key (every path but ``/health`` and ``/openapi.json``), caps the body (JSON
-bodies are read whole up to ``max_json_bytes``, uploads stream up to
-``max_upload_bytes``) and counts the request for ``/metrics``. Errors are JSON
-``{"code": ..., "message": ...}`` with the stable codes of ``sandvm.errors``.
+In front of every route a guard (plain ASGI) gives the request its id
+(``X-Request-Id``), caps the headers, authenticates the API key (every path but
+``/health`` and ``/openapi.json``; a WebSocket on every path, refused before it
+opens), caps the body (JSON bodies are read whole up to ``max_json_bytes``, uploads
+stream up to ``max_upload_bytes``) and counts the request for ``/metrics``; other
+connection types are refused. Errors are JSON ``{"code": ..., "message": ...}`` with
+the stable codes of ``sandvm.errors``, their messages as ``sandvm.server.redact``
+lets a client see them.
 """
 
 from __future__ import annotations
