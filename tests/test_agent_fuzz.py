@@ -1311,3 +1311,53 @@ def test_typed_guest_reads_only_return_in_range_or_raise_protocol_errors(value: 
         except AgentProtocolError:
             continue
         assert check(got), (value, got)
+
+
+def test_tiny_data_frames_are_merged_while_unread(tmp_path: Path) -> None:
+    # 20,000 one-byte DATA frames: credit allows them, but as 20,000 queued items they
+    # would cost ~130 bytes each; merged they are one chunk
+    text = bytes(65 + i % 26 for i in range(20_000))
+    blob = b"".join(wire.encode_data(1, 1, text[i:i + 1]) for i in range(len(text)))
+
+    async def guest(g: Guest) -> bool:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(blob)
+        await g.send(wire.encode_json(wire.REPLY, 1, {"ok": True}))
+        return await g.host_hangs_up()
+
+    async def host(conn: AgentConnection) -> tuple[int, bytes, int]:
+        await conn.handshake(timeout=2)
+        st = await conn.open({"op": "exec", "argv": ["x"]})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while not st.closed and loop.time() < deadline:  # the reply arrived: all queued
+            await asyncio.sleep(0.02)
+        queued = len(st._items)
+        got = b""
+        while True:
+            item = await st.next(2)
+            if item.kind != "data":
+                break
+            got += item.data
+        return queued, got, conn._queued_bytes
+
+    (queued, got, left), hung_up = run(run_case(tmp_path, guest, host))
+    assert got == text  # in order, nothing lost
+    assert queued <= 2  # one merged chunk and the reply
+    assert left == 0 and hung_up
+
+
+def test_alternating_tiny_data_frames_are_bounded_in_bytes(tmp_path: Path) -> None:
+    # 1-byte frames alternating stdout/stderr cannot be merged: each queued item is
+    # charged its overhead, and 40,000 of them exceed the per-stream cap
+    blob = b"".join(wire.encode_data(1, 1 + i % 2, b"x") for i in range(40_000))
+
+    async def host(conn: AgentConnection) -> SandvmError | None:
+        await conn.handshake(timeout=2)
+        await conn.open({"op": "exec", "argv": ["x"]})  # never read
+        return await _failure_within(conn)
+
+    err, hung_up = run(run_case(tmp_path, _flood_guest([blob]), host))
+    assert isinstance(err, AgentProtocolError) and "flooded stream 1" in str(err), err
+    assert hung_up

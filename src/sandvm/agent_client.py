@@ -64,6 +64,11 @@ MAX_QUEUED_BYTES = 8 << 20
 MAX_CONN_QUEUED_BYTES = 32 << 20
 MAX_MESSAGE_BYTES = wire.MAX_DECODED  # what one decoded guest message may take
 ITEM_OVERHEAD = 256  # a queued StreamItem's own objects, besides its message
+# DATA is bounded by credit, but a queued item costs ~130 bytes whatever it holds: a
+# guest sending 1-byte frames would make a 1 MiB window cost 130 MB. Small DATA frames
+# are therefore merged into the stream's last unread chunk of the same channel, and
+# every queued DATA item is charged ITEM_OVERHEAD against the byte caps above.
+MERGE_BELOW = 4096
 INT64_MAX = (1 << 63) - 1
 
 
@@ -207,13 +212,23 @@ def guest_error(msg: dict[str, Any]) -> SandvmError:
     return cls(text, guest_code=code[:64] if isinstance(code, str) else None)
 
 
+class _Run:
+    """Unread small DATA frames of one channel, merged (becomes one StreamItem)."""
+
+    __slots__ = ("buf", "channel")
+
+    def __init__(self, channel: int, data: bytes) -> None:
+        self.channel = channel
+        self.buf = bytearray(data)
+
+
 class HostStream:
     """One stream opened by the host. Items arrive in order through ``next``."""
 
     def __init__(self, conn: AgentConnection, sid: int) -> None:
         self.conn = conn
         self.sid = sid
-        self._items: deque[StreamItem] = deque()
+        self._items: deque[StreamItem | _Run] = deque()
         self._costs: deque[int] = deque()  # what each queued item is charged (bytes)
         self._ready = asyncio.Event()
         self._send_window = wire.INITIAL_WINDOW
@@ -265,7 +280,20 @@ class HostStream:
         if self._recv_budget < 0:
             raise AgentProtocolError(
                 f"guest overran the flow-control window on stream {self.sid}")
-        self._push(StreamItem("data", channel=channel, data=data))
+        if len(data) < MERGE_BELOW:
+            tail = self._items[-1] if self._items else None
+            if isinstance(tail, _Run) and tail.channel == channel and \
+                    len(tail.buf) + len(data) <= wire.DATA_CHUNK:
+                tail.buf += data
+                self._ready.set()
+                return
+            self._charge(ITEM_OVERHEAD)
+            self._items.append(_Run(channel, data))
+        else:
+            self._charge(ITEM_OVERHEAD)
+            self._items.append(StreamItem("data", channel=channel, data=data))
+        self._costs.append(ITEM_OVERHEAD)
+        self._ready.set()
 
     def _on_eof(self, channel: int) -> None:
         if channel in self._eof:
@@ -297,7 +325,11 @@ class HostStream:
                 await asyncio.wait_for(self._ready.wait(), timeout)
             except TimeoutError:
                 raise AgentTimeout(f"no answer from the guest agent within {timeout} s") from None
-        item = self._items.popleft()
+        queued = self._items.popleft()
+        if isinstance(queued, _Run):
+            item = StreamItem("data", channel=queued.channel, data=bytes(queued.buf))
+        else:
+            item = queued
         cost = self._costs.popleft()
         if cost:
             self._queued_bytes -= cost
