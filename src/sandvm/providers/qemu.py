@@ -527,6 +527,22 @@ def _grant(path: Path, *, write: bool) -> None:
     os.chmod(path, stat_mod.S_IMODE(st.st_mode) | need)
 
 
+def _kvm_groups(uid: int | None) -> list[int]:
+    """Extra groups a confined QEMU needs for /dev/kvm: its group (``kvm`` on most
+    hosts). A /dev/kvm only root may open (a container's) is given to the confined
+    QEMUs' group instead (never group 0)."""
+    st = os.stat("/dev/kvm")
+    if uid is None:
+        return []  # userns: the user's own access
+    if st.st_gid not in (0, jail.SHARED_GID) and st.st_mode & 0o060 == 0o060:
+        return [st.st_gid]
+    if st.st_gid != jail.SHARED_GID or st.st_mode & 0o060 != 0o060:
+        _log.warning("/dev/kvm is only root's: giving it to group %d (confined QEMUs)",
+                     jail.SHARED_GID)
+        _grant(Path("/dev/kvm"), write=True)
+    return []
+
+
 @dataclass
 class _Launch:
     """What one QEMU start needs besides its argv: the fds it inherits (``fds``), the
@@ -629,7 +645,7 @@ def _prepare_launch(rundir: Path, *, assets: Assets, spec: VmSpec, accel: str,
         groups: list[int] = []
         if accel == "kvm":
             dev.append("/dev/kvm")
-            groups.append(os.stat("/dev/kvm").st_gid)
+            groups += _kvm_groups(uid)
         launch.plan = {"mode": conf.mode, "uid": uid, "gid": jail.SHARED_GID,
                        "groups": groups, "root": str(root), "dev": dev,
                        "ro": sorted({str(x) for x in ro}), "rw": sorted({str(x) for x in rw})}
