@@ -193,6 +193,8 @@ def test_websockets_need_a_key_on_every_path(make_app: Any) -> None:
              "asgi": {"version": "3.0"}, "sandvm.tenant": "alice"}  # forged: dropped
     asyncio.run(a.app(scope, receive, send))  # type: ignore[arg-type]
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "unauthenticated"}]
+    with pytest.raises(RuntimeError, match="serves no"):  # other kinds: never let through
+        asyncio.run(a.app({**scope, "type": "webtransport"}, receive, send))  # type: ignore[arg-type]
     with a.client.websocket_connect("/v1/test-ws", headers=a.auth()) as conn:
         assert conn.receive_text() == "tenant alice"
 
