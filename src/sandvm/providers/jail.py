@@ -225,7 +225,7 @@ class BoundedLog:
                         break
                     try:
                         self.write(data)
-                    except OSError:  # the runtime dir is gone: drain, keep nothing
+                    except (OSError, ValueError):  # the runtime dir is gone: drain only
                         continue
             finally:
                 os.close(fd)
