@@ -572,7 +572,7 @@ class AgentConnection:
 
     def _dispatch(self, ftype: int, sid: int, payload: bytes) -> None:
         if ftype == wire.HELLO and sid == 0:
-            self._on_hello(wire.decode_json(payload))
+            self._on_hello(wire.decode_json_sized(payload, limit=MAX_MESSAGE_BYTES)[0])
             return
         if ftype == wire.PONG and sid == 0:
             fut = self._pings.pop(payload, None)
