@@ -1361,3 +1361,35 @@ def test_alternating_tiny_data_frames_are_bounded_in_bytes(tmp_path: Path) -> No
     err, hung_up = run(run_case(tmp_path, _flood_guest([blob]), host))
     assert isinstance(err, AgentProtocolError) and "flooded stream 1" in str(err), err
     assert hung_up
+
+
+def test_server_watcher_ends_a_command_whose_guest_lies_about_its_duration(
+        tmp_path: Path) -> None:
+    # the server's background-command watcher died of the OverflowError and left the
+    # command "running" (holding a slot); now the command ends with a protocol error
+    from sandvm.server.commands import BackgroundCommand
+
+    async def guest(g: Guest) -> None:
+        await g.handshake()
+        await g.expect_open(1)
+        await g.send(wire.encode(wire.REPLY, 1, b'{"exit_code":0,"duration":1' + b"0" * 400
+                                 + b"}"))
+        await asyncio.sleep(0.3)
+
+    async def host(conn: AgentConnection) -> dict[str, Any] | None:
+        await conn.handshake(timeout=2)
+        st = await conn.open({"op": "exec", "argv": ["x"]})
+        h = AsyncCommandHandle(st, timeout=None, check=False, on_stdout=None, on_stderr=None,
+                               stdin=None, stdin_open=False)
+        cmd = BackgroundCommand(command_id="c1", sandbox_id="s1", tenant="t", cmd="x",
+                                max_buffer=1 << 20)
+        cmd.watch(h)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        while cmd.final is None and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return cmd.final
+
+    final, _ = run(run_case(tmp_path, guest, host))
+    assert final is not None and final["type"] == "error", final
+    assert final["code"] == "agent_protocol_error"
