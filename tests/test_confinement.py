@@ -278,3 +278,50 @@ def test_gc_finds_orphaned_confined_qemus(tmp_path: Path) -> None:
         p.kill()
         p.wait()
         os.close(lease)
+
+
+@pytest.mark.qemu
+def test_a_detachable_vm_under_its_keeper_is_confined_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keeper starts QEMU with the same confinement and keeps the console bounded;
+    the journal (the server's state) is out of QEMU's reach."""
+    from sandvm.runtime.manager import SandboxManager
+
+    if os.geteuid() != 0:
+        pytest.skip("confinement by uid needs root")
+    journal = tmp_path / "journal.db"
+    monkeypatch.setenv("SANDVM_JOURNAL", str(journal))
+
+    async def go() -> None:
+        m = SandboxManager()
+        sb = await m.create(ttl=300)
+        try:
+            vm = sb._vm
+            assert vm.keeper_pid is not None and vm.qemu_pid is not None
+            st = _status(vm.qemu_pid)
+            uid = int(st["Uid"].split()[0])
+            assert jail.is_confined_uid(uid) and st["NoNewPrivs"] == "1"
+            assert os.readlink(f"/proc/{vm.qemu_pid}/ns/mnt") != os.readlink(
+                "/proc/self/ns/mnt")
+            for i, path in enumerate((str(journal), "/etc/shadow")):
+                with pytest.raises(QmpError, match="No such file"):
+                    await vm._qmp("blockdev-add", {"driver": "file", "node-name": f"j{i}",
+                                                   "filename": path, "read-only": True})
+            res = await sb.commands.run(
+                "head -c 3000000 /dev/zero | tr '\\0' y > /dev/ttyS0; echo KEEPER-END"
+                " > /dev/ttyS0", timeout=600)
+            assert res.exit_code == 0
+            assert vm.rundir is not None
+            import time
+
+            t0 = time.monotonic()
+            while b"KEEPER-END" not in console_tail(vm.rundir, 64) and \
+                    time.monotonic() - t0 < 60:
+                await asyncio.sleep(0.05)
+            assert b"KEEPER-END" in console_tail(vm.rundir, 64)
+            total = sum(p.stat().st_size for p in vm.rundir.glob("console.log*"))
+            assert total <= jail.CONSOLE_CAP
+        finally:
+            await m.kill(sb.sandbox_id)
+
+    _run(go())
