@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup test lint typecheck unit bench clean
+.PHONY: setup test lint typecheck unit soak bench clean
 
 setup: $(BIN)/sandvm
 	$(BIN)/sandvm setup
@@ -25,6 +25,11 @@ test: lint typecheck
 
 unit:
 	$(BIN)/pytest -q -m "not qemu"
+
+# the SIGKILL chaos test, nightly-sized (`make test` runs one round per operation)
+SANDVM_CHAOS_ROUNDS ?= 120
+soak:
+	SANDVM_CHAOS_ROUNDS=$(SANDVM_CHAOS_ROUNDS) $(BIN)/pytest -q -s tests/test_runtime_manager.py -k sigkill_at_random_points
 
 bench:
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b; done

@@ -516,3 +516,38 @@ def test_oversized_command_is_refused(sandbox: Any) -> None:
     with pytest.raises(InvalidSpec, match=r"files\.write"):
         sandbox.commands.run("echo " + "x" * 300_000)
     assert sandbox.commands.run("echo fine").stdout == "fine\n"
+
+
+def test_the_agent_survives_a_workload_that_eats_all_memory(base_snapshot: Any,
+                                                            snapshot_store: Any) -> None:
+    """A workload that takes all the guest's memory is ended by the guest's OOM killer,
+    and the agent lives on: it answers the next command."""
+    sb = Sandbox.from_snapshot(base_snapshot, store=snapshot_store)
+    try:
+        hog = "python3 -c 'x = []\nwhile True: x.append(b\"x\" * (1 << 20))'"
+        r = sb.commands.run(hog, check=False, timeout=300)
+        assert r.exit_code != 0 and not r.timed_out, r  # the OOM killer ended it
+        assert sb.commands.run("echo alive", timeout=60).stdout == "alive\n"
+    finally:
+        sb.kill()
+
+
+@pytest.mark.xfail(reason="the guest agent has no pids/memory cap per command and no OOM"
+                          " protection of its own: a fork bomb can leave it unable to"
+                          " answer (issue 14, guest agent)", strict=False)
+def test_the_agent_survives_a_fork_bomb(base_snapshot: Any, snapshot_store: Any) -> None:
+    """A fork bomb is ended by its command's timeout (its cgroup is killed) and the
+    agent lives on: it answers the next command, and nothing of the bomb is left."""
+    sb = Sandbox.from_snapshot(base_snapshot, store=snapshot_store)
+    try:
+        with pytest.raises(CommandTimeout):
+            sb.commands.run("b() { b | b & }; b; sleep 600", timeout=10)
+        assert sb.commands.run("echo alive", timeout=60).stdout == "alive\n"
+        # nothing of the bomb is left: only init, the agent and kernel threads
+        deadline = time.monotonic() + 60
+        while len(users := [ln for ln in _ps(sb).splitlines()[1:]
+                            if "[" not in ln and "ps -o" not in ln]) > 2:
+            assert time.monotonic() < deadline, users
+            time.sleep(0.2)
+    finally:
+        sb.kill()

@@ -34,6 +34,7 @@ from sandvm.errors import (
     SandboxStateError,
     SandvmError,
     VmAlreadyExists,
+    VmBootError,
     VmNotFound,
 )
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, proc_start_time
@@ -77,6 +78,36 @@ class ManagedInfo:
     expires_in: float | None
     qemu_pid: int | None
     end_reason: str | None = None
+
+
+# QEMU migration states in which an outgoing save is still under way
+_SAVING = frozenset({"setup", "active", "pre-switchover", "device", "wait-unplug",
+                     "cancelling", "postcopy-active", "postcopy-paused", "postcopy-recover"})
+
+
+async def _end_cut_off_save(vm: QemuVm, *, timeout: float = 30.0) -> None:
+    """A holder that died in the middle of a snapshot (or fork) leaves QEMU writing the
+    VM's state to a file nobody reads; once that ends QEMU stops the VM again (the guest
+    would freeze under its new holder), and it refuses any other save meanwhile. Cancel
+    that save, wait until it is over and let the VM run (``resumed``: its clock stood
+    still). For ``attach``, before the sandbox is handed out. Raises VmBootError if the
+    save does not end within ``timeout`` seconds, QmpError."""
+    def saving(st: Any) -> bool:
+        return isinstance(st, dict) and st.get("status") in _SAVING
+
+    if not saving(await vm._qmp("query-migrate")):
+        return
+    await vm._qmp("migrate_cancel")
+    deadline = time.monotonic() + timeout
+    while saving(await vm._qmp("query-migrate")):
+        if time.monotonic() > deadline:
+            raise VmBootError(f"sandbox {vm.vm_id}: a save its last holder left running"
+                              f" did not stop within {timeout:.0f} s")
+        await asyncio.sleep(0.01)
+    run = await vm._qmp("query-status")
+    if isinstance(run, dict) and not run.get("running"):
+        await vm._qmp("cont")
+    vm.resumed = True
 
 
 def _check_ttl(ttl: float) -> float:
@@ -251,7 +282,8 @@ class SandboxManager:
         """Take over a running managed sandbox by id (same user, same host); one process
         holds a sandbox at a time, and this waits up to ``wait`` seconds for another
         holder to let go. A sandbox left paused (its holder died while snapshotting it,
-        e.g. for a fork, or paused and detached it) runs again. Raises VmNotFound,
+        e.g. for a fork, or paused and detached it) runs again; a save of its state
+        the dead holder left running in QEMU is cancelled first. Raises VmNotFound,
         SandboxStateError (ended), SandboxBusy (still held elsewhere), VmBootError
         (does not answer)."""
         rec = self.get(sandbox_id)
@@ -281,6 +313,7 @@ class SandboxManager:
             self.journal.result(seq, ok=False, error=exc.code)
             raise
         try:
+            await _end_cut_off_save(vm)
             await prov.adopt_vm(sandbox_id, vm)
             sb = AsyncSandbox(sandbox_id=sandbox_id, provider=prov, vm=vm, lifetime=None)
             sb._image = image
