@@ -34,19 +34,101 @@ from sandvm.errors import (
     VmNotFound,
 )
 
+OPENAPI = json.loads((Path(__file__).parents[1] / "docs" / "openapi.json").read_text())
+_MockTransport = httpx.MockTransport  # the unchecked one, for responses no server sends
+
+
+def _operation(method: str, path: str) -> dict[str, Any] | None:
+    """The OpenAPI operation serving ``method path`` (path templates matched)."""
+    import re
+
+    for template, ops in OPENAPI["paths"].items():
+        pattern = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+        if re.fullmatch(pattern, path) and method.lower() in ops:
+            return dict(ops[method.lower()])
+    return None
+
+
+def check_against_spec(req: httpx.Request, resp: httpx.Response) -> None:
+    """Fail unless ``resp`` is what docs/openapi.json says ``req``'s operation answers:
+    a declared status, a declared content type and a body valid against its schema
+    (each line of an NDJSON stream against the line schema)."""
+    import jsonschema_rs
+
+    what = f"{req.method} {req.url.path} -> {resp.status_code}"
+    op = _operation(req.method, req.url.path)
+    assert op is not None, f"{req.method} {req.url.path} is not in docs/openapi.json"
+    entry = op["responses"].get(str(resp.status_code)) or op["responses"].get("default")
+    assert entry is not None, f"{what}: status not declared in docs/openapi.json"
+    content = entry.get("content") or {}
+    if not content:
+        assert not resp.content, f"{what}: a body where the spec declares none"
+        return
+    ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+    assert ctype in content, f"{what}: content type {ctype!r} is not one of {list(content)}"
+    schema = content[ctype].get("schema")
+    if schema is None or ctype not in ("application/json", "application/x-ndjson"):
+        return
+    validator = jsonschema_rs.validator_for({**schema, "components": OPENAPI["components"]})
+    bodies = ([json.loads(resp.content)] if ctype == "application/json" else
+              [json.loads(line) for line in resp.content.splitlines() if line.strip()])
+    for body in bodies:
+        errors_ = [e.message for e in validator.iter_errors(body)]
+        assert not errors_, f"{what}: {body!r} does not match the spec: {errors_[:3]}"
+
+
+class _SpecTransport(_MockTransport):
+    """A mock server whose every answer is checked against docs/openapi.json."""
+
+    def __init__(self, handler: Callable[[httpx.Request], Any]) -> None:
+        def checked(req: httpx.Request) -> Any:
+            resp = handler(req)
+            if isinstance(resp, httpx.Response):
+                check_against_spec(req, resp)
+            return resp
+
+        super().__init__(checked)
+
+
+@pytest.fixture(autouse=True)
+def _mocks_follow_the_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(httpx, "MockTransport", _SpecTransport)
+
+
 INFO = {"sandbox_id": "sb-0123456789", "state": "running", "image": "base",
         "memory_mib": 256, "vcpus": 1, "created": 1.0, "expires_at": 301.0,
         "network": False}
 Handler = Callable[[httpx.Request], httpx.Response]
+NDJSON = {"Content-Type": "application/x-ndjson"}
 
 
 def _lines(*events: dict[str, Any]) -> bytes:
     return b"".join(json.dumps(e).encode() + b"\n" for e in events)
 
 
+def test_mock_answers_are_checked_against_the_spec() -> None:
+    """What the mocks here answer is what docs/openapi.json says the server answers."""
+    get = httpx.Request("GET", "http://sv/v1/sandboxes/sb-0123456789")
+    check_against_spec(get, httpx.Response(200, json=INFO))
+    with pytest.raises(AssertionError, match="does not match the spec"):
+        check_against_spec(get, httpx.Response(200, json={**INFO, "memory_mib": "lots"}))
+    with pytest.raises(AssertionError, match="status not declared"):
+        check_against_spec(httpx.Request("DELETE", get.url), httpx.Response(200, json=INFO))
+    with pytest.raises(AssertionError, match="content type"):
+        check_against_spec(get, httpx.Response(200, content=b"{}"))
+    with pytest.raises(AssertionError, match=r"not in docs/openapi\.json"):
+        check_against_spec(httpx.Request("GET", "http://sv/v1/nope"), httpx.Response(200))
+    run = httpx.Request("POST", "http://sv/v1/sandboxes/sb-0123456789/commands")
+    with pytest.raises(AssertionError, match="does not match the spec"):
+        check_against_spec(run, httpx.Response(200, headers=NDJSON, content=_lines(
+            {"type": "stdout", "text": "x"}, {"type": "exit", "exit_code": "0"})))
+
+
 def _server(commands: bytes | None = None, *, status: int = 200,
-            seen: list[httpx.Request] | None = None) -> httpx.MockTransport:
-    """A fake server: creates and gets INFO, answers commands with ``commands``."""
+            seen: list[httpx.Request] | None = None, spec: bool = True) -> httpx.MockTransport:
+    """A fake server: creates and gets INFO, answers commands with ``commands``; with
+    ``spec=False`` its answers are not checked against docs/openapi.json (for what a
+    broken server or a proxy in front of it may send)."""
     def handle(req: httpx.Request) -> httpx.Response:
         if seen is not None:
             seen.append(req)
@@ -54,12 +136,13 @@ def _server(commands: bytes | None = None, *, status: int = 200,
             return httpx.Response(201, json=INFO)
         if req.url.path.endswith("/commands"):
             return httpx.Response(status, content=commands or b"",
-                                  headers={"Content-Type": "application/x-ndjson"})
+                                  headers=NDJSON if status == 200 else
+                                  {"Content-Type": "application/json"})
         if req.method == "DELETE":
             return httpx.Response(204)
         return httpx.Response(200, json=INFO)
 
-    return httpx.MockTransport(handle)
+    return httpx.MockTransport(handle) if spec else _MockTransport(handle)
 
 
 async def _sandbox(transport: httpx.MockTransport) -> AsyncSandbox:
@@ -170,7 +253,8 @@ def test_run_streams_decodes_and_checks() -> None:
 ])
 def test_run_failures(events: list[dict[str, Any]], exc: type[Exception]) -> None:
     async def go() -> None:
-        sb = await _sandbox(_server(_lines(*events)))
+        # the ServiceError cases are what a broken server sends: off the spec
+        sb = await _sandbox(_server(_lines(*events), spec=exc is not ServiceError))
         with pytest.raises(exc):
             await sb.commands.run("x", check=False)
 
@@ -179,10 +263,10 @@ def test_run_failures(events: list[dict[str, Any]], exc: type[Exception]) -> Non
 
 def test_non_json_lines_and_error_statuses() -> None:
     async def go() -> None:
-        sb = await _sandbox(_server(b"<html>\n"))
+        sb = await _sandbox(_server(b"<html>\n", spec=False))
         with pytest.raises(ServiceError, match="not JSON"):
             await sb.commands.run("x")
-        sb = await _sandbox(_server(b"<html>bad gateway</html>", status=502))
+        sb = await _sandbox(_server(b"<html>bad gateway</html>", status=502, spec=False))
         with pytest.raises(ServiceError, match="HTTP 502"):
             await sb.commands.run("x")
         body = json.dumps({"code": "unauthenticated", "message": "revoked"}).encode()
@@ -223,7 +307,10 @@ def test_files_over_the_mock() -> None:
                 return httpx.Response(200, json={"path": path, "size": len(req.content)})
             if path not in store:
                 return httpx.Response(404, json={"code": "file_not_found", "message": path})
-            return httpx.Response(200, content=store[path])
+            return httpx.Response(200, content=store[path],
+                                  headers={"Content-Type": "application/octet-stream"})
+        if req.method == "DELETE":
+            return httpx.Response(204)
         return httpx.Response(200, json=INFO)
 
     with Sandbox.connect("sb-0123456789", api_key="k", url="http://sv",
@@ -390,12 +477,12 @@ def test_background_handle_reconnects_from_the_next_seq() -> None:
         if path.endswith("/output"):
             offset = int(req.url.params["offset"])
             calls.append(offset)
-            if len(calls) == 1:
-                return httpx.Response(200, content=_lines(*events[:2]))  # ends early
+            if len(calls) == 1:  # ends early
+                return httpx.Response(200, content=_lines(*events[:2]), headers=NDJSON)
             if len(calls) == 2:
                 raise httpx.ReadError("connection reset")
-            return httpx.Response(200, content=_lines(*events[offset:]))
-        if path.endswith(("/stdin", "/stdin/close", "/signal")):
+            return httpx.Response(200, content=_lines(*events[offset:]), headers=NDJSON)
+        if path.endswith(("/stdin", "/stdin/close", "/signal")) or req.method == "DELETE":
             return httpx.Response(204)
         return httpx.Response(200, json=INFO)
 
@@ -530,6 +617,8 @@ def test_remote_ports_and_network_over_the_mock() -> None:
             pol = json.loads(req.content) if req.method == "PUT" else None
             return httpx.Response(200, json={"enabled": pol is not None, "policy": pol,
                                              "bytes_total": 0, "connections": 0})
+        if req.method == "DELETE":
+            return httpx.Response(204)
         return httpx.Response(200, json=INFO)
 
     sb = Sandbox.create(api_key="sandvm_k", url="http://sv",
