@@ -32,7 +32,8 @@ from sandvm.providers.qmp import QmpClient
 from sandvm.snapshots import SnapshotStore
 
 BOOTS = 3
-RESTORES = 10
+RESTORES = 20
+SNAPSHOTS = 3  # live snapshots per booted VM
 MODES = {"confined": "1", "unconfined": "0"}
 
 
@@ -87,8 +88,9 @@ with tempfile.TemporaryDirectory() as tmp:
             sb = Sandbox.create()
             boot[m].append(time.monotonic() - t0)
             sb.commands.run(["true"])
-            snap = sb.snapshot(f"{m}{i}", store=store)
-            pause[m].append(sb.last_snapshot_times["pause_s"])
+            for k in range(SNAPSHOTS):
+                snap = sb.snapshot(f"{m}{i}-{k}", store=store)
+                pause[m].append(sb.last_snapshot_times["pause_s"])
             snaps[m] = snap
             sb.kill()
     for m in MODES:  # first use verifies the RAM file: not part of the figure
