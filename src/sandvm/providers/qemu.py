@@ -1,10 +1,12 @@
 """The QEMU backend: microVM processes supervised from asyncio, controlled over QMP.
 
 One :class:`QemuVm` is one ``qemu-system-x86_64 -M microvm`` child process with a
-private runtime directory (mode 0700) holding its QMP socket, its agent socket,
-its console log and its guest RAM file (``memory-backend-file,share=on``, the
-basis for fast snapshots). If QEMU dies, the VM is marked failed, every waiter
-on its agent gets VmCrashed, and the runtime directory is removed.
+private runtime directory (mode 0700) holding its QMP and agent sockets (bound here,
+passed to QEMU as fds), its bounded console log and its guest RAM file
+(``memory-backend-file,share=on``, the basis for fast snapshots). QEMU runs confined
+(``jail``: its own uid and namespaces, only its own files; see ``confinement``). If
+QEMU dies, the VM is marked failed, every waiter on its agent gets VmCrashed, and the
+runtime directory is removed.
 
 :class:`QemuVmProvider` puts seed 000's lifecycle on top: Created (spec only,
 no process) → Running (QEMU booted, agent ready) ⇄ Stopped (vCPUs paused) →
@@ -310,7 +312,7 @@ def scrub(text: str, *paths: Path | str | None) -> str:
     """``text`` (QEMU's or the guest's) fit for an error message: host paths (the given
     ones, sandvm's home and runtime dirs, any absolute path) replaced, control
     characters escaped. The full text belongs in the log only."""
-    for p in (*paths, sandvm_home(), runtime_root_name()):
+    for p in (*paths, sandvm_home(), _runtime_root_name()):
         if p:
             text = text.replace(str(p), "<sandvm>")
     text = re.sub(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*", "<path>", text)
@@ -320,7 +322,7 @@ def scrub(text: str, *paths: Path | str | None) -> str:
                    for c in text)
 
 
-def runtime_root_name() -> str | None:
+def _runtime_root_name() -> str | None:
     try:
         return str(runtime_root())
     except SandvmError:
