@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from sandvm.errors import VmBootError
 from sandvm.providers.qemu import OWNER_FILE, orphaned_qemus, write_owner
 from sandvm.runtime.journal import Journal
 from sandvm.runtime.manager import SandboxManager
@@ -164,3 +165,46 @@ def test_gc_spares_a_slow_create_whose_creator_lives(tmp_path: Path) -> None:
     j.intent("sb-gone", "create", ttl=60)
     j.add("sb-gone", deadline=time.time() + 60)
     assert m.gc(starting_grace=0.0) == ["sb-gone"]
+
+
+class _ScriptedQmp:
+    """A VM whose QMP answers query-migrate from a script (one answer a call, the last
+    one repeated) and records every command."""
+
+    def __init__(self, migrate: list[str | None], running: bool) -> None:
+        self.vm_id = "sb-q"
+        self.migrate = migrate
+        self.running = running
+        self.sent: list[str] = []
+        self.resumed = False
+
+    async def _qmp(self, cmd: str, args: object = None) -> object:
+        self.sent.append(cmd)
+        if cmd == "query-migrate":
+            status = self.migrate.pop(0) if len(self.migrate) > 1 else self.migrate[0]
+            return {} if status is None else {"status": status}
+        if cmd == "query-status":
+            return {"running": self.running, "status": "running" if self.running
+                    else "postmigrate"}
+        if cmd == "cont":
+            self.running = True
+        return {}
+
+
+def test_attach_ends_a_save_its_dead_holder_left_running() -> None:
+    from sandvm.runtime.manager import _end_cut_off_save
+
+    idle = _ScriptedQmp([None], running=True)  # no save ever: nothing is touched
+    asyncio.run(_end_cut_off_save(idle))  # type: ignore[arg-type]
+    assert idle.sent == ["query-migrate"] and not idle.resumed
+    done = _ScriptedQmp(["completed"], running=True)
+    asyncio.run(_end_cut_off_save(done))  # type: ignore[arg-type]
+    assert done.sent == ["query-migrate"]
+    # still saving: cancelled, waited for, and the VM (stopped by the save) runs again
+    cut = _ScriptedQmp(["active", "active", "cancelling", "cancelled"], running=False)
+    asyncio.run(_end_cut_off_save(cut))  # type: ignore[arg-type]
+    assert cut.sent[:2] == ["query-migrate", "migrate_cancel"]
+    assert cut.sent[-2:] == ["query-status", "cont"] and cut.running and cut.resumed
+    stuck = _ScriptedQmp(["active"], running=False)
+    with pytest.raises(VmBootError, match="did not stop"):
+        asyncio.run(_end_cut_off_save(stuck, timeout=0.2))  # type: ignore[arg-type]
