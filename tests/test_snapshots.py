@@ -257,9 +257,7 @@ def test_diff_snapshot_stores_only_changes(tmp_path: Path) -> None:
         assert len(c.files.read("/root/extra.bin", format="bytes")) == 100_000
     with Sandbox.from_snapshot("full", store=store) as c:
         assert c.files.read("/root/gen") == "one"
-    from sandvm.snapshots.store import materialized_root
-
-    cached = materialized_root() / diff.files["mem.diff"]["sha256"][:32]
+    cached = store.materialized_dir(diff)
     assert (cached / "mem").exists()
     # a diff whose parent is gone is refused
     store.remove("full")
