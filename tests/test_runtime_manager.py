@@ -349,6 +349,49 @@ def test_attach_after_a_holder_died_while_qemu_saved_the_state(
         asyncio.run(m.kill(sid))
 
 
+FORKER = """
+import asyncio, os, signal, sys
+from sandvm.runtime.manager import SandboxManager
+from sandvm.snapshots import store
+def die(*args, **kw):  # the fork's snapshot is staged, about to be committed
+    print("staged", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+store.SnapshotStore.commit = die
+async def main():
+    m = SandboxManager()
+    await m.fork(await m.attach(sys.argv[1]), 1)
+asyncio.run(main())
+"""
+
+
+def test_a_fork_cut_off_while_staged_leaves_nothing(journal_env: dict[str, str],
+                                                    base_snapshot: Any,
+                                                    snapshot_store: Any) -> None:
+    """The holder died while its fork's snapshot was staged (its RAM and state already
+    in the fork dir on tmpfs, not yet committed): ``recover`` removes it."""
+    from sandvm.sandbox import fork_roots
+
+    m = SandboxManager()
+
+    async def make() -> str:
+        sb = await m.from_snapshot(base_snapshot, store=snapshot_store, ttl=120)
+        await m.detach(sb)
+        return sb.sandbox_id
+
+    sid = asyncio.run(make())
+    try:
+        r = subprocess.run([sys.executable, "-c", FORKER, sid], capture_output=True,
+                           text=True, env=journal_env, timeout=120)
+        assert r.stdout == "staged\n" and r.returncode == -signal.SIGKILL, r.stderr
+        staged = [d for root in fork_roots() if root.is_dir() for d in root.iterdir()]
+        assert staged  # what the dead holder left
+        asyncio.run(m.recover())
+        left = [d for root in fork_roots() if root.is_dir() for d in root.iterdir()]
+        assert left == [], left
+    finally:
+        asyncio.run(m.kill(sid))
+
+
 CHAOS = Path(__file__).with_name("runtime_chaos.py")
 # the operations a kill is aimed at, in the order of runtime_chaos.TARGETS
 CHAOS_TARGETS = ("create", "restore", "attach", "use", "detach", "reclaim", "kill", "ttl",

@@ -1282,6 +1282,8 @@ class AsyncSandbox:
             if parent_snap.spec.memory_mib != self._vm.spec.memory_mib:
                 raise InvalidSpec("the parent snapshot has a different memory size")
         staging = store.staging(name)
+        if store.root in fork_roots():  # a fork's: `sandvm gc` removes it if we die
+            write_owner(staging)
         # while the VM is paused, its state goes to tmpfs (fast); to the store after
         fast = Path(tempfile.mkdtemp(prefix="snap-", dir=runtime_root()))
         write_owner(fast)  # a sweep removes it if we die before removing it ourselves
