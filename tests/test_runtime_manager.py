@@ -568,12 +568,15 @@ async def _recover_and_check(m: SandboxManager) -> Any:
         results = [e for e in m.journal.events(sid) if e["phase"] == "result"
                    and e["detail"].get("interrupted")]
         assert results
-    # no runtime dir (tmpfs), disk dir or fork snapshot of a dead owner is left
-    for root in (runtime_root(), disk_root(), *fork_roots()):
+    # no runtime dir (tmpfs), disk dir or fork snapshot of a dead owner is left (and
+    # nothing in the fork dirs is without an owner: no process forks any more)
+    forks = fork_roots()
+    for root in (runtime_root(), disk_root(), *forks):
         for d in root.iterdir() if root.is_dir() else ():
             try:
                 pid, start = (d / OWNER_FILE).read_text().split()
             except (OSError, ValueError):
+                assert root not in forks, f"left behind: {d}"
                 continue
             assert proc_start_time(int(pid)) == start, f"left behind: {d}"
     return rec
