@@ -65,7 +65,15 @@ def test_cli_sandbox_lives_across_invocations(journal_env: dict[str, str]) -> No
     assert r.returncode == 7
     ls = _cli(journal_env, "ls")
     assert sid in ls.stdout and "running" in ls.stdout
-    logs = _cli(journal_env, "logs", sid).stdout
+    # what the guest writes to its console is shown escaped: no terminal control reaches
+    # the operator's terminal
+    r = _cli(journal_env, "exec", sid, "--", "sh", "-c", r"printf '\033[2Jhostile\n' > /dev/ttyS0")
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 30
+    while "hostile" not in (logs := _cli(journal_env, "logs", sid).stdout):
+        assert time.monotonic() < deadline, logs
+        time.sleep(0.2)
+    assert "\\x1b[2Jhostile" in logs and "\x1b" not in logs
     for op in ("create", "attach", "detach"):
         assert op in logs
     rec = Journal().get(sid)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from sandvm.ports import PortMapping
     from sandvm.sandbox import AsyncSandbox
 
-from sandvm.core import check_guest_path, parse_memory, parse_size
+from sandvm.core import check_guest_path, escape_text, parse_memory, parse_size
 from sandvm.errors import (
     CommandNotFound,
     CommandTimeout,
@@ -909,11 +909,12 @@ def logs_cmd(sandbox_id: str) -> None:
     if rec.state == "ended":
         click.echo(f"ended: {rec.end_reason}")
     elif rec.rundir:
-        console = Path(rec.rundir) / "console.log"
-        with contextlib.suppress(OSError):
-            tail = console.read_bytes()[-4096:].decode(errors="replace")
-            click.echo("--- guest console ---")
-            click.echo(tail.rstrip("\n"))
+        from sandvm.providers.qemu import console_tail
+
+        # the guest wrote it: escape what a terminal would act on
+        tail = escape_text(console_tail(Path(rec.rundir)).decode(errors="replace"), keep="\n")
+        click.echo("--- guest console ---")
+        click.echo(tail.rstrip("\n"))
 
 
 @main.command("kill")

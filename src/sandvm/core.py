@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass, field
 
 from sandvm.errors import InvalidPath, InvalidSpec, UnknownImage
@@ -25,6 +26,7 @@ __all__ = [
     "VmState",
     "VmView",
     "check_guest_path",
+    "escape_text",
     "new_id",
     "parse_memory",
     "parse_size",
@@ -51,6 +53,29 @@ class VmState(enum.Enum):
     RUNNING = "running"
     STOPPED = "stopped"
     DESTROYED = "destroyed"
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_NOT_PLAIN = re.compile(r"[^\x20-\x7e]")  # the only candidates: ASCII text passes fast
+
+
+def escape_text(text: str, *, keep: str = "") -> str:
+    """``text`` (a guest's, QEMU's, a tenant's) with every control, format, line or
+    paragraph separator, surrogate, private-use and unassigned character written as a
+    Python escape (``\\x1b``, ``\\u202e``), except those in ``keep`` (e.g. ``"\\n"``):
+    safe to print on a terminal or to put in an error message or one log line."""
+
+    def one(m: re.Match[str]) -> str:
+        ch = m.group(0)
+        if ch in keep or unicodedata.category(ch) not in _ESCAPED_CATEGORIES:
+            return ch
+        code = ord(ch)
+        return _NAMED_ESCAPES.get(ch) or (f"\\x{code:02x}" if code < 0x100 else
+                                          f"\\u{code:04x}" if code < 0x10000 else
+                                          f"\\U{code:08x}")
+
+    return _NOT_PLAIN.sub(one, text)
 
 
 def new_id(prefix: str = "sb") -> str:

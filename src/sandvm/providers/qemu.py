@@ -39,7 +39,7 @@ from typing import Any
 from sandvm._files import LIBC, move_file, preallocate_like, runtime_root, sparse_copy
 from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.assets import Assets, find_assets, sandvm_home
-from sandvm.core import DiskSpec, VmSpec, VmState, VmView, validate_vm_id
+from sandvm.core import DiskSpec, VmSpec, VmState, VmView, escape_text, validate_vm_id
 from sandvm.errors import (
     AgentDisconnected,
     AgentError,
@@ -316,10 +316,7 @@ def scrub(text: str, *paths: Path | str | None) -> str:
         if p:
             text = text.replace(str(p), "<sandvm>")
     text = re.sub(r"(?<![\w.])/(?:[\w.@+-]+/)+[\w.@+-]*", "<path>", text)
-    return "".join(c if c in "\n" or (c.isprintable() and c not in "\u202a\u202b\u202c"
-                                        "\u202d\u202e\u2066\u2067\u2068\u2069")
-                   else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}"
-                   for c in text)
+    return escape_text(text, keep="\n")
 
 
 def _runtime_root_name() -> str | None:

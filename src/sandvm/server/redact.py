@@ -24,11 +24,11 @@ import logging
 import os
 import re
 import secrets
-import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from sandvm.core import escape_text
 from sandvm.errors import (
     CommandError,
     ConfigError,
@@ -121,27 +121,6 @@ def status_for(exc: SandvmError) -> int:
         if isinstance(code, str) and code in _STATUS:
             return _STATUS[code]
     return 500
-
-
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_ESCAPED = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-_NOT_PLAIN = re.compile(r"[^\x20-\x7e]")  # the only candidates: ASCII text passes fast
-
-
-def escape_text(text: str) -> str:
-    """``text`` with every control, format, line/paragraph separator, surrogate,
-    private-use and unassigned character written as a Python escape (``\\x1b``,
-    ``\\u202e``): safe to print on a terminal or to put in one log line."""
-    return _NOT_PLAIN.sub(_escape_char, text)
-
-
-def _escape_char(m: re.Match[str]) -> str:
-    ch = m.group(0)
-    if unicodedata.category(ch) not in _ESCAPED:
-        return ch
-    code = ord(ch)
-    return _NAMED.get(ch) or (f"\\x{code:02x}" if code < 0x100 else
-                              f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
 
 
 def _server_dirs(extra: Iterable[Path | str]) -> list[str]:
