@@ -21,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from oci_build import build_layout
+from oci_build import SPARSE_FLAVOURS, build_layout, heap_peak, pax_comment_tar, sparse_tar
 from sandvm import Sandbox
 from sandvm.errors import (
+    AgentProtocolError,
     CommandExitError,
     FileTooLarge,
     InvalidPath,
@@ -224,6 +225,17 @@ def test_tar_caps(tmp_path: Path) -> None:
     big = _tar([(_entry("big"), b"x" * 100)])
     with pytest.raises(FileTooLarge, match="more than 50 bytes"):
         _extract(tmp_path / "b", big, max_bytes=50)
+
+
+@pytest.mark.parametrize("flavour", SPARSE_FLAVOURS)
+def test_guest_archive_with_sparse_members_is_refused(tmp_path: Path, flavour: str) -> None:
+    # download_dir reads a tar the guest writes: its sparse maps and huge extended
+    # headers are refused before tarfile reads them, as for image layers
+    for name, data in (("sparse", sparse_tar(flavour, 20_000)),
+                       ("comment", pax_comment_tar(32 << 20))):
+        with heap_peak() as peak, pytest.raises(AgentProtocolError, match="bad archive"):
+            _extract(tmp_path / name, data)
+        assert peak[0] < 8 << 20, name
 
 
 # --------------------------------------------------------------------------- in VMs

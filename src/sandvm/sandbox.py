@@ -423,12 +423,16 @@ class _TreeExtractor:
         return safe
 
     def run(self, fd: int) -> None:
-        """Read the stream from pipe ``fd`` (closed when done) and extract it."""
-        from sandvm.images.layers import capped_tarinfo
+        """Read the stream from pipe ``fd`` (closed when done) and extract it. Raises
+        FileTooLarge, AgentProtocolError (the guest's archive is malformed or refused:
+        huge extended headers, sparse members)."""
+        from sandvm.images.layers import open_untrusted_tar
 
-        with os.fdopen(fd, "rb") as f, tarfile.open(fileobj=f, mode="r|",
-                                                    tarinfo=capped_tarinfo()) as tar:
-            tar.extractall(self.dest, members=self._members(tar), filter=self._filter)
+        try:
+            with os.fdopen(fd, "rb") as f, open_untrusted_tar(f, stream=True) as tar:
+                tar.extractall(self.dest, members=self._members(tar), filter=self._filter)
+        except (tarfile.TarError, EOFError) as exc:
+            raise AgentProtocolError(f"the guest sent a bad archive: {exc}") from None
         made = []
         for parts, target in self.links:
             leaf = self.dest.joinpath(*parts)

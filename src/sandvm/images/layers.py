@@ -45,7 +45,7 @@ from sandvm.images.model import (
 )
 
 __all__ = ["MAX_DEPTH", "MAX_PATH_BYTES", "ApplyStats", "TarRefused", "apply_layers",
-           "capped_tarinfo", "open_untrusted_tar"]
+           "open_untrusted_tar"]
 
 MAX_PATH_BYTES = 4096            # longest member name (or hardlink target) accepted
 MAX_DEPTH = 256                  # most path components in a member name
@@ -97,12 +97,6 @@ class TarRefused(tarfile.TarError):
 def _sparse_refused(kind: str) -> TarRefused:
     return TarRefused(f"a GNU sparse member ({kind}): sandvm does not read sparse tar"
                       " members; write the tar without --sparse (-S)", too_large=False)
-
-
-def capped_tarinfo() -> type[tarfile.TarInfo]:
-    """The TarInfo class to pass to ``tarfile.open`` for untrusted tars (see
-    :func:`open_untrusted_tar`, which uses it)."""
-    return _CappedTarInfo
 
 
 def open_untrusted_tar(source: Path | IO[bytes], *, stream: bool = False) -> tarfile.TarFile:
