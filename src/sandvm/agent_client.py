@@ -546,7 +546,9 @@ class AgentConnection:
         except AgentProtocolError as exc:
             self.fail(exc)
         except OSError as exc:
-            self.fail(AgentDisconnected(f"agent channel read failed: {exc!r}"))
+            # a reset says as little as an EOF: the hook may know why (QEMU died)
+            reason = await self._eof_hook() if self._eof_hook else None
+            self.fail(reason or AgentDisconnected(f"agent channel read failed: {exc!r}"))
         except asyncio.CancelledError:
             self.fail(AgentDisconnected("agent connection closed"))
             raise

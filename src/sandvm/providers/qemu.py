@@ -1004,13 +1004,23 @@ class QemuVm:
 
     def _crashed(self, code: int | None) -> SandvmError:
         if self.failure is None:
-            self.failure = VmCrashed(f"QEMU for VM {self.vm_id} exited unexpectedly with status"
-                                     f" {code}.{self._diagnostics()}")
+            status = "" if code is None else f" with status {code}"
+            self.failure = VmCrashed(f"QEMU for VM {self.vm_id} exited unexpectedly{status}."
+                                     f"{self._diagnostics()}")
         return self.failure
 
     async def _explain_eof(self) -> SandvmError | None:
         # the agent socket closes when QEMU dies: say so rather than "disconnected"
-        if self.proc is None or self._stopping:
+        if self._stopping:
+            return None
+        if self.qemu_pid is not None:
+            # under a keeper (ours or adopted): QEMU's own pid says, not the keeper's
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_pid_exit(self.qemu_pid), 2.0)
+            if not _pid_alive(self.qemu_pid) and not self._stopping:
+                return self._crashed(None)
+            return None
+        if self.proc is None:
             return None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), 2.0)
