@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,8 +77,30 @@ def test_interrupted_save_is_not_a_snapshot(tmp_path: Path) -> None:
     assert store.list() == []
     with pytest.raises(SnapshotNotFound):
         store.get("half")
-    assert store.clean_staging(older_than=0) == [staging]
+    assert store.clean_staging(older_than=0) == []  # its owner (we) still runs
+    (staging / "owner").write_text("999999999 0\n")  # as if we had died
+    assert store.clean_staging() == [staging]
     assert not staging.exists()
+
+
+def test_a_save_whose_process_died_is_swept_by_the_next_save(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path)
+    # a save in another process that was SIGKILLed before its commit
+    code = ("import os, sys; from sandvm.snapshots import SnapshotStore;"
+            " d = SnapshotStore(sys.argv[1]).staging('cut'); (d / 'mem').write_bytes(b'x');"
+            " print(d, flush=True); os.kill(os.getpid(), 9)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True)
+    dead = Path(out.stdout.strip())
+    assert out.returncode == -9 and dead.is_dir()
+    mine = store.staging("live")  # ours runs: kept; the dead process's goes at once
+    assert not dead.exists() and mine.is_dir()
+    assert store.clean_staging() == [] and mine.is_dir()
+    (mine / "state").write_bytes(b"QEVM")
+    (mine / "mem").write_bytes(b"\0" * 4096)
+    snap = store.commit(mine, "live", dict(MANIFEST))
+    assert not (snap.path / "owner").exists()  # the owner file is not part of it
+    store.verify(snap, full=True)
 
 
 def test_truncated_file_is_corrupt(tmp_path: Path) -> None:

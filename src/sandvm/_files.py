@@ -13,7 +13,43 @@ from pathlib import Path
 
 from sandvm.errors import ConfigError
 
-__all__ = ["LIBC", "data_extents", "move_file", "preallocate_like", "runtime_root", "sparse_copy"]
+__all__ = ["LIBC", "OWNER_FILE", "data_extents", "move_file", "owner_alive", "preallocate_like",
+           "proc_start_time", "runtime_root", "sparse_copy", "write_owner"]
+
+
+OWNER_FILE = "owner"
+
+
+def proc_start_time(pid: int) -> str | None:
+    """The start time (clock ticks since boot) of ``pid``; None if it is gone or a
+    zombie (dead, not reaped: an orphan's new parent may never reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # field 22; the command name (field 2) may contain spaces, so split after ')'
+    fields = stat.rpartition(")")[2].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def write_owner(d: Path) -> None:
+    """Record that this process owns dir ``d`` (pid and start time, robust to pid
+    reuse): sweeps remove the dir once that process is gone."""
+    tmp = d / f".{OWNER_FILE}.{os.getpid()}"
+    tmp.write_text(f"{os.getpid()} {proc_start_time(os.getpid())}\n")
+    os.replace(tmp, d / OWNER_FILE)  # atomic: a sweep never reads half an owner
+
+
+def owner_alive(d: Path) -> bool | None:
+    """Whether the process recorded by ``write_owner`` in ``d`` still runs; None if
+    ``d`` has no readable owner file."""
+    try:
+        pid_s, start = (d / OWNER_FILE).read_text().split()
+        pid = int(pid_s)
+    except (OSError, ValueError):
+        return None
+    return proc_start_time(pid) == start
 
 
 def runtime_root() -> Path:

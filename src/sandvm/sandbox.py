@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, overload
 
 from sandvm import _portal, wire
-from sandvm._files import move_file, runtime_root, sparse_copy
+from sandvm._files import move_file, runtime_root, sparse_copy, write_owner
 from sandvm.agent_client import (
     AgentConnection,
     HostStream,
@@ -73,7 +73,7 @@ from sandvm.errors import (
 )
 from sandvm.network import AsyncNetwork, Network
 from sandvm.ports import AsyncPorts, Ports
-from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img, write_owner
+from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 from sandvm.volumes import VolumeAttachment, VolumeMount, VolumeStore, parse_mounts
@@ -1285,9 +1285,7 @@ class AsyncSandbox:
                                   " that was booted, not restored")
             if parent_snap.spec.memory_mib != self._vm.spec.memory_mib:
                 raise InvalidSpec("the parent snapshot has a different memory size")
-        staging = store.staging(name)
-        if store.root in fork_roots():  # a fork's: `sandvm gc` removes it if we die
-            write_owner(staging)
+        staging = store.staging(name)  # owned by us: removed if we die before commit
         # while the VM is paused, its state goes to tmpfs (fast); to the store after
         fast = Path(tempfile.mkdtemp(prefix="snap-", dir=runtime_root()))
         write_owner(fast)  # a sweep removes it if we die before removing it ourselves

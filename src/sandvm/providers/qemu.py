@@ -36,7 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandvm._files import LIBC, move_file, preallocate_like, runtime_root, sparse_copy
+from sandvm._files import (
+    LIBC,
+    OWNER_FILE,
+    move_file,
+    owner_alive,
+    preallocate_like,
+    proc_start_time,
+    runtime_root,
+    sparse_copy,
+    write_owner,
+)
 from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.assets import Assets, find_assets, sandvm_home
 from sandvm.core import DiskSpec, VmSpec, VmState, VmView, escape_text, validate_vm_id
@@ -90,21 +100,7 @@ def host_tsc_khz() -> int | None:
     return None
 
 
-OWNER_FILE = "owner"
 HOLDER_FILE = "holder"  # flock'ed by the one process attached to a detachable VM
-
-
-def proc_start_time(pid: int) -> str | None:
-    """The start time (clock ticks since boot) of ``pid``; None if it is gone or a
-    zombie (dead, not reaped: an orphan's new parent may never reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # field 22; the command name (field 2) may contain spaces, so split after ')'
-    fields = stat.rpartition(")")[2].split()
-    return None if fields[0] == "Z" else fields[19]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -152,13 +148,6 @@ def _proc_state(pid: int) -> str | None:
         return None
 
 
-def write_owner(rundir: Path) -> None:
-    """Record which process owns ``rundir`` (pid and its start time, robust to pid reuse)."""
-    tmp = rundir / f".{OWNER_FILE}.{os.getpid()}"
-    tmp.write_text(f"{os.getpid()} {proc_start_time(os.getpid())}\n")
-    os.replace(tmp, rundir / OWNER_FILE)  # atomic: a sweep never reads half an owner
-
-
 def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
     """Remove runtime dirs whose owning process is gone (e.g. it was SIGKILLed).
 
@@ -168,11 +157,7 @@ def sweep_stale_rundirs(root: Path | None = None) -> list[Path]:
     root = root or runtime_root()
     removed = []
     for d in root.iterdir():
-        try:
-            pid_s, start = (d / OWNER_FILE).read_text().split()
-        except (OSError, ValueError):
-            continue
-        if proc_start_time(int(pid_s)) != start:
+        if owner_alive(d) is False:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sandvm._files import proc_start_time
 from sandvm.core import ROOT_DISK, DiskSpec, VmSpec, new_id, validate_vm_id
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
@@ -37,7 +38,7 @@ from sandvm.errors import (
     VmBootError,
     VmNotFound,
 )
-from sandvm.providers.qemu import QemuVm, QemuVmProvider, proc_start_time
+from sandvm.providers.qemu import QemuVm, QemuVmProvider
 from sandvm.runtime.journal import Journal, SandboxRecord
 from sandvm.sandbox import AsyncSandbox, fork_roots
 from sandvm.snapshots.store import Snapshot, SnapshotStore
@@ -454,7 +455,8 @@ class SandboxManager:
         remove their runtime and disk dirs and record them ``repair-needed``. Also
         ends ``starting`` records older than ``starting_grace`` seconds that never got
         a keeper (their creator died first), and removes runtime and disk dirs whose
-        owner is dead. Returns the repaired ids."""
+        owner is dead, and saves into the default snapshot store cut off by their
+        process's death. Returns the repaired ids."""
         from sandvm.providers.qemu import disk_root, sweep_stale_rundirs
 
         repaired = []
@@ -474,6 +476,7 @@ class SandboxManager:
         for root in fork_roots():  # forks whose process died before removing them
             if root.is_dir():
                 sweep_stale_rundirs(root)
+        SnapshotStore().clean_staging()
         return repaired
 
     @staticmethod

@@ -758,7 +758,7 @@ class QemuIsolationRuntime:
 
     def _leftovers(self, rec: Any) -> list[str]:
         """What of a killed sandbox still exists (waits a few seconds for it to go)."""
-        from sandvm.providers.qemu import proc_start_time
+        from sandvm._files import proc_start_time
 
         deadline = time.monotonic() + 10.0
         while True:

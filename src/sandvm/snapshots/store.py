@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sandvm._files import runtime_root
+from sandvm._files import OWNER_FILE, owner_alive, runtime_root, write_owner
 from sandvm.assets import sandvm_home
 from sandvm.core import DiskSpec, VmSpec, validate_vm_id
 from sandvm.errors import (
@@ -332,11 +332,16 @@ class SnapshotStore:
             store.verify(store.parent_of(snap), full=full)
 
     def staging(self, name: str) -> Path:
-        """A fresh staging directory for snapshot ``name``. Raises SnapshotAlreadyExists."""
+        """A fresh staging directory for snapshot ``name``, owned by this process: if it
+        dies before ``commit``, the next save into this store (or ``clean_staging``,
+        run by ``sandvm gc``) removes it. Raises SnapshotAlreadyExists."""
         if self._dir(name).exists():
             raise SnapshotAlreadyExists("", name)
         self.root.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=self.root))
+        self.clean_staging()  # saves cut off by their process's death: RAM-sized
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=self.root))
+        write_owner(staging)
+        return staging
 
     def commit(self, staging: Path, name: str, manifest: dict[str, Any]) -> Snapshot:
         """Hash the staged files, write the manifest, fsync, rename into place."""
@@ -351,6 +356,7 @@ class SnapshotStore:
         # would dominate the save): after an OS crash its sha256 no longer matches
         # and the snapshot is refused as corrupt, never restored half-way
         _fsync(staging / "state")
+        (staging / OWNER_FILE).unlink(missing_ok=True)  # not part of the snapshot
         man = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "ram": ram,
                "files": files}
         mpath = staging / MANIFEST
@@ -464,14 +470,18 @@ class SnapshotStore:
         return done
 
     def clean_staging(self, *, older_than: float = 3600.0) -> builtins.list[Path]:
-        """Remove leftovers of interrupted saves and deletions (not those in progress)."""
+        """Remove leftovers of interrupted saves and deletions (not those in progress):
+        staging dirs whose owning process is gone, and those with no owner (a save
+        cut off in ``commit``, a deletion) not touched for ``older_than`` seconds."""
         removed = []
         if self.root.is_dir():
             now = time.time()
             for p in self.root.iterdir():
                 if p.name.startswith((".staging-", ".trash-")):
                     with contextlib.suppress(OSError):
-                        if now - p.stat().st_mtime >= older_than:
+                        alive = owner_alive(p)
+                        if alive is False or (alive is None and
+                                              now - p.stat().st_mtime >= older_than):
                             shutil.rmtree(p, ignore_errors=True)
                             removed.append(p)
         return removed
