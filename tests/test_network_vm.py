@@ -459,3 +459,41 @@ def test_guest_connections_are_capped_per_sandbox(base_snapshot: Any,
     refusals = [json.loads(x) for x in ended.read_text().splitlines()
                 if "256 guest connections" in x]
     assert [r["count"] for r in refusals] == [1, 300 - MAX_BRIDGES - 1]
+
+
+def test_the_descriptor_budget_refuses_guest_connections_with_a_reason(
+        base_snapshot: Any, snapshot_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guest connection the process's descriptor budget does not cover gets a 503
+    that says so (answered over the agent stream: no host descriptor spent), and is
+    audited; one it covers works."""
+    import time
+
+    from sandvm import network
+    from sandvm.fds import MIN_RESERVE, FdBudget
+
+    tight = FdBudget(limit=MIN_RESERVE + 12)  # a share of 3: one bridge with its upstream
+    monkeypatch.setattr(network, "BUDGET", tight)
+    hold = HoldServer()
+    sb = Sandbox.from_snapshot(base_snapshot, store=snapshot_store, network=NetworkPolicy(
+        allow=["hold.test"], hosts={"hold.test": "127.0.0.1"}, ports=[hold.port],
+        allow_ips=["127.0.0.1/32"]))
+    try:
+        sb.files.write("/tmp/many.py", MANY)
+        h = sb.commands.run(["python3", "/tmp/many.py", "hold.test", str(hold.port), "3"],
+                            background=True, timeout=600)
+        deadline = time.monotonic() + 120
+        while not h.stdout.strip() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert json.loads(h.stdout) == {"HTTP/1.1 200": 1, "HTTP/1.1 503": 2}
+        assert tight.held_by(sb.sandbox_id) == 3
+        refusal = [e for e in sb.network.events() if e.action == "error"][-1]
+        assert "descriptors" in refusal.reason and "ulimit" not in refusal.reason
+        h.kill()
+        hold.close()
+        deadline = time.monotonic() + 60
+        while tight.held and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tight.held == 0
+    finally:
+        sb.kill()
+        hold.close()

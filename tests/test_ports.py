@@ -478,6 +478,40 @@ def test_rig_tunnel_cap_per_sandbox(rig: Rig) -> None:
     assert rig.ports.tunnels == 0 and BUDGET.held_by("sb-rig") == 0
 
 
+def test_rig_descriptor_budget(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process's descriptor budget covers listeners and accepted connections: one
+    it does not cover is reset at once (and counted), a listener it does not cover is
+    ResourceExhausted; what ends gives its descriptors back."""
+    from sandvm import ports
+    from sandvm.errors import ResourceExhausted
+    from sandvm.fds import MIN_RESERVE, FdBudget
+
+    tight = FdBudget(limit=MIN_RESERVE + 12)  # this sandbox's share: 3 descriptors
+    monkeypatch.setattr(ports, "BUDGET", tight)
+    target = socket.socket()
+    target.bind(("127.0.0.1", 0))
+    target.listen(16)
+    url = rig.run(rig.ports.expose(target.getsockname()[1]))
+    other = rig.run(rig.ports.expose(target.getsockname()[1], host="127.0.0.2"))
+    clients: list[socket.socket] = []
+    try:
+        refused = rig.ports.refused
+        clients = [socket.create_connection(("127.0.0.1", url.port), timeout=30)
+                   for _ in range(2)]
+        assert _poll(lambda: rig.ports.refused == refused + 1)
+        assert rig.ports.tunnels == 1 and tight.held_by("sb-rig") == 3
+        with pytest.raises(ResourceExhausted, match="share"):
+            rig.run(rig.ports.expose(target.getsockname()[1], host="127.0.0.3"))
+    finally:
+        for c in clients:
+            c.close()
+        target.close()
+        _poll(lambda: rig.ports.tunnels == 0)
+        rig.run(rig.ports.close(url))
+        rig.run(rig.ports.close(other))
+    assert tight.held == 0
+
+
 def test_rig_guest_half_close_first(rig: Rig, host_server: Callable[[str], HostServer]
                                     ) -> None:
     srv = host_server("first")
