@@ -11,6 +11,10 @@ runs in its own session/process group and, where cgroup v2 is available, in
 its own cgroup so that a timeout or kill leaves no survivor. The agent is a
 child subreaper, so orphaned grandchildren are reaped here.
 
+Workloads cannot starve the agent: it is exempt from the OOM killer (its commands
+are not), each command's cgroup caps its tasks, and all commands share a parent
+cgroup whose memory and task caps leave the agent a reserve.
+
 Survival rules for a command's processes: a timeout, a host reset, SIGKILL or
 an expired grace period kill every process of the command (its cgroup). When
 the command's leader exits normally, processes it left in the background keep
@@ -51,6 +55,10 @@ DRAIN_GRACE = 1.0  # after the leader exits, how long an idle pipe is still read
 LIST_BATCH = 256  # directory entries per EVENT frame
 LIST_LIMIT = 100_000
 AGENT_RESERVE_KIB = 24 * 1024  # memory kept out of the workloads' reach
+AGENT_RESERVE_TASKS = 64  # tasks (processes and threads) kept out of the workloads' reach
+COMMAND_PIDS_MAX = 4096  # tasks one command may have at once (its cgroup's pids.max)
+OOM_SCORE_ADJ_MIN = -1000  # the agent's: the OOM killer never picks it
+SPAWN_ATTEMPTS = 3  # a spawn failing with EAGAIN or ENOMEM is retried after reaping
 IMAGE_ROOT = "/run/sandvm/root"  # where an image's root filesystem is mounted
 EXT4_IOC_RESIZE_FS = 0x40086610
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC = 1, 2, 4, 8, 4096, 16384
@@ -251,6 +259,10 @@ class Transport:
 
 
 # --------------------------------------------------------------------------- streams
+
+
+class SpawnAgain(Exception):
+    """A spawn failed for want of a task or memory (EAGAIN, ENOMEM): worth a retry."""
 
 
 class GuestFail(Exception):
@@ -1874,6 +1886,11 @@ class Agent:
         self.root_depth = 0  # > 0 while inside in_root()
         self.volumes: dict[str, str] = {}  # disk serial -> where it is mounted
         self.host_root_fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.oom_fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            self.oom_fd = -1
+        self.set_oom_score_adj(OOM_SCORE_ADJ_MIN)
         self.cg_base = os.path.join(CGROUP_ROOT, "sandvm")
         self.cg_home = os.path.join(CGROUP_ROOT, "agent")
         self.cgroup_ok = self._setup_cgroups()
@@ -1905,6 +1922,7 @@ class Agent:
                         open(os.path.join(self.cg_base, "cgroup.subtree_control"), "w") as f:
                     f.write(ctl)
             self._reserve_memory()
+            self._reserve_tasks()
             # cgroups left by an earlier agent process (it was killed): remove them
             # once whatever still runs in them is gone
             for name in os.listdir(self.cg_base):
@@ -1915,17 +1933,39 @@ class Agent:
             return False
 
     def _reserve_memory(self) -> None:
-        # workloads share a memory ceiling below the VM's total, so an OOM kill
-        # happens among them, never to the agent (inherited oom_score_adj would
-        # make the workloads immune instead)
+        """Cap all workloads together (``sandvm/memory.max``) below the memory free when
+        the agent starts, so their OOM kills happen among them (memcg OOM), never to
+        the agent or the kernel. MemTotal would be too high: the initramfs (Python
+        and its stdlib) and the kernel hold a good share of it for good."""
         try:
+            info: dict[str, int] = {}
             with open("/proc/meminfo") as f:
-                total_kib = int(f.readline().split()[1])
-            limit = max(total_kib // 2, total_kib - AGENT_RESERVE_KIB) * 1024
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    info[key] = int(rest.split()[0])
+            # what workloads hold already (after an agent restart) is theirs again
+            used = _int_file(os.path.join(self.cg_base, "memory.current")) or 0
+            avail_kib = info.get("MemAvailable", info["MemTotal"]) + used // 1024
+            limit = max(avail_kib // 2, avail_kib - AGENT_RESERVE_KIB) * 1024
             with open(os.path.join(self.cg_base, "memory.max"), "w") as f:
                 f.write(str(limit))
-        except (OSError, ValueError, IndexError) as exc:
+        except (OSError, ValueError, IndexError, KeyError) as exc:
             log(f"cannot reserve memory for the agent: {exc}")
+
+    def _reserve_tasks(self) -> None:
+        """Cap the tasks of all workloads together (``sandvm/pids.max``) below the
+        kernel's limits (threads-max is ~1400 in a 256 MiB guest), so a fork bomb
+        meets EAGAIN while the agent can still spawn the next command."""
+        try:
+            kernel_max = min(int(_read("/proc/sys/kernel/threads-max") or 1 << 22),
+                             int(_read("/proc/sys/kernel/pid_max") or 1 << 22))
+            total = int(_read("/proc/loadavg").split()[3].partition("/")[2])  # all tasks
+            theirs = _int_file(os.path.join(self.cg_base, "pids.current")) or 0
+            limit = max(16, kernel_max - (total - theirs) - AGENT_RESERVE_TASKS)
+            with open(os.path.join(self.cg_base, "pids.max"), "w") as f:
+                f.write(str(limit))
+        except (OSError, ValueError, IndexError) as exc:
+            log(f"cannot reserve tasks for the agent: {exc}")
 
     def new_cgroup(self, sid: int) -> str | None:
         if not self.cgroup_ok:
@@ -1933,9 +1973,14 @@ class Agent:
         path = os.path.join(self.cg_base, f"cmd-{sid}-{time.monotonic_ns()}")
         try:
             os.mkdir(path)
-            return path
         except OSError:
             return None
+        try:
+            with open(os.path.join(path, "pids.max"), "w") as f:
+                f.write(str(COMMAND_PIDS_MAX))
+        except OSError as exc:
+            log(f"cannot cap the tasks of {path}: {exc}")
+        return path
 
     def drop_cgroup(self, path: str | None) -> None:
         """Remove a finished command's cgroup now, or once its leftovers are gone."""
@@ -2002,14 +2047,64 @@ class Agent:
         if cgroup:
             self._join_cgroup(cgroup)
         try:
-            with self.in_root():
-                return self._spawn_here(argv, env, cwd, stdin, stdout, stderr, user)
+            for attempt in range(SPAWN_ATTEMPTS):
+                try:
+                    with self.in_root():
+                        pid = self._spawn_here(argv, env, cwd, stdin, stdout, stderr, user,
+                                               last=attempt == SPAWN_ATTEMPTS - 1)
+                    break
+                except SpawnAgain:
+                    # no task or memory to spare (EAGAIN, ENOMEM): the zombies of a
+                    # killed command may still count; reap them and try again
+                    self.reap()
+                    time.sleep(0.05 * (attempt + 1))
+            else:
+                raise AssertionError("unreachable")
         finally:
             if cgroup:
                 self._join_cgroup(self.cg_home)
+        self._unprotect(pid, cgroup)
+        return pid
+
+    def _unprotect(self, pid: int, cgroup: str | None) -> None:
+        """Give a new command back the OOM killer's ordinary score it inherited as the
+        agent's exemption: its leader first (what it forks from now on inherits 0),
+        then whatever it forked before that. The agent never drops its own exemption,
+        not even while it spawns inside the command's cgroup: a full cgroup's OOM
+        killer would pick it there. (A root workload may exempt itself; the workloads'
+        shared memory cap keeps that from hurting the agent.)"""
+        pids = [pid]
+        for _ in range(3):
+            fixed = 0
+            for p in pids:
+                try:
+                    fd = os.open(f"/proc/{p}/oom_score_adj", os.O_RDWR | os.O_CLOEXEC)
+                except OSError:
+                    continue  # already gone
+                try:
+                    if int(os.pread(fd, 16, 0) or b"0") == OOM_SCORE_ADJ_MIN:
+                        os.pwrite(fd, b"0", 0)
+                        fixed += 1
+                except (OSError, ValueError):
+                    pass
+                finally:
+                    os.close(fd)
+            if not fixed or not cgroup:
+                return
+            pids = self.cgroup_pids(cgroup)
+
+    def set_oom_score_adj(self, value: int) -> None:
+        """Set the agent's own ``oom_score_adj`` (through an fd opened at start: the
+        agent may be inside an image's root)."""
+        if self.oom_fd < 0:
+            return
+        try:
+            os.pwrite(self.oom_fd, str(value).encode(), 0)
+        except OSError as exc:
+            log(f"cannot set oom_score_adj to {value}: {exc}")
 
     def _spawn_here(self, argv: list[str], env: dict[str, str], cwd: str, stdin: int,
-                    stdout: int, stderr: int, user: User | None) -> int:
+                    stdout: int, stderr: int, user: User | None, *, last: bool = True) -> int:
         exe = argv[0]
         if "/" not in exe:
             found = None
@@ -2042,7 +2137,13 @@ class Agent:
         except PermissionError:
             raise GuestFail("permission_denied", f"permission denied: {argv[0]}") from None
         except OSError as exc:
-            raise GuestFail("exec_failed", f"cannot run {argv[0]}: {exc.strerror}") from None
+            if exc.errno not in (errno.EAGAIN, errno.ENOMEM):
+                raise GuestFail("exec_failed", f"cannot run {argv[0]}: {exc.strerror}") from None
+            if not last:
+                raise SpawnAgain from None
+            raise GuestFail("exec_failed", f"cannot run {argv[0]}: the guest has no process"
+                                           f" or memory to spare ({exc.strerror}): the"
+                                           " commands running fill its limits") from None
         finally:
             if user is not None:
                 os.setresuid(0, 0, 0)

@@ -28,9 +28,11 @@ case " $(cat /proc/cmdline) " in
 esac
 cd /
 # the agent is init's child; if it dies (a workload may kill it) it is started again
-# and says HELLO anew, which tells the host that earlier operations are lost
+# and says HELLO anew, which tells the host that earlier operations are lost; it is
+# exempt from the OOM killer from its first instruction (it gives its commands 0)
 while true; do
-  PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/lib/sandvm /usr/bin/python3 -S -u /lib/sandvm/agent.py
+  (echo -1000 > /proc/self/oom_score_adj
+   PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/lib/sandvm exec /usr/bin/python3 -S -u /lib/sandvm/agent.py)
   echo "sandvm-agent exited with status $?; restarting" > /dev/kmsg
   sleep 0.2
 done
