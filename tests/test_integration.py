@@ -524,7 +524,7 @@ def test_workloads_have_limits_the_agent_does_not(sandbox: Any) -> None:
     below the guest's memory and task limits, so the agent keeps room to answer."""
     out = sandbox.commands.run(
         "cat /proc/self/oom_score_adj /proc/$PPID/oom_score_adj"
-        " /sys/fs/cgroup/sandvm/cmd-*/pids.max /sys/fs/cgroup/sandvm/pids.max"
+        " /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/pids.max /sys/fs/cgroup/sandvm/pids.max"
         " /proc/sys/kernel/threads-max /sys/fs/cgroup/sandvm/memory.max"
         " && grep MemTotal /proc/meminfo").stdout.split()
     # the shell's parent is the agent (commands are spawned by it directly)
