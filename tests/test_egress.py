@@ -837,3 +837,30 @@ def test_an_ended_sandbox_nobody_held_gets_its_audit_file_moved(
         host="x.test", port=443, reason="x.test is not on this sandbox's allow list"))
     assert end_audit("sb-gone") == tmp_path / "ended" / "egress-sb-gone.jsonl"
     assert not audit_file("sb-gone").exists() and end_audit("sb-gone") is None
+
+
+def test_the_manager_moves_audit_files_of_sandboxes_that_ended_unheld(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a managed sandbox killed by id, or ended by its keeper (TTL), had no proxy to
+    # move its audit file: kill and gc do it; a running one's file stays
+    from sandvm.network import audit_file
+    from sandvm.runtime.manager import SandboxManager
+
+    monkeypatch.setenv("SANDVM_AUDIT_DIR", str(tmp_path / "audit"))
+    monkeypatch.setenv("SANDVM_JOURNAL", str(tmp_path / "journal.db"))
+    monkeypatch.setenv("SANDVM_SNAPSHOT_DIR", str(tmp_path / "snapshots"))
+    m = SandboxManager()
+    for sid in ("sb-killed", "sb-expired", "sb-running"):
+        m.journal.add(sid, state="running")
+        AuditLog(audit_file(sid)).record(EgressEvent(
+            ts=time.time(), sandbox_id=sid, action="deny", method="CONNECT", host="x.test",
+            port=443, reason="x.test is not on this sandbox's allow list"))
+    asyncio.run(m.kill("sb-killed"))
+    assert not audit_file("sb-killed").exists()
+    assert (tmp_path / "audit" / "ended" / "egress-sb-killed.jsonl").exists()
+    assert audit_file("sb-running").exists() and audit_file("sb-expired").exists()
+    m.journal.end("sb-expired", "expired")  # as its keeper records a TTL
+    m.gc()  # (it also repairs sb-running: no keeper runs it here)
+    for sid in ("sb-expired", "sb-running"):
+        assert not audit_file(sid).exists()
+        assert (tmp_path / "audit" / "ended" / f"egress-{sid}.jsonl").exists()

@@ -43,15 +43,20 @@ BRIDGE_FDS = 3  # host descriptors a bridge holds: its socket pair, the upstream
 _CHUNK = 64 * 1024
 
 
-def audit_file(sandbox_id: str) -> Path:
-    """Where a sandbox's egress decisions are appended (JSON lines, mode 0600):
-    ``$SANDVM_AUDIT_DIR`` or ``$SANDVM_HOME/audit``, one file per sandbox."""
+def audit_dir() -> Path:
+    """Where egress audit files live: ``$SANDVM_AUDIT_DIR`` or ``$SANDVM_HOME/audit``."""
     env = os.environ.get("SANDVM_AUDIT_DIR")
     if env:
-        return Path(env) / f"egress-{sandbox_id}.jsonl"
+        return Path(env)
     from sandvm.assets import sandvm_home
 
-    return sandvm_home() / "audit" / f"egress-{sandbox_id}.jsonl"
+    return sandvm_home() / "audit"
+
+
+def audit_file(sandbox_id: str) -> Path:
+    """Where a sandbox's egress decisions are appended (JSON lines, mode 0600), one
+    file per sandbox in ``audit_dir()``."""
+    return audit_dir() / f"egress-{sandbox_id}.jsonl"
 
 
 def end_audit(sandbox_id: str) -> Path | None:

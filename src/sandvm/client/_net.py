@@ -193,7 +193,7 @@ def _event(sandbox_id: str, d: Any) -> EgressEvent:
                            method=str(d["method"]), host=str(d["host"]), port=int(d["port"]),
                            reason=str(d["reason"]), address=None if addr is None else str(addr),
                            bytes_out=int(d["bytes_out"]), bytes_in=int(d["bytes_in"]),
-                           seconds=float(d["seconds"]))
+                           seconds=float(d["seconds"]), count=int(d.get("count", 1)))
     except (AssertionError, KeyError, TypeError, ValueError):
         raise ServiceError("the server sent a malformed egress event") from None
 

@@ -38,6 +38,7 @@ from sandvm.errors import (
     VmBootError,
     VmNotFound,
 )
+from sandvm.network import audit_dir, end_audit
 from sandvm.providers.qemu import QemuVm, QemuVmProvider
 from sandvm.runtime.journal import Journal, SandboxRecord
 from sandvm.sandbox import AsyncSandbox, fork_roots
@@ -400,6 +401,7 @@ class SandboxManager:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(rec.keeper_pid, signal.SIGKILL)
         self._remove_dirs(rec)
+        end_audit(sandbox_id)
         self.journal.result(seq, ok=True)
 
     # ------------------------------------------------------------------ listing, repair
@@ -477,7 +479,20 @@ class SandboxManager:
             if root.is_dir():
                 sweep_stale_rundirs(root)
         SnapshotStore().clean_staging()
+        self._end_audits()
         return repaired
+
+    def _end_audits(self) -> None:
+        """Move aside the egress audit files of managed sandboxes that ended with no
+        process holding their proxy (a TTL its keeper enforced, a kill by id, repair)."""
+        adir = audit_dir()
+        if not adir.is_dir():
+            return
+        for f in adir.glob("egress-*.jsonl"):
+            sid = f.name.removeprefix("egress-").removesuffix(".jsonl")
+            rec = self.journal.get(sid)
+            if rec is not None and rec.state == "ended":
+                end_audit(sid)
 
     @staticmethod
     def _remove_dirs(rec: SandboxRecord) -> None:

@@ -321,6 +321,8 @@ class EgressEventInfo(BaseModel):
     bytes_out: int
     bytes_in: int
     seconds: float
+    count: int = Field(default=1, ge=1, description="How many identical decisions this"
+                       " record stands for (repeated refusals are coalesced).")
 
 
 class EgressEventList(BaseModel):

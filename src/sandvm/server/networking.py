@@ -224,4 +224,4 @@ class Networking:
         return [EgressEventInfo(ts=e.ts, action=e.action, method=e.method, host=e.host,
                                 port=e.port, reason=e.reason, address=e.address,
                                 bytes_out=e.bytes_out, bytes_in=e.bytes_in,
-                                seconds=e.seconds) for e in events]
+                                seconds=e.seconds, count=e.count) for e in events]
