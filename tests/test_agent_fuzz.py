@@ -32,6 +32,7 @@ from sandvm.agent_client import (
     guest_opt_int,
     guest_str,
 )
+from sandvm.commands import AsyncCommandHandle
 from sandvm.errors import (
     AgentDisconnected,
     AgentError,
@@ -48,7 +49,8 @@ from sandvm.errors import (
     InvalidSpec,
     SandvmError,
 )
-from sandvm.sandbox import AsyncCommandHandle, CommandResult, _entry
+from sandvm.files import _entry
+from sandvm.values import CommandResult
 
 T = TypeVar("T")
 

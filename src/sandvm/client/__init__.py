@@ -27,7 +27,7 @@ from sandvm.client._library import (
 )
 from sandvm.client._net import AsyncNetwork, AsyncPorts, Network, NetworkInfo, Ports
 from sandvm.client._sync import CommandHandle, Commands, Files, Sandbox
-from sandvm.sandbox import CommandResult, WriteInfo
+from sandvm.values import CommandResult, WriteInfo
 
 __all__ = [
     "AsyncCommandHandle",

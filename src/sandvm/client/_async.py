@@ -37,14 +37,14 @@ from sandvm.errors import (
     Unauthenticated,
     error_from_dict,
 )
-from sandvm.sandbox import (
+from sandvm.output import OutputBuffer
+from sandvm.values import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_READ_CAP,
     CommandResult,
     OutputCallback,
     WriteInfo,
-    _Output,
-    _signal_number,
+    signal_number,
 )
 
 if TYPE_CHECKING:
@@ -268,7 +268,7 @@ def _chunk(event: dict[str, Any]) -> bytes:
     raise ServiceError("the server sent a malformed output event")
 
 
-def _result(final: dict[str, Any], out: _Output, err: _Output, *,
+def _result(final: dict[str, Any], out: OutputBuffer, err: OutputBuffer, *,
             timeout: float | None, check: bool) -> CommandResult:
     """The CommandResult of an ``exit`` event; raises as the local API does."""
     code, sig = final.get("exit_code"), final.get("signal")
@@ -301,8 +301,8 @@ class AsyncCommandHandle:
         self._pid = info.pid
         self._timeout = timeout
         self._check = check
-        self._out = _Output(on_stdout)
-        self._err = _Output(on_stderr)
+        self._out = OutputBuffer(on_stdout)
+        self._err = OutputBuffer(on_stderr)
         self._next_seq = 0
         sb._handles.add(self)
         self._task = asyncio.get_running_loop().create_task(self._follow())
@@ -388,7 +388,7 @@ class AsyncCommandHandle:
 
     async def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
         """Signal the command's process group; with ``grace``, SIGKILL everything after it."""
-        body: dict[str, Any] = {"signal": _signal_number(sig)}
+        body: dict[str, Any] = {"signal": signal_number(sig)}
         if grace is not None:
             body["grace"] = float(grace)
         await self._sb._api.call("POST", self._path("/signal"), json=body)
@@ -495,7 +495,7 @@ class AsyncCommands:
                 "POST", sb._path("/commands/start"), json=body))
             return AsyncCommandHandle(sb, info, timeout=timeout, check=check,
                                       on_stdout=on_stdout, on_stderr=on_stderr)
-        out, err = _Output(on_stdout), _Output(on_stderr)
+        out, err = OutputBuffer(on_stdout), OutputBuffer(on_stderr)
         final: dict[str, Any] | None = None
         read = None if timeout is None else timeout + 30.0
         async with sb._api.stream("POST", sb._path("/commands"), json=body,

@@ -18,9 +18,10 @@ from sandvm.client._async import (
 )
 from sandvm.client._library import SnapshotInfo
 from sandvm.client._net import Network, Ports
+from sandvm.commands import CommandHandle as _LocalCommandHandle
 from sandvm.egress import NetworkPolicy
-from sandvm.sandbox import DEFAULT_COMMAND_TIMEOUT, CommandResult, FileTransfer, OutputCallback
-from sandvm.sandbox import CommandHandle as _LocalCommandHandle
+from sandvm.files import FileTransfer
+from sandvm.values import DEFAULT_COMMAND_TIMEOUT, CommandResult, OutputCallback
 
 __all__ = ["CommandHandle", "Commands", "Files", "Sandbox"]
 

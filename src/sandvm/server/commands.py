@@ -18,10 +18,11 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from sandvm.commands import AsyncCommandHandle
 from sandvm.errors import CommandTimeout, SandboxStateError, SandvmError, UnknownCommand
-from sandvm.sandbox import AsyncCommandHandle, _signal_number
 from sandvm.server.models import CommandInfo
 from sandvm.server.redact import Redactor, default_redactor, status_for
+from sandvm.values import signal_number
 
 MAX_BUFFERED_EVENTS = 4096  # besides the byte cap: many tiny chunks cost per event too
 
@@ -174,7 +175,7 @@ class BackgroundCommand:
 
     async def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
         """Signal its process group (a no-op once it ended, as locally)."""
-        number = _signal_number(sig)
+        number = signal_number(sig)
         handle = self._running_handle()
         if handle is not None:
             await handle.send_signal(number, grace=grace)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Le
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from sandvm.sandbox import MAX_COMMAND_TIMEOUT
+from sandvm.values import MAX_COMMAND_TIMEOUT
 
 ImageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$",
                                  description="A built-in image (`base`) or one of"

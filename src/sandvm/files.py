@@ -1,0 +1,718 @@
+"""Files in a sandbox: read, write, list, stat, move, and whole directory trees as tar.
+
+``AsyncFiles`` is the implementation; ``Files`` its sync twin (via the blocking portal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import stat as stat_mod
+import tarfile
+from collections.abc import (
+    AsyncGenerator,
+    Iterator,
+)
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from sandvm import _portal
+from sandvm.agent_client import (
+    HostStream,
+    guest_float,
+    guest_int,
+    guest_list,
+    guest_str,
+)
+from sandvm.core import (
+    check_guest_path,
+)
+from sandvm.errors import (
+    AgentProtocolError,
+    AgentTimeout,
+    FileTooLarge,
+    InvalidPath,
+    InvalidSpec,
+    SandvmError,
+)
+from sandvm.values import (
+    DEFAULT_READ_CAP,
+    DEFAULT_TREE_CAP,
+    DEFAULT_TREE_ENTRIES,
+    LIST_CAP,
+    DirTransfer,
+    EntryInfo,
+    WriteInfo,
+)
+
+if TYPE_CHECKING:
+    from sandvm.sandbox import AsyncSandbox
+
+
+def _entry(d: dict[str, Any]) -> EntryInfo:
+    """Build an EntryInfo from a guest dict, checking every field's type and range (the
+    guest is hostile). Raises AgentProtocolError."""
+    w = "file entry"
+    e = EntryInfo(path=guest_str(d, "path", max_len=4096, what=w),
+                  name=guest_str(d, "name", max_len=4096, what=w),
+                  type=guest_str(d, "type", max_len=16, what=w),
+                  size=guest_int(d, "size", what=w), mode=guest_int(d, "mode", hi=0o7777, what=w),
+                  mtime=guest_float(d, "mtime", lo=-1e11, hi=1e11, what=w),
+                  uid=guest_int(d, "uid", hi=(1 << 32) - 1, default=0, what=w),
+                  gid=guest_int(d, "gid", hi=(1 << 32) - 1, default=0, what=w),
+                  target=None if d.get("target") is None else guest_str(
+                      d, "target", max_len=4096, what=w))
+    if e.type not in ("file", "dir", "symlink", "other"):
+        raise AgentProtocolError(f"guest sent an unknown entry type {e.type!r}")
+    return e
+
+_TAR_BLOCK = 512
+_SKIPPED_KEPT = 100
+_LINK_HOPS = 40
+
+class _TarReader:
+    """A local directory tree as a tar stream (PAX), read in pieces with ``read``.
+
+    Regular files, directories, symlinks and hard links; special files and
+    unreadable entries are skipped (named in ``skipped``). Blocking: call it
+    from a worker thread.
+    """
+
+    def __init__(self, top: Path) -> None:
+        self.top = top
+        self.skipped: list[str] = []
+        self.sent_files = 0
+        self._gen = self._pieces()
+        self._buf = bytearray()
+        self._done = False
+
+    def _skip(self, arc: str, why: str) -> None:
+        if len(self.skipped) < _SKIPPED_KEPT:
+            self.skipped.append(f"{arc}: {why}")
+
+    def _pieces(self) -> Iterator[bytes]:
+        inodes: dict[tuple[int, int], str] = {}
+        stack: list[tuple[Path, str]] = [(self.top, "")]
+        while stack:
+            d, prefix = stack.pop()
+            try:
+                names = sorted(os.listdir(d))
+            except OSError as exc:
+                self._skip(prefix or ".", exc.strerror or str(exc))
+                continue
+            subdirs = []
+            for name in names:
+                full, arc = d / name, prefix + name
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                ti = tarfile.TarInfo(arc)
+                ti.mode = stat_mod.S_IMODE(st.st_mode)
+                ti.mtime = int(st.st_mtime)
+                if stat_mod.S_ISDIR(st.st_mode):
+                    ti.type = tarfile.DIRTYPE
+                    subdirs.append((full, arc + "/"))
+                elif stat_mod.S_ISLNK(st.st_mode):
+                    try:
+                        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(full)
+                    except OSError:
+                        continue  # gone meanwhile
+                elif stat_mod.S_ISREG(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    if st.st_nlink > 1 and key in inodes:
+                        ti.type, ti.linkname = tarfile.LNKTYPE, inodes[key]
+                    else:
+                        try:
+                            f = open(full, "rb")  # noqa: SIM115 - closed below
+                        except OSError as exc:
+                            self._skip(arc, exc.strerror or str(exc))
+                            continue
+                        with f:
+                            ti.size = st.st_size
+                            yield ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+                            self.sent_files += 1
+                            if st.st_nlink > 1:
+                                inodes[key] = arc
+                            left = st.st_size
+                            while left > 0:
+                                data = f.read(min(1 << 20, left))
+                                if not data:
+                                    raise SandvmError(
+                                        f"{full} shrank while it was uploaded: upload a tree"
+                                        " that does not change meanwhile")
+                                left -= len(data)
+                                yield data
+                            if st.st_size % _TAR_BLOCK:
+                                yield bytes(_TAR_BLOCK - st.st_size % _TAR_BLOCK)
+                        continue
+                else:
+                    self._skip(arc, "a special file")
+                    continue
+                yield ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+            stack.extend(reversed(subdirs))
+        yield bytes(2 * _TAR_BLOCK)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of the stream; b"" at its end."""
+        while len(self._buf) < n and not self._done:
+            try:
+                self._buf += next(self._gen)
+            except StopIteration:
+                self._done = True
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+
+def _confined(dest: Path, start: list[str], target: str) -> bool:
+    """Whether ``target`` (a link's text, relative to ``dest/start``) stays inside ``dest``.
+
+    Resolved component by component against what is on disk under ``dest``,
+    following symlinks found there (at most 40) without ever looking outside.
+    """
+    if target.startswith("/"):
+        return False
+    stack = list(start)
+    todo = collections.deque(target.split("/"))
+    hops = 0
+    while todo:
+        c = todo.popleft()
+        if c in ("", "."):
+            continue
+        if c == "..":
+            if not stack:
+                return False
+            stack.pop()
+            continue
+        p = dest.joinpath(*stack, c)
+        if p.is_symlink():
+            hops += 1
+            link = os.readlink(p)
+            if hops > _LINK_HOPS or link.startswith("/"):
+                return False
+            todo.extendleft(reversed(link.split("/")))
+            continue
+        stack.append(c)
+    return True
+
+
+class _TreeExtractor:
+    """Extract a hostile tar stream into ``dest`` (blocking: run it in a worker thread).
+
+    Every member goes through tarfile's ``data`` filter and, before it, through
+    checks that do not rely on it alone: no ``..``, nothing written through a
+    symlink, links resolved step by step inside ``dest``; once done, every
+    symlink extracted is checked again against the final tree (a later member
+    may change where an earlier link leads) and removed if it leads out.
+    Refused members are skipped and named. More than ``max_files`` entries or
+    ``max_bytes`` of file content raise FileTooLarge.
+    """
+
+    def __init__(self, dest: Path, *, max_bytes: int, max_files: int) -> None:
+        self.dest = Path(os.path.realpath(dest))
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self.entries = 0
+        self.announced = 0
+        self.counts = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0}
+        self.skipped: list[str] = []
+        self.links: list[tuple[list[str], str]] = []
+
+    def _skip(self, name: str, why: str) -> None:
+        if len(self.skipped) < _SKIPPED_KEPT:
+            self.skipped.append(f"{name[:300]}: {why}")
+
+    def _members(self, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+        for m in tar:
+            self.entries += 1
+            if self.entries > self.max_files:
+                raise FileTooLarge(f"the guest's tree holds more than {self.max_files}"
+                                   " entries: pass a larger max_files")
+            if m.isreg():
+                self.announced += m.size
+                if self.announced > self.max_bytes:
+                    raise FileTooLarge(f"the guest's tree holds more than {self.max_bytes}"
+                                       " bytes: pass a larger max_bytes")
+            yield m
+
+    def _check(self, m: tarfile.TarInfo) -> tuple[list[str], str | None]:
+        name = m.name
+        if len(name) > 4096 or len(m.linkname) > 4096:
+            return [], "name too long"
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            return parts, "'..' in its name"
+        for i in range(len(parts) - 1):
+            if self.dest.joinpath(*parts[:i + 1]).is_symlink():
+                return parts, "it would be written through a symlink"
+        if m.issym() and not _confined(self.dest, parts[:-1], m.linkname):
+            return parts, "a symlink leading outside the destination"
+        if m.islnk():
+            lparts = [p for p in m.linkname.split("/") if p not in ("", ".")]
+            target = self.dest.joinpath(*lparts)
+            if m.linkname.startswith("/") or ".." in lparts or not lparts or any(
+                    self.dest.joinpath(*lparts[:i + 1]).is_symlink()
+                    for i in range(len(lparts))) or not target.is_file():
+                return parts, "a hard link to something that is not a file of the tree"
+        return parts, None
+
+    def _filter(self, m: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+        parts, why = self._check(m)
+        if why is None:
+            try:
+                safe = tarfile.data_filter(m, dest)
+            except tarfile.FilterError as exc:
+                why = str(exc)
+        if why is not None:
+            self._skip(m.name, why)
+            return None
+        leaf = self.dest.joinpath(*parts)
+        if parts and (leaf.is_symlink() or (leaf.exists() and not leaf.is_dir())):
+            # replace it, never write through it (nor into a file hard-linked elsewhere)
+            leaf.unlink()
+        if safe.isdir():
+            self.counts["dirs"] += 1
+        elif safe.issym():
+            # symlinks are made once every file is written: nothing is ever written
+            # through one, and a stream that breaks off leaves none behind
+            self.links.append((parts, safe.linkname))
+            return None
+        else:
+            self.counts["files"] += 1
+            self.counts["bytes"] += safe.size if safe.isreg() else 0
+        return safe
+
+    def run(self, fd: int) -> None:
+        """Read the stream from pipe ``fd`` (closed when done) and extract it. Raises
+        FileTooLarge, AgentProtocolError (the guest's archive is malformed or refused:
+        huge extended headers, sparse members)."""
+        from sandvm.images.layers import open_untrusted_tar
+
+        try:
+            with os.fdopen(fd, "rb") as f, open_untrusted_tar(f, stream=True) as tar:
+                tar.extractall(self.dest, members=self._members(tar), filter=self._filter)
+        except (tarfile.TarError, EOFError) as exc:
+            raise AgentProtocolError(f"the guest sent a bad archive: {exc}") from None
+        made = []
+        for parts, target in self.links:
+            leaf = self.dest.joinpath(*parts)
+            if any(self.dest.joinpath(*parts[:i + 1]).is_symlink()
+                   for i in range(len(parts) - 1)) or not _confined(self.dest, parts[:-1],
+                                                                    target):
+                self._skip("/".join(parts), "a symlink leading outside the destination")
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if leaf.is_dir() and not leaf.is_symlink():
+                    self._skip("/".join(parts), "a symlink over a directory")
+                    continue
+                leaf.unlink()
+            os.symlink(target, leaf)
+            made.append(parts)
+        # links made later can change where earlier ones lead (l -> p/.., then p -> .):
+        # check every one against the final tree until nothing changes
+        root = os.path.realpath(self.dest)
+        changed = True
+        while changed:
+            changed = False
+            for parts in list(made):
+                real = os.path.realpath(self.dest.joinpath(*parts))
+                if real != root and not real.startswith(root + os.sep):
+                    self.dest.joinpath(*parts).unlink()
+                    made.remove(parts)
+                    self._skip("/".join(parts), "a symlink leading outside the destination")
+                    changed = True
+        self.counts["symlinks"] += len(made)
+
+    def result(self, guest_skipped: Any) -> DirTransfer:
+        extra = [str(s)[:400] for s in guest_skipped[:_SKIPPED_KEPT]] if isinstance(
+            guest_skipped, list) else []
+        return DirTransfer(files=self.counts["files"], dirs=self.counts["dirs"],
+                           symlinks=self.counts["symlinks"], bytes=self.counts["bytes"],
+                           skipped=tuple((self.skipped + extra)[:_SKIPPED_KEPT]))
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _pipe_write(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to the non-blocking pipe ``fd``, waiting on the loop for room.
+
+    Raises BrokenPipeError once the reading end is closed.
+    """
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            fut: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(fd, _wake, fut)
+            try:
+                await fut
+            finally:
+                loop.remove_writer(fd)
+
+
+def _count(msg: dict[str, Any], key: str) -> int:
+    return guest_int(msg, key, what="transfer report")
+
+class AsyncFiles:
+    """``sandbox.files``: files in the guest. Paths must be absolute."""
+
+    def __init__(self, sb: AsyncSandbox) -> None:
+        self._sb = sb
+
+    async def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
+                    make_parents: bool = True) -> WriteInfo:
+        """Write a whole file atomically (temp file, fsync, rename). Raises GuestError."""
+        check_guest_path(path)
+        if isinstance(data, str):
+            data = data.encode()
+        st = await self._sb.connection().open({"op": "write_file", "path": path, "mode": mode,
+                                          "make_parents": make_parents})
+        sender = asyncio.get_running_loop().create_task(self._send(st, data))
+        try:
+            while True:
+                item = await st.next(self._sb.op_timeout + len(data) / 1e6)
+                if item.kind == "reply":
+                    size = guest_int(item.message or {}, "size", what="write report")
+                    if size != len(data):
+                        raise AgentProtocolError(f"guest reports {size!r} bytes, sent {len(data)}")
+                    return WriteInfo(path=path, size=len(data))
+                if item.kind == "error":
+                    assert item.error is not None
+                    raise item.error
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+            await st.reset()  # no-op once the guest replied; otherwise it drops the temp file
+
+    @staticmethod
+    async def _send(st: HostStream, data: bytes) -> None:
+        with contextlib.suppress(SandvmError):
+            await st.send_data(data)
+            await st.send_eof()
+
+    @overload
+    async def read(self, path: str, *, format: Literal["text"] = ...,
+                   max_bytes: int = ...) -> str: ...
+
+    @overload
+    async def read(self, path: str, *, format: Literal["bytes"],
+                   max_bytes: int = ...) -> bytes: ...
+
+    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text",
+                   max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
+        """Read a whole file (as text or bytes). A file over ``max_bytes`` raises
+        FileTooLarge rather than returning part of it. Raises GuestFileNotFound."""
+        chunks: list[bytes] = []
+        async for chunk in self.read_stream(path, max_bytes=max_bytes):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    async def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP
+                          ) -> AsyncGenerator[bytes, None]:
+        """Yield a file's bytes chunk by chunk, paced by flow control; capped like ``read``."""
+        check_guest_path(path)
+        if max_bytes < 0:
+            raise InvalidSpec("max_bytes must be >= 0")
+        st = await self._sb.connection().open({"op": "read_file", "path": path,
+                                          "max_bytes": max_bytes})
+        got = 0
+        done = False
+        try:
+            while True:
+                item = await st.next(self._sb.op_timeout)
+                if item.kind == "data":
+                    got += len(item.data)
+                    if got > max_bytes:
+                        raise FileTooLarge(f"{path} is larger than the cap of {max_bytes} bytes")
+                    yield item.data
+                elif item.kind == "reply":
+                    size = guest_int(item.message or {}, "size", what="read report")
+                    if size != got:
+                        raise AgentProtocolError(f"guest reports {size!r} bytes, sent {got}")
+                    done = True
+                    return
+                elif item.kind == "error":
+                    assert item.error is not None
+                    done = True
+                    raise item.error
+        finally:
+            if not done:
+                await st.reset()
+
+    async def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
+        """Entries under a directory, sorted by name (``depth`` levels)."""
+        check_guest_path(path)
+        st = await self._sb.connection().open({"op": "list", "path": path, "depth": depth})
+        entries: list[EntryInfo] = []
+        try:
+            while True:
+                item = await st.next(self._sb.op_timeout)
+                if item.kind == "event":
+                    batch = guest_list(item.message or {}, "entries", max_len=LIST_CAP,
+                                       what="listing")
+                    entries.extend(_entry(e) if isinstance(e, dict) else _entry({})
+                                   for e in batch)
+                    if len(entries) > LIST_CAP:
+                        raise AgentProtocolError(f"guest listed more than {LIST_CAP} entries")
+                elif item.kind == "reply":
+                    if guest_int(item.message or {}, "count", what="listing") != len(entries):
+                        raise AgentProtocolError("guest's listing count does not match")
+                    return entries
+                elif item.kind == "error":
+                    assert item.error is not None
+                    raise item.error
+                else:
+                    raise AgentProtocolError(f"unexpected {item.kind} in a listing")
+        finally:
+            await st.reset()
+
+    async def stat(self, path: str) -> EntryInfo:
+        check_guest_path(path)
+        return _entry(await self._call({"op": "stat", "path": path}))
+
+    async def exists(self, path: str) -> bool:
+        check_guest_path(path)
+        return (await self._call({"op": "exists", "path": path})).get("exists") is True
+
+    async def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
+        """Create a directory and its parents; False if it already existed."""
+        check_guest_path(path)
+        return (await self._call({"op": "make_dir", "path": path, "mode": mode})).get(
+            "created") is True
+
+    async def remove(self, path: str, *, recursive: bool = True) -> None:
+        check_guest_path(path)
+        await self._call({"op": "remove", "path": path, "recursive": recursive})
+
+    async def rename(self, old_path: str, new_path: str, *, overwrite: bool = True) -> EntryInfo:
+        check_guest_path(old_path)
+        check_guest_path(new_path)
+        await self._call({"op": "rename", "path": old_path, "dst": new_path,
+                          "overwrite": overwrite})
+        return await self.stat(new_path)
+
+    async def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str
+                         ) -> DirTransfer:
+        """Copy the local tree ``local_dir`` into ``guest_dir`` (created if missing).
+
+        Moved as a tar stream; files keep their modes (minus set-id bits and
+        group/other write) and mtimes and belong to root in the guest. The guest
+        spools the stream to an unlinked temp file in ``guest_dir``'s file system
+        and extracts it when it is complete (so it briefly needs twice the
+        space), refusing absolute or escaping paths and links that lead out of
+        ``guest_dir``: those, special files and unreadable files are skipped and
+        named in the result. Raises InvalidPath if ``local_dir`` is not a
+        directory, GuestError (e.g. ENOSPC) if extracting fails in the guest.
+        """
+        check_guest_path(guest_dir)
+        top = Path(local_dir)
+        if not top.is_dir():
+            raise InvalidPath(f"{top} is not a local directory")
+        reader = _TarReader(top)
+        st = await self._sb.connection().open({"op": "untar", "path": guest_dir})
+
+        async def send() -> int:
+            sent = 0
+            while True:
+                chunk = await asyncio.to_thread(reader.read, 1 << 20)
+                if not chunk:
+                    break
+                await st.send_data(chunk)
+                sent += len(chunk)
+            await st.send_eof()
+            return sent
+
+        sender = asyncio.get_running_loop().create_task(send())
+        item_task = asyncio.get_running_loop().create_task(st.next(None))
+        try:
+            await asyncio.wait({sender, item_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not item_task.done():
+                sent = sender.result()  # a local failure raises here
+                # the guest extracts once it has everything: allow it 1 MB/s
+                item = await asyncio.wait_for(item_task, self._sb.op_timeout + sent / 1e6)
+            else:
+                item = item_task.result()
+            if item.kind == "error":
+                assert item.error is not None
+                raise item.error
+            if item.kind != "reply":
+                raise AgentProtocolError(f"unexpected {item.kind} while uploading a tree")
+            msg = item.message or {}
+            skipped = msg.get("skipped")
+            guest_skipped = [str(x)[:400] for x in skipped[:_SKIPPED_KEPT]] \
+                if isinstance(skipped, list) else []
+            return DirTransfer(files=_count(msg, "files"), dirs=_count(msg, "dirs"),
+                               symlinks=_count(msg, "symlinks"), bytes=_count(msg, "bytes"),
+                               skipped=tuple((reader.skipped + guest_skipped)[:_SKIPPED_KEPT]))
+        except TimeoutError:
+            raise AgentTimeout("the guest did not finish extracting the tree in time") from None
+        finally:
+            for t in (sender, item_task):
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t
+            await st.reset()  # no-op once the guest replied; otherwise it drops its spool
+
+    async def download_dir(self, guest_dir: str, local_dir: str | os.PathLike[str], *,
+                           max_bytes: int = DEFAULT_TREE_CAP,
+                           max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
+        """Copy the guest tree ``guest_dir`` into ``local_dir`` (created if missing).
+
+        Moved as a tar stream and extracted as it arrives, treating it as
+        hostile: tarfile's ``data`` filter plus checks of our own (nothing is
+        written outside ``local_dir`` or through a symlink, links leading out are
+        dropped, no special files, no set-id bits, files belong to you). Refused
+        entries are skipped and named in the result. Raises FileTooLarge past
+        ``max_bytes`` of file content or ``max_files`` entries (what was
+        extracted so far stays), GuestFileNotFound if ``guest_dir`` is missing.
+        """
+        check_guest_path(guest_dir)
+        for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
+        dest = Path(local_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        extractor = _TreeExtractor(dest, max_bytes=max_bytes, max_files=max_files)
+        # headers and padding on top of the content: a generous bound on the stream
+        stream_cap = max_bytes + max_files * 3 * _TAR_BLOCK + (1 << 20)
+        st = await self._sb.connection().open({"op": "tar", "path": guest_dir,
+                                          "max_bytes": max_bytes, "max_files": max_files})
+        rfd, wfd = os.pipe()
+        os.set_blocking(wfd, False)
+        try:
+            job = asyncio.get_running_loop().create_task(asyncio.to_thread(extractor.run, rfd))
+        except BaseException:
+            os.close(rfd)
+            os.close(wfd)
+            raise
+        done = False
+        try:
+            got = 0
+            while True:
+                item = await st.next(self._sb.op_timeout)
+                if item.kind == "data":
+                    got += len(item.data)
+                    if got > stream_cap:
+                        raise FileTooLarge(f"the guest sent more than {stream_cap} bytes for"
+                                           f" {guest_dir}: pass a larger max_bytes")
+                    if wfd >= 0:
+                        try:
+                            await _pipe_write(wfd, item.data)
+                        except BrokenPipeError:
+                            # the extractor stopped: at the archive's end, or on an error
+                            os.close(wfd)
+                            wfd = -1
+                            await job
+                elif item.kind == "eof":
+                    if wfd >= 0:
+                        os.close(wfd)
+                        wfd = -1
+                elif item.kind == "reply":
+                    done = True
+                    if wfd >= 0:
+                        os.close(wfd)
+                        wfd = -1
+                    await job
+                    return extractor.result((item.message or {}).get("skipped"))
+                elif item.kind == "error":
+                    done = True
+                    assert item.error is not None
+                    raise item.error
+        finally:
+            if wfd >= 0:
+                os.close(wfd)
+            if not done:
+                await st.reset()
+            if not job.done():
+                with contextlib.suppress(BaseException):
+                    await job
+            elif not job.cancelled():
+                job.exception()  # retrieved: the first error is what propagates
+
+    async def _call(self, req: dict[str, Any]) -> dict[str, Any]:
+        return await self._sb.connection().call(req, timeout=self._sb.op_timeout)
+
+class FileTransfer:
+    """Sync write/read/read_stream over any async twin that has them (the local
+    AsyncFiles, or the remote SDK's)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._a = inner
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
+              make_parents: bool = True) -> WriteInfo:
+        """See AsyncFiles.write."""
+        info: WriteInfo = _portal.call(self._a.write(path, data, mode=mode,
+                                                     make_parents=make_parents))
+        return info
+
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = ..., max_bytes: int = ...) -> str: ...
+
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"], max_bytes: int = ...) -> bytes: ...
+
+    def read(self, path: str, *, format: Literal["text", "bytes"] = "text",
+             max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
+        data: bytes = _portal.call(self._a.read(path, format="bytes", max_bytes=max_bytes))
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP) -> Iterator[bytes]:
+        """Yield a file's bytes chunk by chunk (see AsyncFiles.read_stream)."""
+        agen = self._a.read_stream(path, max_bytes=max_bytes)
+        try:
+            while True:
+                try:
+                    yield _portal.call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            _portal.call(agen.aclose())
+
+
+class Files(FileTransfer):
+    """Sync twin of AsyncFiles."""
+
+    def __init__(self, inner: AsyncFiles) -> None:
+        super().__init__(inner)
+        self._a: AsyncFiles = inner
+
+    def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
+        return _portal.call(self._a.list(path, depth=depth))
+
+    def stat(self, path: str) -> EntryInfo:
+        return _portal.call(self._a.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return _portal.call(self._a.exists(path))
+
+    def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
+        return _portal.call(self._a.make_dir(path, mode=mode))
+
+    def remove(self, path: str, *, recursive: bool = True) -> None:
+        _portal.call(self._a.remove(path, recursive=recursive))
+
+    def rename(self, old_path: str, new_path: str, *, overwrite: bool = True) -> EntryInfo:
+        return _portal.call(self._a.rename(old_path, new_path, overwrite=overwrite))
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str) -> DirTransfer:
+        """See AsyncFiles.upload_dir."""
+        return _portal.call(self._a.upload_dir(local_dir, guest_dir))
+
+    def download_dir(self, guest_dir: str, local_dir: str | os.PathLike[str], *,
+                     max_bytes: int = DEFAULT_TREE_CAP,
+                     max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
+        """See AsyncFiles.download_dir."""
+        return _portal.call(self._a.download_dir(guest_dir, local_dir, max_bytes=max_bytes,
+                                                 max_files=max_files))
+

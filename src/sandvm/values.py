@@ -1,0 +1,113 @@
+"""Value types and limits shared by the local API, the server and the remote SDK.
+
+A leaf: it imports nothing of sandvm but ``errors``, so the client, the server and the
+wire-level code can share these types without loading the VM stack.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal as signal_mod
+from collections.abc import AsyncIterable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sandvm.errors import InvalidSpec
+
+DEFAULT_COMMAND_TIMEOUT = 60.0
+DEFAULT_READ_CAP = 32 * 1024 * 1024
+OUTPUT_CAP = 64 * 1024 * 1024  # per command and stream, kept in memory
+LIST_CAP = 100_000  # entries in one listing (the guest stops there too)
+
+OutputCallback = Callable[[str], Any]
+#: ``(channel, data)`` for every chunk of raw output: channel 1 stdout, 2 stderr. May be
+#: a coroutine function; while it awaits, no more output is read (backpressure).
+RawOutputCallback = Callable[[int, bytes], Any]
+StdinSource = bytes | str | Iterable[bytes] | AsyncIterable[bytes] | None
+SIGNALS = {"SIGINT": signal_mod.SIGINT, "SIGTERM": signal_mod.SIGTERM,
+           "SIGKILL": signal_mod.SIGKILL, "SIGHUP": signal_mod.SIGHUP,
+           "SIGQUIT": signal_mod.SIGQUIT, "SIGUSR1": signal_mod.SIGUSR1,
+           "SIGUSR2": signal_mod.SIGUSR2}
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """A finished command. ``signal`` is set when a signal ended it (exit_code = 128+sig).
+
+    ``stdout``/``stderr`` are the output decoded as UTF-8 (invalid bytes replaced),
+    decoded on first use; ``stdout_bytes``/``stderr_bytes`` are the raw bytes. Each
+    stream keeps at most 64 MiB in memory; ``output_truncated`` says more was dropped.
+    """
+
+    exit_code: int
+    stdout_bytes: bytes = b""
+    stderr_bytes: bytes = b""
+    signal: int | None = None
+    timed_out: bool = False
+    duration: float = 0.0
+    output_truncated: bool = False
+
+    @functools.cached_property
+    def stdout(self) -> str:
+        return self.stdout_bytes.decode("utf-8", "replace")
+
+    @functools.cached_property
+    def stderr(self) -> str:
+        return self.stderr_bytes.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A file-system entry in the guest."""
+
+    path: str
+    name: str
+    type: str  # file, dir, symlink, other
+    size: int
+    mode: int
+    mtime: float
+    uid: int = 0
+    gid: int = 0
+    target: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteInfo:
+    path: str
+    size: int
+
+
+def signal_number(sig: int | str) -> int:
+    if isinstance(sig, str):
+        name = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
+        if name not in SIGNALS:
+            raise InvalidSpec(f"unknown signal {sig!r}: use one of {', '.join(SIGNALS)}")
+        return int(SIGNALS[name])
+    if not 1 <= int(sig) <= 64:
+        raise InvalidSpec(f"signal {sig} is out of range 1..64")
+    return int(sig)
+
+
+DEFAULT_TREE_CAP = 1 << 30  # bytes of file content download_dir accepts by default
+DEFAULT_TREE_ENTRIES = 100_000
+
+
+@dataclass(frozen=True)
+class DirTransfer:
+    """What ``upload_dir``/``download_dir`` moved: entries, file bytes, what was skipped.
+
+    ``skipped`` names entries left out, each with the reason (an unsafe path or
+    link, a special file, an unreadable file); at most 100 are named.
+    """
+
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    skipped: tuple[str, ...] = ()
+
+
+
+MAX_COMMAND_TIMEOUT = 7 * 24 * 3600.0  # a week; beyond that, no timeout (None) is meant
+PID_MAX = 1 << 22  # Linux's largest pid_max
+MAX_DURATION = 1e9  # seconds (31 years): a guest's "duration" beyond is a lie
