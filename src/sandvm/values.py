@@ -111,3 +111,15 @@ class DirTransfer:
 MAX_COMMAND_TIMEOUT = 7 * 24 * 3600.0  # a week; beyond that, no timeout (None) is meant
 PID_MAX = 1 << 22  # Linux's largest pid_max
 MAX_DURATION = 1e9  # seconds (31 years): a guest's "duration" beyond is a lie
+
+
+@dataclass(frozen=True)
+class CommandStats:
+    """What a running command uses now (its cgroup in the guest, else its leader alone):
+    CPU time in microseconds, memory in bytes, processes. ``running`` is False (and the
+    figures 0) once it has ended."""
+
+    running: bool
+    cpu_usec: int
+    memory_bytes: int
+    processes: int

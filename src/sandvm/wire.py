@@ -34,6 +34,7 @@ import json
 import struct
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -91,6 +92,49 @@ FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream", "flow-
 # to a request or reply bumps PROTOCOL_VERSION or adds a feature named here.
 REQUIRED_FEATURES = ("exec", "exec.stdin", "exec.signal", "files", "files.stream",
                      "flow-control")
+
+
+class Op(StrEnum):
+    """The operations a host may OPEN a stream with (the request's ``"op"``).
+
+    The host speaks them only through :class:`sandvm.guestops.GuestOps`; the guest
+    agent serves each from one dispatch table. A *call* op answers with one REPLY
+    (or RESET); a *stream* op (see :data:`STREAM_OPS`) may carry DATA, EOF and EVENT
+    frames before its final REPLY/RESET."""
+
+    # file system (calls)
+    STAT = "stat"
+    EXISTS = "exists"
+    MAKE_DIR = "make_dir"
+    REMOVE = "remove"
+    RENAME = "rename"
+    CHOWN = "chown"
+    MOUNT_TMPFS = "mount_tmpfs"
+    # file transfer (streams)
+    WRITE_FILE = "write_file"
+    READ_FILE = "read_file"
+    LIST = "list"
+    UNTAR = "untar"
+    TAR = "tar"
+    # commands
+    EXEC = "exec"  # stream
+    STATS = "stats"
+    # set-up of a VM (calls)
+    CONFIGURE = "configure"
+    MOUNT_ROOT = "mount_root"
+    MOUNT_VOLUME = "mount_volume"
+    SYNC = "sync"
+    # ports and egress
+    TCP_CONNECT = "tcp_connect"  # stream
+    TCP_LISTENING = "tcp_listening"
+    EGRESS_LISTEN = "egress_listen"
+    EGRESS_CLOSE = "egress_close"
+    EGRESS_ACCEPT = "egress_accept"  # stream
+
+
+STREAM_OPS = frozenset({Op.WRITE_FILE, Op.READ_FILE, Op.LIST, Op.UNTAR, Op.TAR, Op.EXEC,
+                        Op.TCP_CONNECT, Op.EGRESS_ACCEPT})
+CALL_OPS = frozenset(Op) - STREAM_OPS
 
 
 class ProtocolViolation(ValueError):
