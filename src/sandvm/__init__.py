@@ -3,67 +3,71 @@
     from sandvm import Sandbox
     with Sandbox.create() as sb:
         print(sb.commands.run("uname -r").stdout)
+
+The package root is lazy: each public name is imported from its module on first access
+(``_LAZY`` maps names to modules), so ``import sandvm.wire`` or ``import sandvm.client``
+does not load the VM stack (QEMU provider, snapshots, images). Modules inside sandvm
+import from the module that defines a name, never from this root.
 """
 
-from sandvm.core import VmSpec, VmState, VmView
-from sandvm.egress import EgressEvent, NetworkPolicy
-from sandvm.errors import (
-    AgentError,
-    AgentProtocolError,
-    AgentTimeout,
-    AgentVersionMismatch,
-    AssetMissing,
-    CommandError,
-    CommandExitError,
-    CommandNotFound,
-    CommandTimeout,
-    ConfigError,
-    FileTooLarge,
-    GuestError,
-    GuestFileExists,
-    GuestFileNotFound,
-    GuestPermissionDenied,
-    InvalidPath,
-    InvalidSpec,
-    InvalidTransition,
-    PortError,
-    PortInUse,
-    PortRefused,
-    PortReset,
-    PortTimeout,
-    QuotaExceeded,
-    RateLimited,
-    RequestTooLarge,
-    ResourceExhausted,
-    SandboxBusy,
-    SandboxStateError,
-    SandvmError,
-    ServerUnreachable,
-    ServiceError,
-    SnapshotAlreadyExists,
-    Unauthenticated,
-    UnknownCommand,
-    UnknownImage,
-    Unsupported,
-    VmAlreadyExists,
-    VmBootError,
-    VmCrashed,
-    VmNotFound,
-)
-from sandvm.ports import AsyncPortStream, ExposedPort, PortStream
-from sandvm.sandbox import (
-    AsyncCommandHandle,
-    AsyncSandbox,
-    CommandHandle,
-    CommandResult,
-    DirTransfer,
-    EntryInfo,
-    Sandbox,
-    WriteInfo,
-)
-from sandvm.volumes import VolumeMount
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from sandvm.version import __version__
+
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from sandvm.commands import AsyncCommandHandle, CommandHandle
+    from sandvm.core import VmSpec, VmState, VmView
+    from sandvm.egress import EgressEvent, NetworkPolicy
+    from sandvm.errors import (
+        AgentError,
+        AgentProtocolError,
+        AgentTimeout,
+        AgentVersionMismatch,
+        AssetMissing,
+        CommandError,
+        CommandExitError,
+        CommandNotFound,
+        CommandTimeout,
+        ConfigError,
+        FileTooLarge,
+        GuestError,
+        GuestFileExists,
+        GuestFileNotFound,
+        GuestPermissionDenied,
+        InvalidPath,
+        InvalidSpec,
+        InvalidTransition,
+        PortError,
+        PortInUse,
+        PortRefused,
+        PortReset,
+        PortTimeout,
+        QuotaExceeded,
+        RateLimited,
+        RequestTooLarge,
+        ResourceExhausted,
+        SandboxBusy,
+        SandboxStateError,
+        SandvmError,
+        ServerUnreachable,
+        ServiceError,
+        SnapshotAlreadyExists,
+        Unauthenticated,
+        UnknownCommand,
+        UnknownImage,
+        Unsupported,
+        VmAlreadyExists,
+        VmBootError,
+        VmCrashed,
+        VmNotFound,
+    )
+    from sandvm.ports import AsyncPortStream, ExposedPort, PortStream
+    from sandvm.sandbox import AsyncSandbox, Sandbox
+    from sandvm.values import CommandResult, DirTransfer, EntryInfo, WriteInfo
+    from sandvm.volumes import VolumeMount
 
 __all__ = [
     "AgentError",
@@ -126,3 +130,43 @@ __all__ = [
     "WriteInfo",
     "__version__",
 ]
+
+_ERRORS = (
+    "AgentError", "AgentProtocolError", "AgentTimeout", "AgentVersionMismatch", "AssetMissing",
+    "CommandError", "CommandExitError", "CommandNotFound", "CommandTimeout", "ConfigError",
+    "FileTooLarge", "GuestError", "GuestFileExists", "GuestFileNotFound",
+    "GuestPermissionDenied", "InvalidPath", "InvalidSpec", "InvalidTransition", "PortError",
+    "PortInUse", "PortRefused", "PortReset", "PortTimeout", "QuotaExceeded", "RateLimited",
+    "RequestTooLarge", "ResourceExhausted", "SandboxBusy", "SandboxStateError", "SandvmError",
+    "ServerUnreachable", "ServiceError", "SnapshotAlreadyExists", "Unauthenticated",
+    "UnknownCommand", "UnknownImage", "Unsupported", "VmAlreadyExists", "VmBootError",
+    "VmCrashed", "VmNotFound",
+)
+
+#: public name -> the module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(_ERRORS, "sandvm.errors"),
+    **dict.fromkeys(("VmSpec", "VmState", "VmView"), "sandvm.core"),
+    **dict.fromkeys(("CommandResult", "DirTransfer", "EntryInfo", "WriteInfo"),
+                    "sandvm.values"),
+    **dict.fromkeys(("EgressEvent", "NetworkPolicy"), "sandvm.egress"),
+    **dict.fromkeys(("AsyncPortStream", "ExposedPort", "PortStream"), "sandvm.ports"),
+    **dict.fromkeys(("AsyncCommandHandle", "CommandHandle"), "sandvm.commands"),
+    **dict.fromkeys(("AsyncSandbox", "Sandbox"), "sandvm.sandbox"),
+    "VolumeMount": "sandvm.volumes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name here.
+    Raises AttributeError for a name sandvm does not export."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sandvm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

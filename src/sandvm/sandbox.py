@@ -562,7 +562,7 @@ async def _qemu_version(qemu: Path) -> str:
 
 
 def _version() -> str:
-    from sandvm import __version__
+    from sandvm.version import __version__
 
     return __version__
 

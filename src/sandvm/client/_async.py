@@ -161,7 +161,7 @@ class _Api:
     def client(self) -> httpx.AsyncClient:
         """The connection pool (made again after ``aclose``)."""
         if self._client is None or self._client.is_closed:
-            from sandvm import __version__
+            from sandvm.version import __version__
 
             self._client = httpx.AsyncClient(
                 base_url=self.url, transport=self._transport,

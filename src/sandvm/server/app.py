@@ -311,7 +311,7 @@ def create_app(config: ServerConfig | None = None, *,
                service: SandboxService | None = None) -> FastAPI:
     """The sandvm HTTP API. The service (``SandboxService(config)`` unless given) is
     started when the app starts and stopped (its sandboxes detached) when it stops."""
-    from sandvm import __version__
+    from sandvm.version import __version__
 
     cfg = config or (service.config if service is not None else ServerConfig())
 
