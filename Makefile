@@ -15,7 +15,8 @@ $(BIN)/sandvm: pyproject.toml
 	touch $(BIN)/sandvm
 
 lint:
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/python tools/check_private.py --quiet
 
 typecheck:
 	$(BIN)/mypy
