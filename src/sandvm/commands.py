@@ -26,6 +26,7 @@ from sandvm.agent_client import (
 )
 from sandvm.core import (
     check_guest_path,
+    signal_number,
 )
 from sandvm.errors import (
     AgentTimeout,
@@ -45,7 +46,6 @@ from sandvm.values import (
     OutputCallback,
     RawOutputCallback,
     StdinSource,
-    signal_number,
 )
 
 if TYPE_CHECKING:

@@ -5,13 +5,13 @@ No I/O here.
 
 from __future__ import annotations
 
-import enum
 import re
 import secrets
 import unicodedata
 from dataclasses import dataclass, field
 
 from sandvm.errors import InvalidPath, InvalidSpec, UnknownImage
+from sandvm.values import SIGNALS, VmState
 
 __all__ = [
     "BUILTIN_IMAGES",
@@ -30,6 +30,7 @@ __all__ = [
     "new_id",
     "parse_memory",
     "parse_size",
+    "signal_number",
     "validate_vm_id",
 ]
 
@@ -44,15 +45,6 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _SERIAL_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,19}")
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 ROOT_DISK = "root"  # serial of the disk a sandbox's image root filesystem is on
-
-
-class VmState(enum.Enum):
-    """Seed 000's lifecycle: Created → Running ⇄ Stopped, any → Destroyed (terminal)."""
-
-    CREATED = "created"
-    RUNNING = "running"
-    STOPPED = "stopped"
-    DESTROYED = "destroyed"
 
 
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -141,6 +133,19 @@ def check_guest_path(path: str) -> str:
     if len(path.encode()) > 4096:
         raise InvalidPath("guest path is longer than 4096 bytes")
     return path
+
+
+def signal_number(sig: int | str) -> int:
+    """A signal's number from its name (``"TERM"``, ``"SIGKILL"``: one of ``SIGNALS``) or
+    number (1..64). Raises InvalidSpec."""
+    if isinstance(sig, str):
+        name = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
+        if name not in SIGNALS:
+            raise InvalidSpec(f"unknown signal {sig!r}: use one of {', '.join(SIGNALS)}")
+        return int(SIGNALS[name])
+    if not 1 <= int(sig) <= 64:
+        raise InvalidSpec(f"signal {sig} is out of range 1..64")
+    return int(sig)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -79,8 +79,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from sandvm.core import VmState
-    from sandvm.sandbox import CommandResult
+    from sandvm.values import CommandResult, VmState
 
 __all__ = [
     "AgentDisconnected",

@@ -1,18 +1,18 @@
 """Value types and limits shared by the local API, the server and the remote SDK.
 
-A leaf: it imports nothing of sandvm but ``errors``, so the client, the server and the
-wire-level code can share these types without loading the VM stack.
+The bottom layer: it imports nothing of sandvm (``errors`` names these types in its
+annotations), so the client, the server and the wire-level code can share them without
+loading the VM stack. What validates and raises lives a layer up, in ``core``.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import signal as signal_mod
 from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-
-from sandvm.errors import InvalidSpec
 
 DEFAULT_COMMAND_TIMEOUT = 60.0
 DEFAULT_READ_CAP = 32 * 1024 * 1024
@@ -28,6 +28,15 @@ SIGNALS = {"SIGINT": signal_mod.SIGINT, "SIGTERM": signal_mod.SIGTERM,
            "SIGKILL": signal_mod.SIGKILL, "SIGHUP": signal_mod.SIGHUP,
            "SIGQUIT": signal_mod.SIGQUIT, "SIGUSR1": signal_mod.SIGUSR1,
            "SIGUSR2": signal_mod.SIGUSR2}
+
+
+class VmState(enum.Enum):
+    """Seed 000's lifecycle: Created → Running ⇄ Stopped, any → Destroyed (terminal)."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    DESTROYED = "destroyed"
 
 
 @dataclass(frozen=True)
@@ -75,17 +84,6 @@ class EntryInfo:
 class WriteInfo:
     path: str
     size: int
-
-
-def signal_number(sig: int | str) -> int:
-    if isinstance(sig, str):
-        name = sig.upper() if sig.upper().startswith("SIG") else "SIG" + sig.upper()
-        if name not in SIGNALS:
-            raise InvalidSpec(f"unknown signal {sig!r}: use one of {', '.join(SIGNALS)}")
-        return int(SIGNALS[name])
-    if not 1 <= int(sig) <= 64:
-        raise InvalidSpec(f"signal {sig} is out of range 1..64")
-    return int(sig)
 
 
 DEFAULT_TREE_CAP = 1 << 30  # bytes of file content download_dir accepts by default

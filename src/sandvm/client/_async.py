@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
-from sandvm.core import parse_memory
+from sandvm.core import parse_memory, signal_number
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     CommandExitError,
@@ -44,7 +44,6 @@ from sandvm.values import (
     CommandResult,
     OutputCallback,
     WriteInfo,
-    signal_number,
 )
 
 if TYPE_CHECKING:

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from sandvm.commands import AsyncCommandHandle
+from sandvm.core import signal_number
 from sandvm.errors import CommandTimeout, SandboxStateError, SandvmError, UnknownCommand
 from sandvm.server.models import CommandInfo
 from sandvm.server.redact import Redactor, default_redactor, status_for
-from sandvm.values import signal_number
 
 MAX_BUFFERED_EVENTS = 4096  # besides the byte cap: many tiny chunks cost per event too
 
