@@ -220,8 +220,8 @@ async def _run(cmd: list[str], *, image: str, memory: int, cpus: int, timeout: f
                           disk_size=disk_size, volumes=volumes, network=network)
     loop = asyncio.get_running_loop()
     if not cmd:  # the image's Entrypoint + Cmd
-        cfg = (sb._image or {}).get("config") or {}
-        cmd = [*cfg.get("entrypoint", []), *cfg.get("cmd", [])]
+        rec = sb.image_record
+        cmd = [*rec.entrypoint, *rec.cmd] if rec is not None else []
         if not cmd:
             await sb.kill()
             raise InvalidSpec(f"image {image!r} has no Entrypoint or Cmd: give a command"

@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 import secrets
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from sandvm.errors import InvalidPath, InvalidSpec, UnknownImage
 from sandvm.values import SIGNALS, VmState
@@ -22,6 +24,7 @@ __all__ = [
     "MIN_MEMORY_MIB",
     "ROOT_DISK",
     "DiskSpec",
+    "ImageRecord",
     "VmSpec",
     "VmState",
     "VmView",
@@ -176,6 +179,23 @@ class DiskSpec:
                 or self.overlay_size < (1 << 20)):
             raise InvalidSpec("overlay_size must be an int of at least 1 MiB")
 
+    def to_dict(self) -> dict[str, Any]:
+        """This disk as JSON-ready data (``from_dict`` reads it back)."""
+        return {"serial": self.serial, "path": self.path, "format": self.format,
+                "read_only": self.read_only, "overlay_size": self.overlay_size}
+
+    @classmethod
+    def from_dict(cls, data: object) -> DiskSpec:
+        """A DiskSpec from ``to_dict``'s data (a journal's, a snapshot's: validated as
+        untrusted). Raises InvalidSpec."""
+        d = _fields_of(data, "disk", required=("serial", "path"),
+                       optional=("format", "read_only", "overlay_size"))
+        read_only = d.get("read_only", False)
+        if not isinstance(read_only, bool):
+            raise InvalidSpec(f"disk read_only must be true or false, got {read_only!r}")
+        return cls(serial=d["serial"], path=d["path"], format=d.get("format", "raw"),
+                   read_only=read_only, overlay_size=d.get("overlay_size"))
+
 
 @dataclass(frozen=True, kw_only=True)
 class VmSpec:
@@ -227,6 +247,108 @@ class VmSpec:
         for arg in self.kernel_args:
             if not isinstance(arg, str) or not arg or any(c.isspace() for c in arg):
                 raise InvalidSpec(f"kernel argument {arg!r} must be one word without spaces")
+
+    def to_dict(self) -> dict[str, Any]:
+        """This spec as JSON-ready data (``from_dict`` reads it back): how a journal
+        record, a snapshot manifest and a provider persist a spec."""
+        return {"image": self.image, "memory_mib": self.memory_mib, "vcpus": self.vcpus,
+                "kernel_args": list(self.kernel_args),
+                "disks": [d.to_dict() for d in self.disks]}
+
+    @classmethod
+    def from_dict(cls, data: object) -> VmSpec:
+        """A VmSpec from ``to_dict``'s data, validated as untrusted; missing fields take
+        their defaults (records written before they existed). Raises InvalidSpec
+        (UnknownImage for an unknown built-in image)."""
+        d = _fields_of(data, "VM spec", required=(),
+                       optional=("image", "memory_mib", "vcpus", "kernel_args", "disks"))
+        args, disks = d.get("kernel_args", []), d.get("disks", [])
+        if not isinstance(args, (list, tuple)):
+            raise InvalidSpec("kernel_args must be a list of words")
+        if not isinstance(disks, (list, tuple)):
+            raise InvalidSpec("disks must be a list")
+        return cls(image=d.get("image", "base"),
+                   memory_mib=d.get("memory_mib", DEFAULT_MEMORY_MIB),
+                   vcpus=d.get("vcpus", DEFAULT_VCPUS), kernel_args=tuple(args),
+                   disks=tuple(DiskSpec.from_dict(x) for x in disks))
+
+
+def _fields_of(data: object, what: str, *, required: tuple[str, ...],
+               optional: tuple[str, ...]) -> dict[str, Any]:
+    """``data`` as a dict with the keys ``required`` and maybe ``optional``, nothing
+    else. Raises InvalidSpec."""
+    if not isinstance(data, Mapping):
+        raise InvalidSpec(f"a {what} must be an object, got {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    unknown = sorted(str(k) for k in data if k not in required and k not in optional)
+    if missing or unknown:
+        raise InvalidSpec(f"a {what} needs {', '.join(required) or 'no fields'}"
+                          f"{' (missing ' + ', '.join(missing) + ')' if missing else ''}"
+                          f"{'; unknown fields ' + ', '.join(unknown) if unknown else ''}")
+    return dict(data)
+
+
+def _words(value: object, what: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InvalidSpec(f"image {what} must be a list of strings")
+    return tuple(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageRecord:
+    """The image a sandbox's root disk holds, as it was resolved when the sandbox was
+    made: its name and digests, its root filesystem (the raw file under the disk's
+    layers), the disk's size and the image's run config (``env``, ``working_dir``,
+    ``user``, ``entrypoint``, ``cmd``: what commands run with). Persisted in journal
+    records and snapshot manifests through ``to_dict``/``from_dict``.
+    """
+
+    name: str
+    manifest_digest: str
+    build_id: str
+    rootfs: str
+    disk_size: int
+    env: tuple[str, ...] = ()
+    working_dir: str = ""
+    user: str = ""
+    entrypoint: tuple[str, ...] = ()
+    cmd: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("name", "manifest_digest", "build_id", "rootfs", "working_dir", "user"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidSpec(f"image {name} must be a string")
+        if not self.name:
+            raise InvalidSpec("an image record needs a name")
+        if isinstance(self.disk_size, bool) or not isinstance(self.disk_size, int) \
+                or self.disk_size <= 0:
+            raise InvalidSpec(f"image disk_size must be a positive int, got {self.disk_size!r}")
+        for name in ("env", "entrypoint", "cmd"):
+            _words(getattr(self, name), name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This record as JSON-ready data, in the layout journals and snapshot manifests
+        have always kept (the run config under ``config``)."""
+        return {"name": self.name, "manifest_digest": self.manifest_digest,
+                "build_id": self.build_id, "rootfs": self.rootfs, "disk_size": self.disk_size,
+                "config": {"env": list(self.env), "working_dir": self.working_dir,
+                           "user": self.user, "entrypoint": list(self.entrypoint),
+                           "cmd": list(self.cmd)}}
+
+    @classmethod
+    def from_dict(cls, data: object) -> ImageRecord:
+        """An ImageRecord from ``to_dict``'s data, validated as untrusted. Raises
+        InvalidSpec."""
+        d = _fields_of(data, "image record", required=("name", "rootfs", "disk_size"),
+                       optional=("manifest_digest", "build_id", "config"))
+        cfg = _fields_of(d.get("config") or {}, "image config", required=(),
+                         optional=("env", "working_dir", "user", "entrypoint", "cmd"))
+        return cls(name=d["name"], manifest_digest=d.get("manifest_digest", ""),
+                   build_id=d.get("build_id", ""), rootfs=d["rootfs"],
+                   disk_size=d["disk_size"], env=_words(cfg.get("env", []), "env"),
+                   working_dir=cfg.get("working_dir") or "", user=cfg.get("user") or "",
+                   entrypoint=_words(cfg.get("entrypoint", []), "entrypoint"),
+                   cmd=_words(cfg.get("cmd", []), "cmd"))
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,37 @@ PID_MAX = 1 << 22  # Linux's largest pid_max
 MAX_DURATION = 1e9  # seconds (31 years): a guest's "duration" beyond is a lie
 
 
+class SandboxState(enum.Enum):
+    """Where an AsyncSandbox is in its life (``AsyncSandbox.state``)::
+
+        STARTING ──▶ RUNNING ⇄ PAUSED
+           │            │        │
+           └────────────┴────────┴──▶ KILLED    (terminal)
+                        └────────┴──▶ DETACHED  (terminal here: another process may
+                                                 reclaim the VM with its ticket)
+
+    Each public method of AsyncSandbox names the states that allow it; any other
+    raises SandboxStateError naming the current state.
+    """
+
+    STARTING = "starting"  # its VM runs; being configured before it is handed out
+    RUNNING = "running"
+    PAUSED = "paused"  # vCPUs frozen by ``pause()``; ``resume()`` lets them run
+    KILLED = "killed"
+    DETACHED = "detached"
+
+
+SANDBOX_TRANSITIONS: dict[SandboxState, frozenset[SandboxState]] = {
+    SandboxState.STARTING: frozenset({SandboxState.RUNNING, SandboxState.KILLED}),
+    SandboxState.RUNNING: frozenset({SandboxState.PAUSED, SandboxState.KILLED,
+                                     SandboxState.DETACHED}),
+    SandboxState.PAUSED: frozenset({SandboxState.RUNNING, SandboxState.KILLED,
+                                    SandboxState.DETACHED}),
+    SandboxState.KILLED: frozenset(),
+    SandboxState.DETACHED: frozenset(),
+}
+
+
 @dataclass(frozen=True)
 class CommandStats:
     """What a running command uses now (its cgroup in the guest, else its leader alone):

@@ -28,6 +28,7 @@ from sandvm.errors import InvalidSpec, PoolClosed, PoolExhausted, SandvmError
 from sandvm.providers.qemu import QemuVmProvider
 from sandvm.sandbox import AsyncSandbox, Sandbox
 from sandvm.snapshots.store import Snapshot, SnapshotStore
+from sandvm.values import SandboxState
 
 __all__ = ["AsyncPool", "Pool", "PoolStats"]
 
@@ -243,7 +244,8 @@ class AsyncPool:
     def _pop_ready(self) -> AsyncSandbox | None:
         while self._ready:
             sb, _ = self._ready.popleft()
-            if sb._vm.failure is None and not sb._closed:
+            if sb._vm.failure is None and sb.state not in (SandboxState.KILLED,
+                                                            SandboxState.DETACHED):
                 self._in_use.add(sb)
                 return sb
             self._counts["destroyed"] += 1  # died while waiting: drop it

@@ -1065,9 +1065,12 @@ class QemuVm:
 
     async def detach(self) -> None:
         """Let go of a detachable VM: close our connections, leave it running under its
-        keeper. Allowed once booted; the VM is then someone else's (``attach``)."""
+        keeper. Allowed once booted; the VM is then someone else's (``attach``). Once
+        detached, does nothing."""
         if self.keeper_pid is None:
             raise InvalidTransition(VmState.RUNNING, VmState.RUNNING, vm_id=self.vm_id)
+        if self.detached:
+            return
         self.detached = True
         self._stopping = True
         if self._monitor is not None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sandvm._files import proc_start_time
-from sandvm.core import ROOT_DISK, DiskSpec, VmSpec, new_id, validate_vm_id
+from sandvm.core import ROOT_DISK, DiskSpec, ImageRecord, VmSpec, new_id, validate_vm_id
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     InvalidSpec,
@@ -41,7 +41,7 @@ from sandvm.errors import (
 from sandvm.network import audit_dir, end_audit
 from sandvm.providers.qemu import QemuVm, QemuVmProvider
 from sandvm.runtime.journal import Journal, SandboxRecord
-from sandvm.sandbox import AsyncSandbox, fork_roots
+from sandvm.sandbox import Adopt, AsyncSandbox, SandboxResources, build_sandbox, fork_roots
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 
 DEFAULT_TTL = 300.0
@@ -123,13 +123,11 @@ def _record_of(sb: AsyncSandbox, **extra: Any) -> dict[str, Any]:
     vm = sb._vm
     spec = vm.spec
     policy = sb.network.policy
+    image = sb.image_record
     rec: dict[str, Any] = {
-        "image": sb._image, "accelerator": vm.accel,
-        "spec": {"image": spec.image, "memory_mib": spec.memory_mib, "vcpus": spec.vcpus},
+        "image": image.to_dict() if image is not None else None, "accelerator": vm.accel,
+        "spec": spec.to_dict(),
         "network": policy.to_dict() if policy is not None else None,
-        "disks": [{"serial": d.serial, "path": d.path, "format": d.format,
-                   "read_only": d.read_only, "overlay_size": d.overlay_size}
-                  for d in spec.disks],
         "disk_images": {serial: str(p) for serial, p in vm.disk_images.items()},
         **extra}
     if vm.restored_from is not None:
@@ -138,9 +136,18 @@ def _record_of(sb: AsyncSandbox, **extra: Any) -> dict[str, Any]:
     return rec
 
 
+def _spec_of(record: dict[str, Any]) -> VmSpec:
+    """A managed sandbox's spec as its record gives it (a record from before specs kept
+    their disks gives them apart). Raises InvalidSpec."""
+    spec_d = record.get("spec") or {}
+    if not isinstance(spec_d, dict) or "disks" in spec_d:
+        return VmSpec.from_dict(spec_d)
+    return VmSpec.from_dict({**spec_d, "disks": [d.to_dict() for d in _disks_of(record)]})
+
+
 def _disks_of(record: dict[str, Any]) -> tuple[DiskSpec, ...]:
-    """A managed sandbox's disks as its record gives them (only their serials and sizes
-    matter once it runs: its layers are in its disk dir)."""
+    """A managed sandbox's disks as an old record gives them (only their serials and
+    sizes matter once it runs: its layers are in its disk dir)."""
     disks = record.get("disks")
     if isinstance(disks, list):
         return tuple(DiskSpec(serial=d["serial"], path=d["path"], format=d["format"],
@@ -294,10 +301,9 @@ class SandboxManager:
         seq = self.journal.intent(sandbox_id, "attach")
         prov = QemuVmProvider()
         assets, accel = await prov._resolve()
-        spec_d = rec.record.get("spec") or {}
-        image = rec.record.get("image")
-        spec = VmSpec(image=spec_d.get("image", "base"), memory_mib=spec_d.get("memory_mib", 256),
-                      vcpus=spec_d.get("vcpus", 1), disks=_disks_of(rec.record))
+        spec = _spec_of(rec.record)
+        image_d = rec.record.get("image")
+        image = ImageRecord.from_dict(image_d) if image_d is not None else None
         restored_from = rec.record.get("restored_from")
         images = rec.record.get("disk_images") or {}
         try:
@@ -316,17 +322,13 @@ class SandboxManager:
             raise
         try:
             await _end_cut_off_save(vm)
-            await prov.adopt_vm(sandbox_id, vm)
-            sb = AsyncSandbox(sandbox_id=sandbox_id, provider=prov, vm=vm, lifetime=None)
-            sb._image = image
-            if vm.resumed:  # it stood still since its last holder paused it
-                await sb._step_clock()
-            net = rec.record.get("network")
-            if isinstance(net, dict):  # its egress, as the last holder left it
-                await sb.network._start(NetworkPolicy(**net))
-                used = rec.record.get("network_bytes")
-                if sb.network._proxy is not None and isinstance(used, int) and used > 0:
-                    sb.network._proxy.bytes_total = used  # the byte cap is for its life
+            net = rec.record.get("network")  # its egress, as the last holder left it
+            used = rec.record.get("network_bytes")  # the byte cap is for its life
+            sb = await build_sandbox(SandboxResources(
+                sandbox_id=sandbox_id, spec=vm.spec, image=image,
+                network=NetworkPolicy(**net) if isinstance(net, dict) else None,
+                network_bytes=used if isinstance(used, int) and used > 0 else 0),
+                provider=prov, origin=Adopt(vm))
         except BaseException as exc:  # never keep the sandbox held after a failed attach
             await vm.detach()
             self.journal.result(seq, ok=False, error=getattr(exc, "code", type(exc).__name__))

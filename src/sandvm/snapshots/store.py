@@ -40,7 +40,7 @@ from typing import Any
 
 from sandvm._files import OWNER_FILE, owner_alive, runtime_root, write_owner
 from sandvm.assets import sandvm_home
-from sandvm.core import DiskSpec, VmSpec, validate_vm_id
+from sandvm.core import DiskSpec, ImageRecord, VmSpec, validate_vm_id
 from sandvm.errors import (
     InvalidSpec,
     QuotaExceeded,
@@ -105,7 +105,7 @@ class Snapshot:
     ram: str = "file"
     parent: str | None = None
     parent_mem_sha256: str | None = None
-    image: dict[str, Any] | None = None  # the image of a sandbox with a root disk
+    image: ImageRecord | None = None  # the image of a sandbox with a root disk
 
     @property
     def size_bytes(self) -> int:
@@ -165,17 +165,22 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
     if not isinstance(spec_d, dict):
         raise _fail(path, "its manifest has no VM spec")
     try:
+        # a snapshot's disks are its layer files, found beside the manifest wherever the
+        # snapshot is moved: the manifest keeps only their serials and sizes
         disks = []
         for d in spec_d.get("disks") or []:
             name = f"disk-{d['serial']}.qcow2"
             if name not in man["files"]:
                 raise InvalidSpec(f"disk {d['serial']!r} has no layer file")
             disks.append(DiskSpec(serial=d["serial"], path=str(path / name), format="qcow2",
-                                  overlay_size=d["overlay_size"]))
-        spec = VmSpec(image=spec_d["image"], memory_mib=spec_d["memory_mib"],
-                      vcpus=spec_d["vcpus"], disks=tuple(disks))
+                                  overlay_size=d["overlay_size"]).to_dict())
+        spec = VmSpec.from_dict({**spec_d, "disks": disks})
     except (KeyError, TypeError, InvalidSpec) as exc:
         raise _fail(path, f"its VM spec is invalid ({exc})") from None
+    try:
+        image = ImageRecord.from_dict(man["image"]) if man.get("image") is not None else None
+    except InvalidSpec as exc:
+        raise _fail(path, f"its image record is invalid ({exc})") from None
 
     def s(key: str) -> str:
         v = man.get(key)
@@ -197,7 +202,7 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
                     parent=parent["name"] if isinstance(parent, dict) else None,
                     parent_mem_sha256=parent.get("mem_sha256")
                     if isinstance(parent, dict) else None,
-                    image=man["image"] if isinstance(man.get("image"), dict) else None)
+                    image=image)
 
 
 class SnapshotStore:
