@@ -49,7 +49,7 @@ from sandvm.errors import (
     InvalidSpec,
     SandvmError,
 )
-from sandvm.files import _entry
+from sandvm.guestops import entry_info as _entry
 from sandvm.values import CommandResult
 
 T = TypeVar("T")

@@ -36,6 +36,7 @@ from sandvm.errors import (
     SandboxStateError,
     SandvmError,
 )
+from sandvm.guestops import GuestOps
 from sandvm.output import OutputBuffer
 from sandvm.values import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -43,6 +44,7 @@ from sandvm.values import (
     MAX_DURATION,
     PID_MAX,
     CommandResult,
+    CommandStats,
     OutputCallback,
     RawOutputCallback,
     StdinSource,
@@ -234,17 +236,18 @@ class AsyncCommands:
 
         ``raw_output`` (sandvm's isolation runtime) receives the output as bytes
         instead of the handle keeping it (then ``stdout``/``stderr`` stay empty)."""
-        req: dict[str, Any] = {"op": "exec"}
+        req: dict[str, Any] = {}  # GuestOps.exec's arguments
         proxy = self._sb.network.env()
         if proxy:  # the workload's HTTP(S) goes through the host's egress proxy
             env = {**proxy, **(env or {})}
         image = self._sb.image_record
         if image is not None:
-            env = {**image_env(image.env), **(env or {})}
+            cfg = image.get("config") or {}
+            env = {**image_env(cfg.get("env") or ()), **(env or {})}
             if cwd is None:
-                cwd = image.working_dir or "/"
-            if user is None and image.user:
-                user = image.user
+                cwd = cfg.get("working_dir") or "/"
+            if user is None and cfg.get("user"):
+                user = str(cfg["user"])
         if user is not None:
             if not isinstance(user, str) or not user or len(user) > 256:
                 raise InvalidSpec("user must be a name or 'uid[:gid]'")
@@ -270,8 +273,7 @@ class AsyncCommands:
             req["timeout"] = float(timeout)
         stdin_open = stdin is not None or background
         req["stdin"] = stdin_open
-        conn = self._sb.connection()
-        stream = await conn.open(req)
+        stream = await GuestOps(self._sb.connection()).exec(**req)
         handle = AsyncCommandHandle(stream, timeout=timeout, check=check, on_stdout=on_stdout,
                                     on_stderr=on_stderr, stdin=stdin, stdin_open=stdin_open,
                                     raw_output=raw_output)
@@ -289,6 +291,16 @@ class AsyncCommands:
         except asyncio.CancelledError:
             await stream.reset()
             raise
+
+    async def stats(self, pid: int) -> CommandStats:
+        """CPU time, memory and process count of the running command ``pid`` (a handle's
+        ``pid``): its cgroup in the guest, else its leader alone. ``running`` is False
+        (and the figures 0) once it has ended. Allowed while the sandbox runs. Raises
+        InvalidSpec, SandboxStateError, AgentProtocolError (figures the guest garbled)."""
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 1 <= pid <= PID_MAX:
+            raise InvalidSpec(f"pid must be a process id in 1..{PID_MAX}, got {pid!r}")
+        return await GuestOps(self._sb.connection()).stats(pid=pid,
+                                                           timeout=self._sb.op_timeout)
 
 
 
@@ -331,6 +343,10 @@ class Commands:
 
     def __init__(self, inner: AsyncCommands) -> None:
         self._a = inner
+
+    def stats(self, pid: int) -> CommandStats:
+        """See AsyncCommands.stats."""
+        return _portal.call(self._a.stats(pid))
 
     @overload
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,

@@ -21,10 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from sandvm import _portal
 from sandvm.agent_client import (
     HostStream,
-    guest_float,
     guest_int,
     guest_list,
-    guest_str,
 )
 from sandvm.core import (
     check_guest_path,
@@ -37,6 +35,7 @@ from sandvm.errors import (
     InvalidSpec,
     SandvmError,
 )
+from sandvm.guestops import GuestOps, entry_info
 from sandvm.values import (
     DEFAULT_READ_CAP,
     DEFAULT_TREE_CAP,
@@ -50,23 +49,6 @@ from sandvm.values import (
 if TYPE_CHECKING:
     from sandvm.sandbox import AsyncSandbox
 
-
-def _entry(d: dict[str, Any]) -> EntryInfo:
-    """Build an EntryInfo from a guest dict, checking every field's type and range (the
-    guest is hostile). Raises AgentProtocolError."""
-    w = "file entry"
-    e = EntryInfo(path=guest_str(d, "path", max_len=4096, what=w),
-                  name=guest_str(d, "name", max_len=4096, what=w),
-                  type=guest_str(d, "type", max_len=16, what=w),
-                  size=guest_int(d, "size", what=w), mode=guest_int(d, "mode", hi=0o7777, what=w),
-                  mtime=guest_float(d, "mtime", lo=-1e11, hi=1e11, what=w),
-                  uid=guest_int(d, "uid", hi=(1 << 32) - 1, default=0, what=w),
-                  gid=guest_int(d, "gid", hi=(1 << 32) - 1, default=0, what=w),
-                  target=None if d.get("target") is None else guest_str(
-                      d, "target", max_len=4096, what=w))
-    if e.type not in ("file", "dir", "symlink", "other"):
-        raise AgentProtocolError(f"guest sent an unknown entry type {e.type!r}")
-    return e
 
 _TAR_BLOCK = 512
 _SKIPPED_KEPT = 100
@@ -373,8 +355,7 @@ class AsyncFiles:
         check_guest_path(path)
         if isinstance(data, str):
             data = data.encode()
-        st = await self._sb.connection().open({"op": "write_file", "path": path, "mode": mode,
-                                          "make_parents": make_parents})
+        st = await self._ops().write_file(path=path, mode=mode, make_parents=make_parents)
         sender = asyncio.get_running_loop().create_task(self._send(st, data))
         try:
             while True:
@@ -423,8 +404,7 @@ class AsyncFiles:
         check_guest_path(path)
         if max_bytes < 0:
             raise InvalidSpec("max_bytes must be >= 0")
-        st = await self._sb.connection().open({"op": "read_file", "path": path,
-                                          "max_bytes": max_bytes})
+        st = await self._ops().read_file(path=path, max_bytes=max_bytes)
         got = 0
         done = False
         try:
@@ -452,7 +432,7 @@ class AsyncFiles:
     async def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
         """Entries under a directory, sorted by name (``depth`` levels)."""
         check_guest_path(path)
-        st = await self._sb.connection().open({"op": "list", "path": path, "depth": depth})
+        st = await self._ops().list_dir(path=path, depth=depth)
         entries: list[EntryInfo] = []
         try:
             while True:
@@ -460,7 +440,7 @@ class AsyncFiles:
                 if item.kind == "event":
                     batch = guest_list(item.message or {}, "entries", max_len=LIST_CAP,
                                        what="listing")
-                    entries.extend(_entry(e) if isinstance(e, dict) else _entry({})
+                    entries.extend(entry_info(e) if isinstance(e, dict) else entry_info({})
                                    for e in batch)
                     if len(entries) > LIST_CAP:
                         raise AgentProtocolError(f"guest listed more than {LIST_CAP} entries")
@@ -478,27 +458,26 @@ class AsyncFiles:
 
     async def stat(self, path: str) -> EntryInfo:
         check_guest_path(path)
-        return _entry(await self._call({"op": "stat", "path": path}))
+        return await self._ops().stat(path=path, timeout=self._sb.op_timeout)
 
     async def exists(self, path: str) -> bool:
         check_guest_path(path)
-        return (await self._call({"op": "exists", "path": path})).get("exists") is True
+        return await self._ops().exists(path=path, timeout=self._sb.op_timeout)
 
     async def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
         """Create a directory and its parents; False if it already existed."""
         check_guest_path(path)
-        return (await self._call({"op": "make_dir", "path": path, "mode": mode})).get(
-            "created") is True
+        return await self._ops().make_dir(path=path, mode=mode, timeout=self._sb.op_timeout)
 
     async def remove(self, path: str, *, recursive: bool = True) -> None:
         check_guest_path(path)
-        await self._call({"op": "remove", "path": path, "recursive": recursive})
+        await self._ops().remove(path=path, recursive=recursive, timeout=self._sb.op_timeout)
 
     async def rename(self, old_path: str, new_path: str, *, overwrite: bool = True) -> EntryInfo:
         check_guest_path(old_path)
         check_guest_path(new_path)
-        await self._call({"op": "rename", "path": old_path, "dst": new_path,
-                          "overwrite": overwrite})
+        await self._ops().rename(path=old_path, dst=new_path, overwrite=overwrite,
+                                timeout=self._sb.op_timeout)
         return await self.stat(new_path)
 
     async def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str
@@ -519,7 +498,7 @@ class AsyncFiles:
         if not top.is_dir():
             raise InvalidPath(f"{top} is not a local directory")
         reader = _TarReader(top)
-        st = await self._sb.connection().open({"op": "untar", "path": guest_dir})
+        st = await self._ops().untar(path=guest_dir)
 
         async def send() -> int:
             sent = 0
@@ -585,8 +564,7 @@ class AsyncFiles:
         extractor = _TreeExtractor(dest, max_bytes=max_bytes, max_files=max_files)
         # headers and padding on top of the content: a generous bound on the stream
         stream_cap = max_bytes + max_files * 3 * _TAR_BLOCK + (1 << 20)
-        st = await self._sb.connection().open({"op": "tar", "path": guest_dir,
-                                          "max_bytes": max_bytes, "max_files": max_files})
+        st = await self._ops().tar(path=guest_dir, max_bytes=max_bytes, max_files=max_files)
         rfd, wfd = os.pipe()
         os.set_blocking(wfd, False)
         try:
@@ -639,8 +617,41 @@ class AsyncFiles:
             elif not job.cancelled():
                 job.exception()  # retrieved: the first error is what propagates
 
-    async def _call(self, req: dict[str, Any]) -> dict[str, Any]:
-        return await self._sb.connection().call(req, timeout=self._sb.op_timeout)
+    async def chown(self, path: str, *, user: str, mode: int | None = None) -> None:
+        """Give ``path`` to ``user`` (a name or ``uid[:gid]`` from the image's
+        /etc/passwd), and set its ``mode`` if given. A symbolic link is refused, not
+        followed. Allowed while the sandbox runs. Raises InvalidSpec, InvalidPath,
+        GuestFileNotFound, GuestError (an unknown user, a link), SandboxStateError."""
+        check_guest_path(path)
+        if not isinstance(user, str) or not user or len(user) > 256:
+            raise InvalidSpec("user must be a name or 'uid[:gid]'")
+        if mode is not None and (isinstance(mode, bool) or not isinstance(mode, int)
+                                 or not 0 <= mode <= 0o7777):
+            raise InvalidSpec(f"mode must be 0..0o7777 or None, got {mode!r}")
+        await self._ops().chown(path=path, user=user, mode=mode, timeout=self._sb.op_timeout)
+
+    async def mount_tmpfs(self, path: str, *, mode: int = 0o700, user: str | None = None,
+                          size_bytes: int = 4 << 20) -> None:
+        """Mount a private tmpfs at ``path`` (created if missing): memory only, so what is
+        written there never reaches a disk or a snapshot's disk layer (for secrets);
+        nosuid, nodev, noexec; at most ``size_bytes``; owned by ``user`` (default root)
+        with ``mode``. A tmpfs already mounted there is only re-owned. Allowed while the
+        sandbox runs. Raises InvalidSpec, InvalidPath, GuestError (e.g. the path is not a
+        directory, an unknown user), SandboxStateError."""
+        check_guest_path(path)
+        if user is not None and (not isinstance(user, str) or len(user) > 256):
+            raise InvalidSpec("user must be a name or 'uid[:gid]'")
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise InvalidSpec(f"mode must be 0..0o777, got {mode!r}")
+        if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or \
+                not 4096 <= size_bytes <= 1 << 30:
+            raise InvalidSpec(f"size_bytes must be between 4 KiB and 1 GiB, got {size_bytes!r}")
+        await self._ops().mount_tmpfs(path=path, mode=mode, user=user, size=size_bytes,
+                                      timeout=self._sb.op_timeout)
+
+    def _ops(self) -> GuestOps:
+        """The guest's operations (raises like ``AsyncSandbox.connection``)."""
+        return GuestOps(self._sb.connection())
 
 class FileTransfer:
     """Sync write/read/read_stream over any async twin that has them (the local
@@ -704,6 +715,15 @@ class Files(FileTransfer):
 
     def rename(self, old_path: str, new_path: str, *, overwrite: bool = True) -> EntryInfo:
         return _portal.call(self._a.rename(old_path, new_path, overwrite=overwrite))
+
+    def chown(self, path: str, *, user: str, mode: int | None = None) -> None:
+        """See AsyncFiles.chown."""
+        _portal.call(self._a.chown(path, user=user, mode=mode))
+
+    def mount_tmpfs(self, path: str, *, mode: int = 0o700, user: str | None = None,
+                    size_bytes: int = 4 << 20) -> None:
+        """See AsyncFiles.mount_tmpfs."""
+        _portal.call(self._a.mount_tmpfs(path, mode=mode, user=user, size_bytes=size_bytes))
 
     def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str) -> DirTransfer:
         """See AsyncFiles.upload_dir."""

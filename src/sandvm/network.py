@@ -30,8 +30,8 @@ from sandvm.agent_client import AgentConnection, HostStream, require_feature
 from sandvm.egress import AuditLog, EgressEvent, EgressProxy, NetworkPolicy, Resolver, proxy_env
 from sandvm.errors import InvalidSpec, SandvmError, Unsupported
 from sandvm.fds import BUDGET, raise_nofile_limit
+from sandvm.guestops import GuestOps
 from sandvm.ports import _download, _upload
-from sandvm.values import SandboxState
 
 if TYPE_CHECKING:
     from sandvm.sandbox import AsyncSandbox
@@ -142,16 +142,11 @@ class AsyncNetwork:
         return self._proxy.audit.path if self._proxy is not None else None
 
     async def _start(self, policy: NetworkPolicy, *, resolver: Resolver | None = None,
-                     audit_path: Path | None = None, bytes_used: int = 0) -> None:
-        # ``bytes_used``: spent under the policy's byte cap by earlier holders (the cap
-        # is for the sandbox's life)
-        conn = self._conn()
-        await conn.call({"op": "egress_listen", "port": self.guest_port},
-                        timeout=self._sb.op_timeout)
+                     audit_path: Path | None = None) -> None:
+        await GuestOps(self._conn()).egress_listen(port=self.guest_port,
+                                                   timeout=self._sb.op_timeout)
         self._proxy = EgressProxy(policy, sandbox_id=self._sb.sandbox_id, resolver=resolver,
                                   audit=AuditLog(audit_path or audit_file(self._sb.sandbox_id)))
-        if bytes_used > 0:
-            self._proxy.bytes_total = bytes_used
         for _ in range(WAITING):
             self._spawn(self._acceptor())
 
@@ -175,7 +170,7 @@ class AsyncNetwork:
                 return  # the sandbox is gone
             item = None
             try:
-                st = await conn.open({"op": "egress_accept"})
+                st = await GuestOps(conn).egress_accept()
                 item = await st.next(None)
             except SandvmError:
                 if conn.failure is not None:
@@ -290,7 +285,7 @@ class AsyncNetwork:
                 await self._proxy.aclose()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
-        if self._proxy is not None and self._sb.state is not SandboxState.DETACHED:
+        if self._proxy is not None and not getattr(self._sb, "_detached", False):
             with contextlib.suppress(Exception):
                 self._proxy.audit.end()
 

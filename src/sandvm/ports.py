@@ -47,6 +47,7 @@ from sandvm.errors import (
     SandvmError,
 )
 from sandvm.fds import BUDGET, raise_nofile_limit
+from sandvm.guestops import GuestOps
 
 if TYPE_CHECKING:
     from sandvm.sandbox import AsyncSandbox
@@ -466,12 +467,12 @@ async def _download(st: HostStream, writer: asyncio.StreamWriter) -> bool:
             return False
 
 
-async def _pipe(conn: AgentConnection, req: dict[str, Any], reader: asyncio.StreamReader,
-                writer: asyncio.StreamWriter) -> None:
+async def _pipe(conn: AgentConnection, port: int, guest_host: str,
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """One accepted host connection ↔ one tunnel. The client's bytes are sent on at once
     (the guest holds them until its connect completes): no round trip before data."""
     try:
-        st = await conn.open(req)
+        st = await GuestOps(conn).tcp_connect(port=port, host=guest_host, notify=False)
     except SandvmError:
         _abort_writer(writer)
         return
@@ -556,8 +557,6 @@ class AsyncPorts:
             if (a.guest_port, lst.guest_host, a.host) == (port, guest_host, host) and \
                     host_port in (0, a.port):
                 return a
-        # the client's bytes follow the OPEN at once: no need to hear of the connect
-        req = {"op": "tcp_connect", "port": port, "host": guest_host, "notify": False}
         holder: list[_Listener] = []
 
         sid = self._sb.sandbox_id
@@ -578,7 +577,8 @@ class AsyncPorts:
                 return
             self._track(task, holder[0])
             try:
-                await _pipe(self._conn(), req, reader, writer)
+                # the client's bytes follow the OPEN at once: no need to hear of the connect
+                await _pipe(self._conn(), port, guest_host, reader, writer)
             except SandvmError:
                 _abort_writer(writer)
             except asyncio.CancelledError:
@@ -629,19 +629,16 @@ class AsyncPorts:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pause = _PROBE_PAUSE[0]
-        req = {"op": "tcp_listening", "port": port, "host": guest_host}
         while True:
             remaining = deadline - loop.time()
             try:
-                res = await self._conn().call(
-                    req, timeout=min(self._sb.op_timeout, max(remaining, 1.0)))
+                listening = await GuestOps(self._conn()).tcp_listening(
+                    port=port, host=guest_host,
+                    timeout=min(self._sb.op_timeout, max(remaining, 1.0)))
             except AgentTimeout:
                 if loop.time() < deadline:
                     raise
-                res = {"listening": False}
-            listening = res.get("listening")
-            if not isinstance(listening, bool):
-                raise AgentProtocolError("guest sent a malformed readiness report")
+                listening = False
             if listening:
                 return
             remaining = deadline - loop.time()
@@ -672,7 +669,7 @@ class AsyncPorts:
             raise PortError(f"this sandbox has {MAX_TUNNELS} tunnels open, its cap: close"
                             " some (streams from ports.connect, connections to exposed"
                             " ports)")
-        st = await conn.open({"op": "tcp_connect", "port": port, "host": guest_host})
+        st = await GuestOps(conn).tcp_connect(port=port, host=guest_host)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
         try:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandvm.agent_client import guest_bool, guest_int
 from sandvm.core import BUILTIN_IMAGES, new_id
 from sandvm.errors import (
     AgentProtocolError,
@@ -556,21 +555,19 @@ class QemuIsolationRuntime:
 
     @staticmethod
     def _image_user(sb: AsyncSandbox) -> str | None:
-        image = sb.image_record
-        return image.user if image is not None and image.user else None
+        cfg = (sb._image or {}).get("config") or {}
+        user = cfg.get("user")
+        return str(user) if user else None
 
     @staticmethod
     async def _deliver_files(sb: AsyncSandbox, files: list[SecretSpec],
                              user: str | None) -> None:
         """Mount the secrets tmpfs and write each file (0400, owned by ``user``)."""
-        conn = sb._conn()
-        await conn.call({"op": "mount_tmpfs", "path": SECRETS_DIR, "mode": 0o500,
-                         "user": user}, timeout=sb.op_timeout)
+        await sb.files.mount_tmpfs(SECRETS_DIR, mode=0o500, user=user)
         for spec in files:
             assert spec.path is not None
             await sb.files.write(spec.path, spec.value.reveal(), mode=0o400)
-            await conn.call({"op": "chown", "path": spec.path, "user": user or "0",
-                             "mode": 0o400}, timeout=sb.op_timeout)
+            await sb.files.chown(spec.path, user=user or "0", mode=0o400)
 
     async def start_process(self, request: ProcessStartRequest) -> ProcessStartResult:
         """Start ``argv`` in the background in the session's VM (READY only)."""
@@ -690,19 +687,19 @@ class QemuIsolationRuntime:
             sess = self._session(proc.session_id)
             sb = self._sandbox(sess)
             assert proc.handle is not None and proc.handle.pid is not None
-            res = await sb._conn().call({"op": "stats", "pid": proc.handle.pid},
-                                        timeout=sb.op_timeout)
+            conn = sb.connection()
             try:  # range-checked where read: a 400-digit number never reaches float()
-                ints = {k: guest_int(res, k, what="stats")
-                        for k in ("cpu_usec", "memory_bytes", "processes")}
-                running = guest_bool(res, "running", what="stats") and not proc.done
+                stats = await sb.commands.stats(proc.handle.pid)
             except AgentProtocolError as exc:
+                if exc is conn.failure:  # the channel broke: not a malformed reply
+                    raise
                 raise SandboxStateError(f"the guest sent malformed stats: {exc.message}"
                                         ) from None
+            running = stats.running and not proc.done
             if running:
-                proc.cpu_seconds = min(ints["cpu_usec"] / 1e6, MAX_STATS_CPU_SECONDS)
-                memory = min(ints["memory_bytes"], MAX_STATS_MEMORY_BYTES)
-                count = max(1, min(ints["processes"], MAX_STATS_PROCESSES))
+                proc.cpu_seconds = min(stats.cpu_usec / 1e6, MAX_STATS_CPU_SECONDS)
+                memory = min(stats.memory_bytes, MAX_STATS_MEMORY_BYTES)
+                count = max(1, min(stats.processes, MAX_STATS_PROCESSES))
         end = proc.ended if proc.ended is not None else time.monotonic()
         return ProcessStatsSnapshot(
             process_id=proc.process_id, running=running, cpu_time_seconds=proc.cpu_seconds,

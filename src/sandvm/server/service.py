@@ -43,6 +43,7 @@ from sandvm.errors import (
     VmError,
     VmNotFound,
 )
+from sandvm.guestops import GuestOps
 from sandvm.runtime.journal import SandboxRecord
 from sandvm.runtime.manager import Recovery, SandboxManager, keeper_alive
 from sandvm.sandbox import AsyncCommandHandle, AsyncSandbox, CommandResult
@@ -570,8 +571,8 @@ class SandboxService:
         sb = await self._hold(sandbox_id)
         # the agent's write_file stream, fed chunk by chunk with its flow control (the
         # public files.write takes the whole content at once)
-        st = await sb._conn().open({"op": "write_file", "path": path, "mode": mode,
-                                    "make_parents": make_parents})
+        st = await GuestOps(sb.connection()).write_file(path=path, mode=mode,
+                                                        make_parents=make_parents)
         sent = 0
         try:
             async for chunk in body:
