@@ -185,6 +185,12 @@ class AsyncCommandHandle:
     async def close_stdin(self) -> None:
         await self._stream.send_eof()
 
+    async def abandon(self) -> None:
+        """Stop following the command: its stream is reset, so the guest kills it and
+        ``wait`` ends with an error. For a holder letting go of the sandbox; a no-op
+        once the command ended. Raises AgentError if the channel is gone."""
+        await self._stream.reset()
+
 
 class AsyncCommands:
     """``sandbox.commands``: run commands in the guest."""

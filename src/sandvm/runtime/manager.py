@@ -53,6 +53,18 @@ def ticket_sha256(ticket: str) -> str:
     return hashlib.sha256(ticket.encode()).hexdigest()
 
 
+def is_ticket(ticket: object) -> bool:
+    """Whether ``ticket`` looks like a reclaim ticket ``detach`` issues."""
+    return isinstance(ticket, str) and ticket.startswith("sbt_") and len(ticket) <= 100
+
+
+def ticket_matches(rec: SandboxRecord | None, ticket: str) -> bool:
+    """Whether ``rec``'s sandbox waits to be reclaimed with ``ticket`` (issued for it
+    and not spent yet). Compared in constant time: the one ticket check."""
+    return rec is not None and rec.ticket_sha256 is not None and is_ticket(ticket) and \
+        secrets.compare_digest(rec.ticket_sha256, ticket_sha256(ticket))
+
+
 def keeper_alive(rec: SandboxRecord) -> bool:
     """Whether the sandbox's keeper process still runs (pid and start time match)."""
     return rec.keeper_pid is not None and rec.keeper_start is not None and \
@@ -356,11 +368,10 @@ class SandboxManager:
         """Take over the sandbox a ticket was issued for (the ticket is then spent); with
         ``destroy`` kill it instead. Raises SandboxStateError for an unknown, spent or
         forged ticket or an ended sandbox."""
-        if not isinstance(ticket, str) or not ticket.startswith("sbt_") or len(ticket) > 100:
+        if not is_ticket(ticket):
             raise SandboxStateError("not a sandvm reclaim ticket")
-        digest = ticket_sha256(ticket)
-        match = next((r for r in self.journal.sandboxes() if r.ticket_sha256 is not None
-                      and secrets.compare_digest(r.ticket_sha256, digest)), None)
+        match = next((r for r in self.journal.sandboxes() if ticket_matches(r, ticket)),
+                     None)
         if match is None:
             raise SandboxStateError("unknown or already used reclaim ticket")
         self.journal.update(match.id, ticket_sha256=None)  # spent, whatever happens next

@@ -30,7 +30,6 @@ import contextlib
 import enum
 import os
 import re
-import secrets as secrets_mod
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,14 +39,20 @@ from sandvm.core import BUILTIN_IMAGES, new_id
 from sandvm.errors import (
     AgentProtocolError,
     AssetMissing,
-    CommandTimeout,
     InvalidSpec,
     SandboxStateError,
     SandvmError,
     Unsupported,
 )
+from sandvm.output import OutputPipe, exit_status, wait_outcome
 from sandvm.runtime.journal import Journal, journal_path
-from sandvm.runtime.manager import Recovery, SandboxManager, keeper_alive, ticket_sha256
+from sandvm.runtime.manager import (
+    Recovery,
+    SandboxManager,
+    keeper_alive,
+    ticket_matches,
+    ticket_sha256,
+)
 from sandvm.runtime.port import (
     KIND_MICROVM,
     MAX_STATS_CPU_SECONDS,
@@ -98,6 +103,7 @@ from sandvm.runtime.port import (
     unknown_ref,
 )
 from sandvm.sandbox import AsyncCommandHandle, AsyncSandbox
+from sandvm.values import CommandResult
 
 __all__ = ["DEFAULT_BUFFER_BYTES", "SECRETS_DIR", "QemuIsolationRuntime"]
 
@@ -139,7 +145,7 @@ class _Session:
 
 
 class _Proc:
-    """A started process: its handle, its bounded output buffer and how it ended."""
+    """A started process: its handle, its bounded output pipe and how it ended."""
 
     def __init__(self, process_id: str, session_id: str, *, stdin_open: bool, cap: int) -> None:
         self.process_id = process_id
@@ -147,14 +153,10 @@ class _Proc:
         self.stdin_open = stdin_open
         self.stdin_closed = not stdin_open
         self.cap = cap
-        self.out = bytearray()
-        self.err = bytearray()
+        # full: backpressure (the guest stops reading its pipes), so never more than cap
+        self.output = OutputPipe(max_bytes=cap)
         self.handle: AsyncCommandHandle | None = None
         self.task: asyncio.Task[None] | None = None
-        self.data = asyncio.Event()
-        self.room = asyncio.Event()
-        self.room.set()
-        self.done = False
         self.lost = False  # its stream ended with a detach
         self.error: SandvmError | None = None
         self.exit_code = 0
@@ -167,52 +169,23 @@ class _Proc:
 
     @property
     def buffered(self) -> int:
-        return len(self.out) + len(self.err)
+        return self.output.buffered
 
-    async def on_output(self, channel: int, data: bytes) -> None:
-        """The raw output callback: fills the buffer up to its cap and waits for room
-        for the rest (backpressure), so the buffer never holds more than ``cap``."""
-        view = memoryview(data)
-        while view:
-            while self.buffered >= self.cap and not self.done:
-                self.room.clear()
-                await self.room.wait()
-            n = len(view) if self.done else min(len(view), self.cap - self.buffered)
-            (self.out if channel == 1 else self.err).extend(view[:n])
-            view = view[n:]
-            self.data.set()
+    @property
+    def done(self) -> bool:
+        return self.output.closed
 
     async def wait(self) -> None:
         assert self.handle is not None
+        res: CommandResult | None = None
         try:
-            res = await self.handle.wait()
-            self.exit_code, self.signal = res.exit_code, res.signal
-        except CommandTimeout as exc:
-            self.timed_out = True
-            res = exc.result  # type: ignore[assignment]
-            self.signal = (res.signal if res is not None and res.signal else 9)
-            self.exit_code = 128 + self.signal
+            res, self.timed_out = await wait_outcome(self.handle.wait(), need_result=False)
         except SandvmError as exc:
             self.error = exc
         finally:
-            self.exit_code = max(0, min(255, self.exit_code))
-            if self.signal is not None and not 1 <= self.signal <= 64:
-                self.signal = None
-            self.done = True
+            self.exit_code, self.signal = exit_status(res, timed_out=self.timed_out)
             self.ended = time.monotonic()
-            self.data.set()
-
-    def take(self, max_bytes: int) -> tuple[bytes, bytes]:
-        out = bytes(self.out[:max_bytes])
-        del self.out[:len(out)]
-        err = bytes(self.err[:max_bytes - len(out)])
-        del self.err[:len(err)]
-        if self.buffered < self.cap:
-            self.room.set()
-        if not self.buffered and not self.done:
-            self.data.clear()
-        return out, err
-
+            self.output.close()
 
 class QemuIsolationRuntime:
     """The IsolationRuntime port on managed QEMU microVMs (see the module docstring).
@@ -593,7 +566,7 @@ class QemuIsolationRuntime:
                 list(request.argv), env=env, cwd=request.cwd or sess.workdir, stdin=None,
                 timeout=request.timeout_seconds, on_stdout=None, on_stderr=None,
                 background=True, check=False, user=request.user or sess.user,
-                raw_output=proc.on_output)
+                raw_output=proc.output.put)
             assert isinstance(handle, AsyncCommandHandle)
             if not request.stdin_open:
                 await handle.close_stdin()
@@ -631,10 +604,8 @@ class QemuIsolationRuntime:
                 await self._effect(proc.session_id, "close_stdin",
                                    self._quiet(handle.close_stdin()),
                                    process_id=proc.process_id)
-        if not proc.buffered and not proc.done and request.wait_seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.data.wait(), request.wait_seconds)
-        out, err = proc.take(request.max_bytes)
+        await proc.output.wait_data(request.wait_seconds)
+        out, err = proc.output.take(request.max_bytes)
         seq = proc.sequence
         proc.sequence += 1
         if proc.done and not proc.buffered:
@@ -672,8 +643,7 @@ class QemuIsolationRuntime:
             if not proc.done:
                 raise
             delivered = False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(proc.data.wait()), 0.05)
+        await proc.output.wait_data(0.05)
         return ProcessSignalResult(process_id=proc.process_id, signal=request.signal,
                                    delivered=delivered, exited=proc.done)
 
@@ -725,8 +695,7 @@ class QemuIsolationRuntime:
         for pid in sess.processes:
             proc = self._processes[pid]
             if proc.task is not None and not proc.done:
-                proc.task.cancel()
-            proc.room.set()
+                proc.task.cancel()  # its end closes its pipe: a waiting writer goes on
             released.append(pid)
         if sess.sb is not None:
             rec = await asyncio.to_thread(self.journal.get, sid)
@@ -808,9 +777,7 @@ class QemuIsolationRuntime:
         ticket = request.ticket
         sid, digest = ticket.sandbox_id, ticket_sha256(ticket.token)
         rec = await asyncio.to_thread(self.journal.get, sid)
-        live = rec is not None and rec.ticket_sha256 is not None and \
-            secrets_mod.compare_digest(rec.ticket_sha256, digest)
-        if not live:
+        if not ticket_matches(rec, ticket.token):
             if digest in self._spent or await asyncio.to_thread(self._was_spent, sid, digest):
                 raise SandboxStateError(f"the reclaim ticket for {sid!r} was already used:"
                                         " detach again for a new one")

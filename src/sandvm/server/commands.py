@@ -1,10 +1,10 @@
 """Background commands of the HTTP API: started without waiting, known by id.
 
 A ``BackgroundCommand`` wraps the local ``AsyncCommandHandle`` of a command the server
-started with ``background=True``. Its output goes into a bounded buffer of events
+started in the background. Its output goes into a bounded ``OutputLog`` of events
 (``stdout``/``stderr`` chunks, then one ``exit`` or ``error``), each numbered by ``seq``
 from 0; any number of HTTP clients follow it from any ``seq`` (a reconnecting client
-passes the next one it wants). When the buffer is over its cap (bytes or events) the
+passes the next one it wants). When the log is over its cap (bytes or events) the
 oldest output events are dropped: a follower asking for one of them gets the oldest
 kept instead, and sees the jump in ``seq``. The last event (the exit) is always kept.
 """
@@ -12,7 +12,6 @@ kept instead, and sees the jump in ``seq``. The last event (the exit) is always 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,11 +19,12 @@ from typing import Any
 
 from sandvm.commands import AsyncCommandHandle
 from sandvm.core import signal_number
-from sandvm.errors import CommandTimeout, SandboxStateError, SandvmError, UnknownCommand
+from sandvm.errors import SandboxStateError, SandvmError, UnknownCommand
+from sandvm.output import MAX_LOG_EVENTS, OutputLog, exit_event, wait_outcome
 from sandvm.server.models import CommandInfo
 from sandvm.server.redact import Redactor, default_redactor, status_for
 
-MAX_BUFFERED_EVENTS = 4096  # besides the byte cap: many tiny chunks cost per event too
+MAX_BUFFERED_EVENTS = MAX_LOG_EVENTS  # besides the byte cap: tiny chunks cost per event too
 
 __all__ = ["MAX_BUFFERED_EVENTS", "BackgroundCommand", "unknown_command"]
 
@@ -48,57 +48,28 @@ class BackgroundCommand:
         self.ended: float | None = None
         self.handle: AsyncCommandHandle | None = None
         self.stdin_open = True
-        self.final: dict[str, Any] | None = None
-        self._events: collections.deque[tuple[dict[str, Any], int]] = collections.deque()
-        self._first_seq = 0  # seq of _events[0]
-        self._next_seq = 0
-        self._buffered = 0
-        self._dropped = False
-        self._changed = asyncio.Event()
+        self.log = OutputLog(max_bytes=max_buffer, max_events=MAX_BUFFERED_EVENTS)
         self._stdin_lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ events
 
-    def append(self, event: dict[str, Any], size: int = 0) -> None:
-        """Number ``event``, keep it (dropping the oldest output over the caps), wake
-        the followers."""
-        if self.final is not None:
-            return
-        event = {"seq": self._next_seq, **event}
-        self._next_seq += 1
-        self._events.append((event, size))
-        self._buffered += size
-        while len(self._events) > 1 and (self._buffered > self.max_buffer
-                                         or len(self._events) > MAX_BUFFERED_EVENTS):
-            _, dropped = self._events.popleft()
-            self._buffered -= dropped
-            self._first_seq += 1
-            self._dropped = True
-        if event["type"] in ("exit", "error"):
-            self.final = event
-            self.ended = time.time()
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The ``exit`` or ``error`` event, once the command ended."""
+        return self.log.final
 
-    async def follow(self, offset: int, *, follow: bool = True) -> AsyncIterator[dict[str, Any]]:
+    def append(self, event: dict[str, Any], size: int = 0) -> None:
+        """Number ``event`` (``size`` bytes of output), keep it (dropping the oldest
+        output over the caps), wake the followers. Ignored once the command ended."""
+        if self.log.append(event, size) and self.log.final is not None:
+            self.ended = time.time()
+
+    def follow(self, offset: int, *, follow: bool = True) -> AsyncIterator[dict[str, Any]]:
         """The events from ``seq`` ``offset`` on (or the oldest kept, if those were
         dropped); with ``follow``, waits for more until the command ends. An offset
         past the end is the next event (the exit, once it ended: always told)."""
-        seq = min(offset, self._next_seq if self.final is None else self.final["seq"])
-        while True:
-            seq = max(seq, self._first_seq)
-            idx = seq - self._first_seq
-            if idx < len(self._events):
-                event = self._events[idx][0]
-                seq += 1
-                yield event
-                if event["type"] in ("exit", "error"):
-                    return
-                continue
-            if self.final is not None or not follow:
-                return
-            await self._changed.wait()
+        return self.log.follow(offset, follow=follow)
 
     # ------------------------------------------------------------------ the command
 
@@ -114,15 +85,9 @@ class BackgroundCommand:
         async def go() -> None:
             final: dict[str, Any]
             try:
-                try:
-                    res = await handle.wait()
-                    timed_out = False
-                except CommandTimeout as exc:
-                    if exc.result is None:
-                        raise
-                    res, timed_out = exc.result, True
-                final = {"type": "exit", "exit_code": res.exit_code, "signal": res.signal,
-                         "timed_out": timed_out, "duration": round(res.duration, 6)}
+                res, timed_out = await wait_outcome(handle.wait())
+                assert res is not None  # a timeout without a result is raised
+                final = exit_event(res, timed_out=timed_out)
             except SandvmError as exc:
                 err = await explain(exc) if explain is not None else exc
                 final = {"type": "error", **(redactor or default_redactor()).public(
@@ -142,7 +107,7 @@ class BackgroundCommand:
         """Stop watching (the server lets go of the sandbox): the command is abandoned."""
         if self.handle is not None and self.final is None:
             with contextlib.suppress(SandvmError):
-                await self.handle._stream.reset()
+                await self.handle.abandon()
         if self._watcher is not None and not self._watcher.done() and \
                 self._watcher is not asyncio.current_task():  # not from its own end
             self._watcher.cancel()
@@ -192,5 +157,5 @@ class BackgroundCommand:
             signal=f.get("signal"), timed_out=f.get("timed_out"),
             error_code=f.get("code"), error_message=f.get("message"),
             stdin_open=self.stdin_open and self.final is None,
-            first_seq=self._first_seq, next_seq=self._next_seq,
-            output_dropped=self._dropped)
+            first_seq=self.log.first_seq, next_seq=self.log.next_seq,
+            output_dropped=self.log.dropped)
