@@ -248,12 +248,11 @@ class AsyncCommands:
             env = {**proxy, **(env or {})}
         image = self._sb.image_record
         if image is not None:
-            cfg = image.get("config") or {}
-            env = {**image_env(cfg.get("env") or ()), **(env or {})}
+            env = {**image_env(image.env), **(env or {})}
             if cwd is None:
-                cwd = cfg.get("working_dir") or "/"
-            if user is None and cfg.get("user"):
-                user = str(cfg["user"])
+                cwd = image.working_dir or "/"
+            if user is None and image.user:
+                user = image.user
         if user is not None:
             if not isinstance(user, str) or not user or len(user) > 256:
                 raise InvalidSpec("user must be a name or 'uid[:gid]'")

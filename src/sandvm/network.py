@@ -32,6 +32,7 @@ from sandvm.errors import InvalidSpec, SandvmError, Unsupported
 from sandvm.fds import BUDGET, raise_nofile_limit
 from sandvm.guestops import GuestOps
 from sandvm.ports import _download, _upload
+from sandvm.values import SandboxState
 
 if TYPE_CHECKING:
     from sandvm.sandbox import AsyncSandbox
@@ -142,11 +143,15 @@ class AsyncNetwork:
         return self._proxy.audit.path if self._proxy is not None else None
 
     async def _start(self, policy: NetworkPolicy, *, resolver: Resolver | None = None,
-                     audit_path: Path | None = None) -> None:
+                     audit_path: Path | None = None, bytes_used: int = 0) -> None:
+        # ``bytes_used``: spent under the policy's byte cap by earlier holders (the cap
+        # is for the sandbox's life)
         await GuestOps(self._conn()).egress_listen(port=self.guest_port,
                                                    timeout=self._sb.op_timeout)
         self._proxy = EgressProxy(policy, sandbox_id=self._sb.sandbox_id, resolver=resolver,
                                   audit=AuditLog(audit_path or audit_file(self._sb.sandbox_id)))
+        if bytes_used > 0:
+            self._proxy.bytes_total = bytes_used
         for _ in range(WAITING):
             self._spawn(self._acceptor())
 
@@ -285,7 +290,7 @@ class AsyncNetwork:
                 await self._proxy.aclose()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
-        if self._proxy is not None and not getattr(self._sb, "_detached", False):
+        if self._proxy is not None and self._sb.state is not SandboxState.DETACHED:
             with contextlib.suppress(Exception):
                 self._proxy.audit.end()
 

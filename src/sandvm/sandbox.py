@@ -20,6 +20,7 @@ from collections.abc import (
     Callable,
     Mapping,
 )
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from sandvm.core import (
     BUILTIN_IMAGES,
     ROOT_DISK,
     DiskSpec,
+    ImageRecord,
     VmSpec,
     new_id,
     parse_memory,
@@ -57,9 +59,11 @@ from sandvm.snapshots.store import Snapshot, SnapshotStore
 from sandvm.values import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_READ_CAP,
+    SANDBOX_TRANSITIONS,
     CommandResult,
     DirTransfer,
     EntryInfo,
+    SandboxState,
     WriteInfo,
 )
 from sandvm.volumes import VolumeAttachment, VolumeMount, VolumeStore, parse_mounts
@@ -67,16 +71,26 @@ from sandvm.volumes import VolumeAttachment, VolumeMount, VolumeStore, parse_mou
 __all__ = [
     "DEFAULT_COMMAND_TIMEOUT",
     "DEFAULT_READ_CAP",
+    "Adopt",
     "AsyncCommandHandle",
     "AsyncSandbox",
+    "Boot",
     "CommandHandle",
     "CommandResult",
     "DirTransfer",
     "EntryInfo",
+    "Restore",
     "Sandbox",
+    "SandboxResources",
+    "SandboxState",
     "VolumeMount",
     "WriteInfo",
+    "build_sandbox",
 ]
+
+
+_LIVE = (SandboxState.STARTING, SandboxState.RUNNING, SandboxState.PAUSED)
+_HANDED_OUT = (SandboxState.RUNNING, SandboxState.PAUSED)
 
 
 class AsyncSandbox:
@@ -87,7 +101,7 @@ class AsyncSandbox:
         self.sandbox_id = sandbox_id
         self._provider = provider
         self._vm = vm
-        self._closed = False
+        self._state = SandboxState.STARTING
         self._expiry: asyncio.Task[None] | None = None
         self.op_timeout = 30.0
         self.commands = AsyncCommands(self)
@@ -97,7 +111,7 @@ class AsyncSandbox:
         self._lifetime_handle: asyncio.TimerHandle | None = None
         self._snapshot_times: dict[str, float] = {}
         # the image (name, digest, config, rootfs) of a sandbox with a root disk
-        self._image: dict[str, Any] | None = None
+        self._image: ImageRecord | None = None
         # volumes attached (their locks are held until the VM is gone) and where
         self._volumes: list[tuple[VolumeAttachment, VolumeMount]] = []
         self._volume_watch: asyncio.Task[None] | None = None
@@ -165,57 +179,16 @@ class AsyncSandbox:
                            for i, (att, m) in enumerate(attached))
             spec = VmSpec(image=image, memory_mib=parse_memory(memory_mib), vcpus=vcpus,
                           disks=disks + vdisks)
-            prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
-            await prov.create_vm_with_spec(sid, spec)
-            if keeper_job is not None:
-                if attached:
-                    raise InvalidSpec("a detachable sandbox cannot have volumes yet")
-                prov.make_detachable(sid, keeper_job)
-            return await cls._launch(prov, sid, prov.start_vm(sid), timeout, image=image_info,
-                                     volumes=attached, network=network)
+            return await build_sandbox(
+                SandboxResources(sandbox_id=sid, spec=spec, image=image_info, lifetime=timeout,
+                                 network=network, volumes=tuple(attached),
+                                 keeper_job=keeper_job),
+                provider=provider or QemuVmProvider(boot_timeout=boot_timeout), origin=Boot())
         except BaseException:
             # the VM is gone (or never ran): nobody uses the volumes any more
             for att, _ in attached:
                 att.release()
             raise
-
-    @classmethod
-    async def _launch(cls, prov: QemuVmProvider, sid: str, start: Awaitable[None],
-                      lifetime: float | None, *, image: dict[str, Any] | None = None,
-                      restored: bool = False,
-                      volumes: list[tuple[VolumeAttachment, VolumeMount]] | None = None,
-                      network: NetworkPolicy | None = None) -> AsyncSandbox:
-        """Run ``start`` for the Created VM ``sid``, configure it, mount its volumes
-        (disks ``vol-<i>``); destroy it on failure."""
-        try:
-            await start
-            sb = cls(sandbox_id=sid, provider=prov, vm=prov.vm(sid), lifetime=lifetime)
-            sb._image = image
-            if image is not None and not restored:
-                await GuestOps(sb._conn()).mount_root(serial=ROOT_DISK, timeout=sb.op_timeout)
-            for i, (att, m) in enumerate(volumes or ()):
-                try:
-                    await GuestOps(sb._conn()).mount_volume(
-                        serial=f"vol-{i}", path=m.path, read_only=m.read_only,
-                        timeout=sb.op_timeout)
-                except SandvmError as exc:
-                    raise type(exc)(f"cannot mount volume {att.volume.name!r} at {m.path}:"
-                                    f" {exc.message}") from exc
-            if volumes:
-                sb._volumes = list(volumes)
-                sb._volume_watch = asyncio.get_running_loop().create_task(
-                    sb._release_volumes_on_exit())
-            await sb._configure()
-            if network is not None:
-                await sb.network._start(network)
-            elif restored:  # a listener the snapshot had would take connections nobody serves
-                with contextlib.suppress(SandvmError):
-                    await GuestOps(sb._conn()).egress_close(timeout=sb.op_timeout)
-        except BaseException:
-            with contextlib.suppress(SandvmError):
-                await prov.destroy_vm(sid)
-            raise
-        return sb
 
     @classmethod
     async def from_snapshot(cls, snapshot: Snapshot | str | Path, *,
@@ -248,12 +221,11 @@ class AsyncSandbox:
         assets, accel = await prov._resolve()
         _check_compatible(snap, accel, await _qemu_version(assets.qemu))
         source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap)
-        sid = sandbox_id or new_id("sb")
-        await prov.create_vm_with_spec(sid, snap.spec)
-        if keeper_job is not None:
-            prov.make_detachable(sid, keeper_job)
-        return await cls._launch(prov, sid, prov.restore_vm(sid, source), timeout,
-                                 image=snap.image, restored=True, network=network)
+        return await build_sandbox(
+            SandboxResources(sandbox_id=sandbox_id or new_id("sb"), spec=snap.spec,
+                             image=snap.image, lifetime=timeout, network=network,
+                             keeper_job=keeper_job),
+            provider=prov, origin=Restore(source))
 
     async def _release_volumes_on_exit(self) -> None:
         """Release the volumes' locks as soon as QEMU is gone, however it ended."""
@@ -282,9 +254,11 @@ class AsyncSandbox:
         pause and total time are in ``last_snapshot_times``. A sandbox that was
         itself restored from a snapshot is saved with its RAM in the state stream
         (slower; its restores do not share pages). Raises SnapshotAlreadyExists,
-        SandboxStateError (also for a sandbox with volumes).
+        SandboxStateError (also for a sandbox with volumes). Allowed while running or
+        paused (a paused sandbox runs again afterwards).
         """
-        self._conn()  # raises if killed or crashed
+        self._require(*_HANDED_OUT)
+        self._conn()  # raises if crashed
         if self._volumes:
             names = ", ".join(f"{a.volume.name!r} at {m.path}" for a, m in self._volumes)
             raise SandboxStateError(
@@ -313,8 +287,10 @@ class AsyncSandbox:
             try:
                 await self._vm.save_state(fast, take_memory=stop)
             finally:
-                if not stop and self._vm.failure is None and not self._closed:
+                if not stop and self._vm.failure is None and self._state in _LIVE:
                     await self._vm.resume()
+                    if self._state is SandboxState.PAUSED:
+                        self._move(SandboxState.RUNNING)
                 # the vCPUs ran until ``stop`` and run again once ``cont`` returns
                 paused = time.monotonic() - (self._vm.stopped_at or t0)
             resumed = time.monotonic() - t0
@@ -337,13 +313,14 @@ class AsyncSandbox:
                 "accelerator": self._vm.accel, "cpu": "host" if self._vm.accel == "kvm"
                 else "max", "kernel_release": self._vm.assets.kernel_release,
                 "created": time.time(), "source_id": self.sandbox_id,
-                "spec": {"image": self._vm.spec.image, "memory_mib": self._vm.spec.memory_mib,
-                         "vcpus": self._vm.spec.vcpus,
+                # its disks are the layer files beside it (``_export_disks``): their
+                # serials and sizes only, no host paths
+                "spec": {**self._vm.spec.to_dict(),
                          "disks": [{"serial": d.serial, "overlay_size": d.overlay_size}
                                    for d in self._vm.spec.disks]},
             }
             if self._image is not None:
-                manifest["image"] = self._image
+                manifest["image"] = self._image.to_dict()
             if parent_snap is not None:
                 manifest["parent"] = {"name": parent_snap.name,
                                       "mem_sha256": parent_snap.files["mem"]["sha256"]}
@@ -426,12 +403,15 @@ class AsyncSandbox:
                     store: SnapshotStore | None = None) -> Snapshot | None:
         """Freeze the VM's vCPUs (memory stays allocated), or with ``to_disk`` save it
         as snapshot ``paused-<id>`` and free it: the sandbox is then closed and
-        ``resume_from`` brings it back, in this or another process. Raises
-        SandboxStateError."""
+        ``resume_from`` brings it back, in this or another process. Allowed while
+        running or paused. Raises SandboxStateError."""
+        self._require(*_HANDED_OUT)
         self._conn()
         if to_disk:
             return await self.snapshot(f"paused-{self.sandbox_id}", stop=True, store=store)
         await self._vm.pause()
+        if self._state is SandboxState.RUNNING:
+            self._move(SandboxState.PAUSED)
         return None
 
     @classmethod
@@ -451,9 +431,12 @@ class AsyncSandbox:
 
     async def resume(self) -> None:
         """Let a paused VM run again, its clock stepped to the host's (it stood still
-        while paused). Raises SandboxStateError."""
+        while paused). Allowed while paused or running. Raises SandboxStateError."""
+        self._require(*_HANDED_OUT)
         self._conn()
         await self._vm.resume()
+        if self._state is SandboxState.PAUSED:
+            self._move(SandboxState.RUNNING)
         await self._step_clock()
 
     async def _step_clock(self) -> None:
@@ -464,13 +447,13 @@ class AsyncSandbox:
     async def _let_go(self) -> None:
         """Detach: close our connections and leave the VM running under its keeper.
         This object is unusable afterwards. Raises SandboxStateError if the sandbox
-        was not created detachable."""
+        was not created detachable. Allowed while running or paused."""
+        self._require(*_HANDED_OUT)
         self._conn()
         if self._vm.keeper_pid is None:
             raise SandboxStateError(f"sandbox {self.sandbox_id} was not created detachable:"
                                     " create it through sandvm's runtime (`sandvm create`)")
-        self._detached = True
-        self._closed = True
+        self._move(SandboxState.DETACHED)
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
         await self.ports._shutdown()
@@ -478,23 +461,49 @@ class AsyncSandbox:
         await self._vm.detach()
 
     @property
-    def image_record(self) -> dict[str, Any] | None:
+    def image_record(self) -> ImageRecord | None:
         """The image (name, digest, config, rootfs) of a sandbox with a root disk; None
         for a built-in image."""
         return self._image
 
     def connection(self) -> AgentConnection:
         """The guest agent's connection, for the modules that speak to the guest (commands,
-        files, ports, network). Any state but running raises SandboxStateError (killed,
-        detached) or the VM's failure (VmCrashed, AgentProtocolError)."""
+        files, ports, network). Allowed while starting, running or paused; otherwise
+        raises SandboxStateError (killed, detached); a dead VM raises its failure
+        (VmCrashed, AgentProtocolError)."""
         return self._conn()
 
+    @property
+    def state(self) -> SandboxState:
+        """Where this sandbox is in its life (see SandboxState). Any state."""
+        return self._state
+
+    def _move(self, target: SandboxState) -> None:
+        """The one place the state changes. Raises SandboxStateError for a transition
+        SandboxState does not allow."""
+        if target not in SANDBOX_TRANSITIONS[self._state]:
+            raise self._state_error((target,), doing=f"become {target.value}")
+        self._state = target
+
+    def _require(self, *allowed: SandboxState) -> None:
+        """The guard of every public method: raise SandboxStateError unless the state is
+        one of ``allowed``."""
+        if self._state not in allowed:
+            raise self._state_error(allowed)
+
+    def _state_error(self, allowed: tuple[SandboxState, ...], *,
+                     doing: str = "do this") -> SandboxStateError:
+        if self._state is SandboxState.DETACHED:
+            return SandboxStateError(f"sandbox {self.sandbox_id} was detached: reclaim it"
+                                     " with its ticket")
+        if self._state is SandboxState.KILLED:
+            return SandboxStateError(f"sandbox {self.sandbox_id} has been killed")
+        return SandboxStateError(
+            f"sandbox {self.sandbox_id} is {self._state.value}; to {doing} it must be"
+            f" {' or '.join(s.value for s in allowed)}")
+
     def _conn(self) -> AgentConnection:
-        if self._closed:
-            if getattr(self, "_detached", False):
-                raise SandboxStateError(f"sandbox {self.sandbox_id} was detached: reclaim it"
-                                        " with its ticket")
-            raise SandboxStateError(f"sandbox {self.sandbox_id} has been killed")
+        self._require(*_LIVE)
         if self._vm.failure is not None:
             raise self._vm.failure
         assert self._vm.agent is not None
@@ -502,7 +511,8 @@ class AsyncSandbox:
 
     @property
     def info(self) -> dict[str, Any]:
-        """Facts about the VM: accelerator, boot time, guest kernel, agent version, QEMU pid."""
+        """Facts about the VM: accelerator, boot time, guest kernel, agent version, QEMU
+        pid. Any state (after a kill: as it was)."""
         ai = self._vm.agent_info
         return {"sandbox_id": self.sandbox_id, "accelerator": self._vm.accel,
                 "image": self._vm.spec.image,
@@ -514,22 +524,27 @@ class AsyncSandbox:
                             for a, m in self._volumes}}
 
     async def is_running(self) -> bool:
-        return not self._closed and self._vm.alive
+        """Whether the VM is alive and this object may use it. Any state."""
+        return self._state in _LIVE and self._vm.alive
 
     async def ping(self) -> float:
-        """Agent round trip in seconds."""
+        """Agent round trip in seconds. Allowed while starting, running or paused (a
+        paused guest answers once resumed). Raises SandboxStateError, VmCrashed."""
         return await self._conn().ping()
 
     async def kill(self) -> None:
         """Destroy the VM and everything it had (its volumes' data is synced to them
-        first, and they are released; its exposed ports stop listening). Idempotent."""
-        if self._closed:
+        first, and they are released; its exposed ports stop listening). Any state:
+        a killed or detached sandbox is left as it is."""
+        if self._state not in _LIVE:
             return
         if any(not m.read_only for _, m in self._volumes) and self._vm.alive:
             # what the guest wrote may still be in its page cache: flush it to the volumes
             with contextlib.suppress(SandvmError):
                 await GuestOps(self._conn()).sync(timeout=min(self.op_timeout, 20.0))
-        self._closed = True
+        if self._state not in _LIVE:  # killed or detached while it synced
+            return
+        self._move(SandboxState.KILLED)
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
         await self.ports._shutdown()  # no new tunnels: host listeners close first
@@ -577,6 +592,115 @@ def _check_compatible(snap: Snapshot, accel: str, host_qemu: str) -> None:
         raise SnapshotIncompatible(
             f"snapshot {snap.name} was taken with {snap.qemu_version!r}; this host has"
             f" {host_qemu!r}: take the snapshot again with this QEMU")
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+@dataclass(frozen=True, kw_only=True)
+class SandboxResources:
+    """Everything one sandbox is made of (its desired state, as Firecracker's
+    VmResources); ``build_sandbox`` makes a running AsyncSandbox of it.
+
+    ``image`` is the image on the spec's root disk (None for a built-in image);
+    ``lifetime`` seconds until it is killed (None: until killed); ``network`` its
+    egress policy, with ``network_bytes`` already spent under its byte cap (a
+    sandbox adopted from another process); ``volumes`` the volumes locked for it,
+    on the spec's disks ``vol-<i>`` in this order; ``keeper_job`` runs the VM under
+    a keeper so that it can be detached (sandvm's runtime manager).
+    """
+
+    sandbox_id: str
+    spec: VmSpec
+    image: ImageRecord | None = None
+    lifetime: float | None = None
+    network: NetworkPolicy | None = None
+    network_bytes: int = 0
+    volumes: tuple[tuple[VolumeAttachment, VolumeMount], ...] = ()
+    keeper_job: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Boot:
+    """Where a sandbox comes from: a VM booted from its spec (a fresh guest: its root
+    disk and volumes are mounted, then it gets its identity)."""
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Where a sandbox comes from: a VM restored from the snapshot files in ``source``
+    (a materialised snapshot; its guest gets a fresh identity)."""
+
+    source: Path
+
+
+@dataclass(frozen=True)
+class Adopt:
+    """Where a sandbox comes from: ``vm``, a detachable VM already running and set up,
+    attached from its keeper (``QemuVm.attach``; a clock that stood still is stepped).
+    On failure it is let go, not destroyed."""
+
+    vm: QemuVm
+
+
+async def build_sandbox(res: SandboxResources, *, provider: QemuVmProvider,
+                        origin: Boot | Restore | Adopt) -> AsyncSandbox:
+    """The one way a sandbox is assembled (create, restore, attach): register ``res``'s
+    VM with ``provider``, start it as ``origin`` says, set the guest up and hand the
+    sandbox out RUNNING. On failure the VM is destroyed (an adopted one is let go) and
+    the error raised: InvalidSpec (a detachable sandbox with volumes), VmAlreadyExists,
+    VmBootError, and what the guest's set-up raises."""
+    sid = res.sandbox_id
+    if isinstance(origin, Adopt):
+        await provider.adopt_vm(sid, origin.vm)
+    else:
+        if res.keeper_job is not None and res.volumes:
+            raise InvalidSpec("a detachable sandbox cannot have volumes yet")
+        await provider.create_vm_with_spec(sid, res.spec)
+        if res.keeper_job is not None:
+            provider.make_detachable(sid, dict(res.keeper_job))
+    try:
+        if isinstance(origin, Boot):
+            await provider.start_vm(sid)
+        elif isinstance(origin, Restore):
+            await provider.restore_vm(sid, origin.source)
+        sb = AsyncSandbox(sandbox_id=sid, provider=provider, vm=provider.vm(sid),
+                          lifetime=res.lifetime)
+        sb._image = res.image
+        if isinstance(origin, Boot) and res.image is not None:
+            await GuestOps(sb._conn()).mount_root(serial=ROOT_DISK, timeout=sb.op_timeout)
+        for i, (att, m) in enumerate(res.volumes):
+            try:
+                await GuestOps(sb._conn()).mount_volume(
+                    serial=f"vol-{i}", path=m.path, read_only=m.read_only,
+                    timeout=sb.op_timeout)
+            except SandvmError as exc:
+                raise type(exc)(f"cannot mount volume {att.volume.name!r} at {m.path}:"
+                                f" {exc.message}") from exc
+        if res.volumes:
+            sb._volumes = list(res.volumes)
+            sb._volume_watch = asyncio.get_running_loop().create_task(
+                sb._release_volumes_on_exit())
+        if isinstance(origin, Adopt):
+            if origin.vm.resumed:  # it stood still since its last holder paused it
+                await sb._step_clock()
+        else:
+            await sb._configure()
+        if res.network is not None:
+            await sb.network._start(res.network, bytes_used=res.network_bytes)
+        elif isinstance(origin, Restore):
+            # a listener the snapshot had would take connections nobody serves
+            with contextlib.suppress(SandvmError):
+                await GuestOps(sb._conn()).egress_close(timeout=sb.op_timeout)
+    except BaseException:
+        if isinstance(origin, Adopt):
+            await origin.vm.detach()  # never keep it held after a failed attach
+        else:
+            with contextlib.suppress(SandvmError):
+                await provider.destroy_vm(sid)
+        raise
+    sb._move(SandboxState.RUNNING)
+    return sb
 
 
 # --------------------------------------------------------------------------- sync surface
@@ -653,6 +777,11 @@ class Sandbox:
     def info(self) -> dict[str, Any]:
         return self._a.info
 
+    @property
+    def state(self) -> SandboxState:
+        """See AsyncSandbox.state."""
+        return self._a.state
+
     def is_running(self) -> bool:
         return _portal.call(self._a.is_running())
 
@@ -684,7 +813,7 @@ def _check_network(network: object) -> None:
                           f" got {type(network).__name__}")
 
 async def _resolve_image(image: str, disk_size: int | str | None
-                         ) -> tuple[dict[str, Any] | None, tuple[DiskSpec, ...]]:
+                         ) -> tuple[ImageRecord | None, tuple[DiskSpec, ...]]:
     """(image record, disks) for ``image``: none for a built-in image."""
     if image in BUILTIN_IMAGES:
         if disk_size is not None:
@@ -700,11 +829,10 @@ async def _resolve_image(image: str, disk_size: int | str | None
         raise InvalidSpec(f"disk_size {size} bytes is smaller than the image's root"
                           f" filesystem ({stored.rootfs_bytes} bytes)")
     cfg = stored.config
-    record = {"name": image, "manifest_digest": stored.manifest_digest,
-              "build_id": stored.build_id, "rootfs": str(stored.rootfs), "disk_size": size,
-              "config": {"env": list(cfg.env), "working_dir": cfg.working_dir,
-                         "user": cfg.user, "entrypoint": list(cfg.entrypoint),
-                         "cmd": list(cfg.cmd)}}
+    record = ImageRecord(name=image, manifest_digest=stored.manifest_digest,
+                         build_id=stored.build_id, rootfs=str(stored.rootfs), disk_size=size,
+                         env=tuple(cfg.env), working_dir=cfg.working_dir, user=cfg.user,
+                         entrypoint=tuple(cfg.entrypoint), cmd=tuple(cfg.cmd))
     disk = DiskSpec(serial=ROOT_DISK, path=str(stored.rootfs), format="raw",
                     overlay_size=size)
     return record, (disk,)

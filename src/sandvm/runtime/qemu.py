@@ -528,9 +528,8 @@ class QemuIsolationRuntime:
 
     @staticmethod
     def _image_user(sb: AsyncSandbox) -> str | None:
-        cfg = (sb._image or {}).get("config") or {}
-        user = cfg.get("user")
-        return str(user) if user else None
+        image = sb.image_record
+        return image.user if image is not None and image.user else None
 
     @staticmethod
     async def _deliver_files(sb: AsyncSandbox, files: list[SecretSpec],
