@@ -896,6 +896,8 @@ def logs_cmd(sandbox_id: str) -> None:
     from datetime import datetime
     from pathlib import Path
 
+    from sandvm.runtime.journal import JournalState
+
     m = _manager()
     rec = m.journal.get(sandbox_id)
     if rec is None:
@@ -906,7 +908,7 @@ def logs_cmd(sandbox_id: str) -> None:
         status = "" if e["phase"] == "intent" else (" ok" if e["ok"] else " failed")
         detail = f" {json.dumps(e['detail'])}" if e["detail"] else ""
         click.echo(f"{when}  {e['op']:8} {e['phase']}{status}{detail}")
-    if rec.state == "ended":
+    if rec.state is JournalState.ENDED:
         click.echo(f"ended: {rec.end_reason}")
     elif rec.rundir:
         from sandvm.providers.qemu import console_tail

@@ -5,10 +5,17 @@ Every effect on a managed sandbox is recorded as an *intent* before it happens a
 it owned and what may be half-done. The ``sandboxes`` table is the current state,
 rebuilt from the same writes. Nothing secret is ever written here: callers pass only
 ids, paths, sizes and reasons.
+
+A sandbox's state is a ``JournalState``: ``add`` records it STARTING, its keeper moves
+it to RUNNING (``update``), ``end`` to ENDED (terminal, first reason wins).
+
+Stdlib only: the keeper (``runtime/keeper.py``, run as ``python -I -S``) loads this file
+by path, without the sandvm package.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import sqlite3
@@ -17,7 +24,35 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+#: a JournalState's name, typed for the HTTP models and the CLI
+StateName = Literal["starting", "running", "ended"]
+
+
+class JournalState(enum.StrEnum):
+    """A managed sandbox's state in the journal::
+
+        STARTING ──▶ RUNNING ──▶ ENDED (terminal, with a reason)
+            └──────────────────────▲
+
+    STARTING: recorded, its keeper not registered yet; RUNNING: its keeper runs QEMU;
+    ENDED: gone (killed, expired, failed to start, repaired). Only ``end`` ends one.
+    """
+
+    STARTING = "starting"
+    RUNNING = "running"
+    ENDED = "ended"
+
+    @property
+    def label(self) -> StateName:
+        """This state's name, as the HTTP API and the CLI show it."""
+        return _LABELS[self]
+
+
+_LABELS: dict[JournalState, StateName] = {
+    JournalState.STARTING: "starting", JournalState.RUNNING: "running",
+    JournalState.ENDED: "ended"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sandboxes (
@@ -90,7 +125,7 @@ class SandboxRecord:
     """One managed sandbox as the journal knows it."""
 
     id: str
-    state: str
+    state: JournalState
     created: float
     deadline: float | None
     keeper_pid: int | None
@@ -188,11 +223,13 @@ class Journal:
     # ------------------------------------------------------------------ sandboxes
 
     def add(self, sandbox_id: str, **fields: Any) -> None:
-        """Record a new sandbox (state ``starting`` unless given)."""
-        fields.setdefault("state", "starting")
+        """Record a new sandbox (STARTING unless given). Raises KeyError for an unknown
+        field, ValueError for a state but STARTING or RUNNING."""
+        fields.setdefault("state", JournalState.STARTING)
         bad = set(fields) - set(_FIELDS)
         if bad:
             raise KeyError(f"unknown sandbox fields {sorted(bad)}")
+        fields["state"] = _live_state(fields["state"])
         if "record" in fields:
             fields["record"] = json.dumps(fields["record"])
         cols = ", ".join(["id", "created", *fields])
@@ -203,17 +240,21 @@ class Journal:
 
     def update(self, sandbox_id: str, *, unless_ended: bool = False, **fields: Any) -> bool:
         """Change fields of a sandbox; with ``unless_ended`` only of one not ended yet
-        (returns False if it was). Raises KeyError for an unknown field or sandbox."""
+        (returns False if it was). Raises KeyError for an unknown field or sandbox,
+        ValueError for a state but STARTING or RUNNING (``end`` ends a sandbox)."""
         bad = set(fields) - set(_FIELDS)
         if bad:
             raise KeyError(f"unknown sandbox fields {sorted(bad)}")
+        if "state" in fields:
+            fields["state"] = _live_state(fields["state"])
         if "record" in fields:
             fields["record"] = json.dumps(fields["record"])
         sets = ", ".join(f"{k} = ?" for k in fields)
-        where = "id = ? AND state != 'ended'" if unless_ended else "id = ?"
+        where = "id = ? AND state != ?" if unless_ended else "id = ?"
         with self._tx() as db:
             cur = db.execute(f"UPDATE sandboxes SET {sets} WHERE {where}",
-                             (*fields.values(), sandbox_id))
+                             (*fields.values(), sandbox_id,
+                              *((JournalState.ENDED.value,) if unless_ended else ())))
             if cur.rowcount == 1:
                 return True
             if db.execute("SELECT 1 FROM sandboxes WHERE id = ?", (sandbox_id,)).fetchone():
@@ -223,9 +264,10 @@ class Journal:
     def end(self, sandbox_id: str, reason: str) -> bool:
         """Mark a sandbox ended (first reason wins); False if it already was."""
         with self._tx() as db:
-            cur = db.execute("UPDATE sandboxes SET state = 'ended', ended = ?, end_reason = ?"
-                             " WHERE id = ? AND state != 'ended'",
-                             (time.time(), reason, sandbox_id))
+            cur = db.execute("UPDATE sandboxes SET state = ?, ended = ?, end_reason = ?"
+                             " WHERE id = ? AND state != ?",
+                             (JournalState.ENDED.value, time.time(), reason, sandbox_id,
+                              JournalState.ENDED.value))
             return cur.rowcount == 1
 
     def get(self, sandbox_id: str) -> SandboxRecord | None:
@@ -236,11 +278,13 @@ class Journal:
         return _record(row) if row else None
 
     def sandboxes(self, *, include_ended: bool = False) -> list[SandboxRecord]:
-        where = "" if include_ended else " WHERE state != 'ended'"
+        where = "" if include_ended else " WHERE state != ?"
         rows = self._db.execute("SELECT id, state, created, deadline, keeper_pid, keeper_start,"
                                 " qemu_pid, rundir, diskdir, record, ticket_sha256, ended,"
                                 " end_reason FROM sandboxes" + where +
-                                " ORDER BY created").fetchall()
+                                " ORDER BY created",
+                                () if include_ended else (JournalState.ENDED.value,)
+                                ).fetchall()
         return [_record(r) for r in rows]
 
 
@@ -266,8 +310,23 @@ def _alive(owner: str) -> bool:
         return False
 
 
+def _live_state(state: str) -> str:
+    """``state`` as stored for ``add``/``update``: STARTING or RUNNING. Raises ValueError."""
+    if state not in (JournalState.STARTING, JournalState.RUNNING):
+        raise ValueError(f"a sandbox's state can be set to starting or running, not"
+                         f" {state!r} (end() ends it)")
+    return str(JournalState(state).value)
+
+
+def _state(value: str) -> JournalState:
+    try:
+        return JournalState(value)
+    except ValueError:  # written by a newer sandvm: alive as far as this one can tell
+        return JournalState.RUNNING
+
+
 def _record(row: tuple[Any, ...]) -> SandboxRecord:
-    return SandboxRecord(id=row[0], state=row[1], created=row[2], deadline=row[3],
+    return SandboxRecord(id=row[0], state=_state(row[1]), created=row[2], deadline=row[3],
                          keeper_pid=row[4], keeper_start=row[5], qemu_pid=row[6],
                          rundir=row[7], diskdir=row[8], record=json.loads(row[9] or "{}"),
                          ticket_sha256=row[10], ended=row[11], end_reason=row[12])

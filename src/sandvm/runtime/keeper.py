@@ -95,7 +95,9 @@ def main() -> int:
                 tmp = Path(d) / f".{OWNER_FILE}.{keeper_pid}"
                 tmp.write_text(me)
                 os.replace(tmp, Path(d) / OWNER_FILE)  # sweeps see us, not the creator
-        journal = _load_journal().Journal(Path(job["journal"]))
+        jmod = _load_journal()
+        journal = jmod.Journal(Path(job["journal"]))
+        ended = jmod.JournalState.ENDED
         jail = _load_jail()
         plan = job.get("confine") or {"mode": "none"}
         pass_fds = tuple(int(fd) for fd in job.get("pass_fds", ()))
@@ -122,7 +124,8 @@ def main() -> int:
         (rundir / "qemu.pid").write_text(f"{qemu.pid}\n")
         if reason or not journal.update(
                 sid, unless_ended=True, keeper_pid=keeper_pid, keeper_start=me.split()[1],
-                qemu_pid=qemu.pid, state="running", rundir=str(rundir), diskdir=diskdir):
+                qemu_pid=qemu.pid, state=jmod.JournalState.RUNNING, rundir=str(rundir),
+                diskdir=diskdir):
             raise SystemExit(1)  # killed, or ended (e.g. repaired) while we started
     except BaseException:
         for proc in started:
@@ -149,7 +152,7 @@ def main() -> int:
             rec = journal.get(sid)
         except Exception:  # noqa: BLE001 - a busy or damaged journal must not kill the VM
             rec = False
-        if rec is None or (rec and rec.state == "ended"):
+        if rec is None or (rec and rec.state == ended):
             reason.append(rec.end_reason if rec else "forgotten by the journal")
             qemu.kill()
             continue

@@ -8,7 +8,7 @@ ticket), reclaim it by ticket (once), extend its TTL or kill it. ``gc`` (also ru
 on every listing) finds sandboxes whose keeper died — e.g. SIGKILLed — removes
 what they left behind and records them as ``repair-needed``.
 
-States in the journal: ``starting`` → ``running`` → ``ended`` (with a reason).
+States in the journal: ``JournalState`` (starting → running → ended, with a reason).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from sandvm.errors import (
 )
 from sandvm.network import audit_dir, end_audit
 from sandvm.providers.qemu import QemuVm, QemuVmProvider
-from sandvm.runtime.journal import Journal, SandboxRecord
+from sandvm.runtime.journal import Journal, JournalState, SandboxRecord
 from sandvm.sandbox import Adopt, AsyncSandbox, SandboxResources, build_sandbox, fork_roots
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 
@@ -86,7 +86,7 @@ class ManagedInfo:
     """One line of ``sandvm ls``."""
 
     sandbox_id: str
-    state: str
+    state: JournalState
     image: str
     created: float
     expires_in: float | None
@@ -293,7 +293,7 @@ class SandboxManager:
         rec = self.journal.get(sandbox_id)
         if rec is None:
             raise VmNotFound(sandbox_id)
-        if rec.state == "ended" or not keeper_alive(rec):
+        if rec.state is JournalState.ENDED or not keeper_alive(rec):
             self.gc()
             raise SandboxStateError(f"sandbox {sandbox_id} has ended"
                                     f" ({(self.journal.get(sandbox_id) or rec).end_reason})")
@@ -397,7 +397,7 @@ class SandboxManager:
         rec = self.journal.get(sandbox_id)
         if rec is None:
             raise VmNotFound(sandbox_id)
-        if rec.state == "ended":
+        if rec.state is JournalState.ENDED:
             return
         seq = self.journal.intent(sandbox_id, "kill", reason=reason)
         self.journal.end(sandbox_id, reason)  # the keeper sees it and stops QEMU
@@ -426,9 +426,9 @@ class SandboxManager:
         return [ManagedInfo(sandbox_id=r.id, state=r.state,
                             image=str((r.record.get("spec") or {}).get("image", "?")),
                             created=r.created,
-                            expires_in=None if r.deadline is None or r.state == "ended"
+                            expires_in=None if r.deadline is None or r.state is JournalState.ENDED
                             else max(0.0, r.deadline - now),
-                            qemu_pid=r.qemu_pid if r.state != "ended" else None,
+                            qemu_pid=r.qemu_pid if r.state is not JournalState.ENDED else None,
                             end_reason=r.end_reason)
                 for r in self.journal.sandboxes(include_ended=include_ended)]
 
@@ -448,7 +448,7 @@ class SandboxManager:
         for e in self.journal.interrupted():
             sid, op = e["sandbox_id"], e["op"]
             rec = self.journal.get(sid)
-            if rec is not None and rec.state != "ended" and op in ("create", "kill"):
+            if rec is not None and rec.state is not JournalState.ENDED and op in ("create", "kill"):
                 reason = ("repair-needed: its creator ended before the sandbox was ready"
                           if op == "create" else str(e["detail"].get("reason", "killed")))
                 await self.kill(sid, reason=reason)
@@ -478,7 +478,7 @@ class SandboxManager:
         for rec in self.journal.sandboxes():
             if keeper_alive(rec):
                 continue
-            if rec.state == "starting" and rec.keeper_pid is None and (
+            if rec.state is JournalState.STARTING and rec.keeper_pid is None and (
                     time.time() - rec.created < starting_grace or
                     self.journal.being_created(rec.id)):
                 continue  # still being created (e.g. a long image import before its boot)
@@ -504,7 +504,7 @@ class SandboxManager:
         for f in adir.glob("egress-*.jsonl"):
             sid = f.name.removeprefix("egress-").removesuffix(".jsonl")
             rec = self.journal.get(sid)
-            if rec is not None and rec.state == "ended":
+            if rec is not None and rec.state is JournalState.ENDED:
                 end_audit(sid)
 
     @staticmethod

@@ -219,8 +219,7 @@ class SandboxService:
     @staticmethod
     def _info(rec: SandboxRecord) -> SandboxInfo:
         spec = rec.record.get("spec") or {}
-        state = rec.state if rec.state in ("starting", "running", "ended") else "running"
-        return SandboxInfo(sandbox_id=rec.id, state=state,  # type: ignore[arg-type]
+        return SandboxInfo(sandbox_id=rec.id, state=rec.state.label,
                            image=str(spec.get("image", "?")),
                            memory_mib=int(spec.get("memory_mib", 0)),
                            vcpus=int(spec.get("vcpus", 0)), created=rec.created,
