@@ -16,6 +16,7 @@ $(BIN)/sandvm: pyproject.toml
 
 lint:
 	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/lint-imports --no-logo
 	$(BIN)/python tools/check_private.py --quiet
 
 typecheck:

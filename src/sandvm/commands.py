@@ -51,7 +51,7 @@ from sandvm.values import (
 )
 
 if TYPE_CHECKING:
-    from sandvm.sandbox import AsyncSandbox
+    from sandvm.link import SandboxLink
 
 _HOST_GRACE = 10.0  # the host waits this long past a command's timeout for the guest
 
@@ -195,7 +195,7 @@ class AsyncCommandHandle:
 class AsyncCommands:
     """``sandbox.commands``: run commands in the guest."""
 
-    def __init__(self, sb: AsyncSandbox) -> None:
+    def __init__(self, sb: SandboxLink) -> None:
         self._sb = sb
 
     @overload

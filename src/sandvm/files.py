@@ -47,7 +47,7 @@ from sandvm.values import (
 )
 
 if TYPE_CHECKING:
-    from sandvm.sandbox import AsyncSandbox
+    from sandvm.link import SandboxLink
 
 
 _TAR_BLOCK = 512
@@ -271,7 +271,7 @@ class _TreeExtractor:
         """Read the stream from pipe ``fd`` (closed when done) and extract it. Raises
         FileTooLarge, AgentProtocolError (the guest's archive is malformed or refused:
         huge extended headers, sparse members)."""
-        from sandvm.images.layers import open_untrusted_tar
+        from sandvm.tarsafe import open_untrusted_tar
 
         try:
             with os.fdopen(fd, "rb") as f, open_untrusted_tar(f, stream=True) as tar:
@@ -346,7 +346,7 @@ def _count(msg: dict[str, Any], key: str) -> int:
 class AsyncFiles:
     """``sandbox.files``: files in the guest. Paths must be absolute."""
 
-    def __init__(self, sb: AsyncSandbox) -> None:
+    def __init__(self, sb: SandboxLink) -> None:
         self._sb = sb
 
     async def write(self, path: str, data: bytes | str, *, mode: int = 0o644,

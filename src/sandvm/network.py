@@ -35,7 +35,7 @@ from sandvm.ports import _download, _upload
 from sandvm.values import SandboxState
 
 if TYPE_CHECKING:
-    from sandvm.sandbox import AsyncSandbox
+    from sandvm.link import SandboxLink
 
 GUEST_PROXY_PORT = 3128
 WAITING = 4  # egress_accept streams kept waiting in the guest
@@ -77,7 +77,7 @@ def end_audit(sandbox_id: str) -> Path | None:
 class AsyncNetwork:
     """The sandbox's egress policy, its audit events, and the plumbing behind them."""
 
-    def __init__(self, sb: AsyncSandbox) -> None:
+    def __init__(self, sb: SandboxLink) -> None:
         raise_nofile_limit()  # once per process: every sandbox gets here
         self._sb = sb
         self._proxy: EgressProxy | None = None
@@ -106,7 +106,7 @@ class AsyncNetwork:
 
     def _conn(self) -> AgentConnection:
         # raises if the sandbox is gone
-        return require_feature(self._sb._conn(), "egress", "egress proxy", Unsupported)
+        return require_feature(self._sb.connection(), "egress", "egress proxy", Unsupported)
 
     async def set_policy(self, policy: NetworkPolicy) -> None:
         """Replace the policy, atomically (see EgressProxy.set_policy); on a sandbox
@@ -118,7 +118,7 @@ class AsyncNetwork:
             if self._proxy is None:
                 await self._start(policy)
             else:
-                self._sb._conn()
+                self._sb.connection()
                 self._proxy.set_policy(policy)
         if self._on_policy is not None:
             self._on_policy(policy)

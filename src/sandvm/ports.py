@@ -50,7 +50,7 @@ from sandvm.fds import BUDGET, raise_nofile_limit
 from sandvm.guestops import GuestOps
 
 if TYPE_CHECKING:
-    from sandvm.sandbox import AsyncSandbox
+    from sandvm.link import SandboxLink
 
 __all__ = [
     "AsyncPortStream",
@@ -497,7 +497,7 @@ class AsyncPorts:
     """``sandbox.ports``: reach TCP servers in the guest from the host (no network device:
     every connection is tunneled through the agent channel)."""
 
-    def __init__(self, sb: AsyncSandbox) -> None:
+    def __init__(self, sb: SandboxLink) -> None:
         raise_nofile_limit()  # once per process: every sandbox gets here
         self._sb = sb
         self._listeners: dict[tuple[str, int], _Listener] = {}
@@ -525,7 +525,7 @@ class AsyncPorts:
 
     def _conn(self) -> AgentConnection:
         # raises if the sandbox is gone
-        return require_feature(self._sb._conn(), "tcp", "TCP tunnels", PortError)
+        return require_feature(self._sb.connection(), "tcp", "TCP tunnels", PortError)
 
     def _track(self, task: asyncio.Task[Any], listener: _Listener | None = None) -> None:
         self._tasks.add(task)
@@ -607,7 +607,7 @@ class AsyncPorts:
         if self._ended:  # the sandbox ended meanwhile
             server.close()
             BUDGET.release(sid, 1)
-            self._sb._conn()
+            self._sb.connection()
         bound = server.sockets[0].getsockname()[1]
         lst = _Listener(ExposedPort(host, bound, port), guest_host)
         lst.server = server
