@@ -633,9 +633,10 @@ class AsyncFiles:
     async def mount_tmpfs(self, path: str, *, mode: int = 0o700, user: str | None = None,
                           size_bytes: int = 4 << 20) -> None:
         """Mount a private tmpfs at ``path`` (created if missing): memory only, so what is
-        written there never reaches a disk or a snapshot's disk layer (for secrets);
-        nosuid, nodev, noexec; at most ``size_bytes``; owned by ``user`` (default root)
-        with ``mode``. A tmpfs already mounted there is only re-owned. Allowed while the
+        written there never reaches the guest's disks (for secrets; a snapshot's memory
+        holds it, though); nosuid, nodev, noexec; at most ``size_bytes``; owned by
+        ``user`` (default root) with ``mode``. A tmpfs already mounted there is not
+        mounted again: it only gets ``mode`` (and ``user``, if given). Allowed while the
         sandbox runs. Raises InvalidSpec, InvalidPath, GuestError (e.g. the path is not a
         directory, an unknown user), SandboxStateError."""
         check_guest_path(path)

@@ -100,7 +100,7 @@ class GuestOps:
                           size: int | None = None, timeout: float) -> None:
         """Mount a private tmpfs (nosuid, nodev, noexec) at ``path``, owned by ``user``
         (default root) with ``mode``, of at most ``size`` bytes (default: the guest's,
-        4 MiB); a tmpfs already there is only re-owned."""
+        4 MiB); a tmpfs already there only gets ``mode`` (and ``user`` if given)."""
         args: dict[str, Any] = {"path": path, "mode": mode, "user": user}
         if size is not None:
             args["size"] = size
