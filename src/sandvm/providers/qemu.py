@@ -19,6 +19,7 @@ import asyncio
 import atexit
 import contextlib
 import ctypes
+import enum
 import fcntl
 import functools
 import json
@@ -74,6 +75,7 @@ __all__ = [
     "Confinement",
     "QemuVm",
     "QemuVmProvider",
+    "QemuVmState",
     "choose_accel",
     "confinement",
     "host_tsc_khz",
@@ -737,11 +739,49 @@ async def choose_accel(assets: Assets, *, refresh: bool = False,
 # --------------------------------------------------------------------------- one VM
 
 
+class QemuVmState(enum.Enum):
+    """One QEMU process's life as its QemuVm sees it (``QemuVm.state``)::
+
+        NEW ──boot / attach──▶ BOOTING ──agent ready──▶ RUNNING
+        BOOTING | RUNNING ──QEMU died──▶ FAILED (``failure`` says why)
+        BOOTING | RUNNING | FAILED ──detach──▶ DETACHED (runs on under its keeper)
+        any ──shutdown──▶ STOPPING ──▶ GONE (process and files gone; shutdown again: GONE)
+
+    Not the provider's ``VmState`` (seed 000's Created/Running/Stopped/Destroyed, which
+    the provider keeps per VM id): this is the process under it, with the states that
+    lifecycle has no word for (booting, failed, detached, stopping).
+    """
+
+    NEW = "new"
+    BOOTING = "booting"
+    RUNNING = "running"
+    FAILED = "failed"
+    DETACHED = "detached"
+    STOPPING = "stopping"
+    GONE = "gone"
+
+
+_Q = QemuVmState
+_QEMU_NEXT: dict[QemuVmState, frozenset[QemuVmState]] = {
+    _Q.NEW: frozenset({_Q.BOOTING, _Q.STOPPING}),
+    _Q.BOOTING: frozenset({_Q.RUNNING, _Q.FAILED, _Q.DETACHED, _Q.STOPPING}),
+    _Q.RUNNING: frozenset({_Q.FAILED, _Q.DETACHED, _Q.STOPPING}),
+    _Q.FAILED: frozenset({_Q.DETACHED, _Q.STOPPING}),
+    _Q.DETACHED: frozenset({_Q.STOPPING}),
+    _Q.STOPPING: frozenset({_Q.GONE}),
+    _Q.GONE: frozenset({_Q.STOPPING}),
+}
+# shut down or let go on purpose: QEMU's exit then is no crash
+_LETTING_GO = frozenset({_Q.STOPPING, _Q.GONE, _Q.DETACHED})
+
+
 class QemuVm:
     """One supervised QEMU process and its agent connection.
 
-    ``boot`` is allowed once; ``pause``/``resume`` while running; ``shutdown``
-    any time (idempotent). A dead QEMU fails every agent waiter with VmCrashed.
+    ``boot`` is allowed once, when NEW; ``pause``/``resume`` while running;
+    ``detach`` once booted (a detachable VM); ``shutdown`` in any state
+    (idempotent). A dead QEMU fails every agent waiter with VmCrashed. See
+    QemuVmState.
     """
 
     def __init__(self, vm_id: str, spec: VmSpec, *, assets: Assets, accel: str) -> None:
@@ -756,9 +796,8 @@ class QemuVm:
         self.agent_info: AgentInfo | None = None
         self.failure: SandvmError | None = None
         self.boot_seconds: float | None = None
-        self._stopping = False
+        self._state = QemuVmState.NEW
         self._monitor: asyncio.Task[None] | None = None
-        self._booted = False
         self.restored_from: Path | None = None
         self.private_ram = False
         self.stopped_at = 0.0  # monotonic time of the last save_state's QMP ``stop``
@@ -770,7 +809,6 @@ class QemuVm:
         self.keeper_job: dict[str, Any] | None = None
         self.keeper_pid: int | None = None
         self.qemu_pid: int | None = None
-        self.detached = False
         self.resumed = False  # attach found it paused and let it run: its clock lags
         self._holder_fd: int | None = None  # flock on rundir/holder: we are its one user
         self.uid: int | None = None  # QEMU's own uid when confined by uid
@@ -807,6 +845,24 @@ class QemuVm:
             self._holder_fd = None
 
     @property
+    def state(self) -> QemuVmState:
+        """Where this QEMU process is in its life. Any state."""
+        return self._state
+
+    @property
+    def detached(self) -> bool:
+        """Whether this VM was let go (``detach``): it runs on, someone else's."""
+        return self._state is QemuVmState.DETACHED
+
+    def _move(self, target: QemuVmState) -> None:
+        """The one place the state changes. Raises VmError for a transition QemuVmState
+        does not allow (a bug, not a user's error)."""
+        if target not in _QEMU_NEXT[self._state]:
+            raise VmError(f"VM {self.vm_id} is {self._state.value}; it cannot become"
+                          f" {target.value}")
+        self._state = target
+
+    @property
     def pid(self) -> int | None:
         """QEMU's pid."""
         if self.qemu_pid is not None:
@@ -826,9 +882,9 @@ class QemuVm:
         With ``restore_from`` the VM resumes from that snapshot directory (its
         ``mem`` and ``state`` files) instead of booting the kernel.
         """
-        if self._booted:
+        if self._state is not QemuVmState.NEW:
             raise InvalidTransition(VmState.RUNNING, VmState.RUNNING, vm_id=self.vm_id)
-        self._booted = True
+        self._move(QemuVmState.BOOTING)
         t0 = time.monotonic()
         sweep_stale_rundirs()
         self.rundir = Path(tempfile.mkdtemp(prefix=f"{self.vm_id}-", dir=runtime_root()))
@@ -918,6 +974,7 @@ class QemuVm:
                               f" {scrub(exc.message, self.rundir, self.diskdir)}{detail}"
                               ) from exc
         self.boot_seconds = time.monotonic() - t0
+        self._move(QemuVmState.RUNNING)
 
     def _diagnostics(self) -> str:
         """QEMU's last words and the guest console's tail for an error message: host
@@ -992,24 +1049,26 @@ class QemuVm:
             status = "" if code is None else f" with status {code}"
             self.failure = VmCrashed(f"QEMU for VM {self.vm_id} exited unexpectedly{status}."
                                      f"{self._diagnostics()}")
+            if self._state in (QemuVmState.BOOTING, QemuVmState.RUNNING):
+                self._move(QemuVmState.FAILED)
         return self.failure
 
     async def _explain_eof(self) -> SandvmError | None:
         # the agent socket closes when QEMU dies: say so rather than "disconnected"
-        if self._stopping:
+        if self._state in _LETTING_GO:
             return None
         if self.qemu_pid is not None:
             # under a keeper (ours or adopted): QEMU's own pid says, not the keeper's
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_pid_exit(self.qemu_pid), 2.0)
-            if not _pid_alive(self.qemu_pid) and not self._stopping:
+            if not _pid_alive(self.qemu_pid) and self._state not in _LETTING_GO:
                 return self._crashed(None)
             return None
         if self.proc is None:
             return None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self.proc.wait()), 2.0)
-        if self.proc.returncode is not None and not self._stopping:
+        if self.proc.returncode is not None and self._state not in _LETTING_GO:
             return self._crashed(self.proc.returncode)
         return None
 
@@ -1065,14 +1124,14 @@ class QemuVm:
 
     async def detach(self) -> None:
         """Let go of a detachable VM: close our connections, leave it running under its
-        keeper. Allowed once booted; the VM is then someone else's (``attach``). Once
-        detached, does nothing."""
+        keeper. Allowed once booting, running or failed; the VM is then someone else's
+        (``attach``). Detached, stopping or gone: does nothing. Raises InvalidTransition
+        for a VM without a keeper."""
         if self.keeper_pid is None:
             raise InvalidTransition(VmState.RUNNING, VmState.RUNNING, vm_id=self.vm_id)
-        if self.detached:
+        if self._state in _LETTING_GO:
             return
-        self.detached = True
-        self._stopping = True
+        self._move(QemuVmState.DETACHED)
         if self._monitor is not None:
             self._monitor.cancel()
         if self.agent is not None:
@@ -1096,7 +1155,7 @@ class QemuVm:
         its layers) overrides what is found in ``diskdir``. Raises VmBootError if it is
         gone or does not answer, SandboxBusy if another process still holds it."""
         vm = cls(vm_id, spec, assets=assets, accel=accel)
-        vm._booted = True
+        vm._move(QemuVmState.BOOTING)
         vm.rundir, vm.diskdir = rundir, diskdir
         vm.keeper_pid, vm.qemu_pid = keeper_pid, qemu_pid
         vm.private_ram = private_ram  # restored_from is set once connected: _connect
@@ -1141,6 +1200,7 @@ class QemuVm:
                                       f" {scrub(str(exc), rundir, diskdir)}") from None
                 await asyncio.sleep(0.1)
         vm.restored_from = restored_from
+        vm._move(QemuVmState.RUNNING)
         vm._monitor = asyncio.get_running_loop().create_task(vm._watch())
         return vm
 
@@ -1148,14 +1208,14 @@ class QemuVm:
         if self.proc is None:  # attached: the keeper is not our child
             assert self.keeper_pid is not None
             await _pid_exit(self.keeper_pid)
-            if not self._stopping:
+            if self._state not in _LETTING_GO:
                 failure = self._crashed(None)
                 if self.agent is not None:
                     self.agent.fail(failure)
                 await self._release()
             return
         code = await self.proc.wait()
-        if not self._stopping:
+        if self._state not in _LETTING_GO:
             failure = self._crashed(code)
             if self.agent is not None:
                 self.agent.fail(failure)
@@ -1348,8 +1408,9 @@ class QemuVm:
             top.unlink(missing_ok=True)
 
     async def shutdown(self) -> None:
-        """Kill QEMU (if running) and remove everything it had. Idempotent."""
-        self._stopping = True
+        """Kill QEMU (if running) and remove everything it had. Any state; idempotent."""
+        if self._state is not QemuVmState.STOPPING:  # not already under way
+            self._move(QemuVmState.STOPPING)
         if self.agent is not None:
             await self.agent.close()
         if self.qmp is not None:
@@ -1377,6 +1438,8 @@ class QemuVm:
             with contextlib.suppress(BaseException):
                 await self._monitor
         await self._release()
+        if self._state is QemuVmState.STOPPING:  # a concurrent shutdown may have finished
+            self._move(QemuVmState.GONE)
 
     def _let_go_uid(self) -> None:
         if self._lease_fd is not None:  # only once our QEMU child is gone

@@ -114,6 +114,12 @@ _RECORD_KEY = "isolation"  # this runtime's part of the journal's sandbox record
 
 
 class _State(enum.Enum):
+    """An isolation session's state (seed 003's port): PREPARING (images, mounts,
+    networks and secrets being planned; its sandbox boots at prepare_environment) →
+    READY → CLEANED, and DETACHED (handed to another process; a reclaim returns it to
+    the state it had). Neither SandboxState nor VmState: a session exists before it has
+    a sandbox or a VM, and a detached session comes back, which neither does."""
+
     PREPARING = "preparing"
     READY = "ready"
     DETACHED = "detached"
