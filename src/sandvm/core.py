@@ -288,6 +288,11 @@ def _fields_of(data: object, what: str, *, required: tuple[str, ...],
     return dict(data)
 
 
+def _or_empty(value: Any) -> Any:
+    """None (as old records have it) read as "" (anything else is checked as it is)."""
+    return "" if value is None else value
+
+
 def _words(value: object, what: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise InvalidSpec(f"image {what} must be a list of strings")
@@ -346,7 +351,8 @@ class ImageRecord:
         return cls(name=d["name"], manifest_digest=d.get("manifest_digest", ""),
                    build_id=d.get("build_id", ""), rootfs=d["rootfs"],
                    disk_size=d["disk_size"], env=_words(cfg.get("env", []), "env"),
-                   working_dir=cfg.get("working_dir") or "", user=cfg.get("user") or "",
+                   working_dir=_or_empty(cfg.get("working_dir")),
+                   user=_or_empty(cfg.get("user")),
                    entrypoint=_words(cfg.get("entrypoint", []), "entrypoint"),
                    cmd=_words(cfg.get("cmd", []), "cmd"))
 

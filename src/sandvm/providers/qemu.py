@@ -1620,9 +1620,7 @@ class QemuVmProvider:
             try:
                 manifest: dict[str, Any] = {"format": 1, "vm_id": vm_id, "name": snapshot_id,
                                             "state": e.state.value,
-                                            "spec": {"image": e.spec.image,
-                                                     "memory_mib": e.spec.memory_mib,
-                                                     "vcpus": e.spec.vcpus}}
+                                            "spec": e.spec.to_dict()}
                 if e.vm is not None:
                     try:
                         await e.vm.save_state(tmp)
