@@ -326,7 +326,7 @@ class _FakeSandbox:
         self.conn = conn
         self.closed = False
 
-    def _conn(self) -> AgentConnection:
+    def connection(self) -> AgentConnection:
         if self.closed:
             raise SandboxStateError("killed")
         return self.conn
