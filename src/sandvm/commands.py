@@ -203,34 +203,66 @@ class AsyncCommands:
                   cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
                   on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
                   background: Literal[False] = ..., check: bool = ...,
-            user: str | None = ...) -> CommandResult: ...
+                  user: str | None = ..., on_output: RawOutputCallback | None = ...
+                  ) -> CommandResult: ...
 
     @overload
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
                   cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
                   on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
                   background: Literal[True], check: bool = ...,
-                  user: str | None = ...) -> AsyncCommandHandle: ...
+                  user: str | None = ..., on_output: RawOutputCallback | None = ...
+                  ) -> AsyncCommandHandle: ...
 
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
                   cwd: str | None = None, stdin: StdinSource = None,
                   timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
                   on_stdout: OutputCallback | None = None,
                   on_stderr: OutputCallback | None = None,
-                  background: bool = False, check: bool = True, user: str | None = None
+                  background: bool = False, check: bool = True, user: str | None = None,
+                  on_output: RawOutputCallback | None = None
                   ) -> CommandResult | AsyncCommandHandle:
         """Run ``cmd`` (a shell string, or an argv list) and return its result.
 
         Allowed while the sandbox is running. ``timeout`` kills the command's
         whole process group (None: no limit). With ``background=True`` returns a
-        handle at once. In an image, the image's Env, WorkingDir and User are the
-        defaults; ``user`` is a name or ``uid[:gid]`` from the image's /etc/passwd.
+        handle at once (as ``start``). In an image, the image's Env, WorkingDir and
+        User are the defaults; ``user`` is a name or ``uid[:gid]`` from the image's
+        /etc/passwd. ``on_output`` takes the raw output instead (see ``start``).
         Raises CommandExitError on a non-zero exit unless ``check=False``,
-        CommandTimeout, CommandNotFound, SandboxStateError.
+        CommandTimeout, CommandNotFound, SandboxStateError, InvalidSpec.
         """
         return await self._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                on_stdout=on_stdout, on_stderr=on_stderr,
-                               background=background, check=check, user=user)
+                               background=background, check=check, user=user,
+                               raw_output=on_output)
+
+    async def start(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+                    cwd: str | None = None, stdin: StdinSource = None,
+                    timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+                    on_stdout: OutputCallback | None = None,
+                    on_stderr: OutputCallback | None = None,
+                    check: bool = True, user: str | None = None,
+                    on_output: RawOutputCallback | None = None) -> AsyncCommandHandle:
+        """Start ``cmd`` and return its handle once the guest has started it: ``run``
+        with ``background=True``, the same options, typed.
+
+        Its stdin stays open for ``send_stdin`` unless ``stdin`` is given (then that is
+        its whole input). ``on_output(channel, data)`` receives the output as raw bytes
+        as it arrives (channel ``wire.CH_STDOUT`` = 1 or ``wire.CH_STDERR`` = 2) instead
+        of the handle keeping it: the handle's ``stdout``/``stderr`` then stay empty,
+        and ``on_stdout``/``on_stderr`` may not be given with it. It may be a coroutine
+        function: while it awaits, no more output is read from the guest
+        (backpressure). If it raises, the command is killed and ``wait`` raises that.
+        Allowed while the sandbox is running. Raises InvalidSpec, CommandNotFound,
+        AgentTimeout (the guest did not start it within the sandbox's ``op_timeout``),
+        SandboxStateError, VmCrashed.
+        """
+        handle = await self._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                                 on_stdout=on_stdout, on_stderr=on_stderr, background=True,
+                                 check=check, user=user, raw_output=on_output)
+        assert isinstance(handle, AsyncCommandHandle)
+        return handle
 
     async def _run(self, cmd: str | list[str], *, env: dict[str, str] | None,
                    cwd: str | None, stdin: StdinSource, timeout: float | None,
@@ -240,8 +272,11 @@ class AsyncCommands:
                    ) -> CommandResult | AsyncCommandHandle:
         """The one implementation behind AsyncCommands.run and Commands.run.
 
-        ``raw_output`` (sandvm's isolation runtime) receives the output as bytes
+        ``raw_output`` (``on_output`` of run/start) receives the output as bytes
         instead of the handle keeping it (then ``stdout``/``stderr`` stay empty)."""
+        if raw_output is not None and (on_stdout is not None or on_stderr is not None):
+            raise InvalidSpec("on_output takes the raw output: give it or on_stdout/"
+                              "on_stderr, not both")
         req: dict[str, Any] = {}  # GuestOps.exec's arguments
         proxy = self._sb.network.env()
         if proxy:  # the workload's HTTP(S) goes through the host's egress proxy
@@ -358,26 +393,42 @@ class Commands:
             cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
             on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
             background: Literal[False] = ..., check: bool = ...,
-            user: str | None = ...) -> CommandResult: ...
+            user: str | None = ..., on_output: RawOutputCallback | None = ...
+            ) -> CommandResult: ...
 
     @overload
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
             cwd: str | None = ..., stdin: StdinSource = ..., timeout: float | None = ...,
             on_stdout: OutputCallback | None = ..., on_stderr: OutputCallback | None = ...,
             background: Literal[True], check: bool = ...,
-            user: str | None = ...) -> CommandHandle: ...
+            user: str | None = ..., on_output: RawOutputCallback | None = ...
+            ) -> CommandHandle: ...
 
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
             cwd: str | None = None, stdin: StdinSource = None,
             timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
             on_stdout: OutputCallback | None = None, on_stderr: OutputCallback | None = None,
             background: bool = False, check: bool = True,
-            user: str | None = None) -> CommandResult | CommandHandle:
+            user: str | None = None, on_output: RawOutputCallback | None = None
+            ) -> CommandResult | CommandHandle:
         """See AsyncCommands.run."""
         res = _portal.call(self._a._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                         on_stdout=on_stdout, on_stderr=on_stderr,
-                                        background=background, check=check, user=user))
+                                        background=background, check=check, user=user,
+                                        raw_output=on_output))
         return CommandHandle(res) if isinstance(res, AsyncCommandHandle) else res
+
+    def start(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+              cwd: str | None = None, stdin: StdinSource = None,
+              timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+              on_stdout: OutputCallback | None = None,
+              on_stderr: OutputCallback | None = None,
+              check: bool = True, user: str | None = None,
+              on_output: RawOutputCallback | None = None) -> CommandHandle:
+        """See AsyncCommands.start (the callbacks run on sandvm's portal thread)."""
+        return CommandHandle(_portal.call(self._a.start(
+            cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, on_stdout=on_stdout,
+            on_stderr=on_stderr, check=check, user=user, on_output=on_output)))
 
 
 

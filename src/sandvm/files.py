@@ -13,6 +13,8 @@ import stat as stat_mod
 import tarfile
 from collections.abc import (
     AsyncGenerator,
+    AsyncIterable,
+    Iterable,
     Iterator,
 )
 from pathlib import Path
@@ -340,6 +342,17 @@ async def _pipe_write(fd: int, data: bytes) -> None:
                 loop.remove_writer(fd)
 
 
+async def _in_thread(chunks: Iterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """``chunks`` as an async iterable, each item fetched in a worker thread."""
+    it = iter(chunks)
+    done = object()
+    while True:
+        chunk = await asyncio.to_thread(next, it, done)
+        if chunk is done:
+            return
+        yield chunk  # type: ignore[misc]  # checked by write_stream
+
+
 def _count(msg: dict[str, Any], key: str) -> int:
     return guest_int(msg, key, what="transfer report")
 
@@ -379,6 +392,49 @@ class AsyncFiles:
         with contextlib.suppress(SandvmError):
             await st.send_data(data)
             await st.send_eof()
+
+    async def write_stream(self, path: str, chunks: AsyncIterable[bytes], *,
+                           mode: int = 0o644, make_parents: bool = True) -> WriteInfo:
+        """Write a file from ``chunks`` as they come, atomically like ``write`` (temp
+        file, fsync, rename once the last chunk is in): for content too large to hold
+        at once, or arriving over a network. Sending is paced by the channel's flow
+        control. If iterating ``chunks`` raises, the write is abandoned (the guest
+        drops its temp file, ``path`` is untouched) and that error propagates.
+        Allowed while the sandbox is running. Raises GuestError (e.g. ENOSPC, a
+        missing parent without ``make_parents``), InvalidPath, InvalidSpec (a chunk
+        that is not bytes), AgentTimeout,
+        AgentProtocolError, SandboxStateError."""
+        check_guest_path(path)
+        st = await self._ops().write_file(path=path, mode=mode, make_parents=make_parents)
+        sent = 0
+        try:
+            async for chunk in chunks:
+                if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                    raise InvalidSpec(f"write_stream takes chunks of bytes, got"
+                                      f" {type(chunk).__name__}")
+                if not chunk:
+                    continue
+                try:
+                    await st.send_data(bytes(chunk))
+                except SandvmError:
+                    if not st.closed:
+                        raise
+                    break  # the guest refused: its error is in the stream
+                sent += len(chunk)
+            else:
+                await st.send_eof()
+            while True:  # the guest fsyncs before it replies: allow it 1 MB/s
+                item = await st.next(self._sb.op_timeout + sent / 1e6)
+                if item.kind == "reply":
+                    size = guest_int(item.message or {}, "size", what="write report")
+                    if size != sent:
+                        raise AgentProtocolError(f"guest reports {size!r} bytes, sent {sent}")
+                    return WriteInfo(path=path, size=sent)
+                if item.kind == "error":
+                    assert item.error is not None
+                    raise item.error
+        finally:
+            await st.reset()  # no-op once the guest replied; otherwise it drops the temp file
 
     @overload
     async def read(self, path: str, *, format: Literal["text"] = ...,
@@ -698,6 +754,13 @@ class Files(FileTransfer):
     def __init__(self, inner: AsyncFiles) -> None:
         super().__init__(inner)
         self._a: AsyncFiles = inner
+
+    def write_stream(self, path: str, chunks: Iterable[bytes], *, mode: int = 0o644,
+                     make_parents: bool = True) -> WriteInfo:
+        """See AsyncFiles.write_stream; ``chunks`` is iterated in a worker thread (it may
+        block, e.g. reading a file)."""
+        return _portal.call(self._a.write_stream(path, _in_thread(chunks), mode=mode,
+                                                 make_parents=make_parents))
 
     def list(self, path: str, *, depth: int = 1) -> list[EntryInfo]:
         return _portal.call(self._a.list(path, depth=depth))

@@ -31,7 +31,7 @@ from sandvm.egress import AuditLog, EgressEvent, EgressProxy, NetworkPolicy, Res
 from sandvm.errors import InvalidSpec, SandvmError, Unsupported
 from sandvm.fds import BUDGET, raise_nofile_limit
 from sandvm.guestops import GuestOps
-from sandvm.ports import _download, _upload
+from sandvm.ports import pump_from_guest, pump_to_guest
 from sandvm.values import SandboxState
 
 if TYPE_CHECKING:
@@ -144,8 +144,12 @@ class AsyncNetwork:
 
     async def _start(self, policy: NetworkPolicy, *, resolver: Resolver | None = None,
                      audit_path: Path | None = None, bytes_used: int = 0) -> None:
-        # ``bytes_used``: spent under the policy's byte cap by earlier holders (the cap
-        # is for the sandbox's life)
+        # see start_egress
+        if self._proxy is not None:
+            from sandvm.errors import SandboxStateError
+
+            raise SandboxStateError("this sandbox's egress is already on: change it with"
+                                    " set_policy")
         await GuestOps(self._conn()).egress_listen(port=self.guest_port,
                                                    timeout=self._sb.op_timeout)
         self._proxy = EgressProxy(policy, sandbox_id=self._sb.sandbox_id, resolver=resolver,
@@ -254,8 +258,8 @@ class AsyncNetwork:
             return
         loop = asyncio.get_running_loop()
         handler = loop.create_task(self._proxy.handle(cr, cw, upstream_reserved=True))
-        up = loop.create_task(_upload(pr, st))
-        down = loop.create_task(_download(st, pw))
+        up = loop.create_task(pump_to_guest(pr, st))
+        down = loop.create_task(pump_from_guest(st, pw))
         clean = False
         try:
             await asyncio.wait([handler, down], return_when=asyncio.FIRST_COMPLETED)
@@ -278,9 +282,7 @@ class AsyncNetwork:
                 await asyncio.wait([handler], timeout=5.0)
 
     async def _shutdown(self) -> None:
-        """The sandbox ends, or is detached: close the proxy and every connection. The
-        audit file is moved aside when the sandbox ended (killed), and left for the next
-        holder when it was detached. Never raises."""
+        # see shutdown_egress
         self._ended = True
         tasks = list(self._tasks)
         for t in tasks:
@@ -324,3 +326,50 @@ class Network:
 
     def subscribe(self, fn: Callable[[EgressEvent], None]) -> Callable[[], None]:
         return self._a.subscribe(fn)
+
+
+# --------------------------------------------------------------------------- seams
+# for sandvm's own layers (the sandbox builder, the runtime manager, the server): not on
+# the user's ``sandbox.network``
+
+
+async def start_egress(net: AsyncNetwork, policy: NetworkPolicy, *,
+                       resolver: Resolver | None = None, audit_path: Path | None = None,
+                       bytes_used: int = 0) -> None:
+    """Turn ``net``'s egress on under ``policy``: the guest's proxy port starts listening
+    and the host's proxy serves it (``set_policy`` does this on first use; the sandbox
+    builder, for a sandbox made with a policy). ``resolver`` replaces the proxy's DNS
+    resolver, ``audit_path`` its audit file; ``bytes_used`` were spent under the
+    policy's byte cap by earlier holders (the cap is for the sandbox's life). Allowed
+    once, while the sandbox is starting or running. Raises SandboxStateError (egress
+    already on, or the sandbox gone), Unsupported (an old guest agent), AgentError."""
+    await net._start(policy, resolver=resolver, audit_path=audit_path,
+                     bytes_used=bytes_used)
+
+
+async def shutdown_egress(net: AsyncNetwork) -> None:
+    """Turn ``net``'s egress off for good, as its sandbox ends (kill) or is detached:
+    close the proxy and every connection. The audit file is moved aside when the
+    sandbox ended, and left for the next holder when it was detached. Any state; never
+    raises."""
+    await net._shutdown()
+
+
+def watch_policy(net: AsyncNetwork, fn: Callable[[NetworkPolicy], None] | None) -> None:
+    """Call ``fn`` with every policy ``net.set_policy`` puts in force from now on (one
+    watcher: the runtime manager, which journals a managed sandbox's policy for its next
+    holder; None removes it). Any state."""
+    net._on_policy = fn
+
+
+def egress_bytes(net: AsyncNetwork) -> int:
+    """Bytes ``net``'s egress proxy has carried, counted against the policy's
+    ``max_bytes`` (for the sandbox's whole life: earlier holders' too); 0 without
+    egress. Any state."""
+    return net._proxy.bytes_total if net._proxy is not None else 0
+
+
+def egress_connections(net: AsyncNetwork) -> int:
+    """Connections open through ``net``'s egress proxy now; 0 without egress. Any
+    state."""
+    return net._proxy.active if net._proxy is not None else 0

@@ -430,8 +430,10 @@ class _Listener:
         self.tasks: set[asyncio.Task[Any]] = set()
 
 
-async def _upload(reader: asyncio.StreamReader, st: HostStream) -> None:
-    """Client → guest until the client's EOF (sent on) or reset (the stream is reset)."""
+async def pump_to_guest(reader: asyncio.StreamReader, st: HostStream) -> None:
+    """Client → guest over the tunnel stream ``st`` until the client's EOF (sent on) or
+    reset (the stream is reset); for the port tunnels here and the egress bridge in
+    ``network``. Never raises a sandvm error (the stream ending ends it)."""
     try:
         while True:
             data = await reader.read(_CHUNK)
@@ -445,8 +447,10 @@ async def _upload(reader: asyncio.StreamReader, st: HostStream) -> None:
         pass  # the stream ended: the download side closes the client
 
 
-async def _download(st: HostStream, writer: asyncio.StreamWriter) -> bool:
-    """Guest → client until the stream ends; True if it ended cleanly (REPLY)."""
+async def pump_from_guest(st: HostStream, writer: asyncio.StreamWriter) -> bool:
+    """Guest → client from the tunnel stream ``st`` until it ends; True if it ended
+    cleanly (REPLY). For the port tunnels here and the egress bridge in ``network``.
+    Raises what ``st.next`` raises (AgentError when the channel is gone)."""
     while True:
         item = await st.next(None)
         if item.kind == "data":
@@ -476,11 +480,11 @@ async def _pipe(conn: AgentConnection, port: int, guest_host: str,
     except SandvmError:
         _abort_writer(writer)
         return
-    up = asyncio.get_running_loop().create_task(_upload(reader, st))
+    up = asyncio.get_running_loop().create_task(pump_to_guest(reader, st))
     up.add_done_callback(_retrieve)
     clean = False
     try:
-        clean = await _download(st, writer)
+        clean = await pump_from_guest(st, writer)
     finally:
         up.cancel()
         if clean:
@@ -747,7 +751,7 @@ class AsyncPorts:
         self._track(task)
 
     async def _shutdown(self) -> None:
-        """The sandbox ends (kill, detach): close every listener and tunnel. Never raises."""
+        # see shutdown_ports
         self._ended = True
         listeners = list(self._listeners.values())
         self._listeners.clear()
@@ -759,6 +763,13 @@ class AsyncPorts:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
+
+
+async def shutdown_ports(ports: AsyncPorts) -> None:
+    """Close every listener and tunnel of ``ports`` for good, as its sandbox ends (kill)
+    or is detached (for the sandbox; not on the user's ``sandbox.ports``). Any state;
+    never raises."""
+    await ports._shutdown()
 
 
 class Ports:

@@ -51,8 +51,8 @@ from sandvm.errors import (
 )
 from sandvm.files import AsyncFiles, Files
 from sandvm.guestops import GuestOps
-from sandvm.network import AsyncNetwork, Network
-from sandvm.ports import AsyncPorts, Ports
+from sandvm.network import AsyncNetwork, Network, shutdown_egress, start_egress
+from sandvm.ports import AsyncPorts, Ports, shutdown_ports
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
@@ -218,7 +218,7 @@ class AsyncSandbox:
         snap = (store or SnapshotStore()).resolve(snapshot)
         await asyncio.to_thread(SnapshotStore.verify, snap, full=verify == "full")
         prov = provider or QemuVmProvider(boot_timeout=boot_timeout)
-        assets, accel = await prov._resolve()
+        assets, accel = await prov.resolve()
         _check_compatible(snap, accel, await _qemu_version(assets.qemu))
         source = await asyncio.to_thread(SnapshotStore(snap.path.parent).materialize, snap)
         return await build_sandbox(
@@ -456,8 +456,8 @@ class AsyncSandbox:
         self._move(SandboxState.DETACHED)
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
-        await self.ports._shutdown()
-        await self.network._shutdown()
+        await shutdown_ports(self.ports)
+        await shutdown_egress(self.network)
         await self._vm.detach()
 
     @property
@@ -547,8 +547,8 @@ class AsyncSandbox:
         self._move(SandboxState.KILLED)
         if self._lifetime_handle is not None:
             self._lifetime_handle.cancel()
-        await self.ports._shutdown()  # no new tunnels: host listeners close first
-        await self.network._shutdown()
+        await shutdown_ports(self.ports)  # no new tunnels: host listeners close first
+        await shutdown_egress(self.network)
         try:
             with contextlib.suppress(SandvmError):
                 await self._provider.destroy_vm(self.sandbox_id)
@@ -568,6 +568,39 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
+
+
+# --------------------------------------------------------------------------- seams
+# for sandvm's own layers that hold AsyncSandboxes (the runtime manager, pools): not on
+# the user's object, and not part of the sync twin
+
+
+def sandbox_vm(sb: AsyncSandbox) -> QemuVm:
+    """The QEMU VM behind ``sb``, for the layers that keep records of it or watch it (the
+    runtime manager's journal, pools checking for a crash). Any state."""
+    return sb._vm
+
+
+async def fork_with(sb: AsyncSandbox, n: int, *,
+                    restore: Callable[[Snapshot, SnapshotStore], Awaitable[AsyncSandbox]],
+                    discard: Callable[[AsyncSandbox], Awaitable[None]] | None = None,
+                    ) -> list[AsyncSandbox]:
+    """``sb.fork(n)`` with how each copy is made: ``restore(snapshot, store)`` runs ``n``
+    times at once on a live snapshot of ``sb`` (removed once they ran); if any fails,
+    the copies made are given to ``discard`` (default: ``kill``) and the first error
+    raised. For the runtime manager, whose copies are managed. Allowed while ``sb`` is
+    running or paused. Raises InvalidSpec (n not in 1..256), what ``snapshot`` raises
+    (SandboxStateError: killed, detached, with volumes) and what ``restore`` raises."""
+    return await sb._fork(n, restore, discard)
+
+
+async def let_go(sb: AsyncSandbox) -> None:
+    """Detach ``sb``: close this process's connections and leave its VM running under its
+    keeper; ``sb`` is DETACHED and unusable afterwards. For the runtime manager
+    (``SandboxManager.detach`` journals the ticket that reclaims it: use that). Allowed
+    while running or paused. Raises SandboxStateError (another state, or a sandbox not
+    created detachable)."""
+    await sb._let_go()
 
 
 async def _qemu_version(qemu: Path) -> str:
@@ -687,7 +720,7 @@ async def build_sandbox(res: SandboxResources, *, provider: QemuVmProvider,
         else:
             await sb._configure()
         if res.network is not None:
-            await sb.network._start(res.network, bytes_used=res.network_bytes)
+            await start_egress(sb.network, res.network, bytes_used=res.network_bytes)
         elif isinstance(origin, Restore):
             # a listener the snapshot had would take connections nobody serves
             with contextlib.suppress(SandvmError):

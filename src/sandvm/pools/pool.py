@@ -26,7 +26,7 @@ from sandvm import _portal
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import InvalidSpec, PoolClosed, PoolExhausted, SandvmError
 from sandvm.providers.qemu import QemuVmProvider
-from sandvm.sandbox import AsyncSandbox, Sandbox
+from sandvm.sandbox import AsyncSandbox, Sandbox, sandbox_vm
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 from sandvm.values import SandboxState
 
@@ -244,7 +244,7 @@ class AsyncPool:
     def _pop_ready(self) -> AsyncSandbox | None:
         while self._ready:
             sb, _ = self._ready.popleft()
-            if sb._vm.failure is None and sb.state not in (SandboxState.KILLED,
+            if sandbox_vm(sb).failure is None and sb.state not in (SandboxState.KILLED,
                                                             SandboxState.DETACHED):
                 self._in_use.add(sb)
                 return sb

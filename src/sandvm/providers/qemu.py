@@ -1475,6 +1475,13 @@ class QemuVm:
         if self.diskdir is not None:
             shutil.rmtree(self.diskdir, ignore_errors=True)
 
+    async def qmp_execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        """Run one QMP command on this VM's QEMU and return its result (for sandvm's
+        runtime manager, which ends a save a dead holder left running). Allowed while
+        QEMU runs with its QMP connection. Raises the VM's failure (VmCrashed),
+        QmpError."""
+        return await self._qmp(cmd, args)
+
 
 # --------------------------------------------------------------------------- provider
 
@@ -1661,6 +1668,12 @@ class QemuVmProvider:
             if e.state is not VmState.DESTROYED:
                 with contextlib.suppress(SandvmError, AgentError):
                     await self.destroy_vm(vm_id)
+
+    async def resolve(self) -> tuple[Assets, str]:
+        """The guest assets and the accelerator this provider boots VMs with (found, and
+        the accelerator probed, on first use; then kept). Raises AssetMissing,
+        VmBootError (the probe)."""
+        return await self._resolve()
 
 
 def _mkdirs(p: Path) -> Path:

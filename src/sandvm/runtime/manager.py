@@ -38,10 +38,19 @@ from sandvm.errors import (
     VmBootError,
     VmNotFound,
 )
-from sandvm.network import audit_dir, end_audit
+from sandvm.network import audit_dir, egress_bytes, end_audit, watch_policy
 from sandvm.providers.qemu import QemuVm, QemuVmProvider
 from sandvm.runtime.journal import Journal, JournalState, SandboxRecord
-from sandvm.sandbox import Adopt, AsyncSandbox, SandboxResources, build_sandbox, fork_roots
+from sandvm.sandbox import (
+    Adopt,
+    AsyncSandbox,
+    SandboxResources,
+    build_sandbox,
+    fork_roots,
+    fork_with,
+    let_go,
+    sandbox_vm,
+)
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 
 DEFAULT_TTL = 300.0
@@ -109,18 +118,18 @@ async def _end_cut_off_save(vm: QemuVm, *, timeout: float = 30.0) -> None:
     def saving(st: Any) -> bool:
         return isinstance(st, dict) and st.get("status") in _SAVING
 
-    if not saving(await vm._qmp("query-migrate")):
+    if not saving(await vm.qmp_execute("query-migrate")):
         return
-    await vm._qmp("migrate_cancel")
+    await vm.qmp_execute("migrate_cancel")
     deadline = time.monotonic() + timeout
-    while saving(await vm._qmp("query-migrate")):
+    while saving(await vm.qmp_execute("query-migrate")):
         if time.monotonic() > deadline:
             raise VmBootError(f"sandbox {vm.vm_id}: a save its last holder left running"
                               f" did not stop within {timeout:.0f} s")
         await asyncio.sleep(0.01)
-    run = await vm._qmp("query-status")
+    run = await vm.qmp_execute("query-status")
     if isinstance(run, dict) and not run.get("running"):
-        await vm._qmp("cont")
+        await vm.qmp_execute("cont")
     vm.resumed = True
 
 
@@ -132,7 +141,7 @@ def _check_ttl(ttl: float) -> float:
 
 def _record_of(sb: AsyncSandbox, **extra: Any) -> dict[str, Any]:
     """What ``attach`` in another process needs to rebuild ``sb``'s QemuVm."""
-    vm = sb._vm
+    vm = sandbox_vm(sb)
     spec = vm.spec
     policy = sb.network.policy
     image = sb.image_record
@@ -239,7 +248,7 @@ class SandboxManager:
             raise
         self.journal.update(sid, deadline=time.time() + ttl, record=_record_of(sb, **detail))
         self._keep_policy(sb)
-        self.journal.result(seq, ok=True, qemu_pid=sb._vm.pid)
+        self.journal.result(seq, ok=True, qemu_pid=sandbox_vm(sb).pid)
         return sb
 
     async def fork(self, sb: AsyncSandbox, n: int, *, ttl: float = DEFAULT_TTL,
@@ -268,7 +277,7 @@ class SandboxManager:
             await copy.kill()  # closes our side
 
         try:
-            copies = await sb._fork(n, restore, discard)
+            copies = await fork_with(sb, n, restore=restore, discard=discard)
         except BaseException as exc:
             if seq is not None:
                 self.journal.result(seq, ok=False, error=getattr(exc, "code",
@@ -286,7 +295,7 @@ class SandboxManager:
                 self.journal.update(sb.sandbox_id,
                                     record={**rec.record, "network": policy.to_dict()})
 
-        sb.network._on_policy = keep
+        watch_policy(sb.network, keep)
 
     def get(self, sandbox_id: str) -> SandboxRecord:
         """The live sandbox ``sandbox_id``. Raises VmNotFound (unknown or ended)."""
@@ -312,7 +321,7 @@ class SandboxManager:
             raise SandboxStateError(f"sandbox {sandbox_id} is still starting")
         seq = self.journal.intent(sandbox_id, "attach")
         prov = QemuVmProvider()
-        assets, accel = await prov._resolve()
+        assets, accel = await prov.resolve()
         spec = _spec_of(rec.record)
         image_d = rec.record.get("image")
         image = ImageRecord.from_dict(image_d) if image_d is not None else None
@@ -354,12 +363,11 @@ class SandboxManager:
         once. Raises SandboxStateError."""
         ticket = f"sbt_{secrets.token_urlsafe(24)}"
         seq = self.journal.intent(sb.sandbox_id, "detach")
-        proxy = sb.network._proxy
         rec = self.journal.get(sb.sandbox_id)
-        if proxy is not None and rec is not None:  # egress bytes so far: the next holder's
-            self.journal.update(sb.sandbox_id,
-                                record={**rec.record, "network_bytes": proxy.bytes_total})
-        await sb._let_go()
+        if sb.network.policy is not None and rec is not None:  # egress bytes so far: the
+            self.journal.update(sb.sandbox_id,                  # next holder's
+                                record={**rec.record, "network_bytes": egress_bytes(sb.network)})
+        await let_go(sb)
         self.journal.update(sb.sandbox_id, ticket_sha256=ticket_sha256(ticket))
         self.journal.result(seq, ok=True)
         return ticket

@@ -567,12 +567,10 @@ class QemuIsolationRuntime:
         proc = _Proc(pid, sess.ref.session_id, stdin_open=request.stdin_open, cap=self._buffer)
 
         async def start() -> AsyncCommandHandle:
-            handle = await sb.commands._run(
-                list(request.argv), env=env, cwd=request.cwd or sess.workdir, stdin=None,
-                timeout=request.timeout_seconds, on_stdout=None, on_stderr=None,
-                background=True, check=False, user=request.user or sess.user,
-                raw_output=proc.output.put)
-            assert isinstance(handle, AsyncCommandHandle)
+            handle = await sb.commands.start(
+                list(request.argv), env=env, cwd=request.cwd or sess.workdir,
+                timeout=request.timeout_seconds, check=False,
+                user=request.user or sess.user, on_output=proc.output.put)
             if not request.stdin_open:
                 await handle.close_stdin()
             return handle
