@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import sandvm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +52,8 @@ def test_root_names_resolve_on_first_access() -> None:
         if name != "__version__":  # each name is the defining module's own object
             assert getattr(sys.modules[value.__module__], name) is value, name
     assert set(sandvm.__all__) <= set(dir(sandvm))
+    with pytest.raises(AttributeError, match="NoSuchName"):
+        sandvm.NoSuchName  # type: ignore[attr-defined]  # noqa: B018
 
 
 def test_import_contracts_hold() -> None:

@@ -157,15 +157,17 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's module on first access and cache the name here.
-    Raises AttributeError for a name sandvm does not export."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'sandvm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # hidden from type checkers, so a misspelt name stays an error there
+
+    def __getattr__(name: str) -> Any:
+        """Import a public name's module on first access and cache the name here.
+        Raises AttributeError for a name sandvm does not export."""
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module 'sandvm' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
