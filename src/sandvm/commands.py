@@ -377,6 +377,10 @@ class CommandHandle:
     def close_stdin(self) -> None:
         _portal.call(self._a.close_stdin())
 
+    def abandon(self) -> None:
+        """See AsyncCommandHandle.abandon."""
+        _portal.call(self._a.abandon())
+
 
 class Commands:
     """Sync twin of AsyncCommands."""

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sandvm.core import new_id, validate_vm_id
 from sandvm.egress import NetworkPolicy
@@ -40,36 +39,13 @@ from sandvm.errors import (
     SnapshotNotFound,
 )
 from sandvm.pools.pool import AsyncPool
-from sandvm.runtime.journal import transaction
 from sandvm.sandbox import AsyncSandbox
 from sandvm.server.models import PoolInfo, SandboxInfo, SnapshotInfo
+from sandvm.server.store import PoolRecord
+from sandvm.server.tenancy import Tenancy, every, sandbox_info
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 
-if TYPE_CHECKING:
-    from sandvm.server.service import SandboxService
-
 log = logging.getLogger("sandvm.server")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS pools (
-    tenant TEXT NOT NULL,
-    name TEXT NOT NULL,
-    snapshot TEXT NOT NULL,
-    min_size INTEGER NOT NULL,
-    max_size INTEGER NOT NULL,
-    idle_timeout REAL,
-    network TEXT,                     -- the policy as JSON, or NULL
-    memory_mib INTEGER NOT NULL,      -- of each sandbox (the snapshot's)
-    created REAL NOT NULL,
-    PRIMARY KEY (tenant, name)
-);
-CREATE TABLE IF NOT EXISTS pool_members (
-    id TEXT PRIMARY KEY,              -- a waiting sandbox: nobody's yet
-    tenant TEXT NOT NULL,
-    pool TEXT NOT NULL
-);
-"""
-
 
 RESTORE_CONCURRENCY = 2  # pool restores at once, over all pools (one per core here)
 REFRESH_INTERVAL = 600.0  # seconds between renewals of waiting sandboxes' TTLs
@@ -84,13 +60,16 @@ def _check_name(name: str, what: str) -> str:
 
 
 class Library:
-    """The snapshots and pools of every tenant, for one SandboxService."""
+    """The snapshots and pools of every tenant, for one SandboxService: ownership,
+    quotas and held sandboxes through its ``Tenancy``, kept pools in its store."""
 
-    def __init__(self, service: SandboxService) -> None:
-        self.svc = service
-        self.root = service.config.state_dir / "snapshots"
-        self._db = service.store._db
-        self._db.executescript(SCHEMA)
+    def __init__(self, tenancy: Tenancy) -> None:
+        self.tenancy = tenancy
+        self.config = tenancy.config
+        self.records = tenancy.store  # the server's store: kept pools and their members
+        self.manager = tenancy.manager
+        self.metrics = tenancy.metrics
+        self.root = self.config.state_dir / "snapshots"
         self._pools: dict[tuple[str, str], AsyncPool] = {}
         self._broken: dict[tuple[str, str], str] = {}  # kept pools that did not start
         self._snap_locks: dict[str, asyncio.Lock] = {}  # per tenant: quota check + save
@@ -106,11 +85,11 @@ class Library:
         """Kill the waiting sandboxes a stopped server left, remove what its cut-off
         snapshot saves left, start the kept pools again (one that cannot start stays
         listed, with why)."""
-        leftovers = [r[0] for r in self._db.execute("SELECT id FROM pool_members")]
+        leftovers = self.records.pool_members()
 
         async def kill(sid: str) -> None:
             with contextlib.suppress(SandvmError):
-                await self.svc.manager.kill(sid, reason="a waiting pool sandbox of a stopped"
+                await self.manager.kill(sid, reason="a waiting pool sandbox of a stopped"
                                                         " server")
 
         await asyncio.gather(*(kill(sid) for sid in leftovers))
@@ -118,22 +97,21 @@ class Library:
             for d in self.root.iterdir():
                 if d.is_dir():
                     SnapshotStore(d).clean_staging(older_than=60.0)
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM pool_members")
-        rows = self._db.execute("SELECT tenant, name, snapshot, min_size, max_size,"
-                                " idle_timeout, network FROM pools").fetchall()
-        for tenant, name, snap, lo, hi, idle, net in rows:
+        self.records.forget_pool_members()
+        for p in self.records.pools():
+            tenant, name = p.tenant, p.name
             try:
-                await self._start_pool(tenant, name, snap, min_size=lo, max_size=hi,
-                                       idle_timeout=idle,
-                                       network=NetworkPolicy(**json.loads(net)) if net else None)
+                await self._start_pool(tenant, name, p.snapshot, min_size=p.min_size,
+                                       max_size=p.max_size, idle_timeout=p.idle_timeout,
+                                       network=NetworkPolicy(**p.network) if p.network
+                                       else None)
             except Exception as exc:  # noqa: BLE001 - the pool stays listed, with why
                 why = getattr(exc, "code", type(exc).__name__)
                 self._broken[(tenant, name)] = f"{why}: it did not start again after a" \
                                                " restart (details in the server's log)"
                 log.warning("pool %s of tenant %s not started again: %s", name, tenant,
                             getattr(exc, "message", exc))
-        self._refresher = asyncio.get_running_loop().create_task(self.svc.every(
+        self._refresher = asyncio.get_running_loop().create_task(every(
             REFRESH_INTERVAL, self.refresh_members, "renewing waiting pool sandboxes"))
 
     async def stop(self) -> None:
@@ -145,8 +123,7 @@ class Library:
         pools = list(self._pools.values())
         self._pools.clear()
         await asyncio.gather(*(p.close() for p in pools), return_exceptions=True)
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM pool_members")
+        self.records.forget_pool_members()
 
     # ------------------------------------------------------------------ snapshots
 
@@ -154,7 +131,7 @@ class Library:
         """The tenant's own snapshot store (its name was checked when its key was made),
         capped at the server's ``max_snapshot_bytes``."""
         return SnapshotStore(self.root / tenant,
-                             max_bytes=self.svc.config.max_snapshot_bytes)
+                             max_bytes=self.config.max_snapshot_bytes)
 
     def _snapshot(self, tenant: str, name: str) -> Snapshot:
         """Raises SnapshotNotFound (also for another tenant's), SnapshotCorrupt."""
@@ -182,42 +159,28 @@ class Library:
         QuotaExceeded (``max_snapshots``, or ``max_snapshot_bytes``: then nothing of
         the save is left), VmNotFound, SandboxStateError."""
         name = _check_name(name, "snapshot") if name is not None else new_id("snap")
-        self.svc._record(tenant, sandbox_id)
+        self.tenancy.record(tenant, sandbox_id)
         store = self.store(tenant)
-        cap = self.svc.config.max_snapshots
         byte_cap = store.max_bytes
         # one save at a time per tenant: the count and the bytes are checked with none
         # in flight (the store measures the bytes again, with the new snapshot, under
         # its own lock before it keeps it)
         async with self._snap_locks.setdefault(tenant, asyncio.Lock()):
-            if len(store.list()) >= cap:
-                self.svc.metrics.quota_rejections.inc()
-                raise QuotaExceeded(f"tenant {tenant!r} has {cap} snapshots, its quota:"
-                                    " delete one (DELETE /v1/snapshots/NAME)")
+            self.tenancy.check_snapshot_count(tenant, len(store.list()))
             if byte_cap is not None:
                 used = await asyncio.to_thread(store.bytes_used)
-                if used >= byte_cap:
-                    self.svc.metrics.quota_rejections.inc()
-                    raise QuotaExceeded(f"the snapshots of tenant {tenant!r} take {used}"
-                                        f" bytes on disk, its quota is {byte_cap}: delete"
-                                        " one (DELETE /v1/snapshots/NAME)")
+                self.tenancy.check_snapshot_bytes(tenant, used, byte_cap)
             if store.exists(name):
                 raise SnapshotAlreadyExists("", name)
-            sb = await self.svc._hold(sandbox_id)
+            sb = await self.tenancy.hold(sandbox_id)
             try:
                 snap = await sb.snapshot(name, store=store)
             except SnapshotAlreadyExists:
                 raise SnapshotAlreadyExists("", name) from None
             except QuotaExceeded as exc:  # the store's byte cap; its message names paths
-                self.svc.metrics.quota_rejections.inc()
-                d = exc.details
-                raise QuotaExceeded(
-                    f"snapshot {name!r} takes {d.get('size', '?')} bytes on disk; with it"
-                    f" the snapshots of tenant {tenant!r} would take {d.get('used', '?')},"
-                    f" over its quota of {byte_cap} bytes: nothing was kept; delete a"
-                    " snapshot (DELETE /v1/snapshots/NAME)") from None
+                raise self.tenancy.snapshot_too_big(tenant, name, exc, byte_cap) from None
             except SandvmError as exc:
-                raise await self.svc._ended_instead(sandbox_id, exc) from exc
+                raise await self.tenancy.explain(sandbox_id, exc) from exc
         return self._snap_info(snap)
 
     def list_snapshots(self, tenant: str) -> list[SnapshotInfo]:
@@ -231,8 +194,7 @@ class Library:
         """Remove the snapshot; sandboxes restored from it keep running. Raises
         SnapshotNotFound, SnapshotInUse (a pool restores from it)."""
         _check_name(name, "snapshot")
-        users = [r[0] for r in self._db.execute(
-            "SELECT name FROM pools WHERE tenant = ? AND snapshot = ?", (tenant, name))]
+        users = self.records.pools_using(tenant, name)
         if users:
             raise SnapshotInUse(f"snapshot {name!r} is used by pool {users[0]!r}: delete the"
                                 " pool first (DELETE /v1/pools/NAME)")
@@ -251,65 +213,55 @@ class Library:
         snap = self._snapshot(tenant, name)
 
         async def make(sid: str, ttl: float) -> AsyncSandbox:
-            return await self.svc.manager.from_snapshot(snap, ttl=ttl, sandbox_id=sid,
-                                                        network=network)
+            return await self.manager.from_snapshot(snap, ttl=ttl, sandbox_id=sid,
+                                                    network=network)
 
-        return await self.svc._new_owned(tenant, memory_mib=snap.spec.memory_mib, ttl=ttl,
-                                         make=make)
+        return await self.tenancy.new_owned(tenant, memory_mib=snap.spec.memory_mib, ttl=ttl,
+                                            make=make)
 
     async def fork(self, tenant: str, sandbox_id: str, n: int, *,
                    ttl: float | None) -> list[SandboxInfo]:
         """``n`` new sandboxes of the tenant, copies of its running sandbox (with its
         network policy). Raises QuotaExceeded, InvalidSpec, VmNotFound,
         SandboxStateError."""
-        if not 1 <= n <= self.svc.config.max_fork:
-            raise InvalidSpec(f"fork makes 1 to {self.svc.config.max_fork} copies on this"
+        if not 1 <= n <= self.config.max_fork:
+            raise InvalidSpec(f"fork makes 1 to {self.config.max_fork} copies on this"
                               f" server, not {n}")
-        rec = self.svc._record(tenant, sandbox_id)
+        rec = self.tenancy.record(tenant, sandbox_id)
         memory = int((rec.record.get("spec") or {}).get("memory_mib", 0))
-        sb = await self.svc._hold(sandbox_id)
-        ttl = self.svc._check_ttl(ttl)
-        await self.svc.reap()  # sandboxes that ended free their quota first
+        sb = await self.tenancy.hold(sandbox_id)
+        ttl = self.tenancy.check_ttl(ttl)
+        await self.tenancy.reap()  # sandboxes that ended free their quota first
         ids = [new_id("sb") for _ in range(n)]
-        for i, sid in enumerate(ids):  # every copy's quota first: all or none
+        self.tenancy.reserve_all(ids, tenant, memory_mib=memory)  # every copy's: all or none
+        with self.tenancy.creating(ids):
             try:
-                self.svc._reserve(sid, tenant, memory_mib=memory)
+                try:
+                    copies = await self.manager.fork(sb, n, ttl=ttl, sandbox_ids=ids)
+                except SandvmError as exc:
+                    raise await self.tenancy.explain(sandbox_id, exc) from exc
             except BaseException:
-                for done in ids[:i]:
-                    self.svc.store.mark_ended(done)
+                for sid in ids:
+                    self.tenancy.release(sid)
                 raise
-        self.svc._creating.update(ids)
-        try:
-            try:
-                copies = await self.svc.manager.fork(sb, n, ttl=ttl, sandbox_ids=ids)
-            except SandvmError as exc:
-                raise await self.svc._ended_instead(sandbox_id, exc) from exc
-        except BaseException:
-            for sid in ids:
-                self.svc.store.mark_ended(sid)
-            raise
-        finally:
-            self.svc._creating.difference_update(ids)
         infos = []
         for c in copies:
-            self.svc._held[c.sandbox_id] = c
-            self.svc.metrics.sandboxes_created.inc(outcome="fork")
-            copy = self.svc.manager.journal.get(c.sandbox_id)
+            self.tenancy.adopt(c.sandbox_id, c)
+            self.metrics.sandboxes_created.inc(outcome="fork")
+            copy = self.manager.journal.get(c.sandbox_id)
             if copy is not None:  # listed even if it ended at once: the caller owns it
-                infos.append(self.svc._info(copy))
+                infos.append(sandbox_info(copy))
         return infos
 
     # ------------------------------------------------------------------ pools
 
-    def _row(self, tenant: str, name: str) -> tuple[Any, ...]:
-        """The kept pool's row. Raises PoolNotFound."""
+    def _row(self, tenant: str, name: str) -> PoolRecord:
+        """The kept pool. Raises PoolNotFound."""
         _check_name(name, "pool")
-        row = self._db.execute("SELECT snapshot, min_size, max_size, idle_timeout, network,"
-                               " memory_mib, created FROM pools WHERE tenant = ? AND"
-                               " name = ?", (tenant, name)).fetchone()
+        row = self.records.pool(tenant, name)
         if row is None:
             raise PoolNotFound(f"no pool named {name!r}")
-        return tuple(row)
+        return row
 
     def _running(self, tenant: str, name: str) -> AsyncPool:
         """The kept pool ``name`` (its row read already), running. Raises PoolError
@@ -324,20 +276,16 @@ class Library:
     def pool_memory_mib(self, tenant: str) -> int:
         """Memory the tenant's pools may hold: each pool's ``max_size`` times its
         sandboxes' memory (counted in the tenant's memory quota)."""
-        (n,) = self._db.execute("SELECT coalesce(sum(max_size * memory_mib), 0) FROM pools"
-                                " WHERE tenant = ?", (tenant,)).fetchone()
-        return int(n)
+        return self.records.pool_memory_mib(tenant)
 
     async def _restore_member(self, tenant: str, pool: str, snap: Snapshot,
                               network: NetworkPolicy | None) -> AsyncSandbox:
         sid = new_id("sb")
-        with transaction(self._db) as db:
-            db.execute("INSERT INTO pool_members (id, tenant, pool) VALUES (?, ?, ?)",
-                       (sid, tenant, pool))
+        self.records.add_pool_member(sid, tenant, pool)
         try:
             async with self._restore_slots:
-                return await self.svc.manager.from_snapshot(
-                    snap, ttl=self.svc.config.max_ttl, sandbox_id=sid, network=network)
+                return await self.manager.from_snapshot(
+                    snap, ttl=self.config.max_ttl, sandbox_id=sid, network=network)
         except BaseException as exc:
             self._forget_member(sid)
             if isinstance(exc, Exception):
@@ -346,19 +294,18 @@ class Library:
             raise
 
     def _forget_member(self, sid: str) -> None:
-        with transaction(self._db) as db:
-            db.execute("DELETE FROM pool_members WHERE id = ?", (sid,))
+        self.records.forget_pool_members(sandbox_id=sid)
 
     async def refresh_members(self) -> None:
         """Keep waiting sandboxes alive: one whose deadline is less than half the
         server's max TTL away gets the whole of it again (they wait for days, maybe)."""
-        horizon = time.time() + self.svc.config.max_ttl / 2
+        horizon = time.time() + self.config.max_ttl / 2
         for pool in list(self._pools.values()):
             for sb in pool.waiting():
-                rec = self.svc.manager.journal.get(sb.sandbox_id)
+                rec = self.manager.journal.get(sb.sandbox_id)
                 if rec is not None and rec.deadline is not None and rec.deadline < horizon:
                     with contextlib.suppress(SandvmError):
-                        self.svc.manager.set_ttl(sb.sandbox_id, self.svc.config.max_ttl)
+                        self.manager.set_ttl(sb.sandbox_id, self.config.max_ttl)
 
     async def _start_pool(self, tenant: str, name: str, snapshot: str, *, min_size: int,
                           max_size: int, idle_timeout: float | None,
@@ -381,55 +328,42 @@ class Library:
         """Start a pool restoring the tenant's ``snapshot``, kept across restarts.
         Raises PoolExists, SnapshotNotFound, QuotaExceeded (``max_pools``,
         ``max_pool_size`` over the tenant's pools, or its memory), InvalidSpec."""
-        cfg = self.svc.config
         _check_name(name, "pool")
         if not 0 <= min_size <= max_size or max_size < 1:
             raise InvalidSpec(f"need 0 <= min_size <= max_size and max_size >= 1, got"
                               f" {min_size}, {max_size}")
         snap = self._snapshot(tenant, snapshot)
+        exists = PoolExists(f"a pool named {name!r} exists: delete it first or choose"
+                            " another name")
         async with self._pool_lock:  # the checks and the insert, one at a time
-            n, held = self._db.execute("SELECT count(*), coalesce(sum(max_size), 0) FROM"
-                                       " pools WHERE tenant = ?", (tenant,)).fetchone()
-            if self._db.execute("SELECT 1 FROM pools WHERE tenant = ? AND name = ?",
-                                (tenant, name)).fetchone() is not None:
-                raise PoolExists(f"a pool named {name!r} exists: delete it first or choose"
-                                 " another name")
-            if n >= cfg.max_pools:
-                raise QuotaExceeded(f"tenant {tenant!r} has {n} pools, its quota: delete"
-                                    " one (DELETE /v1/pools/NAME)")
-            if held + max_size > cfg.max_pool_size:
-                raise QuotaExceeded(f"the pools of tenant {tenant!r} hold up to {held}"
-                                    " sandboxes;"
-                                    f" {max_size} more is over this server's cap of"
-                                    f" {cfg.max_pool_size} waiting sandboxes per tenant:"
-                                    " make max_size smaller or delete a pool")
-            self.svc._check_memory(tenant, max_size * snap.spec.memory_mib,
-                                   what=f"a pool of up to {max_size} sandboxes of"
-                                        f" {snap.spec.memory_mib} MiB")
-            with transaction(self._db) as db:
-                db.execute("INSERT INTO pools (tenant, name, snapshot, min_size, max_size,"
-                           " idle_timeout, network, memory_mib, created) VALUES"
-                           " (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (tenant, name, snapshot, min_size, max_size, idle_timeout,
-                            json.dumps(network.to_dict()) if network else None,
-                            snap.spec.memory_mib, time.time()))
+            if self.records.pool(tenant, name) is not None:
+                raise exists
+            self.tenancy.check_pools(tenant, max_size=max_size,
+                                     memory_mib=snap.spec.memory_mib)
+            if not self.records.add_pool(PoolRecord(
+                    tenant=tenant, name=name, snapshot=snapshot, min_size=min_size,
+                    max_size=max_size, idle_timeout=idle_timeout,
+                    network=network.to_dict() if network else None,
+                    memory_mib=snap.spec.memory_mib, created=time.time())):
+                raise exists  # another server process on the same state dir made it
         try:  # outside the lock: its first verify reads the whole snapshot
             await self._start_pool(tenant, name, snapshot, min_size=min_size,
                                    max_size=max_size, idle_timeout=idle_timeout,
                                    network=network)
         except BaseException:
-            with transaction(self._db) as db:
-                db.execute("DELETE FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
+            self.records.remove_pool(tenant, name)
             raise
         return self.pool_info(tenant, name)
 
     def pool_info(self, tenant: str, name: str) -> PoolInfo:
         """Settings and counters of a kept pool (one that did not start again after a
         restart shows zeros and why in ``last_error``). Raises PoolNotFound."""
-        snapshot, lo, hi, idle, net, _mem, created = self._row(tenant, name)
+        row = self._row(tenant, name)
         pool = self._pools.get((tenant, name))
-        common = {"name": name, "snapshot": snapshot, "min_size": lo, "max_size": hi,
-                  "idle_timeout": idle, "network": net is not None, "created": created}
+        common: dict[str, Any] = {
+            "name": name, "snapshot": row.snapshot, "min_size": row.min_size,
+            "max_size": row.max_size, "idle_timeout": row.idle_timeout,
+            "network": row.network is not None, "created": row.created}
         if pool is None:
             return PoolInfo(**common, ready=0, restoring=0, hits=0, misses=0, timeouts=0,
                             restored=0, restore_failures=0, restore_ms_p50=None,
@@ -446,9 +380,7 @@ class Library:
                         else f"{err.code}: a restore failed (details in the server's log)")
 
     def list_pools(self, tenant: str) -> list[PoolInfo]:
-        names = [r[0] for r in self._db.execute(
-            "SELECT name FROM pools WHERE tenant = ? ORDER BY name", (tenant,))]
-        return [self.pool_info(tenant, n) for n in names]
+        return [self.pool_info(tenant, p.name) for p in self.records.pools(tenant)]
 
     async def delete_pool(self, tenant: str, name: str) -> None:
         """Stop the pool and kill its waiting sandboxes (the ones it handed out are the
@@ -457,13 +389,10 @@ class Library:
             self._row(tenant, name)
             pool = self._pools.pop((tenant, name), None)
             self._broken.pop((tenant, name), None)
-            with transaction(self._db) as db:
-                db.execute("DELETE FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
+            self.records.remove_pool(tenant, name)
             if pool is not None:
                 await pool.close()
-            with transaction(self._db) as db:
-                db.execute("DELETE FROM pool_members WHERE tenant = ? AND pool = ?",
-                           (tenant, name))
+            self.records.forget_pool_members(tenant=tenant, pool=name)
 
     async def from_pool(self, tenant: str, name: str, *, ttl: float | None,
                         wait: float | None = None) -> SandboxInfo:
@@ -471,20 +400,19 @@ class Library:
         up to ``wait`` seconds, at most the server's ``pool_acquire_timeout``): it
         becomes the tenant's, alive ``ttl`` seconds. Raises PoolNotFound, PoolExhausted
         (none became ready: 503), PoolClosed, QuotaExceeded."""
-        mem = int(self._row(tenant, name)[5])
+        mem = self._row(tenant, name).memory_mib
         pool = self._running(tenant, name)
-        ttl = self.svc._check_ttl(ttl)
-        cap = self.svc.config.pool_acquire_timeout
+        ttl = self.tenancy.check_ttl(ttl)
+        cap = self.config.pool_acquire_timeout
         wait = cap if wait is None else min(wait, cap)
-        await self.svc.reap()
+        await self.tenancy.reap()
         placeholder = new_id("sb")  # the quota is taken before waiting for the pool
-        self.svc._reserve(placeholder, tenant, memory_mib=mem)
-        self.svc._creating.add(placeholder)  # not reaped while it waits
-        try:
+        self.tenancy.reserve(placeholder, tenant, memory_mib=mem)
+        with self.tenancy.creating([placeholder]):  # not reaped while it waits
             try:
                 sb = await pool.acquire(timeout=wait)
             except BaseException as exc:
-                self.svc.store.mark_ended(placeholder)  # the quota is free again at once
+                self.tenancy.release(placeholder)  # the quota is free again at once
                 if isinstance(exc, PoolExhausted):  # its message names server paths
                     raise PoolExhausted(f"pool {name!r} had no sandbox ready within"
                                         f" {wait:g} s: retry, or raise its min_size"
@@ -493,24 +421,18 @@ class Library:
             pool.disown(sb)
             sid = sb.sandbox_id
             try:
-                with transaction(self._db) as db:  # the tenant's now: in one step
-                    cur = db.execute("UPDATE sandboxes SET id = ? WHERE id = ? AND ended IS"
-                                     " NULL", (sid, placeholder))
-                    if cur.rowcount != 1:
-                        raise SandvmError(f"the reservation for sandbox {sid} was lost")
-                    db.execute("DELETE FROM pool_members WHERE id = ?", (sid,))
-                self.svc.manager.set_ttl(sid, ttl)
+                if not self.records.hand_out(placeholder, sid):  # the tenant's now: one step
+                    raise SandvmError(f"the reservation for sandbox {sid} was lost")
+                self.manager.set_ttl(sid, ttl)
             except BaseException:
-                self.svc.store.mark_ended(placeholder)
-                self.svc.store.mark_ended(sid)
+                self.tenancy.release(placeholder)
+                self.tenancy.release(sid)
                 self._forget_member(sid)
                 with contextlib.suppress(SandvmError):
-                    await self.svc.manager.kill(sid, reason="killed: handing it out failed")
+                    await self.manager.kill(sid, reason="killed: handing it out failed")
                 with contextlib.suppress(SandvmError):
                     await sb.kill()
                 raise
-        finally:
-            self.svc._creating.discard(placeholder)
-        self.svc._held[sid] = sb
-        self.svc.metrics.sandboxes_created.inc(outcome="pool")
-        return self.svc.get(tenant, sid)
+        self.tenancy.adopt(sid, sb)
+        self.metrics.sandboxes_created.inc(outcome="pool")
+        return self.tenancy.info(tenant, sid)

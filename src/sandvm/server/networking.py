@@ -1,5 +1,7 @@
 """Exposed ports and egress policies of the server's sandboxes (``SandboxService.networking``).
 
+Ownership, the port quota and the held sandboxes come from the server's ``Tenancy``.
+
 The server holds each sandbox as a local AsyncSandbox, so exposing a guest port is the
 local ``ports.expose`` on the server's host (``ServerConfig.port_host``, 127.0.0.1 by
 default; the server picks the host port), and a policy update is the local
@@ -25,7 +27,8 @@ import re
 from typing import TYPE_CHECKING
 
 from sandvm.egress import NetworkPolicy
-from sandvm.errors import InvalidSpec, PortInUse, QuotaExceeded, SandvmError
+from sandvm.errors import InvalidSpec, PortInUse, SandvmError
+from sandvm.network import egress_bytes, egress_connections
 from sandvm.ports import ExposedPort, check_port
 from sandvm.server.models import (
     EgressEventInfo,
@@ -36,7 +39,7 @@ from sandvm.server.models import (
 
 if TYPE_CHECKING:
     from sandvm.sandbox import AsyncSandbox
-    from sandvm.server.service import SandboxService
+    from sandvm.server.tenancy import Tenancy
 
 log = logging.getLogger("sandvm.server")
 
@@ -70,10 +73,15 @@ def policy_view(policy: NetworkPolicy | None) -> NetworkPolicyView | None:
 
 
 class Networking:
-    """The ports and network part of a SandboxService (its sandboxes, its store)."""
+    """The ports and network part of a SandboxService. Its ``Tenancy`` calls
+    ``attached`` each time it attaches to a sandbox again (register with
+    ``tenancy.on_attach(networking.attached)``)."""
 
-    def __init__(self, svc: SandboxService) -> None:
-        self.svc = svc
+    def __init__(self, tenancy: Tenancy) -> None:
+        self.tenancy = tenancy
+        self.store = tenancy.store  # the server's store (exposed ports)
+        self.config = tenancy.config
+        self.metrics = tenancy.metrics
         self._reopening: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one expose or close at a time: records match listeners
 
@@ -82,8 +90,8 @@ class Networking:
     def start(self) -> None:
         """Forget the ports of sandboxes that ended; listen again, in the background, for
         those of the live ones (a restarted server)."""
-        self.svc.store.prune_exposed()
-        ids = self.svc.store.with_exposed_ports()
+        self.store.prune_exposed()
+        ids = self.store.with_exposed_ports()
         if ids:
             self._reopening = asyncio.get_running_loop().create_task(self._reopen(ids))
 
@@ -96,7 +104,7 @@ class Networking:
     async def _reopen(self, ids: list[str]) -> None:
         for sid in ids:
             try:
-                await self.svc._hold(sid)  # attaching re-opens its ports (``attached``)
+                await self.tenancy.hold(sid)  # attaching re-opens its ports (``attached``)
             except SandvmError as exc:
                 log.warning("could not re-open the exposed ports of %s: %s", sid, exc.message)
             except Exception:
@@ -104,13 +112,13 @@ class Networking:
 
     async def attached(self, sandbox_id: str, sb: AsyncSandbox) -> None:
         """``sb`` was just attached: listen again for its recorded ports. Never raises."""
-        for port, host, host_port in self.svc.store.exposed(sandbox_id):
+        for port, host, host_port in self.store.exposed(sandbox_id):
             try:
                 try:
                     addr = await sb.ports.expose(port, host=host, host_port=host_port)
                 except PortInUse:  # taken meanwhile: another one
                     addr = await sb.ports.expose(port, host=host)
-                self.svc.store.set_host_port(sandbox_id, port, addr.host, addr.port)
+                self.store.set_host_port(sandbox_id, port, addr.host, addr.port)
             except SandvmError as exc:
                 log.warning("could not re-open port %d of %s: %s", port, sandbox_id,
                             exc.message)
@@ -129,47 +137,39 @@ class Networking:
         """Listen on the server's host for guest ``port`` (or return the listener that
         does already). Raises QuotaExceeded (the tenant's ports), InvalidSpec, PortError,
         VmNotFound, SandboxStateError."""
-        svc = self.svc
         port = check_port(port)
-        svc._record(tenant, sandbox_id)
-        sb = await svc._hold(sandbox_id)
-        cfg = svc.config
+        sb = await self.tenancy.held(tenant, sandbox_id)
+        host = self.config.port_host
         async with self._lock:
-            known = any(p == port for p, _, _ in svc.store.exposed(sandbox_id))
-            if not svc.store.reserve_port(sandbox_id, port, cfg.port_host,
-                                          limit=cfg.max_tenant_ports):
-                raise QuotaExceeded(f"tenant {tenant!r} already has {cfg.max_tenant_ports}"
-                                    " ports exposed, its quota: close one (DELETE"
-                                    " /v1/sandboxes/ID/ports/PORT)")
+            known = any(p == port for p, _, _ in self.store.exposed(sandbox_id))
+            self.tenancy.reserve_port(tenant, sandbox_id, port, host)
             try:
-                addr = await sb.ports.expose(port, host=cfg.port_host)
+                addr = await sb.ports.expose(port, host=host)
             except BaseException as exc:
                 if not known:
-                    svc.store.unexpose(sandbox_id, port)
+                    self.store.unexpose(sandbox_id, port)
                 if isinstance(exc, SandvmError):
-                    raise await svc._ended_instead(sandbox_id, exc) from exc
+                    raise await self.tenancy.explain(sandbox_id, exc) from exc
                 raise
-            svc.store.set_host_port(sandbox_id, port, addr.host, addr.port)
+            self.store.set_host_port(sandbox_id, port, addr.host, addr.port)
         if not known:
-            svc.metrics.ports_exposed.inc()
+            self.metrics.ports_exposed.inc()
         return self._info(port, addr.host, addr.port, request_host)
 
     async def list_ports(self, tenant: str, sandbox_id: str, *,
                          request_host: str | None = None) -> list[PortInfo]:
         """The sandbox's exposed ports, by guest port (attaching to it re-opens them)."""
-        self.svc._record(tenant, sandbox_id)
-        await self.svc._hold(sandbox_id)
+        await self.tenancy.held(tenant, sandbox_id)
         return [self._info(p, h, hp, request_host)
-                for p, h, hp in self.svc.store.exposed(sandbox_id) if hp]
+                for p, h, hp in self.store.exposed(sandbox_id) if hp]
 
     async def close(self, tenant: str, sandbox_id: str, port: int) -> int:
         """Stop exposing guest ``port`` (its open connections are reset); returns how
         many listeners were closed (0: it was not exposed)."""
         port = check_port(port)
-        self.svc._record(tenant, sandbox_id)
-        sb = await self.svc._hold(sandbox_id)
+        sb = await self.tenancy.held(tenant, sandbox_id)
         async with self._lock:
-            recorded = self.svc.store.unexpose(sandbox_id, port)
+            recorded = self.store.unexpose(sandbox_id, port)
             closed = await sb.ports.close(port)
         return max(closed, int(recorded))
 
@@ -177,26 +177,23 @@ class Networking:
                    ) -> None:
         """Return once a server in the guest listens on ``port``. Raises PortTimeout."""
         port = check_port(port)
-        self.svc._record(tenant, sandbox_id)
-        sb = await self.svc._hold(sandbox_id)
+        sb = await self.tenancy.held(tenant, sandbox_id)
         try:
             await sb.ports.wait(port, timeout=timeout)
         except SandvmError as exc:
-            raise await self.svc._ended_instead(sandbox_id, exc) from exc
+            raise await self.tenancy.explain(sandbox_id, exc) from exc
 
     # ------------------------------------------------------------------ network
 
     @staticmethod
     def _network_info(sb: AsyncSandbox) -> NetworkInfo:
         net = sb.network
-        proxy = net._proxy
         return NetworkInfo(enabled=net.enabled, policy=policy_view(net.policy),
-                           bytes_total=proxy.bytes_total if proxy is not None else 0,
-                           connections=proxy.active if proxy is not None else 0)
+                           bytes_total=egress_bytes(net),
+                           connections=egress_connections(net))
 
     async def network(self, tenant: str, sandbox_id: str) -> NetworkInfo:
-        self.svc._record(tenant, sandbox_id)
-        return self._network_info(await self.svc._hold(sandbox_id))
+        return self._network_info(await self.tenancy.held(tenant, sandbox_id))
 
     async def set_policy(self, tenant: str, sandbox_id: str, policy: NetworkPolicy
                          ) -> NetworkInfo:
@@ -206,19 +203,17 @@ class Networking:
         if policy.allow_ips or policy.hosts:
             raise InvalidSpec("allow_ips and hosts are the server operator's, not API"
                               " clients'")
-        self.svc._record(tenant, sandbox_id)
-        sb = await self.svc._hold(sandbox_id)
+        sb = await self.tenancy.held(tenant, sandbox_id)
         try:
             await sb.network.set_policy(policy)
         except SandvmError as exc:
-            raise await self.svc._ended_instead(sandbox_id, exc) from exc
+            raise await self.tenancy.explain(sandbox_id, exc) from exc
         return self._network_info(sb)
 
     async def events(self, tenant: str, sandbox_id: str, *, limit: int = 100
                      ) -> list[EgressEventInfo]:
         """The egress proxy's latest ``limit`` decisions, oldest first."""
-        self.svc._record(tenant, sandbox_id)
-        sb = await self.svc._hold(sandbox_id)
+        sb = await self.tenancy.held(tenant, sandbox_id)
         limit = max(0, min(limit, MAX_EVENTS))
         events = sb.network.events()[-limit:] if limit else []
         return [EgressEventInfo(ts=e.ts, action=e.action, method=e.method, host=e.host,

@@ -17,35 +17,28 @@ listed until it runs.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from sandvm import wire
 from sandvm.agent_client import guest_int
-from sandvm.core import check_guest_path, new_id, validate_vm_id
+from sandvm.core import check_guest_path, new_id
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
-    AgentError,
     AgentProtocolError,
-    CommandTimeout,
-    GuestError,
     InvalidSpec,
     QuotaExceeded,
     RequestTooLarge,
-    SandboxStateError,
     SandvmError,
     Unauthenticated,
-    VmError,
-    VmNotFound,
 )
 from sandvm.guestops import GuestOps
+from sandvm.output import OutputPipe, exit_event, output_event, wait_outcome
 from sandvm.runtime.journal import SandboxRecord
-from sandvm.runtime.manager import Recovery, SandboxManager, keeper_alive
+from sandvm.runtime.manager import Recovery, SandboxManager
 from sandvm.sandbox import AsyncCommandHandle, AsyncSandbox, CommandResult
 from sandvm.server.commands import BackgroundCommand, unknown_command
 from sandvm.server.config import ServerConfig
@@ -55,28 +48,12 @@ from sandvm.server.models import CommandInfo, SandboxInfo, WriteResult
 from sandvm.server.networking import Networking
 from sandvm.server.redact import Redactor, status_for
 from sandvm.server.store import ServerStore
+from sandvm.server.tenancy import Tenancy, every
 
 log = logging.getLogger("sandvm.server")
 
-REAP_INTERVAL = 2.0  # seconds between looks for sandboxes that ended on their own
 _OUTPUT_QUEUE = 16  # output chunks between the guest and a slow HTTP client
 
-
-def _not_found(sandbox_id: str) -> VmNotFound:
-    exc = VmNotFound(sandbox_id)
-    exc.message = f"no sandbox {sandbox_id!r}"
-    exc.args = (exc.message,)
-    return exc
-
-
-def output_event(channel: int, data: bytes) -> dict[str, Any]:
-    """One ``stdout``/``stderr`` line of a command's stream: text if the chunk is
-    valid UTF-8, else base64 (a chunk can end inside a character)."""
-    kind = "stdout" if channel == wire.CH_STDOUT else "stderr"
-    try:
-        return {"type": kind, "text": data.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"type": kind, "b64": base64.b64encode(data).decode()}
 
 
 class SandboxService:
@@ -90,30 +67,25 @@ class SandboxService:
         self.manager = manager or SandboxManager()
         self.metrics = Metrics(live_sandboxes=lambda: float(self.store.count_live()),
                                exposed_ports=lambda: float(self.store.count_exposed()))
-        self.networking = Networking(self)  # exposed ports, egress policies
-        self.library = Library(self)  # snapshots, pools
+        # ownership, quotas, held sandboxes, error explanations: injected where used
+        self.tenancy = Tenancy(config, store=self.store, manager=self.manager,
+                               metrics=self.metrics)
+        self.networking = Networking(self.tenancy)  # exposed ports, egress policies
+        self.library = Library(self.tenancy)  # snapshots, pools
         self.redactor = Redactor([config.state_dir])  # what errors may tell clients
-        self._held: dict[str, AsyncSandbox] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._creating: set[str] = set()
         self._commands: dict[str, BackgroundCommand] = {}
-        self._reaper: asyncio.Task[None] | None = None
+        self.tenancy.on_attach(self.networking.attached)  # its exposed ports again
+        self.tenancy.on_drop(self._close_commands)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> Recovery:
         """Repair what a dead server left (``SandboxManager.recover``), forget owned
         sandboxes that no longer run, and start watching for ones that end."""
-        rec = await self.manager.recover()
-        live = set(rec.live)
-        for sid in self.store.owned():
-            if sid not in live:
-                self.store.mark_ended(sid)
-        self._reaper = asyncio.get_running_loop().create_task(
-            self.every(REAP_INTERVAL, self.reap, "reaping ended sandboxes"))
+        rec = await self.tenancy.start()
         self.networking.start()
         await self.library.start()
-        log.info("sandvm server: %d sandboxes still running, %d repaired", len(live),
+        log.info("sandvm server: %d sandboxes still running, %d repaired", len(rec.live),
                  len(rec.repaired))
         return rec
 
@@ -122,60 +94,28 @@ class SandboxService:
         and a server started later takes them over. The service is unusable afterwards."""
         await self.networking.stop()
         await self.library.stop()
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
         for bg in list(self._commands.values()):  # they end with the server's connection
             await bg.close()
         self._commands.clear()
-        for sid, sb in list(self._held.items()):
-            self._held.pop(sid, None)
-            try:
-                await self.manager.detach(sb)
-            except SandvmError as exc:
-                log.warning("could not detach %s: %s", sid, exc.message)
+        await self.tenancy.stop()  # detaches every held sandbox
         if self._owns[0]:
             self.store.close()
         if self._owns[1]:
             self.manager.journal.close()
 
-    @staticmethod
-    async def every(seconds: float, job: Callable[[], Awaitable[object]], what: str) -> None:
-        """Run ``job`` every ``seconds`` until cancelled; a failure is logged (``what``
-        failed), never fatal: the loop goes on."""
-        while True:
-            await asyncio.sleep(seconds)
-            try:
-                await job()
-            except Exception:
-                log.exception("%s failed", what)
+    every = staticmethod(every)  # run a job periodically (``tenancy.every``)
 
     async def reap(self) -> list[str]:
         """Mark owned sandboxes that ended on their own (TTL, crash) and let go of them.
         Returns their ids."""
-        ended = []
-        for sid in self.store.owned():
-            if sid in self._creating:
-                continue
-            rec = self.manager.journal.get(sid)
-            if rec is None or rec.state == "ended" or not keeper_alive(rec):
-                if rec is not None and rec.state == "starting" and rec.keeper_pid is None:
-                    continue  # another process is creating it
-                self.store.mark_ended(sid)
-                await self._drop(sid)
-                ended.append(sid)
-        return ended
+        return await self.tenancy.reap()
 
-    async def _drop(self, sid: str) -> None:
+    async def _close_commands(self, sid: str) -> None:
+        """The server lets go of ``sid``: its background commands end here."""
         for cid, bg in list(self._commands.items()):
             if bg.sandbox_id == sid:
                 self._commands.pop(cid, None)
                 await bg.close()
-        sb = self._held.pop(sid, None)
-        if sb is not None:
-            with contextlib.suppress(SandvmError):
-                await sb.kill()  # its VM is gone already: this only closes our side
 
     # ------------------------------------------------------------------ auth
 
@@ -196,85 +136,24 @@ class SandboxService:
     # ------------------------------------------------------------------ sandboxes
 
     def _record(self, tenant: str, sandbox_id: str) -> SandboxRecord:
-        """The journal record of ``tenant``'s running sandbox. Raises VmNotFound (no such
-        sandbox, or another tenant's), SandboxStateError (ended, or still starting)."""
-        try:
-            validate_vm_id(sandbox_id)
-        except InvalidSpec:
-            raise _not_found(sandbox_id[:80]) from None
-        own = self.store.owner(sandbox_id)
-        if own is None or own[0] != tenant:
-            raise _not_found(sandbox_id)
-        if own[1] is not None:
-            raise SandboxStateError(f"sandbox {sandbox_id} has ended")
-        rec = self.manager.journal.get(sandbox_id)
-        if rec is None or (rec.state == "starting" and sandbox_id in self._creating):
-            raise SandboxStateError(f"sandbox {sandbox_id} is still starting")
-        if rec.state == "ended" or not keeper_alive(rec):
-            self.store.mark_ended(sandbox_id)
-            raise SandboxStateError(f"sandbox {sandbox_id} has ended"
-                                    + (f" ({rec.end_reason})" if rec.end_reason else ""))
-        return rec
-
-    @staticmethod
-    def _info(rec: SandboxRecord) -> SandboxInfo:
-        spec = rec.record.get("spec") or {}
-        return SandboxInfo(sandbox_id=rec.id, state=rec.state.label,
-                           image=str(spec.get("image", "?")),
-                           memory_mib=int(spec.get("memory_mib", 0)),
-                           vcpus=int(spec.get("vcpus", 0)), created=rec.created,
-                           expires_at=rec.deadline,
-                           network=rec.record.get("network") is not None)
+        """``tenancy.record``: raises VmNotFound, SandboxStateError."""
+        return self.tenancy.record(tenant, sandbox_id)
 
     async def _hold(self, sandbox_id: str) -> AsyncSandbox:
-        """This server's handle on a running sandbox, attaching to it (once) if needed.
-        Raises SandboxBusy if another process keeps holding it."""
-        sb = self._held.get(sandbox_id)
-        if sb is not None and await sb.is_running():
-            return sb
-        lock = self._locks.setdefault(sandbox_id, asyncio.Lock())
-        async with lock:
-            sb = self._held.get(sandbox_id)
-            if sb is not None:
-                if await sb.is_running():
-                    return sb
-                await self._drop(sandbox_id)
-            sb = await self.manager.attach(sandbox_id, wait=self.config.attach_wait)
-            self._held[sandbox_id] = sb
-            await self.networking.attached(sandbox_id, sb)  # its exposed ports again
-            return sb
+        """``tenancy.hold``: raises SandboxBusy."""
+        return await self.tenancy.hold(sandbox_id)
 
     async def _ended_instead(self, sandbox_id: str, exc: SandvmError) -> SandvmError:
-        """``exc``, or SandboxStateError if the sandbox ended while the request ran (its
-        TTL, a kill: the agent channel breaks when the VM goes, before the journal says
-        so). Errors the guest reports (GuestError) are returned as they are."""
-        if isinstance(exc, GuestError) or not isinstance(exc, (AgentError, VmError)):
-            return exc
-        for _ in range(40):  # the keeper records the end just after the VM went
-            rec = self.manager.journal.get(sandbox_id)
-            if rec is None or rec.state == "ended" or not keeper_alive(rec):
-                self.store.mark_ended(sandbox_id)
-                await self._drop(sandbox_id)
-                reason = f" ({rec.end_reason})" if rec is not None and rec.end_reason else ""
-                ended = SandboxStateError(f"sandbox {sandbox_id} ended while the request ran"
-                                          + reason)
-                ended.__cause__ = exc
-                return ended
-            await asyncio.sleep(0.05)
-        return exc
+        """``tenancy.explain``: ``exc``, or SandboxStateError if the sandbox ended."""
+        return await self.tenancy.explain(sandbox_id, exc)
 
     async def create(self, tenant: str, *, image: str | None = None, memory_mib: int = 256,
                      vcpus: int = 1, ttl: float | None = None,
                      network: NetworkPolicy | None = None) -> SandboxInfo:
         """Boot a sandbox for ``tenant`` (a managed one, alive ``ttl`` seconds). Raises
         InvalidSpec (over the server's caps), QuotaExceeded, UnknownImage, VmBootError."""
-        cfg = self.config
-        ttl = self._check_ttl(ttl)
-        if memory_mib > cfg.max_memory_mib:
-            raise InvalidSpec(f"memory_mib {memory_mib} is over this server's cap of"
-                              f" {cfg.max_memory_mib}")
-        if vcpus > cfg.max_vcpus:
-            raise InvalidSpec(f"vcpus {vcpus} is over this server's cap of {cfg.max_vcpus}")
+        ttl = self.tenancy.check_ttl(ttl)
+        self.tenancy.check_size(memory_mib=memory_mib, vcpus=vcpus)
         if image is None:
             from sandvm.images.store import default_image
 
@@ -285,57 +164,20 @@ class SandboxService:
                                              memory_mib=memory_mib, vcpus=vcpus,
                                              network=network)
 
-        return await self._new_owned(tenant, memory_mib=memory_mib, ttl=ttl, make=make)
-
-    def _check_ttl(self, ttl: float | None) -> float:
-        """``ttl``, or the server's default for None. Raises InvalidSpec over max_ttl."""
-        cfg = self.config
-        ttl = cfg.default_ttl if ttl is None else ttl
-        if not 0 < ttl <= cfg.max_ttl:
-            raise InvalidSpec(f"timeout must be seconds in (0, {cfg.max_ttl:.0f}], got {ttl}")
-        return ttl
-
-    async def _new_owned(self, tenant: str, *, memory_mib: int, ttl: float | None,
-                         make: Callable[[str, float], Awaitable[AsyncSandbox]]
-                         ) -> SandboxInfo:
-        """A new sandbox of ``tenant``: its quota taken, ``make(sandbox_id, ttl)`` run
-        (a managed create or restore), the sandbox held. Raises QuotaExceeded,
-        InvalidSpec, and what ``make`` raises."""
-        ttl = self._check_ttl(ttl)
-        await self.reap()
-        sid = new_id("sb")
-        self._reserve(sid, tenant, memory_mib)
-        self._creating.add(sid)
-        t0 = time.monotonic()
-        try:
-            sb = await make(sid, ttl)
-        except BaseException:
-            self.store.mark_ended(sid)
-            self.metrics.sandboxes_created.inc(outcome="error")
-            raise
-        finally:
-            self._creating.discard(sid)
-        self._held[sid] = sb
-        self.metrics.sandboxes_created.inc(outcome="ok")
-        self.metrics.create_seconds.observe(time.monotonic() - t0)
-        return self._info(self._record(tenant, sid))
+        return await self.tenancy.new_owned(tenant, memory_mib=memory_mib, ttl=ttl, make=make)
 
     def list_sandboxes(self, tenant: str) -> list[SandboxInfo]:
         """``tenant``'s running sandboxes, oldest first."""
-        out = []
-        for sid in self.store.owned(tenant):
-            with contextlib.suppress(SandvmError):
-                out.append(self._info(self._record(tenant, sid)))
-        return out
+        return self.tenancy.live(tenant)
 
     def get(self, tenant: str, sandbox_id: str) -> SandboxInfo:
         """Raises VmNotFound, SandboxStateError (ended)."""
-        return self._info(self._record(tenant, sandbox_id))
+        return self.tenancy.info(tenant, sandbox_id)
 
     async def kill(self, tenant: str, sandbox_id: str) -> None:
         """Destroy the sandbox. Raises VmNotFound, SandboxStateError (already ended)."""
         self._record(tenant, sandbox_id)
-        await self._drop(sandbox_id)
+        await self.tenancy.drop(sandbox_id)
         await self.manager.kill(sandbox_id)
         self.store.mark_ended(sandbox_id)
 
@@ -348,50 +190,6 @@ class SandboxService:
         self._record(tenant, sandbox_id)
         self.manager.set_ttl(sandbox_id, timeout)
         return self.get(tenant, sandbox_id)
-
-    # ------------------------------------------------------------------ quotas
-
-    def _tenant_memory_mib(self, tenant: str) -> int:
-        """MiB of memory ``tenant`` holds on this server: its live sandboxes' (those
-        being created included) and what its pools may hold."""
-        return self.store.memory_in_use(tenant) + self.library.pool_memory_mib(tenant)
-
-    def _check_memory(self, tenant: str, more_mib: int, *, what: str) -> None:
-        """Raises QuotaExceeded if ``tenant`` holding ``more_mib`` more would be over its
-        memory quota (``what`` says what for)."""
-        cap = self.config.max_tenant_memory_mib
-        used = self._tenant_memory_mib(tenant)
-        if cap is not None and used + more_mib > cap:
-            self.metrics.quota_rejections.inc()
-            raise QuotaExceeded(f"tenant {tenant!r} holds {used} MiB; {what} would take it"
-                                f" over its memory quota of {cap} MiB: kill sandboxes, delete"
-                                " a pool or make it smaller")
-
-    def _reserve(self, sid: str, tenant: str, memory_mib: int) -> None:
-        """Record ``tenant`` as the owner of the new ``sid`` within its quotas (live
-        sandboxes, memory). One SQLite transaction counts the sandboxes and their memory
-        and inserts the new one, so concurrent creates (also from another process on
-        the same state dir) cannot both pass; the memory the tenant holds outside the
-        sandboxes table is read in the same event-loop step (no await in between).
-        Raises QuotaExceeded."""
-        cfg = self.config
-        elsewhere = self._tenant_memory_mib(tenant) - self.store.memory_in_use(tenant)
-        refused = self.store.reserve_within(sid, tenant, limit=cfg.max_sandboxes,
-                                            memory_mib=memory_mib,
-                                            max_memory_mib=cfg.max_tenant_memory_mib,
-                                            memory_elsewhere=elsewhere)
-        if refused is None:
-            return
-        self.metrics.quota_rejections.inc()
-        if refused == "memory":
-            raise QuotaExceeded(
-                f"tenant {tenant!r} would hold {self._tenant_memory_mib(tenant) + memory_mib}"
-                f" MiB with this sandbox ({memory_mib} MiB), over its memory quota of"
-                f" {cfg.max_tenant_memory_mib} MiB: kill a sandbox (DELETE"
-                " /v1/sandboxes/ID), wait for one's timeout, or ask for less memory_mib")
-        raise QuotaExceeded(f"tenant {tenant!r} already has {cfg.max_sandboxes} live"
-                            " sandboxes, its quota: kill one (DELETE /v1/sandboxes/ID)"
-                            " or wait for one's timeout")
 
     # ------------------------------------------------------------------ commands
 
@@ -411,40 +209,32 @@ class SandboxService:
                               env: dict[str, str] | None, cwd: str | None, user: str | None,
                               timeout: float | None, stdin: bytes | None
                               ) -> AsyncIterator[dict[str, Any]]:
-        queue: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(_OUTPUT_QUEUE)
+        pipe = OutputPipe(max_chunks=_OUTPUT_QUEUE)  # full: stops reading the guest
+        out = pipe.put
         t0 = time.monotonic()
 
-        async def out(channel: int, data: bytes) -> None:
-            await queue.put((channel, data))  # a full queue stops reading the guest
+        async def run() -> CommandResult:
+            res = await sb.commands._run(cmd, env=env, cwd=cwd, stdin=stdin,
+                                         timeout=timeout, on_stdout=None, on_stderr=None,
+                                         background=False, check=False, user=user,
+                                         raw_output=out)
+            assert isinstance(res, CommandResult)
+            return res
 
         async def go() -> dict[str, Any]:
-            timed_out = False
             try:
-                res = await sb.commands._run(cmd, env=env, cwd=cwd, stdin=stdin,
-                                             timeout=timeout, on_stdout=None, on_stderr=None,
-                                             background=False, check=False, user=user,
-                                             raw_output=out)
-            except CommandTimeout as exc:
-                if exc.result is None:
-                    raise
-                res, timed_out = exc.result, True
-            assert isinstance(res, CommandResult)
-            return {"type": "exit", "exit_code": res.exit_code, "signal": res.signal,
-                    "timed_out": timed_out, "duration": round(res.duration, 6)}
+                res, timed_out = await wait_outcome(run())
+                assert res is not None  # a timeout without a result is raised
+                return exit_event(res, timed_out=timed_out)
+            finally:
+                pipe.close()
 
         task = asyncio.get_running_loop().create_task(go())
         try:
-            while not task.done():
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield output_event(*getter.result())
-                else:
-                    getter.cancel()
-            while not queue.empty():  # the command's last output, read before it ended
-                yield output_event(*queue.get_nowait())
+            while (chunk := await pipe.get()) is not None:  # to the command's last output
+                yield output_event(*chunk)
             try:
-                final = task.result()
+                final = await task
                 self.metrics.commands.inc(outcome="exit")
             except SandvmError as exc:
                 err = await self._ended_instead(sb.sandbox_id, exc)

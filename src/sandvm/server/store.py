@@ -1,4 +1,6 @@
-"""The server's own state: API keys (hashed) and which tenant owns which sandbox.
+"""The server's own state: API keys (hashed), which tenant owns which sandbox, exposed
+ports, kept pools and their waiting members. Every table of the server is made and
+queried here (``ServerStore``'s methods); the rest of the server holds no SQL.
 
 One SQLite file, ``<state dir>/server.db`` (WAL; the file and its directory are
 private to the user: 0600 / 0700). A key is ``sandvm_`` + 32 random bytes
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import re
 import secrets
@@ -21,6 +24,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sandvm.errors import ConfigError, InvalidSpec, Unauthenticated
 from sandvm.runtime.journal import open_wal_db, transaction
@@ -56,6 +60,42 @@ CREATE TABLE IF NOT EXISTS exposed_ports (
     PRIMARY KEY (sandbox_id, port)
 );
 """
+
+# tenants' pools, kept across restarts, and their waiting sandboxes (nobody's yet)
+POOLS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pools (
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    min_size INTEGER NOT NULL,
+    max_size INTEGER NOT NULL,
+    idle_timeout REAL,
+    network TEXT,                     -- the policy as JSON, or NULL
+    memory_mib INTEGER NOT NULL,      -- of each sandbox (the snapshot's)
+    created REAL NOT NULL,
+    PRIMARY KEY (tenant, name)
+);
+CREATE TABLE IF NOT EXISTS pool_members (
+    id TEXT PRIMARY KEY,              -- a waiting sandbox: nobody's yet
+    tenant TEXT NOT NULL,
+    pool TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """A kept pool's settings (``network``: the policy as a dict, or None)."""
+
+    tenant: str
+    name: str
+    snapshot: str
+    min_size: int
+    max_size: int
+    idle_timeout: float | None
+    network: dict[str, Any] | None
+    memory_mib: int
+    created: float
 
 
 @dataclass(frozen=True)
@@ -96,6 +136,7 @@ class ServerStore:
         self.path = self.dir / "server.db"
         self._db = open_wal_db(self.path, SCHEMA)
         self._db.executescript(LIMITS_SCHEMA)
+        self._db.executescript(POOLS_SCHEMA)
         self._migrate_limits()
         os.chmod(self.path, 0o600)  # also if it was there before, with a looser mode
 
@@ -287,3 +328,107 @@ class ServerStore:
             cur = db.execute("DELETE FROM exposed_ports WHERE sandbox_id NOT IN (SELECT id"
                              " FROM sandboxes WHERE ended IS NULL)")
         return cur.rowcount
+
+    # ------------------------------------------------------------------ pools
+
+    _POOL_COLUMNS = ("tenant, name, snapshot, min_size, max_size, idle_timeout, network,"
+                     " memory_mib, created")
+
+    @staticmethod
+    def _pool_record(row: tuple[Any, ...]) -> PoolRecord:
+        net = json.loads(row[6]) if row[6] else None
+        return PoolRecord(tenant=row[0], name=row[1], snapshot=row[2], min_size=int(row[3]),
+                          max_size=int(row[4]), idle_timeout=row[5],
+                          network=net if isinstance(net, dict) else None,
+                          memory_mib=int(row[7]), created=float(row[8]))
+
+    def pools(self, tenant: str | None = None) -> list[PoolRecord]:
+        """The kept pools (of ``tenant``, or of everyone), by tenant and name."""
+        sql = f"SELECT {self._POOL_COLUMNS} FROM pools"
+        rows = self._db.execute(sql + " ORDER BY tenant, name").fetchall() if tenant is None \
+            else self._db.execute(sql + " WHERE tenant = ? ORDER BY name", (tenant,)).fetchall()
+        return [self._pool_record(tuple(r)) for r in rows]
+
+    def pool(self, tenant: str, name: str) -> PoolRecord | None:
+        """The kept pool ``name`` of ``tenant``, or None."""
+        row = self._db.execute(f"SELECT {self._POOL_COLUMNS} FROM pools WHERE tenant = ?"
+                               " AND name = ?", (tenant, name)).fetchone()
+        return None if row is None else self._pool_record(tuple(row))
+
+    def pools_using(self, tenant: str, snapshot: str) -> list[str]:
+        """Names of ``tenant``'s pools that restore its snapshot ``snapshot``."""
+        return [r[0] for r in self._db.execute(
+            "SELECT name FROM pools WHERE tenant = ? AND snapshot = ? ORDER BY name",
+            (tenant, snapshot))]
+
+    def pool_totals(self, tenant: str) -> tuple[int, int]:
+        """(pools, sum of their ``max_size``) of ``tenant``."""
+        n, held = self._db.execute("SELECT count(*), coalesce(sum(max_size), 0) FROM pools"
+                                   " WHERE tenant = ?", (tenant,)).fetchone()
+        return int(n), int(held)
+
+    def pool_memory_mib(self, tenant: str) -> int:
+        """Memory ``tenant``'s pools may hold: each pool's ``max_size`` times its
+        sandboxes' memory."""
+        (n,) = self._db.execute("SELECT coalesce(sum(max_size * memory_mib), 0) FROM pools"
+                                " WHERE tenant = ?", (tenant,)).fetchone()
+        return int(n)
+
+    def add_pool(self, pool: PoolRecord) -> bool:
+        """Keep ``pool``; returns False (and keeps nothing) if its tenant has a pool of
+        that name."""
+        try:
+            with self._tx() as db:
+                db.execute(f"INSERT INTO pools ({self._POOL_COLUMNS}) VALUES"
+                           " (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (pool.tenant, pool.name, pool.snapshot, pool.min_size,
+                            pool.max_size, pool.idle_timeout,
+                            json.dumps(pool.network) if pool.network is not None else None,
+                            pool.memory_mib, pool.created))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def remove_pool(self, tenant: str, name: str) -> bool:
+        """Forget a kept pool (not its members); returns whether it was kept."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM pools WHERE tenant = ? AND name = ?", (tenant, name))
+        return cur.rowcount > 0
+
+    def pool_members(self) -> list[str]:
+        """Ids of every recorded waiting pool sandbox."""
+        return [r[0] for r in self._db.execute("SELECT id FROM pool_members")]
+
+    def add_pool_member(self, sandbox_id: str, tenant: str, pool: str) -> None:
+        """Record ``sandbox_id`` as a waiting sandbox of ``tenant``'s ``pool`` (before it
+        is restored: a server that dies meanwhile leaves a record to clean up)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO pool_members (id, tenant, pool) VALUES (?, ?, ?)",
+                       (sandbox_id, tenant, pool))
+
+    def forget_pool_members(self, *, sandbox_id: str | None = None,
+                            tenant: str | None = None, pool: str | None = None) -> int:
+        """Forget waiting pool sandboxes: the one ``sandbox_id``, those of ``tenant``'s
+        ``pool``, or (no argument) all. Returns how many."""
+        with self._tx() as db:
+            if sandbox_id is not None:
+                cur = db.execute("DELETE FROM pool_members WHERE id = ?", (sandbox_id,))
+            elif tenant is not None and pool is not None:
+                cur = db.execute("DELETE FROM pool_members WHERE tenant = ? AND pool = ?",
+                                 (tenant, pool))
+            else:
+                cur = db.execute("DELETE FROM pool_members")
+        return cur.rowcount
+
+    def hand_out(self, placeholder: str, sandbox_id: str) -> bool:
+        """In one transaction, make the waiting pool sandbox ``sandbox_id`` the owned
+        sandbox reserved as ``placeholder`` (the reservation takes its id) and forget
+        it as a pool member. Returns False (nothing changed) if the reservation is
+        gone or ended."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE sandboxes SET id = ? WHERE id = ? AND ended IS NULL",
+                             (sandbox_id, placeholder))
+            if cur.rowcount != 1:
+                return False
+            db.execute("DELETE FROM pool_members WHERE id = ?", (sandbox_id,))
+        return True
