@@ -14,6 +14,7 @@ import pytest
 
 from sandvm.core import ImageRecord, VmSpec
 from sandvm.errors import AgentError, SandboxStateError
+from sandvm.providers.qemu import QemuVmProvider
 from sandvm.sandbox import (
     Adopt,
     AsyncSandbox,
@@ -73,11 +74,20 @@ class StubVm:
         self.log.append("vm:shutdown")
         self.alive = False
 
+    @property
+    def exited(self) -> bool:
+        return not self.alive
 
-class StubProvider:
-    """The parts of a QemuVmProvider the builder uses."""
+    async def wait_exit(self) -> None:
+        pass
+
+
+class StubProvider(QemuVmProvider):
+    """A QemuVmProvider (restores and adoptions need one) whose every method the builder
+    uses is a stub: no QEMU."""
 
     def __init__(self, vm: StubVm) -> None:
+        super().__init__()
         self._vm, self.log = vm, vm.log
 
     async def create_vm_with_spec(self, vm_id: str, spec: VmSpec) -> None:
@@ -95,7 +105,7 @@ class StubProvider:
     async def adopt_vm(self, vm_id: str, vm: Any) -> None:
         self.log.append("prov:adopt")
 
-    def vm(self, vm_id: str) -> StubVm:
+    def vm(self, vm_id: str) -> StubVm:  # type: ignore[override]
         return self._vm
 
     async def destroy_vm(self, vm_id: str) -> None:
@@ -219,5 +229,50 @@ def test_illegal_transition_names_both_states() -> None:
         with pytest.raises(SandboxStateError, match="is running; to become starting"):
             sb._move(S.STARTING)
         await sb.kill()
+
+    asyncio.run(go())
+
+
+# ------------------------------------------------------------------ on the in-memory fake
+
+
+def test_a_sandbox_runs_on_the_in_memory_fake() -> None:
+    """The public Sandbox surface on InMemoryVmProvider: no QEMU, a real agent
+    connection to an in-process guest that answers the lifecycle's ops."""
+    from sandvm.errors import GuestError, Unsupported
+    from sandvm.providers.memory import InMemoryVmProvider
+    from sandvm.sandbox import Sandbox
+
+    prov = InMemoryVmProvider()
+    with Sandbox.create(image="base", provider=prov) as sb:
+        assert sb.state is S.RUNNING and sb.is_running()
+        assert sb.ping() >= 0.0
+        assert sb.info["accelerator"] == "memory" and sb.info["image"] == "base"
+        sb.pause()
+        assert sb.state is S.PAUSED
+        sb.resume()
+        with pytest.raises(Unsupported, match="need the QEMU provider"):
+            sb.snapshot()
+        with pytest.raises(GuestError, match="does not run 'exec'"):
+            sb.commands.run("true")
+        vm = prov.vm(sb.sandbox_id)
+        assert vm.ops == ["configure", "configure", "exec"]  # identity, clock step, exec
+    assert sb.state is S.KILLED and not vm.alive
+    with pytest.raises(SandboxStateError, match="has been killed"):
+        sb.ping()
+
+
+def test_the_in_memory_fake_refuses_what_needs_qemu() -> None:
+    from sandvm.errors import Unsupported
+    from sandvm.providers.memory import InMemoryVmProvider
+
+    async def go() -> None:
+        prov = InMemoryVmProvider()
+        with pytest.raises(Unsupported, match="keeper"):
+            await AsyncSandbox.create(image="base", provider=prov, keeper_job={"journal": "x"})
+        with pytest.raises(Unsupported, match="only boot"):
+            await build_sandbox(SandboxResources(sandbox_id="sb-r", spec=VmSpec()),
+                                provider=prov, origin=Restore(Path("/snap")))
+        await prov.close()
 
     asyncio.run(go())

@@ -48,11 +48,13 @@ from sandvm.errors import (
     SandboxStateError,
     SandvmError,
     SnapshotIncompatible,
+    Unsupported,
 )
 from sandvm.files import AsyncFiles, Files
 from sandvm.guestops import GuestOps
 from sandvm.network import AsyncNetwork, Network, shutdown_egress, start_egress
 from sandvm.ports import AsyncPorts, Ports, shutdown_ports
+from sandvm.providers.base import SandboxProvider, SandboxVm
 from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
 from sandvm.snapshots.diff import write_diff
 from sandvm.snapshots.store import Snapshot, SnapshotStore
@@ -96,7 +98,7 @@ _HANDED_OUT = (SandboxState.RUNNING, SandboxState.PAUSED)
 class AsyncSandbox:
     """A running microVM with its guest agent. Use ``await AsyncSandbox.create(...)``."""
 
-    def __init__(self, *, sandbox_id: str, provider: QemuVmProvider, vm: QemuVm,
+    def __init__(self, *, sandbox_id: str, provider: SandboxProvider, vm: SandboxVm,
                  lifetime: float | None) -> None:
         self.sandbox_id = sandbox_id
         self._provider = provider
@@ -129,7 +131,7 @@ class AsyncSandbox:
                      volume_store: VolumeStore | None = None,
                      timeout: float | None = None, boot_timeout: float = 60.0,
                      sandbox_id: str | None = None,
-                     provider: QemuVmProvider | None = None,
+                     provider: SandboxProvider | None = None,
                      keeper_job: dict[str, Any] | None = None,
                      network: NetworkPolicy | None = None) -> AsyncSandbox:
         """Boot a new sandbox and wait until its agent is ready.
@@ -229,9 +231,7 @@ class AsyncSandbox:
 
     async def _release_volumes_on_exit(self) -> None:
         """Release the volumes' locks as soon as QEMU is gone, however it ended."""
-        proc = self._vm.proc
-        if proc is not None:
-            await proc.wait()
+        await self._vm.wait_exit()
         self._release_volumes()
 
     def _release_volumes(self) -> None:
@@ -266,6 +266,7 @@ class AsyncSandbox:
                 " mounted: snapshots, fork and pause(to_disk=True) need a sandbox without"
                 " volumes (copy what it needs into its own disk, or mount the volumes after"
                 " restoring in a new sandbox)")
+        vm = self._qemu()
         store = store or SnapshotStore()
         name = name or new_id("snap")
         parent_snap = None
@@ -273,10 +274,10 @@ class AsyncSandbox:
             parent_snap = store.resolve(parent)
             if parent_snap.path.parent != store.root:
                 raise InvalidSpec("a diff snapshot's parent must be in the same store")
-            if parent_snap.ram != "file" or self._vm.private_ram:
+            if parent_snap.ram != "file" or vm.private_ram:
                 raise InvalidSpec("diff snapshots need a full parent snapshot and a sandbox"
                                   " that was booted, not restored")
-            if parent_snap.spec.memory_mib != self._vm.spec.memory_mib:
+            if parent_snap.spec.memory_mib != vm.spec.memory_mib:
                 raise InvalidSpec("the parent snapshot has a different memory size")
         staging = store.staging(name)  # owned by us: removed if we die before commit
         # while the VM is paused, its state goes to tmpfs (fast); to the store after
@@ -285,20 +286,20 @@ class AsyncSandbox:
         t0 = time.monotonic()
         try:
             try:
-                await self._vm.save_state(fast, take_memory=stop)
+                await vm.save_state(fast, take_memory=stop)
             finally:
-                if not stop and self._vm.failure is None and self._state in _LIVE:
-                    await self._vm.resume()
+                if not stop and vm.failure is None and self._state in _LIVE:
+                    await vm.resume()
                     if self._state is SandboxState.PAUSED:
                         self._move(SandboxState.RUNNING)
                 # the vCPUs ran until ``stop`` and run again once ``cont`` returns
-                paused = time.monotonic() - (self._vm.stopped_at or t0)
+                paused = time.monotonic() - (vm.stopped_at or t0)
             resumed = time.monotonic() - t0
             await self._export_disks(staging)
             if stop:
                 await self.kill()
             else:
-                await self._vm.merge_disks()
+                await vm.merge_disks()
                 await self._step_clock()
             if parent_snap is not None:
                 await asyncio.to_thread(write_diff, parent_snap.path / "mem", fast / "mem",
@@ -307,17 +308,17 @@ class AsyncSandbox:
             for fname in ("state", "mem"):
                 if (fast / fname).exists():  # no mem when the RAM is in the stream
                     await asyncio.to_thread(move_file, fast / fname, staging / fname)
-            qemu = await _qemu_version(self._vm.assets.qemu)
+            qemu = await _qemu_version(vm.assets.qemu)
             manifest = {
                 "sandvm_version": _version(), "qemu_version": qemu, "machine": "microvm",
-                "accelerator": self._vm.accel, "cpu": "host" if self._vm.accel == "kvm"
-                else "max", "kernel_release": self._vm.assets.kernel_release,
+                "accelerator": vm.accel, "cpu": "host" if vm.accel == "kvm"
+                else "max", "kernel_release": vm.assets.kernel_release,
                 "created": time.time(), "source_id": self.sandbox_id,
                 # its disks are the layer files beside it (``_export_disks``): their
                 # serials and sizes only, no host paths
-                "spec": {**self._vm.spec.to_dict(),
+                "spec": {**vm.spec.to_dict(),
                          "disks": [{"serial": d.serial, "overlay_size": d.overlay_size}
-                                   for d in self._vm.spec.disks]},
+                                   for d in vm.spec.disks]},
             }
             if self._image is not None:
                 manifest["image"] = self._image.to_dict()
@@ -339,8 +340,9 @@ class AsyncSandbox:
         pair: ``image-<serial>.ext4`` (a hard link to, or copy of, the image's root
         filesystem) and ``disk-<serial>.qcow2`` (every write since, folded into one
         layer whose backing file is that image, named relatively)."""
-        for serial, frozen in self._vm.frozen_disks.items():
-            image = self._vm.disk_images[serial]
+        vm = self._qemu()
+        for serial, frozen in vm.frozen_disks.items():
+            image = vm.disk_images[serial]
             pinned = staging / f"image-{serial}.ext4"
             await asyncio.to_thread(_link_or_copy, image, pinned)
             dst = staging / f"disk-{serial}.qcow2"
@@ -382,7 +384,7 @@ class AsyncSandbox:
             raise InvalidSpec(f"fork needs 1 to 256 copies, not {n!r}")
         # in the runtime dir (tmpfs), unless the sandbox has disks: their layers (and
         # the image under them) are linked from the copies, so they stay on disk
-        tmp_store = SnapshotStore(fork_roots()[1 if self._vm.disk_tops else 0])
+        tmp_store = SnapshotStore(fork_roots()[1 if self._qemu().disk_tops else 0])
         snap = await self.snapshot(new_id("fork"), store=tmp_store)
         write_owner(snap.path)  # `sandvm gc` removes it if we die before we do
         try:
@@ -502,6 +504,15 @@ class AsyncSandbox:
             f"sandbox {self.sandbox_id} is {self._state.value}; to {doing} it must be"
             f" {' or '.join(s.value for s in allowed)}")
 
+    def _qemu(self) -> QemuVm:
+        """The QEMU VM behind this sandbox, for what only QEMU does (snapshots, fork,
+        pause to disk, records of the VM). Raises Unsupported on another provider's VM."""
+        if not isinstance(self._vm, QemuVm):
+            raise Unsupported(f"sandbox {self.sandbox_id} runs on {type(self._vm).__name__}:"
+                              " snapshots, fork and pause(to_disk=True) need the QEMU"
+                              " provider")
+        return self._vm
+
     def _conn(self) -> AgentConnection:
         self._require(*_LIVE)
         if self._vm.failure is not None:
@@ -555,7 +566,7 @@ class AsyncSandbox:
             await self._vm.shutdown()
         finally:
             # once QEMU is gone (else the exit watcher does it when it is)
-            if self._vm.proc is None or self._vm.proc.returncode is not None:
+            if self._vm.exited:
                 self._release_volumes()
                 if self._volume_watch is not None:
                     self._volume_watch.cancel()
@@ -577,8 +588,9 @@ class AsyncSandbox:
 
 def sandbox_vm(sb: AsyncSandbox) -> QemuVm:
     """The QEMU VM behind ``sb``, for the layers that keep records of it or watch it (the
-    runtime manager's journal, pools checking for a crash). Any state."""
-    return sb._vm
+    runtime manager's journal, pools checking for a crash). Any state. Raises
+    Unsupported for a sandbox on another provider."""
+    return sb._qemu()
 
 
 async def fork_with(sb: AsyncSandbox, n: int, *,
@@ -676,15 +688,20 @@ class Adopt:
     vm: QemuVm
 
 
-async def build_sandbox(res: SandboxResources, *, provider: QemuVmProvider,
+async def build_sandbox(res: SandboxResources, *, provider: SandboxProvider,
                         origin: Boot | Restore | Adopt) -> AsyncSandbox:
     """The one way a sandbox is assembled (create, restore, attach): register ``res``'s
     VM with ``provider``, start it as ``origin`` says, set the guest up and hand the
     sandbox out RUNNING. On failure the VM is destroyed (an adopted one is let go) and
     the error raised: InvalidSpec (a detachable sandbox with volumes), VmAlreadyExists,
-    VmBootError, and what the guest's set-up raises."""
+    VmBootError, Unsupported (a restore or an adoption by a provider but QEMU's), and
+    what the guest's set-up raises."""
     sid = res.sandbox_id
+    if not isinstance(origin, Boot) and not isinstance(provider, QemuVmProvider):
+        raise Unsupported(f"{type(provider).__name__} can only boot sandboxes: restoring"
+                          " snapshots and attaching need the QEMU provider")
     if isinstance(origin, Adopt):
+        assert isinstance(provider, QemuVmProvider)
         await provider.adopt_vm(sid, origin.vm)
     else:
         if res.keeper_job is not None and res.volumes:
@@ -696,6 +713,7 @@ async def build_sandbox(res: SandboxResources, *, provider: QemuVmProvider,
         if isinstance(origin, Boot):
             await provider.start_vm(sid)
         elif isinstance(origin, Restore):
+            assert isinstance(provider, QemuVmProvider)
             await provider.restore_vm(sid, origin.source)
         sb = AsyncSandbox(sandbox_id=sid, provider=provider, vm=provider.vm(sid),
                           lifetime=res.lifetime)
@@ -756,7 +774,7 @@ class Sandbox:
                volume_store: VolumeStore | None = None,
                timeout: float | None = None, boot_timeout: float = 60.0,
                sandbox_id: str | None = None,
-               provider: QemuVmProvider | None = None,
+               provider: SandboxProvider | None = None,
                keeper_job: dict[str, Any] | None = None,
                network: NetworkPolicy | None = None) -> Sandbox:
         """See AsyncSandbox.create."""

@@ -24,12 +24,14 @@ Rules every provider keeps (the conformance suite pins them):
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
+from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.core import VmSpec, VmState, VmView
-from sandvm.errors import InvalidTransition
+from sandvm.errors import InvalidTransition, SandvmError
 
-__all__ = ["VmProvider", "VmQuery", "VmRuntime", "check_transition"]
+__all__ = ["SandboxProvider", "SandboxVm", "VmProvider", "VmQuery", "VmRuntime",
+           "check_transition"]
 
 _ALLOWED: dict[VmState, frozenset[VmState]] = {
     VmState.CREATED: frozenset({VmState.RUNNING, VmState.DESTROYED}),
@@ -87,3 +89,59 @@ class VmQuery(Protocol):
 
 class VmRuntime(VmProvider, VmQuery, Protocol):
     """Both halves: what sandboxes use."""
+
+
+class SandboxVm(Protocol):
+    """What a sandbox drives of one running VM: its guest agent's connection and its
+    process's lifecycle (QemuVm; the in-memory fake's InMemoryVm). Snapshots, fork
+    and detaching need more (QemuVm's own methods)."""
+
+    spec: VmSpec
+    agent: AgentConnection | None  # None until booted
+    agent_info: AgentInfo | None
+    failure: SandvmError | None  # why the VM died, once it did
+    accel: str
+    boot_seconds: float | None
+    keeper_pid: int | None  # a detachable VM's keeper process
+
+    @property
+    def alive(self) -> bool:
+        """Whether the VM runs and has not failed."""
+
+    @property
+    def pid(self) -> int | None:
+        """Its process's pid, if it has one."""
+
+    @property
+    def exited(self) -> bool:
+        """Whether nothing of ours runs it any more (what it held can be released)."""
+
+    async def wait_exit(self) -> None:
+        """Return once ``exited``."""
+
+    async def pause(self) -> None:
+        """Freeze its vCPUs."""
+
+    async def resume(self) -> None:
+        """Let its vCPUs run again."""
+
+    async def detach(self) -> None:
+        """Leave it running under its keeper. Raises InvalidTransition or Unsupported
+        without one."""
+
+    async def shutdown(self) -> None:
+        """Stop it and release what it had. Idempotent."""
+
+
+@runtime_checkable
+class SandboxProvider(VmProvider, Protocol):
+    """A VmProvider a Sandbox can run on (``AsyncSandbox.create(provider=...)``): it
+    hands out the running VM behind an id. QemuVmProvider; InMemoryVmProvider (no
+    QEMU: for API-level tests)."""
+
+    def vm(self, vm_id: str) -> SandboxVm:
+        """The running VM behind ``vm_id``. Raises VmNotFound, InvalidTransition."""
+
+    def make_detachable(self, vm_id: str, keeper_job: dict[str, Any]) -> None:
+        """Start the Created VM ``vm_id`` under a keeper so that it can outlive this
+        process. Raises VmNotFound, Unsupported."""

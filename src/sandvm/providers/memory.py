@@ -1,13 +1,30 @@
-"""``InMemoryVmProvider``: a deterministic fake of the provider port for tests."""
+"""``InMemoryVmProvider``: a deterministic fake of the provider port for tests.
+
+A Sandbox can run on it (``AsyncSandbox.create(image="base",
+provider=InMemoryVmProvider())``): each started VM is an ``InMemoryVm``, no process,
+whose guest is a small in-process agent speaking the real wire protocol to a real
+AgentConnection. That guest answers pings and the ops that set a sandbox up or tear
+it down (configure, mount_root, mount_volume, sync, egress_close) and refuses every
+other op (GuestError, guest code ``unsupported``): enough for API-level tests of the
+lifecycle without QEMU, not for commands or files.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import secrets
+import socket
 from dataclasses import dataclass, field
+from typing import Any
 
+from sandvm import wire
+from sandvm.agent_client import AgentConnection, AgentInfo
 from sandvm.core import VmSpec, VmState, VmView, validate_vm_id
 from sandvm.errors import (
     InvalidTransition,
+    SandvmError,
     SnapshotAlreadyExists,
     Unsupported,
     VmAlreadyExists,
@@ -15,7 +32,100 @@ from sandvm.errors import (
 )
 from sandvm.providers.base import check_transition
 
-__all__ = ["InMemoryVmProvider"]
+__all__ = ["InMemoryVm", "InMemoryVmProvider"]
+
+# the ops the in-process guest answers (with an empty reply)
+ANSWERED_OPS = frozenset({"configure", "mount_root", "mount_volume", "sync", "egress_close"})
+
+
+class InMemoryVm:
+    """A VM of the in-memory fake a Sandbox can drive (see the module docstring).
+    ``ops`` lists every op its guest got, in order. ``boot`` once; ``pause``/``resume``
+    while running; ``shutdown`` any time (idempotent)."""
+
+    def __init__(self, vm_id: str, spec: VmSpec) -> None:
+        self.vm_id, self.spec = vm_id, spec
+        self.agent: AgentConnection | None = None
+        self.agent_info: AgentInfo | None = None
+        self.failure: SandvmError | None = None
+        self.accel = "memory"
+        self.boot_seconds: float | None = None
+        self.keeper_pid: int | None = None
+        self.paused = False
+        self.ops: list[str] = []
+        self._guest: asyncio.Task[None] | None = None
+        self._gone = asyncio.Event()
+
+    @property
+    def alive(self) -> bool:
+        return self.agent is not None and self.failure is None and not self._gone.is_set()
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    @property
+    def exited(self) -> bool:
+        return self._gone.is_set()
+
+    async def wait_exit(self) -> None:
+        await self._gone.wait()
+
+    async def boot(self) -> None:
+        """Start the in-process guest and say hello to it."""
+        loop = asyncio.get_running_loop()
+        host_sock, guest_sock = socket.socketpair()
+        t0 = loop.time()
+        reader, writer = await asyncio.open_connection(sock=host_sock)
+        greader, gwriter = await asyncio.open_connection(sock=guest_sock)
+        self._guest = loop.create_task(self._serve(greader, gwriter))
+        self.agent = AgentConnection(reader, writer)
+        self.agent_info = await self.agent.handshake(timeout=10.0)
+        self.boot_seconds = loop.time() - t0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        decoder = wire.FrameDecoder()
+        instance = secrets.token_hex(8)
+        try:
+            while data := await reader.read(65536):
+                for ftype, sid, payload in decoder.feed(data):
+                    if ftype == wire.HELLO:
+                        msg = json.loads(payload)
+                        writer.write(wire.encode_json(wire.HELLO, 0, wire.hello_payload(
+                            "agent", session=msg.get("session"), agent_version="in-memory",
+                            kernel="in-memory", boot_id=instance, instance=instance)))
+                    elif ftype == wire.PING:
+                        writer.write(wire.encode(wire.PONG, 0, payload))
+                    elif ftype == wire.OPEN:
+                        op = str(json.loads(payload).get("op"))
+                        self.ops.append(op)
+                        if op in ANSWERED_OPS:
+                            writer.write(wire.encode_json(wire.REPLY, sid, {}))
+                        else:
+                            writer.write(wire.encode_json(wire.RESET, sid, {
+                                "code": "unsupported",
+                                "message": f"the in-memory fake's guest does not run {op!r}"}))
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def pause(self) -> None:
+        self.paused = True
+
+    async def resume(self) -> None:
+        self.paused = False
+
+    async def detach(self) -> None:
+        raise Unsupported(f"VM {self.vm_id} of the in-memory fake has no keeper to detach to")
+
+    async def shutdown(self) -> None:
+        if self.agent is not None:
+            await self.agent.close()
+        if self._guest is not None:
+            self._guest.cancel()
+            with contextlib.suppress(BaseException):
+                await self._guest
+        self._gone.set()
 
 
 @dataclass
@@ -23,6 +133,7 @@ class _Record:
     spec: VmSpec
     state: VmState = VmState.CREATED
     snapshots: list[str] = field(default_factory=list)
+    vm: InMemoryVm | None = None
 
 
 class InMemoryVmProvider:
@@ -52,6 +163,17 @@ class InMemoryVmProvider:
         async with self._lock:
             rec = self._get(vm_id)
             check_transition(vm_id, rec.state, target)
+            if rec.vm is not None:  # its in-process VM follows
+                if target is VmState.DESTROYED:
+                    await rec.vm.shutdown()
+                elif target is VmState.STOPPED:
+                    await rec.vm.pause()
+                else:
+                    await rec.vm.resume()
+            elif target is VmState.RUNNING:
+                vm = InMemoryVm(vm_id, rec.spec)
+                await vm.boot()
+                rec.vm = vm
             rec.state = target
 
     async def start_vm(self, vm_id: str) -> None:
@@ -62,6 +184,24 @@ class InMemoryVmProvider:
 
     async def destroy_vm(self, vm_id: str) -> None:
         await self._move(vm_id, VmState.DESTROYED)
+
+    def vm(self, vm_id: str) -> InMemoryVm:
+        """The in-process VM behind ``vm_id`` (started once). Raises VmNotFound,
+        InvalidTransition."""
+        rec = self._get(vm_id)
+        if rec.vm is None or rec.state is VmState.DESTROYED:
+            raise InvalidTransition(rec.state, VmState.RUNNING, vm_id=vm_id)
+        return rec.vm
+
+    def make_detachable(self, vm_id: str, keeper_job: dict[str, Any]) -> None:
+        """Unsupported: the fake has no keeper processes."""
+        raise Unsupported("the in-memory provider cannot run detachable VMs (no keeper)")
+
+    async def close(self) -> None:
+        """Stop every in-process VM (records are kept)."""
+        for rec in self._vms.values():
+            if rec.vm is not None:
+                await rec.vm.shutdown()
 
     async def snapshot_vm(self, vm_id: str, snapshot_id: str) -> None:
         validate_vm_id(snapshot_id)

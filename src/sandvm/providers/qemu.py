@@ -870,6 +870,17 @@ class QemuVm:
         return self.proc.pid if self.proc else None
 
     @property
+    def exited(self) -> bool:
+        """Whether no QEMU child of ours runs (never started, gone, or under a keeper):
+        what only it used (its volumes) can be released."""
+        return self.proc is None or self.proc.returncode is not None
+
+    async def wait_exit(self) -> None:
+        """Return once ``exited``."""
+        if self.proc is not None:
+            await self.proc.wait()
+
+    @property
     def alive(self) -> bool:
         if self.proc is None and self.keeper_pid is not None:  # attached from elsewhere
             return self.failure is None and _pid_alive(self.keeper_pid)
