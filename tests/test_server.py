@@ -354,6 +354,23 @@ REQUESTS: dict[tuple[str, str], dict[str, Any]] = {
     ("PUT", "/v1/sandboxes/{sandbox_id}/files"): {"params": {"path": "/tmp/pwned"},
                                                   "content": b"x"},
     ("GET", "/v1/sandboxes/{sandbox_id}/files"): {"params": {"path": "/etc/hostname"}},
+    ("DELETE", "/v1/sandboxes/{sandbox_id}/files"): {"params": {"path": "/etc/hostname"}},
+    ("GET", "/v1/sandboxes/{sandbox_id}/files/list"): {"params": {"path": "/etc"}},
+    ("GET", "/v1/sandboxes/{sandbox_id}/files/stat"): {"params": {"path": "/etc"}},
+    ("GET", "/v1/sandboxes/{sandbox_id}/files/exists"): {"params": {"path": "/etc"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/files/dir"): {"json": {"path": "/tmp/pwned"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/files/rename"): {
+        "json": {"old_path": "/etc/hostname", "new_path": "/tmp/pwned"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/files/chown"): {
+        "json": {"path": "/etc/hostname", "user": "65534"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/files/tmpfs"): {"json": {"path": "/tmp/pwned"}},
+    ("PUT", "/v1/sandboxes/{sandbox_id}/files/tree"): {"params": {"path": "/tmp/pwned"},
+                                                       "content": bytes(1024)},
+    ("GET", "/v1/sandboxes/{sandbox_id}/files/tree"): {"params": {"path": "/etc"}},
+    ("POST", "/v1/sandboxes/{sandbox_id}/pause"): {},
+    ("POST", "/v1/sandboxes/{sandbox_id}/resume"): {},
+    ("GET", "/v1/sandboxes/{sandbox_id}/ping"): {},
+    ("GET", "/v1/sandboxes/{sandbox_id}/stats"): {"params": {"pid": 1}},
     ("POST", "/v1/sandboxes/{sandbox_id}/commands/start"): {
         "json": {"cmd": "touch /tmp/pwned"}},
     ("GET", "/v1/sandboxes/{sandbox_id}/commands"): {},

@@ -800,3 +800,173 @@ class Files(FileTransfer):
         return _portal.call(self._a.download_dir(guest_dir, local_dir, max_bytes=max_bytes,
                                                  max_files=max_files))
 
+
+def tar_stream_cap(max_bytes: int, max_files: int) -> int:
+    """The most bytes a tar stream of ``max_files`` entries and ``max_bytes`` of file
+    content may take: headers and padding on top of the content, generously."""
+    return max_bytes + max_files * 3 * _TAR_BLOCK + (1 << 20)
+
+
+async def extract_tar(chunks: AsyncIterable[bytes], local_dir: str | os.PathLike[str], *,
+                      max_bytes: int = DEFAULT_TREE_CAP,
+                      max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
+    """Extract the hostile tar stream ``chunks`` into ``local_dir`` (created if missing)
+    with ``download_dir``'s checks (tarfile's ``data`` filter and ours: nothing written
+    outside ``local_dir`` or through a symlink, links leading out dropped), as it
+    arrives: for the remote SDK, which gets the tree over HTTP. Raises FileTooLarge past
+    ``max_bytes`` of file content, ``max_files`` entries or their stream's cap (what was
+    extracted so far stays), AgentProtocolError for a malformed archive, InvalidSpec."""
+    for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
+    dest = Path(local_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    extractor = _TreeExtractor(dest, max_bytes=max_bytes, max_files=max_files)
+    stream_cap = tar_stream_cap(max_bytes, max_files)
+    rfd, wfd = os.pipe()
+    os.set_blocking(wfd, False)
+    try:
+        job = asyncio.get_running_loop().create_task(asyncio.to_thread(extractor.run, rfd))
+    except BaseException:
+        os.close(rfd)
+        os.close(wfd)
+        raise
+    try:
+        got = 0
+        async for chunk in chunks:
+            got += len(chunk)
+            if got > stream_cap:
+                raise FileTooLarge(f"the tree's stream is over {stream_cap} bytes: pass a"
+                                   " larger max_bytes")
+            if wfd < 0:
+                continue  # the archive ended: the rest is padding
+            try:
+                await _pipe_write(wfd, chunk)
+            except BrokenPipeError:
+                # the extractor stopped: at the archive's end, or on an error
+                os.close(wfd)
+                wfd = -1
+                await job
+        if wfd >= 0:
+            os.close(wfd)
+            wfd = -1
+        await job
+        return extractor.result(None)
+    finally:
+        if wfd >= 0:
+            os.close(wfd)
+        if not job.done():
+            with contextlib.suppress(BaseException):
+                await job
+        elif not job.cancelled():
+            job.exception()  # retrieved: the first error is what propagates
+
+
+async def tar_local_tree(local_dir: str | os.PathLike[str], skipped: list[str]
+                         ) -> AsyncGenerator[bytes, None]:
+    """The local tree ``local_dir`` as the tar stream ``upload_dir`` sends (PAX; regular
+    files, directories, symlinks, hard links), read in a worker thread: for the remote
+    SDK, which sends it over HTTP. Entries left out (special or unreadable files) are
+    appended to ``skipped``, with why, as the stream ends. Raises InvalidPath if
+    ``local_dir`` is not a directory, SandvmError if a file shrinks while read."""
+    top = Path(local_dir)
+    if not top.is_dir():
+        raise InvalidPath(f"{top} is not a local directory")
+    reader = _TarReader(top)
+    while True:
+        chunk = await asyncio.to_thread(reader.read, 1 << 20)
+        if not chunk:
+            break
+        yield chunk
+    skipped.extend(reader.skipped)
+
+
+async def untar_to_guest(sb: SandboxLink, guest_dir: str, chunks: AsyncIterable[bytes]
+                         ) -> DirTransfer:
+    """Extract the tar stream ``chunks`` into ``guest_dir`` of sandbox ``sb`` (created
+    if missing), as ``AsyncFiles.upload_dir`` does with a local tree: for the server,
+    which receives the tar over HTTP. The guest spools it and refuses escaping paths
+    and links (skipped and named in the result). Raises GuestError (e.g. ENOSPC),
+    AgentTimeout, and what iterating ``chunks`` raises (the upload is then abandoned)."""
+    check_guest_path(guest_dir)
+    st = await GuestOps(sb.connection()).untar(path=guest_dir)
+
+    async def send() -> int:
+        sent = 0
+        async for chunk in chunks:
+            if chunk:
+                await st.send_data(chunk)
+                sent += len(chunk)
+        await st.send_eof()
+        return sent
+
+    sender = asyncio.get_running_loop().create_task(send())
+    item_task = asyncio.get_running_loop().create_task(st.next(None))
+    try:
+        await asyncio.wait({sender, item_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not item_task.done():
+            sent = sender.result()  # a failure of the source raises here
+            # the guest extracts once it has everything: allow it 1 MB/s
+            item = await asyncio.wait_for(item_task, sb.op_timeout + sent / 1e6)
+        else:
+            item = item_task.result()
+        if item.kind == "error":
+            assert item.error is not None
+            raise item.error
+        if item.kind != "reply":
+            raise AgentProtocolError(f"unexpected {item.kind} while uploading a tree")
+        msg = item.message or {}
+        skipped = msg.get("skipped")
+        guest_skipped = [str(x)[:400] for x in skipped[:_SKIPPED_KEPT]] \
+            if isinstance(skipped, list) else []
+        return DirTransfer(files=_count(msg, "files"), dirs=_count(msg, "dirs"),
+                           symlinks=_count(msg, "symlinks"), bytes=_count(msg, "bytes"),
+                           skipped=tuple(guest_skipped))
+    except TimeoutError:
+        raise AgentTimeout("the guest did not finish extracting the tree in time") from None
+    finally:
+        for t in (sender, item_task):
+            t.cancel()
+            with contextlib.suppress(BaseException):
+                await t
+        await st.reset()  # no-op once the guest replied; otherwise it drops its spool
+
+async def tar_from_guest(sb: SandboxLink, guest_dir: str, skipped: list[str], *,
+                         max_bytes: int = DEFAULT_TREE_CAP,
+                         max_files: int = DEFAULT_TREE_ENTRIES) -> AsyncGenerator[bytes, None]:
+    """The tree ``guest_dir`` of sandbox ``sb`` as a tar stream, not extracted (for the
+    server, which sends it over HTTP; ``extract_tar`` unpacks it safely on the other
+    side), capped like ``download_dir``'s. The entries the guest left out are appended
+    to ``skipped``, with why, as the stream ends. Raises GuestFileNotFound,
+    FileTooLarge, InvalidSpec, GuestError."""
+    check_guest_path(guest_dir)
+    for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
+    stream_cap = tar_stream_cap(max_bytes, max_files)
+    st = await GuestOps(sb.connection()).tar(path=guest_dir, max_bytes=max_bytes,
+                                             max_files=max_files)
+    done = False
+    try:
+        got = 0
+        while True:
+            item = await st.next(sb.op_timeout)
+            if item.kind == "data":
+                got += len(item.data)
+                if got > stream_cap:
+                    raise FileTooLarge(f"the guest sent more than {stream_cap} bytes for"
+                                       f" {guest_dir}: pass a larger max_bytes")
+                yield item.data
+            elif item.kind == "reply":
+                done = True
+                left = (item.message or {}).get("skipped")
+                if isinstance(left, list):
+                    skipped.extend(str(x)[:400] for x in left[:_SKIPPED_KEPT])
+                return
+            elif item.kind == "error":
+                done = True
+                assert item.error is not None
+                raise item.error
+    finally:
+        if not done:
+            await st.reset()

@@ -12,23 +12,27 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import builtins
 import json
 import os
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 from urllib.parse import quote
 
 import httpx
 
-from sandvm.core import parse_memory, signal_number
+from sandvm import wire
+from sandvm.core import check_guest_path, parse_memory, signal_number
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     CommandExitError,
     CommandTimeout,
     FileTooLarge,
+    InvalidPath,
     InvalidSpec,
     RateLimited,
     SandboxStateError,
@@ -37,12 +41,19 @@ from sandvm.errors import (
     Unauthenticated,
     error_from_dict,
 )
+from sandvm.files import extract_tar, tar_local_tree
 from sandvm.output import OutputBuffer
 from sandvm.values import (
     DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_READ_CAP,
+    DEFAULT_TREE_CAP,
+    DEFAULT_TREE_ENTRIES,
     CommandResult,
+    CommandStats,
+    DirTransfer,
+    EntryInfo,
     OutputCallback,
+    RawOutputCallback,
     WriteInfo,
 )
 
@@ -73,17 +84,27 @@ class SandboxInfo:
     created: float
     expires_at: float | None
     network: bool
+    accelerator: str | None = None  # what the server knew of the VM (None: unknown)
+    boot_seconds: float | None = None
+    guest_kernel: str | None = None
+    agent_version: str | None = None
 
     @classmethod
     def from_json(cls, d: object) -> SandboxInfo:
+        def opt(v: object, kind: type) -> Any:
+            return None if v is None else kind(v)
+
         try:
             assert isinstance(d, dict)
-            exp = d.get("expires_at")
             return cls(sandbox_id=str(d["sandbox_id"]), state=str(d["state"]),
                        image=str(d["image"]), memory_mib=int(d["memory_mib"]),
                        vcpus=int(d["vcpus"]), created=float(d["created"]),
-                       expires_at=None if exp is None else float(exp),
-                       network=bool(d.get("network", False)))
+                       expires_at=opt(d.get("expires_at"), float),
+                       network=bool(d.get("network", False)),
+                       accelerator=opt(d.get("accelerator"), str),
+                       boot_seconds=opt(d.get("boot_seconds"), float),
+                       guest_kernel=opt(d.get("guest_kernel"), str),
+                       agent_version=opt(d.get("agent_version"), str))
         except (AssertionError, KeyError, TypeError, ValueError):
             raise ServiceError("the server sent a malformed sandbox description") from None
 
@@ -287,6 +308,30 @@ def _result(final: dict[str, Any], out: OutputBuffer, err: OutputBuffer, *,
     return result
 
 
+def entry_from_json(d: object) -> EntryInfo:
+    """An EntryInfo from the server's JSON. Raises ServiceError if it is malformed."""
+    try:
+        assert isinstance(d, dict)
+        target = d.get("target")
+        return EntryInfo(path=str(d["path"]), name=str(d["name"]), type=str(d["type"]),
+                         size=int(d["size"]), mode=int(d["mode"]), mtime=float(d["mtime"]),
+                         uid=int(d.get("uid", 0)), gid=int(d.get("gid", 0)),
+                         target=None if target is None else str(target))
+    except (AssertionError, KeyError, TypeError, ValueError):
+        raise ServiceError("the server sent a malformed file entry") from None
+
+
+def transfer_from_json(d: object) -> DirTransfer:
+    """A DirTransfer from the server's JSON. Raises ServiceError if it is malformed."""
+    try:
+        assert isinstance(d, dict) and isinstance(d["skipped"], list)
+        return DirTransfer(files=int(d["files"]), dirs=int(d["dirs"]),
+                           symlinks=int(d["symlinks"]), bytes=int(d["bytes"]),
+                           skipped=tuple(str(s)[:400] for s in d["skipped"][:100]))
+    except (AssertionError, KeyError, TypeError, ValueError):
+        raise ServiceError("the server sent a malformed transfer report") from None
+
+
 class AsyncCommandHandle:
     """A background command on the server: ``wait`` for its result; signal it, feed
     its stdin, kill it. Its output is followed from the start (reconnecting after a
@@ -294,14 +339,15 @@ class AsyncCommandHandle:
 
     def __init__(self, sb: AsyncSandbox, info: CommandInfo, *, timeout: float | None,
                  check: bool, on_stdout: OutputCallback | None,
-                 on_stderr: OutputCallback | None) -> None:
+                 on_stderr: OutputCallback | None,
+                 on_output: RawOutputCallback | None = None) -> None:
         self._sb = sb
         self.command_id = info.command_id
         self._pid = info.pid
         self._timeout = timeout
         self._check = check
-        self._out = OutputBuffer(on_stdout)
-        self._err = OutputBuffer(on_stderr)
+        self._out = OutputBuffer(on_stdout, on_output, wire.CH_STDOUT)
+        self._err = OutputBuffer(on_stderr, on_output, wire.CH_STDERR)
         self._next_seq = 0
         sb._handles.add(self)
         self._task = asyncio.get_running_loop().create_task(self._follow())
@@ -385,6 +431,13 @@ class AsyncCommandHandle:
                                     " connect to the sandbox and the command again") from None
         return _result(final, self._out, self._err, timeout=self._timeout, check=self._check)
 
+    async def abandon(self) -> None:
+        """Stop following the command and kill it (SIGKILL through the server): ``wait``
+        then raises SandboxStateError. For a holder letting go, as locally; a no-op once
+        the command ended. Raises VmNotFound, SandboxStateError, ServerUnreachable."""
+        self._task.cancel()
+        await self.kill()
+
     async def send_signal(self, sig: int | str, *, grace: float | None = None) -> None:
         """Signal the command's process group; with ``grace``, SIGKILL everything after it."""
         body: dict[str, Any] = {"signal": signal_number(sig)}
@@ -450,21 +503,24 @@ class AsyncCommands:
                   cwd: str | None = ..., stdin: bytes | str | None = ...,
                   timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
                   on_stderr: OutputCallback | None = ..., background: Literal[False] = ...,
-                  check: bool = ..., user: str | None = ...) -> CommandResult: ...
+                  check: bool = ..., user: str | None = ...,
+                  on_output: RawOutputCallback | None = ...) -> CommandResult: ...
 
     @overload
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
                   cwd: str | None = ..., stdin: bytes | str | None = ...,
                   timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
                   on_stderr: OutputCallback | None = ..., background: Literal[True],
-                  check: bool = ..., user: str | None = ...) -> AsyncCommandHandle: ...
+                  check: bool = ..., user: str | None = ...,
+                  on_output: RawOutputCallback | None = ...) -> AsyncCommandHandle: ...
 
     async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
                   cwd: str | None = None, stdin: bytes | str | None = None,
                   timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
                   on_stdout: OutputCallback | None = None,
                   on_stderr: OutputCallback | None = None,
-                  background: bool = False, check: bool = True, user: str | None = None
+                  background: bool = False, check: bool = True, user: str | None = None,
+                  on_output: RawOutputCallback | None = None
                   ) -> CommandResult | AsyncCommandHandle:
         """Run ``cmd`` (a shell string, or an argv list) and return its result; its
         output reaches ``on_stdout``/``on_stderr`` while it runs.
@@ -475,26 +531,53 @@ class AsyncCommands:
         stays open unless ``stdin`` was given. Raises CommandExitError on a
         non-zero exit unless ``check=False``, CommandTimeout, CommandNotFound,
         SandboxStateError (killed, ended), VmNotFound, ServerUnreachable.
+        ``on_output`` takes the raw output instead (see ``start``).
         """
         return await self._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                on_stdout=on_stdout, on_stderr=on_stderr,
-                               background=background, check=check, user=user)
+                               background=background, check=check, user=user,
+                               on_output=on_output)
+
+    async def start(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+                    cwd: str | None = None, stdin: bytes | str | None = None,
+                    timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+                    on_stdout: OutputCallback | None = None,
+                    on_stderr: OutputCallback | None = None,
+                    check: bool = True, user: str | None = None,
+                    on_output: RawOutputCallback | None = None) -> AsyncCommandHandle:
+        """Start ``cmd`` on the server and return its handle: ``run`` with
+        ``background=True``, typed. Its stdin stays open for ``send_stdin`` unless
+        ``stdin`` is given. ``on_output(channel, data)`` receives the output as raw
+        bytes (channel 1 stdout, 2 stderr) instead of the handle keeping it (then
+        ``on_stdout``/``on_stderr`` may not be given). Raises InvalidSpec,
+        CommandNotFound, QuotaExceeded, SandboxStateError, VmNotFound."""
+        handle = await self._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                                 on_stdout=on_stdout, on_stderr=on_stderr, background=True,
+                                 check=check, user=user, on_output=on_output)
+        assert isinstance(handle, AsyncCommandHandle)
+        return handle
 
     async def _run(self, cmd: str | list[str], *, env: dict[str, str] | None,
                    cwd: str | None, stdin: bytes | str | None, timeout: float | None,
                    on_stdout: OutputCallback | None, on_stderr: OutputCallback | None,
-                   background: bool, check: bool, user: str | None
+                   background: bool, check: bool, user: str | None,
+                   on_output: RawOutputCallback | None = None
                    ) -> CommandResult | AsyncCommandHandle:
         """The one implementation behind AsyncCommands.run and Commands.run."""
         sb = self._sb
         sb._check_open()
+        if on_output is not None and (on_stdout is not None or on_stderr is not None):
+            raise InvalidSpec("on_output takes the raw output: give it or on_stdout/"
+                              "on_stderr, not both")
         body = _command_body(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, user=user)
         if background:
             info = CommandInfo.from_json(await sb._api.call(
                 "POST", sb._path("/commands/start"), json=body))
             return AsyncCommandHandle(sb, info, timeout=timeout, check=check,
-                                      on_stdout=on_stdout, on_stderr=on_stderr)
-        out, err = OutputBuffer(on_stdout), OutputBuffer(on_stderr)
+                                      on_stdout=on_stdout, on_stderr=on_stderr,
+                                      on_output=on_output)
+        out = OutputBuffer(on_stdout, on_output, wire.CH_STDOUT)
+        err = OutputBuffer(on_stderr, on_output, wire.CH_STDERR)
         final: dict[str, Any] | None = None
         read = None if timeout is None else timeout + 30.0
         async with sb._api.stream("POST", sb._path("/commands"), json=body,
@@ -542,6 +625,22 @@ class AsyncCommands:
         return AsyncCommandHandle(sb, info, timeout=timeout, check=check,
                                   on_stdout=on_stdout, on_stderr=on_stderr)
 
+    async def stats(self, pid: int) -> CommandStats:
+        """CPU time, memory and process count of the running command ``pid`` (a handle's
+        ``pid``), as locally. Raises InvalidSpec, SandboxStateError, VmNotFound."""
+        sb = self._sb
+        sb._check_open()
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 1 <= pid <= 1 << 22:
+            raise InvalidSpec(f"pid must be a process id in 1..{1 << 22}, got {pid!r}")
+        d = await sb._api.call("GET", sb._path("/stats"), params={"pid": pid})
+        try:
+            assert isinstance(d, dict)
+            return CommandStats(running=bool(d["running"]), cpu_usec=int(d["cpu_usec"]),
+                                memory_bytes=int(d["memory_bytes"]),
+                                processes=int(d["processes"]))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            raise ServiceError("the server sent malformed command stats") from None
+
     async def list(self) -> list[CommandInfo]:
         """The sandbox's background commands the server keeps (running, and the latest
         that ended), oldest first."""
@@ -572,6 +671,33 @@ class AsyncFiles:
             params={"path": path, "mode": mode, "make_parents": make_parents},
             content=bytes(data), headers={"Content-Type": "application/octet-stream"},
             timeout=httpx.Timeout(60.0 + len(data) / 1e6, connect=10.0))
+        try:
+            return WriteInfo(path=str(res["path"]), size=int(res["size"]))
+        except (KeyError, TypeError, ValueError):
+            raise ServiceError("the server sent a malformed write result") from None
+
+    async def write_stream(self, path: str, chunks: AsyncIterable[bytes], *,
+                           mode: int = 0o644, make_parents: bool = True) -> WriteInfo:
+        """Write a file from ``chunks`` as they come (streamed to the server, capped by
+        its upload cap), atomically like ``write``. If iterating ``chunks`` raises, the
+        upload is abandoned (``path`` is untouched) and that error propagates. Raises
+        RequestTooLarge, GuestError, InvalidPath, InvalidSpec (a chunk that is not
+        bytes)."""
+        self._sb._check_open()
+
+        async def body() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                    raise InvalidSpec(f"write_stream takes chunks of bytes, got"
+                                      f" {type(chunk).__name__}")
+                if chunk:
+                    yield bytes(chunk)
+
+        res = await self._sb._api.call(
+            "PUT", self._sb._path("/files"),
+            params={"path": path, "mode": mode, "make_parents": make_parents},
+            content=body(), headers={"Content-Type": "application/octet-stream"},
+            timeout=httpx.Timeout(600.0, connect=10.0))
         try:
             return WriteInfo(path=str(res["path"]), size=int(res["size"]))
         except (KeyError, TypeError, ValueError):
@@ -612,6 +738,144 @@ class AsyncFiles:
             except httpx.TransportError as exc:
                 raise ServerUnreachable(f"the download of {path} broke: {exc}") from exc
 
+    async def list(self, path: str, *, depth: int = 1) -> builtins.list[EntryInfo]:
+        """Entries under a directory, sorted by name (``depth`` levels). Raises
+        GuestFileNotFound, GuestError, InvalidPath."""
+        self._sb._check_open()
+        res = await self._sb._api.call("GET", self._sb._path("/files/list"),
+                                       params={"path": path, "depth": depth})
+        items = res.get("entries") if isinstance(res, dict) else None
+        if not isinstance(items, builtins.list):
+            raise ServiceError("the server sent a malformed listing")
+        return [entry_from_json(e) for e in items]
+
+    async def stat(self, path: str) -> EntryInfo:
+        """The entry at ``path`` (a symlink itself). Raises GuestFileNotFound, InvalidPath."""
+        self._sb._check_open()
+        return entry_from_json(await self._sb._api.call(
+            "GET", self._sb._path("/files/stat"), params={"path": path}))
+
+    async def exists(self, path: str) -> bool:
+        self._sb._check_open()
+        res = await self._sb._api.call("GET", self._sb._path("/files/exists"),
+                                       params={"path": path})
+        if not isinstance(res, dict) or not isinstance(res.get("exists"), bool):
+            raise ServiceError("the server sent a malformed answer to exists")
+        return bool(res["exists"])
+
+    async def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
+        """Create a directory and its parents; False if it already existed."""
+        self._sb._check_open()
+        res = await self._sb._api.call("POST", self._sb._path("/files/dir"),
+                                       json={"path": path, "mode": mode})
+        if not isinstance(res, dict) or not isinstance(res.get("created"), bool):
+            raise ServiceError("the server sent a malformed answer to make_dir")
+        return bool(res["created"])
+
+    async def remove(self, path: str, *, recursive: bool = True) -> None:
+        self._sb._check_open()
+        await self._sb._api.call("DELETE", self._sb._path("/files"),
+                                 params={"path": path, "recursive": recursive})
+
+    async def rename(self, old_path: str, new_path: str, *, overwrite: bool = True
+                     ) -> EntryInfo:
+        self._sb._check_open()
+        return entry_from_json(await self._sb._api.call(
+            "POST", self._sb._path("/files/rename"),
+            json={"old_path": old_path, "new_path": new_path, "overwrite": overwrite}))
+
+    async def chown(self, path: str, *, user: str, mode: int | None = None) -> None:
+        """Give ``path`` to ``user`` (a name or ``uid[:gid]`` from the image's
+        /etc/passwd), and set its ``mode`` if given; a symlink is refused. Raises
+        InvalidSpec, InvalidPath, GuestFileNotFound, GuestError."""
+        self._sb._check_open()
+        body: dict[str, Any] = {"path": path, "user": user}
+        if mode is not None:
+            body["mode"] = mode
+        await self._sb._api.call("POST", self._sb._path("/files/chown"), json=body)
+
+    async def mount_tmpfs(self, path: str, *, mode: int = 0o700, user: str | None = None,
+                          size_bytes: int = 4 << 20) -> None:
+        """Mount a private tmpfs at ``path`` (memory only: never on a disk or in a
+        snapshot's disk layer), as locally. Raises InvalidSpec, InvalidPath, GuestError."""
+        self._sb._check_open()
+        body: dict[str, Any] = {"path": path, "mode": mode, "size_bytes": size_bytes}
+        if user is not None:
+            body["user"] = user
+        await self._sb._api.call("POST", self._sb._path("/files/tmpfs"), json=body)
+
+    async def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str
+                         ) -> DirTransfer:
+        """Copy the local tree ``local_dir`` into ``guest_dir`` (created if missing), as
+        the local ``files.upload_dir`` does: streamed to the server as a tar (capped by
+        its upload cap), extracted in the guest with the same checks; skipped entries
+        are named in the result. Raises InvalidPath if ``local_dir`` is not a
+        directory, RequestTooLarge, GuestError (e.g. ENOSPC)."""
+        self._sb._check_open()
+        check_guest_path(guest_dir)
+        if not Path(local_dir).is_dir():
+            raise InvalidPath(f"{local_dir} is not a local directory")
+        skipped: builtins.list[str] = []
+        res = await self._sb._api.call(
+            "PUT", self._sb._path("/files/tree"), params={"path": guest_dir},
+            content=tar_local_tree(local_dir, skipped),
+            headers={"Content-Type": "application/x-tar"},
+            timeout=httpx.Timeout(600.0, connect=10.0))
+        done = transfer_from_json(res)
+        return DirTransfer(files=done.files, dirs=done.dirs, symlinks=done.symlinks,
+                           bytes=done.bytes, skipped=tuple((skipped + builtins.list(
+                               done.skipped))[:100]))
+
+    async def download_dir(self, guest_dir: str, local_dir: str | os.PathLike[str], *,
+                           max_bytes: int = DEFAULT_TREE_CAP,
+                           max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
+        """Copy the guest tree ``guest_dir`` into ``local_dir`` (created if missing), as
+        the local ``files.download_dir`` does: streamed from the server as a tar and
+        extracted here as it arrives, treated as hostile (tarfile's ``data`` filter
+        plus sandvm's checks: nothing written outside ``local_dir`` or through a
+        symlink, links leading out dropped). Entries refused here and those the
+        guest left out (special files) are named in the result. Raises FileTooLarge
+        past ``max_bytes`` of file content or ``max_files`` entries (or the server's
+        download cap), GuestFileNotFound, InvalidPath, ServerUnreachable."""
+        self._sb._check_open()
+        check_guest_path(guest_dir)
+        for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
+        guest_skipped: builtins.list[str] = []
+        async with self._sb._api.stream(
+                "GET", self._sb._path("/files/tree"),
+                params={"path": guest_dir, "max_bytes": max_bytes, "max_files": max_files},
+                timeout=httpx.Timeout(60.0, connect=10.0, read=300.0)) as resp:
+
+            async def pieces() -> AsyncIterator[bytes]:
+                ended = False
+                try:
+                    async for line in _lines(resp):
+                        event = _event(line)
+                        kind = event.get("type")
+                        if kind == "data":
+                            yield _chunk(event)
+                        elif kind == "error":
+                            raise error_from_dict(event)
+                        elif kind == "end":
+                            left = event.get("skipped")
+                            if isinstance(left, builtins.list):
+                                guest_skipped.extend(str(x)[:400] for x in left[:100])
+                            ended = True
+                except httpx.TransportError as exc:
+                    raise ServerUnreachable(f"the download of {guest_dir} broke: {exc}"
+                                            ) from exc
+                if not ended:
+                    raise ServerUnreachable(f"the server ended the download of {guest_dir}"
+                                            " before the tree's end")
+
+            got = await extract_tar(pieces(), local_dir, max_bytes=max_bytes,
+                                    max_files=max_files)
+        return DirTransfer(files=got.files, dirs=got.dirs, symlinks=got.symlinks,
+                           bytes=got.bytes, skipped=tuple(
+                               (builtins.list(got.skipped) + guest_skipped)[:100]))
+
 
 class AsyncSandbox:
     """A sandbox on a sandvm server. Use ``await AsyncSandbox.create(...)`` or
@@ -620,6 +884,7 @@ class AsyncSandbox:
     def __init__(self, *, api: _Api, info: SandboxInfo) -> None:
         self._api = api
         self.sandbox_id = info.sandbox_id
+        self._last_info = info
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
         from sandvm.client._net import AsyncNetwork, AsyncPorts
@@ -685,17 +950,74 @@ class AsyncSandbox:
         return await cls._new({"snapshot": snapshot}, timeout=timeout, network=network,
                               api=_Api(api_key=api_key, url=url, transport=transport))
 
-    async def snapshot(self, name: str | None = None) -> SnapshotInfo:
+    async def snapshot(self, name: str | None = None, *, stop: bool = False
+                       ) -> SnapshotInfo:
         """Save this sandbox on the server as the tenant's snapshot ``name`` (default:
-        a new id); returns its SnapshotInfo. The sandbox goes on running. Raises
-        SnapshotAlreadyExists, QuotaExceeded, SandboxStateError."""
+        a new id); returns its SnapshotInfo. The sandbox goes on running, or with
+        ``stop=True`` is killed once saved. Raises SnapshotAlreadyExists,
+        QuotaExceeded, SandboxStateError."""
         from sandvm.client._library import SnapshotInfo as Info
 
         self._check_open()
         body = {} if name is None else {"name": name}
-        return Info.from_json(await self._api.call(
+        snap = Info.from_json(await self._api.call(
             "POST", self._path("/snapshots"), json=body,
             timeout=httpx.Timeout(60.0, connect=10.0, read=CREATE_TIMEOUT)))
+        if stop:
+            await self.kill()
+        return snap
+
+    async def pause(self, *, to_disk: bool = False) -> SnapshotInfo | None:
+        """Freeze the sandbox's vCPUs on the server (its memory stays allocated, its
+        timeout runs on) until ``resume``; or with ``to_disk`` save it as the tenant's
+        snapshot ``paused-<id>`` and kill it: ``resume_from`` brings it back (with a
+        new id). Commands wait while it is paused. Raises SandboxStateError,
+        SnapshotAlreadyExists, QuotaExceeded."""
+        self._check_open()
+        if to_disk:
+            return await self.snapshot(f"paused-{self.sandbox_id}", stop=True)
+        await self._api.call("POST", self._path("/pause"))
+        return None
+
+    @classmethod
+    async def resume_from(cls, paused: SnapshotInfo | str, *, timeout: float | None = None,
+                          api_key: str | None = None, url: str | None = None,
+                          transport: httpx.AsyncBaseTransport | None = None
+                          ) -> AsyncSandbox:
+        """Bring back a sandbox paused to disk (the SnapshotInfo ``pause(to_disk=True)``
+        returned, or its name); its snapshot is removed. Raises like ``from_snapshot``."""
+        name = paused if isinstance(paused, str) else paused.name
+        sb = await cls.from_snapshot(name, timeout=timeout, api_key=api_key, url=url,
+                                     transport=transport)
+        await sb._api.call("DELETE", f"/v1/snapshots/{quote(name, safe='')}")
+        return sb
+
+    async def resume(self) -> None:
+        """Let a paused sandbox run again, its clock stepped to the host's. Raises
+        SandboxStateError."""
+        self._check_open()
+        await self._api.call("POST", self._path("/resume"))
+
+    async def ping(self) -> float:
+        """The guest agent's round trip in seconds, measured on the server."""
+        self._check_open()
+        res = await self._api.call("GET", self._path("/ping"))
+        if not isinstance(res, dict) or not isinstance(res.get("seconds"), (int, float)):
+            raise ServiceError("the server sent a malformed ping answer")
+        return float(res["seconds"])
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """Facts about the VM, with the local ``info``'s keys: accelerator, boot time,
+        guest kernel, agent version (as the server last reported them; None where it
+        did not know), image, memory, vCPUs. ``qemu_pid`` is None and ``volumes``
+        empty: the VM is the server's. ``get_info()`` asks the server again."""
+        i = self._last_info
+        return {"sandbox_id": self.sandbox_id, "accelerator": i.accelerator,
+                "image": i.image, "boot_seconds": i.boot_seconds, "qemu_pid": None,
+                "memory_mib": i.memory_mib, "vcpus": i.vcpus,
+                "guest_kernel": i.guest_kernel, "agent_version": i.agent_version,
+                "volumes": {}}
 
     async def fork(self, n: int, *, timeout: float | None = None) -> list[AsyncSandbox]:
         """``n`` new running copies of this sandbox on the server (each counted in the
@@ -745,9 +1067,11 @@ class AsyncSandbox:
         return [SandboxInfo.from_json(i) for i in items]
 
     async def get_info(self) -> SandboxInfo:
-        """The server's view of this sandbox. Raises SandboxStateError once it ended."""
+        """The server's view of this sandbox (state, timeout; ``info``'s facts, which
+        this refreshes). Raises SandboxStateError once it ended."""
         self._check_open()
-        return SandboxInfo.from_json(await self._api.call("GET", self._path()))
+        self._last_info = SandboxInfo.from_json(await self._api.call("GET", self._path()))
+        return self._last_info
 
     async def set_timeout(self, timeout: float) -> None:
         """Let the sandbox live ``timeout`` more seconds from now (not longer than the

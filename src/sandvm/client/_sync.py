@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import builtins
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import httpx
 
@@ -20,8 +20,14 @@ from sandvm.client._library import SnapshotInfo
 from sandvm.client._net import Network, Ports
 from sandvm.commands import CommandHandle as _LocalCommandHandle
 from sandvm.egress import NetworkPolicy
-from sandvm.files import FileTransfer
-from sandvm.values import DEFAULT_COMMAND_TIMEOUT, CommandResult, OutputCallback
+from sandvm.files import Files as _LocalFiles
+from sandvm.values import (
+    DEFAULT_COMMAND_TIMEOUT,
+    CommandResult,
+    CommandStats,
+    OutputCallback,
+    RawOutputCallback,
+)
 
 __all__ = ["CommandHandle", "Commands", "Files", "Sandbox"]
 
@@ -40,6 +46,10 @@ class CommandHandle(_LocalCommandHandle):
         """The command's state, as the server knows it."""
         return _portal.call(self._remote.info())
 
+    def abandon(self) -> None:
+        """See the remote AsyncCommandHandle.abandon."""
+        _portal.call(self._remote.abandon())
+
 
 class Commands:
     """Sync twin of AsyncCommands."""
@@ -52,14 +62,16 @@ class Commands:
             cwd: str | None = ..., stdin: bytes | str | None = ...,
             timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
             on_stderr: OutputCallback | None = ..., background: Literal[False] = ...,
-            check: bool = ..., user: str | None = ...) -> CommandResult: ...
+            check: bool = ..., user: str | None = ...,
+            on_output: RawOutputCallback | None = ...) -> CommandResult: ...
 
     @overload
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = ...,
             cwd: str | None = ..., stdin: bytes | str | None = ...,
             timeout: float | None = ..., on_stdout: OutputCallback | None = ...,
             on_stderr: OutputCallback | None = ..., background: Literal[True],
-            check: bool = ..., user: str | None = ...) -> CommandHandle: ...
+            check: bool = ..., user: str | None = ...,
+            on_output: RawOutputCallback | None = ...) -> CommandHandle: ...
 
     def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
             cwd: str | None = None, stdin: bytes | str | None = None,
@@ -67,12 +79,26 @@ class Commands:
             on_stdout: OutputCallback | None = None,
             on_stderr: OutputCallback | None = None,
             background: bool = False, check: bool = True,
-            user: str | None = None) -> CommandResult | CommandHandle:
+            user: str | None = None, on_output: RawOutputCallback | None = None
+            ) -> CommandResult | CommandHandle:
         """See AsyncCommands.run."""
         res = _portal.call(self._a._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                         on_stdout=on_stdout, on_stderr=on_stderr,
-                                        background=background, check=check, user=user))
+                                        background=background, check=check, user=user,
+                                        on_output=on_output))
         return CommandHandle(res) if isinstance(res, AsyncCommandHandle) else res
+
+    def start(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
+              cwd: str | None = None, stdin: bytes | str | None = None,
+              timeout: float | None = DEFAULT_COMMAND_TIMEOUT,
+              on_stdout: OutputCallback | None = None,
+              on_stderr: OutputCallback | None = None,
+              check: bool = True, user: str | None = None,
+              on_output: RawOutputCallback | None = None) -> CommandHandle:
+        """See AsyncCommands.start."""
+        return CommandHandle(_portal.call(self._a.start(
+            cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout, on_stdout=on_stdout,
+            on_stderr=on_stderr, check=check, user=user, on_output=on_output)))
 
     def connect(self, command_id: str, *, timeout: float | None = None,
                 on_stdout: OutputCallback | None = None,
@@ -83,16 +109,21 @@ class Commands:
             command_id, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr,
             check=check)))
 
+    def stats(self, pid: int) -> CommandStats:
+        """See AsyncCommands.stats."""
+        return _portal.call(self._a.stats(pid))
+
     def list(self) -> list[CommandInfo]:
         """See AsyncCommands.list."""
         return _portal.call(self._a.list())
 
 
-class Files(FileTransfer):
-    """Sync twin of the remote AsyncFiles: write, read, read_stream."""
+class Files(_LocalFiles):
+    """Sync twin of the remote AsyncFiles: the local Files' methods, each run on the
+    portal (the remote AsyncFiles has the same surface, over HTTP)."""
 
     def __init__(self, inner: AsyncFiles) -> None:
-        super().__init__(inner)
+        super().__init__(inner)  # type: ignore[arg-type]  # the same surface, over HTTP
 
 
 class Sandbox:
@@ -141,15 +172,41 @@ class Sandbox:
             snapshot, timeout=timeout, network=network, api_key=api_key, url=url,
             transport=transport)))
 
-    def snapshot(self, name: str | None = None) -> SnapshotInfo:
+    def snapshot(self, name: str | None = None, *, stop: bool = False) -> SnapshotInfo:
         """See AsyncSandbox.snapshot."""
-        return _portal.call(self._a.snapshot(name))
+        return _portal.call(self._a.snapshot(name, stop=stop))
+
+    def pause(self, *, to_disk: bool = False) -> SnapshotInfo | None:
+        """See AsyncSandbox.pause."""
+        return _portal.call(self._a.pause(to_disk=to_disk))
+
+    @classmethod
+    def resume_from(cls, paused: SnapshotInfo | str, *, timeout: float | None = None,
+                    api_key: str | None = None, url: str | None = None,
+                    transport: httpx.AsyncBaseTransport | None = None) -> Sandbox:
+        """See AsyncSandbox.resume_from."""
+        return cls(_portal.call(AsyncSandbox.resume_from(
+            paused, timeout=timeout, api_key=api_key, url=url, transport=transport)))
+
+    def resume(self) -> None:
+        """See AsyncSandbox.resume."""
+        _portal.call(self._a.resume())
+
+    def ping(self) -> float:
+        """See AsyncSandbox.ping."""
+        return _portal.call(self._a.ping())
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """See AsyncSandbox.info."""
+        return self._a.info
 
     def fork(self, n: int, *, timeout: float | None = None) -> builtins.list[Sandbox]:
         """See AsyncSandbox.fork."""
         return [Sandbox(c) for c in _portal.call(self._a.fork(n, timeout=timeout))]
 
     def get_info(self) -> SandboxInfo:
+        """See AsyncSandbox.get_info."""
         return _portal.call(self._a.get_info())
 
     def set_timeout(self, timeout: float) -> None:

@@ -37,24 +37,35 @@ from sandvm.errors import InvalidSpec, RequestTooLarge, SandvmError, Unauthentic
 from sandvm.server.config import ServerConfig
 from sandvm.server.metrics import CONTENT_TYPE as METRICS_TYPE
 from sandvm.server.models import (
+    MAX_LIST_DEPTH,
+    ChownRequest,
     ClosedPorts,
     CommandEvent,
     CommandInfo,
     CommandList,
+    CommandStats,
     CreatePoolRequest,
     CreateSandboxRequest,
     CreateSnapshotRequest,
+    DirTransfer,
     EgressEventList,
+    EntryInfo,
+    EntryList,
     ErrorBody,
+    Exists,
     ExposePortRequest,
     ForkRequest,
     Health,
+    MadeDir,
+    MakeDirRequest,
     NetworkInfo,
     NetworkPolicyBody,
+    Ping,
     PoolInfo,
     PoolList,
     PortInfo,
     PortList,
+    RenameRequest,
     RunCommandRequest,
     SandboxInfo,
     SandboxList,
@@ -62,6 +73,8 @@ from sandvm.server.models import (
     SignalRequest,
     SnapshotInfo,
     SnapshotList,
+    TmpfsRequest,
+    TreeEvent,
     WaitPortRequest,
     WriteResult,
 )
@@ -75,12 +88,14 @@ from sandvm.server.redact import (
     status_for,
 )
 from sandvm.server.service import SandboxService, ndjson
+from sandvm.values import DirTransfer as LocalDirTransfer
+from sandvm.values import EntryInfo as LocalEntryInfo
 
 log = logging.getLogger("sandvm.server")
 
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json"})
 MAX_HEADERS = 100
-_UPLOAD_RE = re.compile(r"/v1/sandboxes/[^/]+/files")
+_UPLOAD_RE = re.compile(r"/v1/sandboxes/[^/]+/files(?:/tree)?")
 
 def error_response(exc: SandvmError, status: int | None = None, *,
                    headers: dict[str, str] | None = None,
@@ -419,26 +434,28 @@ def create_app(config: ServerConfig | None = None, *,
                 if network is not None:
                     raise InvalidSpec("a pool's sandboxes have the pool's network policy:"
                                       " leave network out (PUT .../network changes it)")
-                return await svc.library.from_pool(tenant, body.pool, ttl=body.timeout,
-                                                   wait=body.wait)
+                return _with_facts(svc, await svc.library.from_pool(
+                    tenant, body.pool, ttl=body.timeout, wait=body.wait))
             assert body.snapshot is not None
-            return await svc.library.from_snapshot(tenant, body.snapshot, ttl=body.timeout,
-                                                   network=network)
-        return await svc.create(
+            return _with_facts(svc, await svc.library.from_snapshot(
+                tenant, body.snapshot, ttl=body.timeout, network=network))
+        return _with_facts(svc, await svc.create(
             tenant, image=body.image, memory_mib=body.memory_mib, vcpus=body.vcpus,
-            ttl=body.timeout, network=network)
+            ttl=body.timeout, network=network))
 
     @app.get("/v1/sandboxes", response_model=SandboxList, tags=["sandboxes"],
              responses=_pick(401))
     async def list_sandboxes(request: Request, tenant: Tenant) -> SandboxList:
         """The tenant's running sandboxes."""
-        return SandboxList(sandboxes=_service(request).list_sandboxes(tenant))
+        svc = _service(request)
+        return SandboxList(sandboxes=[_with_facts(svc, i) for i in svc.list_sandboxes(tenant)])
 
     @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxInfo, tags=["sandboxes"],
              responses=_pick(401, 404, 409))
     async def get_sandbox(request: Request, tenant: Tenant, sandbox_id: SandboxId
                           ) -> SandboxInfo:
-        return _service(request).get(tenant, sandbox_id)
+        svc = _service(request)
+        return _with_facts(svc, svc.get(tenant, sandbox_id))
 
     @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, response_class=Response,
                 tags=["sandboxes"], responses=_pick(401, 404, 409))
@@ -453,7 +470,32 @@ def create_app(config: ServerConfig | None = None, *,
     async def set_timeout(request: Request, tenant: Tenant, sandbox_id: SandboxId,
                           body: SetTimeoutRequest) -> SandboxInfo:
         """Let the sandbox live ``timeout`` more seconds from now."""
-        return _service(request).set_timeout(tenant, sandbox_id, body.timeout)
+        svc = _service(request)
+        return _with_facts(svc, svc.set_timeout(tenant, sandbox_id, body.timeout))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/pause", status_code=204, response_class=Response,
+              tags=["sandboxes"], responses=_pick(401, 404, 409))
+    async def pause_sandbox(request: Request, tenant: Tenant, sandbox_id: SandboxId
+                            ) -> Response:
+        """Freeze the sandbox's vCPUs (its memory stays allocated, its TTL runs on)
+        until POST .../resume."""
+        await _service(request).on_sandbox(tenant, sandbox_id, lambda sb: sb.pause())
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/resume", status_code=204, response_class=Response,
+              tags=["sandboxes"], responses=_pick(401, 404, 409))
+    async def resume_sandbox(request: Request, tenant: Tenant, sandbox_id: SandboxId
+                             ) -> Response:
+        """Let a paused sandbox run again, its clock set to the host's."""
+        await _service(request).on_sandbox(tenant, sandbox_id, lambda sb: sb.resume())
+        return Response(status_code=204)
+
+    @app.get("/v1/sandboxes/{sandbox_id}/ping", response_model=Ping, tags=["sandboxes"],
+             responses=_pick(401, 404, 409))
+    async def ping_sandbox(request: Request, tenant: Tenant, sandbox_id: SandboxId) -> Ping:
+        """The guest agent's round trip, in seconds."""
+        return Ping(seconds=await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.ping()))
 
     # ------------------------------------------------------------------ snapshots, fork
 
@@ -493,8 +535,9 @@ def create_app(config: ServerConfig | None = None, *,
                            body: ForkRequest) -> SandboxList:
         """``n`` new sandboxes, running copies of this one (memory, processes, files,
         network policy), each counted in the tenant's quotas."""
-        return SandboxList(sandboxes=await _service(request).library.fork(
-            tenant, sandbox_id, body.n, ttl=body.timeout))
+        svc = _service(request)
+        return SandboxList(sandboxes=[_with_facts(svc, i) for i in await svc.library.fork(
+            tenant, sandbox_id, body.n, ttl=body.timeout)])
 
     # ------------------------------------------------------------------ pools
 
@@ -560,6 +603,18 @@ def create_app(config: ServerConfig | None = None, *,
                             ) -> CommandList:
         """The sandbox's background commands (running, and the latest that ended)."""
         return CommandList(commands=_service(request).list_commands(tenant, sandbox_id))
+
+    @app.get("/v1/sandboxes/{sandbox_id}/stats", response_model=CommandStats,
+             tags=["commands"], responses=_pick(400, 401, 404, 409, 422))
+    async def command_stats(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                            pid: Annotated[int, Query(ge=1, le=1 << 22, description="A"
+                                                      " command's pid (its handle's).")]
+                            ) -> CommandStats:
+        """CPU time, memory and processes of the running command ``pid``."""
+        st = await _service(request).on_sandbox(tenant, sandbox_id,
+                                                lambda sb: sb.commands.stats(pid))
+        return CommandStats(running=st.running, cpu_usec=st.cpu_usec,
+                            memory_bytes=st.memory_bytes, processes=st.processes)
 
     @app.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}", response_model=CommandInfo,
              tags=["commands"], responses=_pick(401, 404, 409))
@@ -656,6 +711,119 @@ def create_app(config: ServerConfig | None = None, *,
         chunks = await _service(request).download(tenant, sandbox_id, path,
                                                   max_bytes=max_bytes)
         return OctetStreamResponse(chunks, headers={"Cache-Control": "no-store"})
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=EntryList,
+             tags=["files"], responses=_pick(400, 401, 403, 404, 409, 422))
+    async def list_files(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                         path: GuestPath, depth: Annotated[int, Query(
+                             ge=1, le=MAX_LIST_DEPTH, description="Levels listed.")] = 1
+                         ) -> EntryList:
+        """The entries under a directory, sorted by name (``depth`` levels)."""
+        entries = await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.list(path, depth=depth))
+        return EntryList(entries=[_entry(e) for e in entries])
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/stat", response_model=EntryInfo,
+             tags=["files"], responses=_pick(400, 401, 403, 404, 409, 422))
+    async def stat_file(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                        path: GuestPath) -> EntryInfo:
+        """The entry at ``path`` (a symlink itself, not its target)."""
+        return _entry(await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.stat(path)))
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=Exists,
+             tags=["files"], responses=_pick(400, 401, 404, 409, 422))
+    async def file_exists(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          path: GuestPath) -> Exists:
+        """Whether anything exists at ``path``."""
+        return Exists(exists=await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.exists(path)))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/dir", response_model=MadeDir,
+              tags=["files"], responses=_pick(400, 401, 403, 404, 409, 422))
+    async def make_dir(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                       body: MakeDirRequest) -> MadeDir:
+        """Create a directory and its parents (``created`` false: it existed)."""
+        return MadeDir(created=await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.make_dir(body.path, mode=body.mode)))
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, response_class=Response,
+                tags=["files"], responses=_pick(400, 401, 403, 404, 409, 422))
+    async def remove_file(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          path: GuestPath, recursive: Annotated[bool, Query(
+                              description="Remove a directory with what it holds.")] = True
+                          ) -> Response:
+        """Remove a file, a symlink or a directory."""
+        await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.remove(path, recursive=recursive))
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/rename", response_model=EntryInfo,
+              tags=["files"], responses=_pick(400, 401, 403, 404, 409, 422))
+    async def rename_file(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          body: RenameRequest) -> EntryInfo:
+        """Move ``old_path`` to ``new_path``; returns the entry at its new path."""
+        return _entry(await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.rename(body.old_path, body.new_path,
+                                                           overwrite=body.overwrite)))
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/chown", status_code=204,
+              response_class=Response, tags=["files"],
+              responses=_pick(400, 401, 403, 404, 409, 422))
+    async def chown_file(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                         body: ChownRequest) -> Response:
+        """Give ``path`` to ``user`` (and set its ``mode`` if given); a symlink is
+        refused, not followed."""
+        await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.chown(body.path, user=body.user,
+                                                          mode=body.mode))
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/tmpfs", status_code=204,
+              response_class=Response, tags=["files"],
+              responses=_pick(400, 401, 403, 404, 409, 422))
+    async def mount_tmpfs(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          body: TmpfsRequest) -> Response:
+        """Mount a private tmpfs at ``path`` (memory only: never on a disk or in a
+        snapshot's disk layer; nosuid, nodev, noexec; at most ``size_bytes``)."""
+        await _service(request).on_sandbox(
+            tenant, sandbox_id, lambda sb: sb.files.mount_tmpfs(
+                body.path, mode=body.mode, user=body.user, size_bytes=body.size_bytes))
+        return Response(status_code=204)
+
+    @app.put("/v1/sandboxes/{sandbox_id}/files/tree", response_model=DirTransfer,
+             tags=["files"], responses=_pick(400, 401, 403, 404, 409, 413, 422),
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload_tree(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                          path: GuestPath) -> DirTransfer:
+        """Extract the request body, a tar stream, into the guest directory ``path``
+        (created if missing; streamed, capped like file uploads). The guest refuses
+        absolute or escaping paths and links leading out: those are skipped and named."""
+        length = request.headers.get("content-length")
+        return _transfer(await _service(request).upload_tree(
+            tenant, sandbox_id, path, request.stream(),
+            length=int(length) if length and length.isdigit() else None))
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/tree", response_class=NDJSONResponse,
+             tags=["files"], responses={
+                 200: {"model": TreeEvent, "description": "One JSON object per line: the"
+                       " tree as a tar stream (PAX) in `data` pieces, then one `end` or"
+                       " `error`."},
+                 **_pick(400, 401, 403, 404, 409, 413, 422)})
+    async def download_tree(request: Request, tenant: Tenant, sandbox_id: SandboxId,
+                            path: GuestPath,
+                            max_bytes: Annotated[int | None, Query(
+                                ge=1, description="Refuse (413) more file content.")] = None,
+                            max_files: Annotated[int | None, Query(
+                                ge=1, le=1 << 24, description="Refuse (413) more"
+                                " entries.")] = None) -> NDJSONResponse:
+        """The guest directory ``path`` as a tar stream, in NDJSON pieces. Extract it as
+        hostile input: it comes from the guest (the SDK's ``download_dir`` does)."""
+        events = await _service(request).download_tree(tenant, sandbox_id, path,
+                                                       max_bytes=max_bytes,
+                                                       max_files=max_files)
+        return _ndjson_response(events)
 
     # ------------------------------------------------------------------ ports, network
 
@@ -788,6 +956,23 @@ def _policy(body: NetworkPolicyBody | None) -> NetworkPolicy | None:
         return None
     return NetworkPolicy(allow=tuple(body.allow), ports=tuple(body.ports),
                          allow_http=body.allow_http, max_bytes=body.max_bytes)
+
+
+def _with_facts(svc: SandboxService, info: SandboxInfo) -> SandboxInfo:
+    """``info`` with what the server knows of the sandbox's VM (accelerator, boot
+    seconds, guest kernel, agent version)."""
+    return info.model_copy(update=svc.vm_facts(info.sandbox_id))
+
+
+def _entry(e: LocalEntryInfo) -> EntryInfo:
+    return EntryInfo(path=e.path, name=e.name, type=e.type,  # type: ignore[arg-type]
+                     size=e.size, mode=e.mode, mtime=e.mtime, uid=e.uid, gid=e.gid,
+                     target=e.target)
+
+
+def _transfer(t: LocalDirTransfer) -> DirTransfer:
+    return DirTransfer(files=t.files, dirs=t.dirs, symlinks=t.symlinks, bytes=t.bytes,
+                       skipped=list(t.skipped))
 
 
 def _stdin(body: RunCommandRequest) -> bytes | None:

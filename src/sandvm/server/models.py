@@ -172,6 +172,15 @@ class SandboxInfo(BaseModel):
     created: float = Field(description="Epoch seconds.")
     expires_at: float | None = Field(description="Epoch seconds when its TTL ends.")
     network: bool = Field(description="Whether it has an egress policy.")
+    accelerator: str | None = Field(default=None, description="`kvm` or `tcg` (null:"
+                                    " unknown).")
+    boot_seconds: float | None = Field(default=None, description="Seconds its VM took to"
+                                       " boot or restore (null: unknown to this server"
+                                       " process, e.g. after a restart).")
+    guest_kernel: str | None = Field(default=None, description="The guest's kernel"
+                                     " release (null: unknown, as above).")
+    agent_version: str | None = Field(default=None, description="The guest agent's"
+                                      " version (null: unknown, as above).")
 
 
 class SandboxList(BaseModel):
@@ -327,3 +336,102 @@ class EgressEventInfo(BaseModel):
 
 class EgressEventList(BaseModel):
     events: list[EgressEventInfo]
+
+
+# ---------------------------------------------------------------------------- files: entries, trees
+
+MAX_LIST_DEPTH = 1024
+Mode = Annotated[Int, Field(ge=0, le=0o7777, description="Permission bits.")]
+GuestPathField = Annotated[str, Field(min_length=1, max_length=4096,
+                                      description="An absolute path in the guest (else"
+                                                  " 400, code invalid_path, as locally).")]
+
+
+class EntryInfo(BaseModel):
+    """A file-system entry in the guest (as the local ``files.stat`` returns it)."""
+
+    path: str
+    name: str
+    type: Literal["file", "dir", "symlink", "other"]
+    size: int
+    mode: int = Field(description="Permission bits.")
+    mtime: float = Field(description="Epoch seconds.")
+    uid: int
+    gid: int
+    target: str | None = Field(description="A symlink's target (null otherwise).")
+
+
+class EntryList(BaseModel):
+    entries: list[EntryInfo]
+
+
+class Exists(BaseModel):
+    exists: bool
+
+
+class MakeDirRequest(_Strict):
+    path: GuestPathField
+    mode: Mode = 0o755
+
+
+class MadeDir(BaseModel):
+    created: bool = Field(description="False: the directory existed already.")
+
+
+class RenameRequest(_Strict):
+    old_path: GuestPathField
+    new_path: GuestPathField
+    overwrite: bool = True
+
+
+class DirTransfer(BaseModel):
+    """What an upload or download of a tree moved, and what it left out (at most 100
+    entries named, each with the reason)."""
+
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int = Field(description="Bytes of file content.")
+    skipped: list[str]
+
+
+class Ping(BaseModel):
+    seconds: float = Field(description="The guest agent's round trip, seen from the"
+                           " server.")
+
+
+class ChownRequest(_Strict):
+    path: GuestPathField
+    user: Annotated[str, Field(min_length=1, max_length=256, description="A name or"
+                               " `uid[:gid]` from the image's /etc/passwd.")]
+    mode: Mode | None = None
+
+
+class TmpfsRequest(_Strict):
+    path: GuestPathField
+    mode: Annotated[Int, Field(ge=0, le=0o777)] = 0o700
+    user: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        default=None, description="Its owner (default root).")
+    size_bytes: Annotated[Int, Field(ge=4096, le=1 << 30)] = 4 << 20
+
+
+class CommandStats(BaseModel):
+    """What a running command uses now (its cgroup in the guest, else its leader alone);
+    ``running`` false (and the figures 0) once it ended."""
+
+    running: bool
+    cpu_usec: int = Field(description="CPU time, microseconds.")
+    memory_bytes: int
+    processes: int
+
+
+class TreeEvent(BaseModel):
+    """One line of a tree download: ``data`` (a piece of the tar stream, ``b64``), then
+    ``end`` (``skipped``: entries the guest left out, with why) or ``error`` (``code``,
+    ``message``)."""
+
+    type: Literal["data", "end", "error"]
+    b64: str | None = None
+    skipped: list[str] | None = None
+    code: str | None = None
+    message: str | None = None

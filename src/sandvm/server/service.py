@@ -17,12 +17,13 @@ listed until it runs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from sandvm.agent_client import guest_int
 from sandvm.core import check_guest_path, new_id
@@ -35,6 +36,7 @@ from sandvm.errors import (
     SandvmError,
     Unauthenticated,
 )
+from sandvm.files import tar_from_guest, untar_to_guest
 from sandvm.guestops import GuestOps
 from sandvm.output import OutputPipe, exit_event, output_event, wait_outcome
 from sandvm.runtime.journal import SandboxRecord
@@ -49,10 +51,12 @@ from sandvm.server.networking import Networking
 from sandvm.server.redact import Redactor, status_for
 from sandvm.server.store import ServerStore
 from sandvm.server.tenancy import Tenancy, every
+from sandvm.values import DEFAULT_TREE_ENTRIES, DirTransfer
 
 log = logging.getLogger("sandvm.server")
 
 _OUTPUT_QUEUE = 16  # output chunks between the guest and a slow HTTP client
+_T = TypeVar("_T")
 
 
 
@@ -426,6 +430,110 @@ class SandboxService:
                 await source.aclose()
 
         return chunks()
+
+    # ------------------------------------------------------------------ more of the local surface
+
+    async def on_sandbox(self, tenant: str, sandbox_id: str,
+                         op: Callable[[AsyncSandbox], Awaitable[_T]]) -> _T:
+        """Run ``op`` on ``tenant``'s running sandbox, held by this server: how the routes
+        reach the sandbox's own methods (files.stat, pause, ping, ...). A failure
+        because the sandbox ended meanwhile comes out as SandboxStateError. Raises
+        VmNotFound, SandboxStateError, SandboxBusy, and what ``op`` raises."""
+        self._record(tenant, sandbox_id)
+        sb = await self._hold(sandbox_id)
+        try:
+            return await op(sb)
+        except SandvmError as exc:
+            err = await self._ended_instead(sandbox_id, exc)
+            if err is exc:
+                raise
+            raise err from exc
+
+    def vm_facts(self, sandbox_id: str) -> dict[str, Any]:
+        """What is known of a sandbox's VM beyond its record (the local ``info``'s
+        accelerator, boot_seconds, guest_kernel, agent_version): None where unknown,
+        e.g. for a sandbox this server does not hold now."""
+        facts: dict[str, Any] = dict.fromkeys(
+            ("accelerator", "boot_seconds", "guest_kernel", "agent_version"))
+        rec = self.manager.journal.get(sandbox_id)
+        if rec is not None and isinstance(rec.record.get("accelerator"), str):
+            facts["accelerator"] = rec.record["accelerator"]
+        sb = self.tenancy.holding(sandbox_id)
+        if sb is not None:
+            with contextlib.suppress(SandvmError, AttributeError):
+                info = sb.info
+                facts.update({k: info[k] for k in facts if info.get(k) is not None})
+        return facts
+
+    async def upload_tree(self, tenant: str, sandbox_id: str, path: str,
+                          body: AsyncIterator[bytes], *, length: int | None = None
+                          ) -> DirTransfer:
+        """Extract the tar stream ``body`` into the guest directory ``path`` as it
+        arrives (``files.upload_dir``'s checks in the guest), at most
+        ``max_upload_bytes``. Raises RequestTooLarge, InvalidPath, GuestError,
+        VmNotFound, SandboxStateError."""
+        check_guest_path(path)
+        cap = self.config.max_upload_bytes
+        if length is not None and length > cap:
+            raise RequestTooLarge(f"the tree is {length} bytes; this server takes at most"
+                                  f" {cap} per upload")
+
+        async def capped() -> AsyncIterator[bytes]:
+            sent = 0
+            async for chunk in body:
+                sent += len(chunk)
+                if sent > cap:
+                    raise RequestTooLarge(f"the upload is over this server's cap of {cap}"
+                                          " bytes")
+                yield chunk
+            self.metrics.file_bytes.inc(sent, direction="upload")
+
+        return await self.on_sandbox(tenant, sandbox_id,
+                                     lambda sb: untar_to_guest(sb, path, capped()))
+
+    async def download_tree(self, tenant: str, sandbox_id: str, path: str, *,
+                            max_bytes: int | None = None, max_files: int | None = None
+                            ) -> AsyncIterator[dict[str, Any]]:
+        """The guest directory ``path`` as a tar stream (not extracted: the client does
+        that, treating it as hostile) in events: ``data`` (``b64``), then ``end``
+        (``skipped``: what the guest left out) or ``error``. Its file content is capped
+        by ``max_bytes`` and the server's ``max_download_bytes``. Failures before the
+        first byte (GuestFileNotFound, FileTooLarge, GuestError) are raised here, so
+        they get their own status. Raises InvalidPath, VmNotFound, SandboxStateError."""
+        check_guest_path(path)
+        cap = self.config.max_download_bytes if max_bytes is None else min(
+            max_bytes, self.config.max_download_bytes)
+        entries = DEFAULT_TREE_ENTRIES if max_files is None else max_files
+        self._record(tenant, sandbox_id)
+        sb = await self._hold(sandbox_id)
+        skipped: list[str] = []
+        source = tar_from_guest(sb, path, skipped, max_bytes=cap, max_files=entries)
+        try:
+            first = await source.__anext__()
+        except StopAsyncIteration:
+            first = b""
+        except BaseException:
+            await source.aclose()
+            raise
+
+        def data(chunk: bytes) -> dict[str, Any]:
+            self.metrics.file_bytes.inc(len(chunk), direction="download")
+            return {"type": "data", "b64": base64.b64encode(chunk).decode()}
+
+        async def events() -> AsyncIterator[dict[str, Any]]:
+            try:
+                if first:
+                    yield data(first)
+                async for chunk in source:
+                    yield data(chunk)
+                yield {"type": "end", "skipped": skipped}
+            except SandvmError as exc:
+                err = await self._ended_instead(sandbox_id, exc)
+                yield {"type": "error", **self.redactor.public(err, status=status_for(err))}
+            finally:
+                await source.aclose()
+
+        return events()
 
 
 def ndjson(event: dict[str, Any]) -> bytes:
