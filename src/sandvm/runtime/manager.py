@@ -147,7 +147,11 @@ def _record_of(sb: AsyncSandbox, **extra: Any) -> dict[str, Any]:
     image = sb.image_record
     rec: dict[str, Any] = {
         "image": image.to_dict() if image is not None else None, "accelerator": vm.accel,
-        "spec": spec.to_dict(),
+        # the record's layout since disks were recorded: the spec (kernel_args only when
+        # set), its disks beside it
+        "spec": {k: v for k, v in spec.to_dict().items()
+                 if k != "disks" and (k != "kernel_args" or v)},
+        "disks": [d.to_dict() for d in spec.disks],
         "network": policy.to_dict() if policy is not None else None,
         "disk_images": {serial: str(p) for serial, p in vm.disk_images.items()},
         **extra}
@@ -158,27 +162,26 @@ def _record_of(sb: AsyncSandbox, **extra: Any) -> dict[str, Any]:
 
 
 def _spec_of(record: dict[str, Any]) -> VmSpec:
-    """A managed sandbox's spec as its record gives it (a record from before specs kept
-    their disks gives them apart). Raises InvalidSpec."""
+    """A managed sandbox's spec as its record gives it (its disks beside it). Raises
+    InvalidSpec."""
     spec_d = record.get("spec") or {}
-    if not isinstance(spec_d, dict) or "disks" in spec_d:
+    if not isinstance(spec_d, dict):
         return VmSpec.from_dict(spec_d)
-    return VmSpec.from_dict({**spec_d, "disks": [d.to_dict() for d in _disks_of(record)]})
+    return VmSpec.from_dict({**spec_d, "disks": _disks_of(record)})
 
 
-def _disks_of(record: dict[str, Any]) -> tuple[DiskSpec, ...]:
-    """A managed sandbox's disks as an old record gives them (only their serials and
-    sizes matter once it runs: its layers are in its disk dir)."""
+def _disks_of(record: dict[str, Any]) -> Any:
+    """A managed sandbox's disks as its record gives them, as DiskSpec data for
+    VmSpec.from_dict, which checks them (only their serials and sizes matter once it
+    runs: its layers are in its disk dir)."""
     disks = record.get("disks")
-    if isinstance(disks, list):
-        return tuple(DiskSpec(serial=d["serial"], path=d["path"], format=d["format"],
-                              read_only=bool(d.get("read_only")),
-                              overlay_size=d.get("overlay_size")) for d in disks)
+    if disks is not None:
+        return disks
     image = record.get("image")  # a record from before disks were recorded
     if image is None:
-        return ()
-    return (DiskSpec(serial=ROOT_DISK, path=str(image["rootfs"]), format="raw",
-                     overlay_size=int(image["disk_size"])),)
+        return []
+    return [DiskSpec(serial=ROOT_DISK, path=str(image["rootfs"]), format="raw",
+                     overlay_size=int(image["disk_size"])).to_dict()]
 
 
 class SandboxManager:
