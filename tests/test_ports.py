@@ -501,8 +501,10 @@ def test_rig_descriptor_budget(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> Non
     clients: list[socket.socket] = []
     try:
         refused = rig.ports.refused
-        clients = [socket.create_connection(("127.0.0.1", url.port), timeout=30)
-                   for _ in range(2)]
+        for _ in range(2):
+            # the refused one may be reset before connect() returns on a loaded machine
+            with contextlib.suppress(ConnectionResetError):
+                clients.append(socket.create_connection(("127.0.0.1", url.port), timeout=30))
         assert _poll(lambda: rig.ports.refused == refused + 1)
         assert rig.ports.tunnels == 1 and tight.held_by("sb-rig") == 3
         with pytest.raises(ResourceExhausted, match="share"):
