@@ -48,8 +48,12 @@ ENTRY = {"path": "/etc/hosts", "name": "hosts", "type": "file", "size": 12, "mod
 
 
 def _op_dicts(tree: ast.AST) -> list[int]:
-    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Dict)
-            and any(isinstance(k, ast.Constant) and k.value == "op" for k in node.keys)]
+    """Lines of ``{"op": ...}`` literals and ``dict(op=...)`` calls."""
+    return [node.lineno for node in ast.walk(tree)
+            if (isinstance(node, ast.Dict)
+                and any(isinstance(k, ast.Constant) and k.value == "op" for k in node.keys))
+            or (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id == "dict" and any(k.arg == "op" for k in node.keywords))]
 
 
 def test_no_module_but_guestops_builds_op_requests() -> None:
@@ -66,6 +70,7 @@ def test_no_module_but_guestops_builds_op_requests() -> None:
 
 def test_the_scan_finds_a_raw_request() -> None:
     assert _op_dicts(ast.parse('conn.call({"op": "stat", "path": p})\nx = {"a": 1}')) == [1]
+    assert _op_dicts(ast.parse('x = 1\nconn.open(dict(op="tar", path=p))')) == [2]
 
 
 def test_the_agent_serves_every_op_from_one_table() -> None:
