@@ -178,7 +178,7 @@ class _ScriptedQmp:
         self.sent: list[str] = []
         self.resumed = False
 
-    async def _qmp(self, cmd: str, args: object = None) -> object:
+    async def qmp_execute(self, cmd: str, args: object = None) -> object:
         self.sent.append(cmd)
         if cmd == "query-migrate":
             status = self.migrate.pop(0) if len(self.migrate) > 1 else self.migrate[0]
