@@ -160,7 +160,10 @@ class AsyncSandbox:
         ``network``: a NetworkPolicy gives the sandbox egress through the host's
         proxy (see ``sandbox.network``); None (the default): no network at all.
 
-        Raises InvalidSpec / InvalidPath / UnknownImage / ImageError for bad
+        Builds a new sandbox (no state: it is handed out RUNNING). On a provider but
+        QEMU's (``provider``: any SandboxProvider, e.g. the in-memory fake) only what
+        the guest's set-up needs runs. Raises InvalidSpec / InvalidPath / UnknownImage /
+        ImageError for bad
         input, VolumeNotFound, VolumeInUse, AssetMissing if `sandvm setup` has
         not run, VmBootError if the VM does not come up.
         """
@@ -210,7 +213,8 @@ class AsyncSandbox:
         ``keeper_job`` (for sandvm's runtime manager) runs the VM under a keeper
         process, as for ``create``. The clone keeps working when the snapshot is
         removed afterwards (its RAM file stays mapped, its disk layers are linked).
-        Raises SnapshotNotFound, SnapshotCorrupt, SnapshotIncompatible, VmBootError.
+        Builds a new sandbox, handed out RUNNING. Raises SnapshotNotFound,
+        SnapshotCorrupt, SnapshotIncompatible, VmBootError.
         """
         if verify not in ("once", "full"):
             raise InvalidSpec(f"verify must be 'once' or 'full', not {verify!r}")
@@ -358,7 +362,8 @@ class AsyncSandbox:
 
     @property
     def last_snapshot_times(self) -> dict[str, float]:
-        """Seconds the last ``snapshot`` kept the VM paused, until resumed, in total."""
+        """Seconds the last ``snapshot`` kept the VM paused, until resumed, in total.
+        Any state."""
         return dict(self._snapshot_times)
 
     async def fork(self, n: int, *, timeout: float | None = None) -> list[AsyncSandbox]:
@@ -366,8 +371,8 @@ class AsyncSandbox:
 
         The snapshot lives in the runtime directory and is removed once the
         copies run (they keep sharing its memory). Each copy gets this sandbox's
-        network policy (its own proxy and audit file). Raises like ``snapshot`` and
-        ``from_snapshot``.
+        network policy (its own proxy and audit file). Allowed while running or paused
+        (this sandbox runs on afterwards). Raises like ``snapshot`` and ``from_snapshot``.
         """
         policy = self.network.policy
         return await self._fork(n, lambda snap, store: AsyncSandbox.from_snapshot(
@@ -422,7 +427,7 @@ class AsyncSandbox:
         """Bring back a sandbox paused to disk, with its id; its snapshot is removed.
 
         ``paused`` is the Snapshot ``pause(to_disk=True)`` returned, or its name.
-        Raises like ``from_snapshot``.
+        Builds a new sandbox, handed out RUNNING. Raises like ``from_snapshot``.
         """
         store = store or SnapshotStore()
         snap = store.resolve(paused)
@@ -465,7 +470,7 @@ class AsyncSandbox:
     @property
     def image_record(self) -> ImageRecord | None:
         """The image (name, digest, config, rootfs) of a sandbox with a root disk; None
-        for a built-in image."""
+        for a built-in image. Any state."""
         return self._image
 
     def connection(self) -> AgentConnection:
@@ -572,6 +577,7 @@ class AsyncSandbox:
                     self._volume_watch.cancel()
 
     async def aclose(self) -> None:
+        """``kill``. Any state."""
         await self.kill()
 
     async def __aenter__(self) -> AsyncSandbox:
