@@ -25,11 +25,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-from sandvm.agent_client import guest_int
 from sandvm.core import check_guest_path, new_id
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
-    AgentProtocolError,
     InvalidSpec,
     QuotaExceeded,
     RequestTooLarge,
@@ -37,7 +35,6 @@ from sandvm.errors import (
     Unauthenticated,
 )
 from sandvm.files import tar_from_guest, untar_to_guest
-from sandvm.guestops import GuestOps
 from sandvm.output import OutputPipe, exit_event, output_event, wait_outcome
 from sandvm.runtime.journal import SandboxRecord
 from sandvm.runtime.manager import Recovery, SandboxManager
@@ -218,12 +215,8 @@ class SandboxService:
         t0 = time.monotonic()
 
         async def run() -> CommandResult:
-            res = await sb.commands._run(cmd, env=env, cwd=cwd, stdin=stdin,
-                                         timeout=timeout, on_stdout=None, on_stderr=None,
-                                         background=False, check=False, user=user,
-                                         raw_output=out)
-            assert isinstance(res, CommandResult)
-            return res
+            return await sb.commands.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                                         check=False, user=user, on_output=out)
 
         async def go() -> dict[str, Any]:
             try:
@@ -290,10 +283,9 @@ class SandboxService:
             self.metrics.command_seconds.observe(time.monotonic() - t0)
 
         try:
-            handle = await sb.commands._run(cmd, env=env, cwd=cwd, stdin=stdin,
-                                            timeout=timeout, on_stdout=None, on_stderr=None,
-                                            background=True, check=False, user=user,
-                                            raw_output=out)
+            handle = await sb.commands.start(cmd, env=env, cwd=cwd, stdin=stdin,
+                                             timeout=timeout, check=False, user=user,
+                                             on_output=out)
         except BaseException as exc:
             self._commands.pop(bg.command_id, None)
             self.metrics.commands.inc(outcome="error")
@@ -362,40 +354,20 @@ class SandboxService:
             raise InvalidSpec(f"mode must be 0..0o7777, got {mode:o}")
         self._record(tenant, sandbox_id)
         sb = await self._hold(sandbox_id)
-        # the agent's write_file stream, fed chunk by chunk with its flow control (the
-        # public files.write takes the whole content at once)
-        st = await GuestOps(sb.connection()).write_file(path=path, mode=mode,
-                                                        make_parents=make_parents)
-        sent = 0
-        try:
+
+        async def capped() -> AsyncIterator[bytes]:
+            sent = 0
             async for chunk in body:
-                if not chunk:
-                    continue
                 sent += len(chunk)
                 if sent > cap:
                     raise RequestTooLarge(f"the upload is over this server's cap of {cap}"
                                           " bytes")
-                try:
-                    await st.send_data(chunk)
-                except SandvmError:
-                    if not st.closed:
-                        raise
-                    break  # the guest refused: its error is in the stream
-            else:
-                await st.send_eof()
-            while True:
-                item = await st.next(sb.op_timeout)
-                if item.kind == "reply":
-                    size = guest_int(item.message or {}, "size", what="write report")
-                    if size != sent:
-                        raise AgentProtocolError(f"guest reports {size!r} bytes, sent {sent}")
-                    self.metrics.file_bytes.inc(sent, direction="upload")
-                    return WriteResult(path=path, size=sent)
-                if item.kind == "error":
-                    assert item.error is not None
-                    raise item.error
-        finally:
-            await st.reset()  # no-op once the guest replied; otherwise it drops the temp file
+                yield chunk
+
+        info = await sb.files.write_stream(path, capped(), mode=mode,
+                                           make_parents=make_parents)
+        self.metrics.file_bytes.inc(info.size, direction="upload")
+        return WriteResult(path=path, size=info.size)
 
     async def download(self, tenant: str, sandbox_id: str, path: str, *,
                        max_bytes: int | None = None) -> AsyncIterator[bytes]:
