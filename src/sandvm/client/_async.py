@@ -18,7 +18,6 @@ import os
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 from urllib.parse import quote
@@ -27,6 +26,7 @@ import httpx
 
 from sandvm import wire
 from sandvm.core import check_guest_path, parse_memory, signal_number
+from sandvm.dto import CommandInfo, SandboxInfo
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     CommandExitError,
@@ -70,79 +70,6 @@ MAX_STDIN_CHUNK = 512 << 10  # bytes per stdin request (the server caps bodies a
 
 __all__ = ["DEFAULT_URL", "AsyncCommandHandle", "AsyncCommands", "AsyncFiles", "AsyncSandbox",
            "CommandInfo", "SandboxInfo"]
-
-
-@dataclass(frozen=True)
-class SandboxInfo:
-    """What the server says about a sandbox."""
-
-    sandbox_id: str
-    state: str
-    image: str
-    memory_mib: int
-    vcpus: int
-    created: float
-    expires_at: float | None
-    network: bool
-    accelerator: str | None = None  # what the server knew of the VM (None: unknown)
-    boot_seconds: float | None = None
-    guest_kernel: str | None = None
-    agent_version: str | None = None
-
-    @classmethod
-    def from_json(cls, d: object) -> SandboxInfo:
-        def opt(v: object, kind: type) -> Any:
-            return None if v is None else kind(v)
-
-        try:
-            assert isinstance(d, dict)
-            return cls(sandbox_id=str(d["sandbox_id"]), state=str(d["state"]),
-                       image=str(d["image"]), memory_mib=int(d["memory_mib"]),
-                       vcpus=int(d["vcpus"]), created=float(d["created"]),
-                       expires_at=opt(d.get("expires_at"), float),
-                       network=bool(d.get("network", False)),
-                       accelerator=opt(d.get("accelerator"), str),
-                       boot_seconds=opt(d.get("boot_seconds"), float),
-                       guest_kernel=opt(d.get("guest_kernel"), str),
-                       agent_version=opt(d.get("agent_version"), str))
-        except (AssertionError, KeyError, TypeError, ValueError):
-            raise ServiceError("the server sent a malformed sandbox description") from None
-
-
-@dataclass(frozen=True)
-class CommandInfo:
-    """What the server says about a background command (see the API's CommandInfo)."""
-
-    command_id: str
-    sandbox_id: str
-    cmd: str
-    state: str
-    pid: int | None
-    started: float
-    ended: float | None
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool | None
-    error_code: str | None
-    stdin_open: bool
-    next_seq: int
-
-    @classmethod
-    def from_json(cls, d: object) -> CommandInfo:
-        def opt(v: object, kind: type) -> Any:
-            return None if v is None else kind(v)
-
-        try:
-            assert isinstance(d, dict)
-            return cls(command_id=str(d["command_id"]), sandbox_id=str(d["sandbox_id"]),
-                       cmd=str(d.get("cmd", "")), state=str(d["state"]),
-                       pid=opt(d.get("pid"), int), started=float(d["started"]),
-                       ended=opt(d.get("ended"), float), exit_code=opt(d.get("exit_code"), int),
-                       signal=opt(d.get("signal"), int), timed_out=opt(d.get("timed_out"), bool),
-                       error_code=opt(d.get("error_code"), str),
-                       stdin_open=bool(d.get("stdin_open")), next_seq=int(d["next_seq"]))
-        except (AssertionError, KeyError, TypeError, ValueError):
-            raise ServiceError("the server sent a malformed command description") from None
 
 
 def _policy_body(network: NetworkPolicy) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -24,77 +23,12 @@ import httpx
 
 from sandvm import _portal
 from sandvm.client._async import CREATE_TIMEOUT, AsyncSandbox, SandboxInfo, _Api, _policy_body
+from sandvm.dto import PoolInfo, SnapshotInfo
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import ServiceError
 
 __all__ = ["AsyncPool", "AsyncSnapshotStore", "Pool", "PoolInfo", "SnapshotInfo",
            "SnapshotStore"]
-
-
-@dataclass(frozen=True)
-class SnapshotInfo:
-    """A snapshot on the server (``name`` is what restores it)."""
-
-    name: str
-    created: float
-    source_id: str | None
-    image: str
-    memory_mib: int
-    vcpus: int
-    size_bytes: int
-
-    @classmethod
-    def from_json(cls, d: object) -> SnapshotInfo:
-        try:
-            assert isinstance(d, dict)
-            src = d.get("source_id")
-            return cls(name=str(d["name"]), created=float(d["created"]),
-                       source_id=None if src is None else str(src), image=str(d["image"]),
-                       memory_mib=int(d["memory_mib"]), vcpus=int(d["vcpus"]),
-                       size_bytes=int(d["size_bytes"]))
-        except (AssertionError, KeyError, TypeError, ValueError):
-            raise ServiceError("the server sent a malformed snapshot description") from None
-
-
-@dataclass(frozen=True)
-class PoolInfo:
-    """A pool's settings and counters, as the server reports them."""
-
-    name: str
-    snapshot: str
-    min_size: int
-    max_size: int
-    idle_timeout: float | None
-    ready: int
-    restoring: int
-    hits: int
-    misses: int
-    timeouts: int
-    restored: int
-    restore_failures: int
-    restore_ms_p50: float | None
-    restore_ms_p99: float | None
-    last_error: str | None
-
-    @classmethod
-    def from_json(cls, d: object) -> PoolInfo:
-        def opt(v: object, kind: type) -> Any:
-            return None if v is None else kind(v)
-
-        try:
-            assert isinstance(d, dict)
-            return cls(name=str(d["name"]), snapshot=str(d["snapshot"]),
-                       min_size=int(d["min_size"]), max_size=int(d["max_size"]),
-                       idle_timeout=opt(d.get("idle_timeout"), float), ready=int(d["ready"]),
-                       restoring=int(d["restoring"]), hits=int(d["hits"]),
-                       misses=int(d["misses"]), timeouts=int(d["timeouts"]),
-                       restored=int(d["restored"]),
-                       restore_failures=int(d["restore_failures"]),
-                       restore_ms_p50=opt(d.get("restore_ms_p50"), float),
-                       restore_ms_p99=opt(d.get("restore_ms_p99"), float),
-                       last_error=opt(d.get("last_error"), str))
-        except (AssertionError, KeyError, TypeError, ValueError):
-            raise ServiceError("the server sent a malformed pool description") from None
 
 
 def _items(res: object, key: str) -> list[Any]:

@@ -6,11 +6,13 @@ so a hostile body is refused before it reaches the service.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import dataclasses
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from annotated_types import Ge, Le
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
+from sandvm import dto
 from sandvm.values import MAX_COMMAND_TIMEOUT
 
 ImageName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$",
@@ -136,93 +138,68 @@ class SignalRequest(_Strict):
                                 " which every process of the command gets SIGKILL.")
 
 
-class CommandInfo(BaseModel):
-    """A background command. ``next_seq`` is the ``seq`` its next output event gets;
-    ``first_seq`` the oldest one the server still keeps (``output_dropped``: older ones
-    were dropped, the buffer being full)."""
+def model_of(cls: type, *, doc: str | None, described: dict[str, str]) -> type[BaseModel]:
+    """The response model of the DTO dataclass ``cls`` (its fields, types and defaults, in
+    its order), with the document's description ``doc`` and ``described`` fields'."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kw: dict[str, Any] = {}
+        if f.default is not dataclasses.MISSING:
+            kw["default"] = f.default
+        if f.name in described:
+            kw["description"] = described[f.name]
+        fields[f.name] = (dto.field_types(cls)[f.name], Field(**kw))
+    model: type[BaseModel] = create_model(cls.__name__, __doc__=doc, __module__=__name__,
+                                           **fields)
+    return model
 
-    command_id: str
-    sandbox_id: str
-    cmd: str = Field(description="The command line (argv joined by spaces; cut at 1024).")
-    state: Literal["running", "exited", "failed"]
-    pid: int | None = Field(description="Its process id in the guest.")
-    started: float = Field(description="Epoch seconds.")
-    ended: float | None
-    exit_code: int | None
-    signal: int | None
-    timed_out: bool | None
-    error_code: str | None = Field(description="Set when it failed (state `failed`).")
-    error_message: str | None
-    stdin_open: bool
-    first_seq: int
-    next_seq: int
-    output_dropped: bool
+
+# the responses whose shapes sandvm.dto defines (for the server and the remote SDK): the
+# models are derived from those dataclasses, with the documents' descriptions added here
+if TYPE_CHECKING:  # to the type checker, the dataclasses (the same fields)
+    from sandvm.dto import CommandInfo as CommandInfo
+    from sandvm.dto import PoolInfo as PoolInfo
+    from sandvm.dto import SandboxInfo as SandboxInfo
+    from sandvm.dto import SnapshotInfo as SnapshotInfo
+else:
+    CommandInfo = model_of(dto.CommandInfo, doc="""A background command. ``next_seq`` is\
+ the ``seq`` its next output event gets;
+    ``first_seq`` the oldest one the server still keeps (``output_dropped``: older ones
+    were dropped, the buffer being full).""", described={
+        "cmd": "The command line (argv joined by spaces; cut at 1024).",
+        "pid": "Its process id in the guest.",
+        "started": "Epoch seconds.",
+        "error_code": "Set when it failed (state `failed`)."})
+    SandboxInfo = model_of(dto.SandboxInfo, doc=None, described={
+        "created": "Epoch seconds.",
+        "expires_at": "Epoch seconds when its TTL ends.",
+        "network": "Whether it has an egress policy.",
+        "accelerator": "`kvm` or `tcg` (null: unknown).",
+        "boot_seconds": "Seconds its VM took to boot or restore (null: unknown to this"
+                        " server process, e.g. after a restart).",
+        "guest_kernel": "The guest's kernel release (null: unknown, as above).",
+        "agent_version": "The guest agent's version (null: unknown, as above)."})
+    SnapshotInfo = model_of(dto.SnapshotInfo, doc=None, described={
+        "created": "Epoch seconds.",
+        "source_id": "The sandbox it was taken of.",
+        "size_bytes": "Bytes its files take on the server's disk."})
+    PoolInfo = model_of(dto.PoolInfo, doc="""A warm pool: its settings and counters\
+ (``hits``: sandboxes handed out at once;
+    ``misses``: ones that had to wait for a restore; ``timeouts``: requests that got
+    none).""", described={
+        "ready": "Sandboxes waiting now."})
 
 
 class CommandList(BaseModel):
     commands: list[CommandInfo]
 
 
-class SandboxInfo(BaseModel):
-    sandbox_id: str
-    state: Literal["starting", "running", "ended"]
-    image: str
-    memory_mib: int
-    vcpus: int
-    created: float = Field(description="Epoch seconds.")
-    expires_at: float | None = Field(description="Epoch seconds when its TTL ends.")
-    network: bool = Field(description="Whether it has an egress policy.")
-    accelerator: str | None = Field(default=None, description="`kvm` or `tcg` (null:"
-                                    " unknown).")
-    boot_seconds: float | None = Field(default=None, description="Seconds its VM took to"
-                                       " boot or restore (null: unknown to this server"
-                                       " process, e.g. after a restart).")
-    guest_kernel: str | None = Field(default=None, description="The guest's kernel"
-                                     " release (null: unknown, as above).")
-    agent_version: str | None = Field(default=None, description="The guest agent's"
-                                      " version (null: unknown, as above).")
-
-
 class SandboxList(BaseModel):
     sandboxes: list[SandboxInfo]
 
 
-class SnapshotInfo(BaseModel):
-    name: str
-    created: float = Field(description="Epoch seconds.")
-    source_id: str | None = Field(description="The sandbox it was taken of.")
-    image: str
-    memory_mib: int
-    vcpus: int
-    size_bytes: int = Field(description="Bytes its files take on the server's disk.")
-
-
 class SnapshotList(BaseModel):
     snapshots: list[SnapshotInfo]
-
-
-class PoolInfo(BaseModel):
-    """A warm pool: its settings and counters (``hits``: sandboxes handed out at once;
-    ``misses``: ones that had to wait for a restore; ``timeouts``: requests that got
-    none)."""
-
-    name: str
-    snapshot: str
-    min_size: int
-    max_size: int
-    idle_timeout: float | None
-    network: bool
-    created: float
-    ready: int = Field(description="Sandboxes waiting now.")
-    restoring: int
-    hits: int
-    misses: int
-    timeouts: int
-    restored: int
-    restore_failures: int
-    restore_ms_p50: float | None
-    restore_ms_p99: float | None
-    last_error: str | None
 
 
 class PoolList(BaseModel):
