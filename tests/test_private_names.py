@@ -90,6 +90,22 @@ def test_own_members_dunders_and_private_modules_are_fine(tmp_path: Path) -> Non
             def sum(self) -> int:
                 return sum(kid._shared for kid in self._kids) + type(self)._count()
 
+            def first(self) -> int:
+                peer = self.peer
+                for kid in list(self._kids):
+                    return kid._shared
+                return peer._shared if peer is not None else 0
+
+            @classmethod
+            async def remade(cls) -> "Box":
+                box = await cls.made()
+                box._shared = 5
+                return box
+
+            @classmethod
+            async def made(cls) -> "Box":
+                return cls()
+
             @classmethod
             def _count(cls) -> int:
                 return super().__hash__() + pkg._impl.X + _impl.X

@@ -19,10 +19,12 @@ A use counts as the module's own business, not a finding, when either
 - no other module of the package defines a member of that name (classes' methods and
   attributes, ``self._x = ...``), so it can only be this module's; or
 - the receiver is known to be an object of a class defined in the module, kept
-  simple: a name bound in the enclosing function (or at module level) by ``x = C(...)``
-  or ``x = cls(...)``, annotated ``x: C`` / ``x: C | None`` (parameters too), narrowed
-  by ``isinstance(x, C)``, or the loop variable over such a container; an attribute
-  ``self.x`` annotated or assigned so in the class; or the class ``C`` itself.
+  simple: a name bound in the enclosing function (or at module level) by ``x = C(...)``,
+  ``x = cls(...)`` or ``x = [await] cls.make(...)``, annotated ``x: C`` /
+  ``x: C | None`` (parameters too), narrowed by ``isinstance(x, C)``, assigned from
+  such an attribute (``x = self._c``), or the loop variable over such a container
+  (or ``list()``/``sorted()`` of it); an attribute ``self.x`` annotated or assigned so
+  in the class; or the class ``C`` itself.
 Anything else counts, so the check errs towards reporting.
 
 Each finding is printed as ``file:line: <source text>`` with a total. Findings whose
@@ -95,9 +97,19 @@ def _annotation_classes(node: ast.expr | None) -> set[str]:
 
 
 def _constructed(value: ast.expr | None) -> str:
-    """``C`` for a plain constructor call ``C(...)``, else ``""``."""
+    """``C`` for a plain constructor call ``C(...)``; ``cls`` for an alternative
+    constructor called in a classmethod (``[await] cls.make(...)``); else ``""``."""
+    if isinstance(value, ast.Await):
+        value = value.value
     if isinstance(value, ast.Call) and isinstance(value.func, ast.Name):
         return value.func.id
+    if (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Attribute)
+        and isinstance(value.func.value, ast.Name)
+        and value.func.value.id == "cls"
+    ):
+        return "cls"
     return ""
 
 
@@ -235,6 +247,13 @@ class _Module(ast.NodeVisitor):
             if arg is not None and self._is_own(_annotation_classes(arg.annotation)):
                 local.add(arg.arg)
         self.scopes.append(local)
+        for sub in ast.walk(node):  # ``x = self._c`` with ``_c: C``
+            if (
+                isinstance(sub, ast.Assign)
+                and isinstance(sub.value, ast.Attribute)
+                and self._receiver_is_ours(sub.value)
+            ):
+                local |= {t.id for t in sub.targets if isinstance(t, ast.Name)}
         for sub in ast.walk(node):  # ``for x in self._items`` with ``_items: list[C]``
             if isinstance(sub, ast.For | ast.AsyncFor | ast.comprehension):
                 source = sub.iter
@@ -244,6 +263,13 @@ class _Module(ast.NodeVisitor):
                     and source.func.attr == "values"
                 ):
                     source = source.func.value
+                elif (  # list(self._items), sorted(...): a copy of the same items
+                    isinstance(source, ast.Call)
+                    and isinstance(source.func, ast.Name)
+                    and source.func.id in ("list", "tuple", "sorted", "set")
+                    and len(source.args) == 1
+                ):
+                    source = source.args[0]
                 if isinstance(sub.target, ast.Name) and self._receiver_is_ours(source):
                     local.add(sub.target.id)
         self.generic_visit(node)
