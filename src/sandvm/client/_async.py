@@ -72,9 +72,10 @@ __all__ = ["DEFAULT_URL", "AsyncCommandHandle", "AsyncCommands", "AsyncFiles", "
            "CommandInfo", "SandboxInfo"]
 
 
-def _policy_body(network: NetworkPolicy) -> dict[str, Any]:
-    """The API's network policy object. Raises InvalidSpec for fields clients may not
-    set (``allow_ips``, ``hosts``: the server operator's)."""
+def policy_body(network: NetworkPolicy) -> dict[str, Any]:
+    """The API's network policy object (for the SDK's create, pools and set_policy).
+    Raises InvalidSpec for fields clients may not set (``allow_ips``, ``hosts``: the
+    server operator's)."""
     if not isinstance(network, NetworkPolicy):
         raise InvalidSpec("network must be a sandvm.NetworkPolicy or None")
     if network.allow_ips or network.hosts:
@@ -95,8 +96,9 @@ def _settings(api_key: str | None, url: str | None) -> tuple[str, str]:
     return key, base.rstrip("/")
 
 
-class _Api:
-    """The HTTP side: one connection pool, the key, error mapping."""
+class ServerApi:
+    """The remote SDK's HTTP side (for its modules; not part of the user surface): one
+    connection pool, the key, the mapping of error responses to sandvm's errors."""
 
     def __init__(self, *, api_key: str | None, url: str | None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -121,9 +123,9 @@ class _Api:
         if self._client is not None:
             await self._client.aclose()
 
-    def sibling(self) -> _Api:
+    def sibling(self) -> ServerApi:
         """Another connection pool to the same server with the same key."""
-        api = _Api.__new__(_Api)
+        api = ServerApi.__new__(ServerApi)
         api._key, api.url, api._transport, api._client = (self._key, self.url,
                                                           self._transport, None)
         return api
@@ -808,7 +810,7 @@ class AsyncSandbox:
     """A sandbox on a sandvm server. Use ``await AsyncSandbox.create(...)`` or
     ``await AsyncSandbox.connect(sandbox_id)``."""
 
-    def __init__(self, *, api: _Api, info: SandboxInfo) -> None:
+    def __init__(self, *, api: ServerApi, info: SandboxInfo) -> None:
         self._api = api
         self.sandbox_id = info.sandbox_id
         self._last_info = info
@@ -816,8 +818,9 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
         from sandvm.client._net import AsyncNetwork, AsyncPorts
 
-        self.ports = AsyncPorts(self)  # guest ports exposed on the server's host
-        self.network = AsyncNetwork(self)  # egress policy and events
+        calls = SandboxCalls(self)
+        self.ports = AsyncPorts(calls)  # guest ports exposed on the server's host
+        self.network = AsyncNetwork(calls)  # egress policy and events
         self._killed = False
         self._handles: weakref.WeakSet[AsyncCommandHandle] = weakref.WeakSet()
 
@@ -844,17 +847,17 @@ class AsyncSandbox:
         if image is not None:
             body["image"] = image
         return await cls._new(body, timeout=timeout, network=network,
-                              api=_Api(api_key=api_key, url=url, transport=transport))
+                              api=ServerApi(api_key=api_key, url=url, transport=transport))
 
     @classmethod
     async def _new(cls, body: dict[str, Any], *, timeout: float | None,
-                   network: NetworkPolicy | None, api: _Api) -> AsyncSandbox:
+                   network: NetworkPolicy | None, api: ServerApi) -> AsyncSandbox:
         """POST /v1/sandboxes with ``body`` (plus timeout and network)."""
         if timeout is not None:
             body["timeout"] = timeout
         try:
             if network is not None:
-                body["network"] = _policy_body(network)
+                body["network"] = policy_body(network)
             info = SandboxInfo.from_json(await api.call(
                 "POST", "/v1/sandboxes", json=body,
                 timeout=httpx.Timeout(60.0, connect=10.0, read=CREATE_TIMEOUT)))
@@ -875,7 +878,7 @@ class AsyncSandbox:
         if not isinstance(snapshot, str):
             raise InvalidSpec("snapshot must be the name of a snapshot on the server")
         return await cls._new({"snapshot": snapshot}, timeout=timeout, network=network,
-                              api=_Api(api_key=api_key, url=url, transport=transport))
+                              api=ServerApi(api_key=api_key, url=url, transport=transport))
 
     async def snapshot(self, name: str | None = None, *, stop: bool = False
                        ) -> SnapshotInfo:
@@ -970,7 +973,7 @@ class AsyncSandbox:
         """The running sandbox ``sandbox_id`` of this key's tenant (e.g. made by another
         process). Raises VmNotFound (unknown, or another tenant's), SandboxStateError
         (ended), Unauthenticated, ServerUnreachable."""
-        api = _Api(api_key=api_key, url=url, transport=transport)
+        api = ServerApi(api_key=api_key, url=url, transport=transport)
         try:
             info = SandboxInfo.from_json(await api.call(
                 "GET", f"/v1/sandboxes/{quote(sandbox_id, safe='')}"))
@@ -983,7 +986,7 @@ class AsyncSandbox:
     async def list(cls, *, api_key: str | None = None, url: str | None = None,
                    transport: httpx.AsyncBaseTransport | None = None) -> list[SandboxInfo]:
         """The running sandboxes of this key's tenant."""
-        api = _Api(api_key=api_key, url=url, transport=transport)
+        api = ServerApi(api_key=api_key, url=url, transport=transport)
         try:
             res = await api.call("GET", "/v1/sandboxes")
         finally:
@@ -1046,3 +1049,28 @@ class AsyncSandbox:
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
 
+
+class SandboxCalls:
+    """A remote sandbox's HTTP side, for the namespaces other modules of the SDK give it
+    (ports, network): the server's API helper, URLs under the sandbox's, and the check
+    that refuses calls once it was killed."""
+
+    def __init__(self, sb: AsyncSandbox) -> None:
+        self._sb = sb
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._sb.sandbox_id
+
+    @property
+    def api(self) -> ServerApi:
+        """The sandbox's connection pool to the server."""
+        return self._sb._api
+
+    def path(self, suffix: str = "") -> str:
+        """The API path of the sandbox, then ``suffix``."""
+        return self._sb._path(suffix)
+
+    def check_open(self) -> None:
+        """Raises SandboxStateError once the sandbox was killed through this client."""
+        self._sb._check_open()

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 
 from sandvm import _portal
-from sandvm.client._async import CREATE_TIMEOUT, AsyncSandbox, SandboxInfo, _Api, _policy_body
+from sandvm.client._async import CREATE_TIMEOUT, AsyncSandbox, SandboxInfo, ServerApi, policy_body
 from sandvm.dto import PoolInfo, SnapshotInfo
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import ServiceError
@@ -44,7 +44,7 @@ class AsyncSnapshotStore:
 
     def __init__(self, *, api_key: str | None = None, url: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._api = _Api(api_key=api_key, url=url, transport=transport)
+        self._api = ServerApi(api_key=api_key, url=url, transport=transport)
 
     async def list(self) -> list[SnapshotInfo]:
         return [SnapshotInfo.from_json(i)
@@ -68,7 +68,7 @@ class AsyncPool:
     """A warm pool on the server: sandboxes restored from a snapshot, waiting.
     ``await AsyncPool.create(...)`` or ``await AsyncPool.connect(name)``."""
 
-    def __init__(self, *, api: _Api, info: PoolInfo, owned: bool) -> None:
+    def __init__(self, *, api: ServerApi, info: PoolInfo, owned: bool) -> None:
         self._api = api
         self.name = info.name
         self._owned = owned
@@ -88,8 +88,8 @@ class AsyncPool:
         body: dict[str, Any] = {"name": name, "snapshot": snapshot, "min_size": min_size,
                                 "max_size": max_size, "idle_timeout": idle_timeout}
         if network is not None:
-            body["network"] = _policy_body(network)
-        api = _Api(api_key=api_key, url=url, transport=transport)
+            body["network"] = policy_body(network)
+        api = ServerApi(api_key=api_key, url=url, transport=transport)
         try:
             info = PoolInfo.from_json(await api.call("POST", "/v1/pools", json=body))
         except BaseException:
@@ -101,7 +101,7 @@ class AsyncPool:
     async def connect(cls, name: str, *, api_key: str | None = None, url: str | None = None,
                       transport: httpx.AsyncBaseTransport | None = None) -> AsyncPool:
         """An existing pool of the tenant. Raises PoolNotFound."""
-        api = _Api(api_key=api_key, url=url, transport=transport)
+        api = ServerApi(api_key=api_key, url=url, transport=transport)
         try:
             info = PoolInfo.from_json(await api.call(
                 "GET", f"/v1/pools/{quote(name, safe='')}"))
@@ -114,7 +114,7 @@ class AsyncPool:
     async def list(cls, *, api_key: str | None = None, url: str | None = None,
                    transport: httpx.AsyncBaseTransport | None = None) -> list[PoolInfo]:
         """The tenant's pools."""
-        api = _Api(api_key=api_key, url=url, transport=transport)
+        api = ServerApi(api_key=api_key, url=url, transport=transport)
         try:
             return [PoolInfo.from_json(i)
                     for i in _items(await api.call("GET", "/v1/pools"), "pools")]

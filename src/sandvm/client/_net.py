@@ -27,7 +27,7 @@ from sandvm.errors import InvalidSpec, PortTimeout, ServiceError
 from sandvm.ports import DEFAULT_WAIT, ExposedPort, check_port
 
 if TYPE_CHECKING:
-    from sandvm.client._async import AsyncSandbox
+    from sandvm.client._async import SandboxCalls
 
 __all__ = ["AsyncNetwork", "AsyncPorts", "Network", "NetworkInfo", "Ports"]
 
@@ -79,11 +79,11 @@ class AsyncPorts:
     """``sandbox.ports`` of a remote sandbox: guest TCP servers reachable on the server's
     host. Allowed while the sandbox runs."""
 
-    def __init__(self, sb: AsyncSandbox) -> None:
+    def __init__(self, sb: SandboxCalls) -> None:
         self._sb = sb
 
     def _path(self, suffix: str = "") -> str:
-        return self._sb._path(f"/ports{suffix}")
+        return self._sb.path(f"/ports{suffix}")
 
     async def expose(self, port: int) -> ExposedPort:
         """Have the server listen for guest ``port`` (a free host port on its
@@ -92,14 +92,14 @@ class AsyncPorts:
         port again returns the same listener. It ends with the sandbox or ``close``;
         a server restart re-opens it. Raises QuotaExceeded (the tenant's exposed
         ports), InvalidSpec, PortError, SandboxStateError, VmNotFound."""
-        self._sb._check_open()
+        self._sb.check_open()
         port = check_port(port)
-        return _exposed(await self._sb._api.call("POST", self._path(), json={"port": port}))
+        return _exposed(await self._sb.api.call("POST", self._path(), json={"port": port}))
 
     async def list(self) -> builtins.list[ExposedPort]:
         """The sandbox's exposed ports, by guest port."""
-        self._sb._check_open()
-        res = await self._sb._api.call("GET", self._path())
+        self._sb.check_open()
+        res = await self._sb.api.call("GET", self._path())
         items = res.get("ports") if isinstance(res, dict) else None
         if not isinstance(items, builtins.list):
             raise ServiceError("the server sent a malformed port list")
@@ -109,9 +109,9 @@ class AsyncPorts:
         """Stop exposing a guest port (an ExposedPort: its guest port); its open
         connections are reset. Returns how many listeners were closed (0 if it was
         not exposed). Raises InvalidSpec for a port outside 1..65535."""
-        self._sb._check_open()
+        self._sb.check_open()
         guest = port.guest_port if isinstance(port, ExposedPort) else check_port(port)
-        res = await self._sb._api.call("DELETE", self._path(f"/{guest}"))
+        res = await self._sb.api.call("DELETE", self._path(f"/{guest}"))
         closed = res.get("closed") if isinstance(res, dict) else None
         if not isinstance(closed, int):
             raise ServiceError("the server sent a malformed answer to closing a port")
@@ -121,7 +121,7 @@ class AsyncPorts:
         """Return once a server in the guest listens on ``port`` (on 127.0.0.1, 0.0.0.0
         or ::). Raises PortTimeout after ``timeout`` seconds, InvalidSpec,
         SandboxStateError."""
-        self._sb._check_open()
+        self._sb.check_open()
         port = check_port(port)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
                 not timeout > 0:
@@ -130,7 +130,7 @@ class AsyncPorts:
         while True:
             step = min(left, MAX_WAIT_STEP)
             try:
-                await self._sb._api.call(
+                await self._sb.api.call(
                     "POST", self._path(f"/{port}/wait"), json={"timeout": step},
                     timeout=httpx.Timeout(60.0, connect=10.0, read=step + 30.0))
                 return
@@ -145,14 +145,14 @@ class AsyncPorts:
 class AsyncNetwork:
     """``sandbox.network`` of a remote sandbox: its egress policy and audit events."""
 
-    def __init__(self, sb: AsyncSandbox) -> None:
+    def __init__(self, sb: SandboxCalls) -> None:
         self._sb = sb
 
     async def info(self) -> NetworkInfo:
         """The policy in force, the bytes through the proxy, the open connections."""
-        self._sb._check_open()
-        return NetworkInfo.from_json(await self._sb._api.call("GET",
-                                                              self._sb._path("/network")))
+        self._sb.check_open()
+        return NetworkInfo.from_json(await self._sb.api.call("GET",
+                                                              self._sb.path("/network")))
 
     async def get_policy(self) -> NetworkPolicy | None:
         """The policy in force (None: no egress at all)."""
@@ -164,20 +164,20 @@ class AsyncNetwork:
         on get the proxy variables). A client sets ``allow``, ``ports``,
         ``allow_http`` and ``max_bytes``; other fields are the server operator's.
         Raises InvalidSpec, SandboxStateError, VmNotFound."""
-        from sandvm.client._async import _policy_body
+        from sandvm.client._async import policy_body
 
-        self._sb._check_open()
+        self._sb.check_open()
         if not isinstance(policy, NetworkPolicy):
             raise InvalidSpec(f"expected a NetworkPolicy, got {type(policy).__name__}")
-        await self._sb._api.call("PUT", self._sb._path("/network"), json=_policy_body(policy))
+        await self._sb.api.call("PUT", self._sb.path("/network"), json=policy_body(policy))
 
     async def events(self, *, limit: int = 100) -> builtins.list[EgressEvent]:
         """The egress proxy's latest ``limit`` (1..1000) decisions and connection ends,
         oldest first (none without egress)."""
-        self._sb._check_open()
+        self._sb.check_open()
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise InvalidSpec(f"limit must be an int in 1..1000, not {limit!r}")
-        res = await self._sb._api.call("GET", self._sb._path("/network/events"),
+        res = await self._sb.api.call("GET", self._sb.path("/network/events"),
                                        params={"limit": limit})
         items = res.get("events") if isinstance(res, dict) else None
         if not isinstance(items, builtins.list):

@@ -82,11 +82,14 @@ class Commands:
             user: str | None = None, on_output: RawOutputCallback | None = None
             ) -> CommandResult | CommandHandle:
         """See AsyncCommands.run."""
-        res = _portal.call(self._a._run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+        if background:
+            return self.start(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
+                              on_stdout=on_stdout, on_stderr=on_stderr, check=check,
+                              user=user, on_output=on_output)
+        return _portal.call(self._a.run(cmd, env=env, cwd=cwd, stdin=stdin, timeout=timeout,
                                         on_stdout=on_stdout, on_stderr=on_stderr,
-                                        background=background, check=check, user=user,
+                                        background=False, check=check, user=user,
                                         on_output=on_output))
-        return CommandHandle(res) if isinstance(res, AsyncCommandHandle) else res
 
     def start(self, cmd: str | list[str], *, env: dict[str, str] | None = None,
               cwd: str | None = None, stdin: bytes | str | None = None,
