@@ -20,6 +20,7 @@ import sandvm.client
 from sandvm import errors
 from sandvm.client import AsyncSandbox, Sandbox
 from sandvm.client import _async as ca
+from sandvm.client import _http as ch
 from sandvm.client import _sync as cs
 from sandvm.errors import (
     CommandExitError,
@@ -198,14 +199,14 @@ def test_settings_come_from_arguments_or_environment(monkeypatch: pytest.MonkeyP
     monkeypatch.delenv("SANDVM_API_KEY", raising=False)
     monkeypatch.delenv("SANDVM_URL", raising=False)
     with pytest.raises(Unauthenticated, match="SANDVM_API_KEY"):
-        ca._settings(None, None)
-    assert ca._settings("k", None) == ("k", ca.DEFAULT_URL)
+        ch._settings(None, None)
+    assert ch._settings("k", None) == ("k", ca.DEFAULT_URL)
     monkeypatch.setenv("SANDVM_API_KEY", "envkey")
     monkeypatch.setenv("SANDVM_URL", "https://sandvm.example:8443/")
-    assert ca._settings(None, None) == ("envkey", "https://sandvm.example:8443")
-    assert ca._settings("k", "http://h:1") == ("k", "http://h:1")
+    assert ch._settings(None, None) == ("envkey", "https://sandvm.example:8443")
+    assert ch._settings("k", "http://h:1") == ("k", "http://h:1")
     with pytest.raises(InvalidSpec):
-        ca._settings("k", "ftp://h")
+        ch._settings("k", "ftp://h")
 
 
 def test_run_streams_decodes_and_checks() -> None:

@@ -84,7 +84,7 @@ def test_rate_limited_errors_come_back_with_retry_after() -> None:
     with pytest.raises(RateLimited) as ei:
         Sandbox.list(api_key="sandvm_k", url="http://sv", transport=httpx.MockTransport(handle))
     assert ei.value.retry_after == 3.0 and ei.value.message == "slow down"
-    from sandvm.client._async import _retry_after
+    from sandvm.client._http import _retry_after
 
     assert [_retry_after(v) for v in (None, "x", "nan", "-1", "2.5")] == [
         None, None, None, None, 2.5]

@@ -17,16 +17,17 @@ import json
 import os
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Any, Literal, overload
 from urllib.parse import quote
 
 import httpx
 
 from sandvm import wire
+from sandvm.client._http import DEFAULT_URL, SandboxCalls, ServerApi, policy_body
+from sandvm.client._net import AsyncNetwork, AsyncPorts
 from sandvm.core import check_guest_path, parse_memory, signal_number
-from sandvm.dto import CommandInfo, SandboxInfo
+from sandvm.dto import CommandInfo, SandboxInfo, SnapshotInfo
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     CommandExitError,
@@ -34,11 +35,9 @@ from sandvm.errors import (
     FileTooLarge,
     InvalidPath,
     InvalidSpec,
-    RateLimited,
     SandboxStateError,
     ServerUnreachable,
     ServiceError,
-    Unauthenticated,
     error_from_dict,
 )
 from sandvm.files import extract_tar, tar_local_tree
@@ -57,134 +56,14 @@ from sandvm.values import (
     WriteInfo,
 )
 
-if TYPE_CHECKING:
-    from sandvm.client._library import SnapshotInfo
-
-DEFAULT_URL = "http://127.0.0.1:7070"
 CREATE_TIMEOUT = 180.0  # a cold boot under TCG takes seconds; a busy host more
 MAX_LINE = 8 << 20  # one NDJSON event; the server sends far less
-MAX_ERROR_BODY = 64 << 10
 
 RECONNECTS = 5  # attempts to follow a background command's output again after a break
 MAX_STDIN_CHUNK = 512 << 10  # bytes per stdin request (the server caps bodies at 1 MiB)
 
 __all__ = ["DEFAULT_URL", "AsyncCommandHandle", "AsyncCommands", "AsyncFiles", "AsyncSandbox",
            "CommandInfo", "SandboxInfo"]
-
-
-def policy_body(network: NetworkPolicy) -> dict[str, Any]:
-    """The API's network policy object (for the SDK's create, pools and set_policy).
-    Raises InvalidSpec for fields clients may not set (``allow_ips``, ``hosts``: the
-    server operator's)."""
-    if not isinstance(network, NetworkPolicy):
-        raise InvalidSpec("network must be a sandvm.NetworkPolicy or None")
-    if network.allow_ips or network.hosts:
-        raise InvalidSpec("allow_ips and hosts are set by the server's operator, not"
-                          " by API clients")
-    return {"allow": list(network.allow), "ports": list(network.ports),
-            "allow_http": network.allow_http, "max_bytes": network.max_bytes}
-
-
-def _settings(api_key: str | None, url: str | None) -> tuple[str, str]:
-    key = api_key if api_key is not None else os.environ.get("SANDVM_API_KEY")
-    if not key:
-        raise Unauthenticated("no API key: pass api_key=... or set SANDVM_API_KEY (create"
-                              " one on the server with `sandvm key create NAME`)")
-    base = url if url is not None else os.environ.get("SANDVM_URL") or DEFAULT_URL
-    if not base.startswith(("http://", "https://")):
-        raise InvalidSpec(f"server URL {base!r} must start with http:// or https://")
-    return key, base.rstrip("/")
-
-
-class ServerApi:
-    """The remote SDK's HTTP side (for its modules; not part of the user surface): one
-    connection pool, the key, the mapping of error responses to sandvm's errors."""
-
-    def __init__(self, *, api_key: str | None, url: str | None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._key, self.url = _settings(api_key, url)
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        """The connection pool (made again after ``aclose``)."""
-        if self._client is None or self._client.is_closed:
-            from sandvm.version import __version__
-
-            self._client = httpx.AsyncClient(
-                base_url=self.url, transport=self._transport,
-                headers={"Authorization": f"Bearer {self._key}",
-                         "User-Agent": f"sandvm-client/{__version__}"},
-                timeout=httpx.Timeout(60.0, connect=10.0))
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-
-    def sibling(self) -> ServerApi:
-        """Another connection pool to the same server with the same key."""
-        api = ServerApi.__new__(ServerApi)
-        api._key, api.url, api._transport, api._client = (self._key, self.url,
-                                                          self._transport, None)
-        return api
-
-    async def _raise_for(self, resp: httpx.Response) -> None:
-        if resp.status_code < 400:
-            return
-        body = b""
-        async for chunk in resp.aiter_bytes():
-            body += chunk
-            if len(body) > MAX_ERROR_BODY:
-                break
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            obj = None
-        if not (isinstance(obj, dict) and isinstance(obj.get("code"), str)):
-            raise ServiceError(f"HTTP {resp.status_code} from {self.url}:"
-                               f" {body[:200].decode(errors='replace')}")
-        exc = error_from_dict(obj)
-        if isinstance(exc, RateLimited):  # no retry here: the caller decides, told how long
-            exc.retry_after = _retry_after(resp.headers.get("retry-after"))
-        raise exc
-
-    @asynccontextmanager
-    async def stream(self, method: str, path: str, **kw: Any) -> AsyncIterator[httpx.Response]:
-        """A response whose body is read as it arrives; error statuses raised."""
-        try:
-            async with self.client.stream(method, path, **kw) as resp:
-                await self._raise_for(resp)
-                yield resp
-        except httpx.TransportError as exc:
-            raise ServerUnreachable(f"{method} {self.url}{path}: {type(exc).__name__}:"
-                                    f" {exc}") from exc
-
-    async def call(self, method: str, path: str, **kw: Any) -> Any:
-        """A JSON request; returns the decoded body (None for 204)."""
-        async with self.stream(method, path, **kw) as resp:
-            if resp.status_code == 204:
-                return None
-            try:
-                body = await resp.aread()
-            except httpx.TransportError as exc:
-                raise ServerUnreachable(f"{method} {self.url}{path}: {exc}") from exc
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise ServiceError(f"the server sent a body that is not JSON for {method}"
-                               f" {path}") from None
-
-
-def _retry_after(value: str | None) -> float | None:
-    """The seconds of a ``Retry-After`` header (delta-seconds; None if absent or an
-    HTTP date, which sandvm's server never sends)."""
-    try:
-        secs = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return secs if secs is not None and 0 <= secs < 1e9 else None
 
 
 async def _lines(resp: httpx.Response) -> AsyncIterator[bytes]:
@@ -816,9 +695,7 @@ class AsyncSandbox:
         self._last_info = info
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
-        from sandvm.client._net import AsyncNetwork, AsyncPorts
-
-        calls = SandboxCalls(self)
+        calls = SandboxCalls(api, self.sandbox_id, self._check_open)
         self.ports = AsyncPorts(calls)  # guest ports exposed on the server's host
         self.network = AsyncNetwork(calls)  # egress policy and events
         self._killed = False
@@ -886,11 +763,9 @@ class AsyncSandbox:
         a new id); returns its SnapshotInfo. The sandbox goes on running, or with
         ``stop=True`` is killed once saved. Raises SnapshotAlreadyExists,
         QuotaExceeded, SandboxStateError."""
-        from sandvm.client._library import SnapshotInfo as Info
-
         self._check_open()
         body = {} if name is None else {"name": name}
-        snap = Info.from_json(await self._api.call(
+        snap = SnapshotInfo.from_json(await self._api.call(
             "POST", self._path("/snapshots"), json=body,
             timeout=httpx.Timeout(60.0, connect=10.0, read=CREATE_TIMEOUT)))
         if stop:
@@ -1048,29 +923,3 @@ class AsyncSandbox:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.kill()
-
-
-class SandboxCalls:
-    """A remote sandbox's HTTP side, for the namespaces other modules of the SDK give it
-    (ports, network): the server's API helper, URLs under the sandbox's, and the check
-    that refuses calls once it was killed."""
-
-    def __init__(self, sb: AsyncSandbox) -> None:
-        self._sb = sb
-
-    @property
-    def sandbox_id(self) -> str:
-        return self._sb.sandbox_id
-
-    @property
-    def api(self) -> ServerApi:
-        """The sandbox's connection pool to the server."""
-        return self._sb._api
-
-    def path(self, suffix: str = "") -> str:
-        """The API path of the sandbox, then ``suffix``."""
-        return self._sb._path(suffix)
-
-    def check_open(self) -> None:
-        """Raises SandboxStateError once the sandbox was killed through this client."""
-        self._sb._check_open()

@@ -22,7 +22,8 @@ from urllib.parse import quote
 import httpx
 
 from sandvm import _portal
-from sandvm.client._async import CREATE_TIMEOUT, AsyncSandbox, SandboxInfo, ServerApi, policy_body
+from sandvm.client._async import CREATE_TIMEOUT, AsyncSandbox, SandboxInfo
+from sandvm.client._http import ServerApi, policy_body
 from sandvm.dto import PoolInfo, SnapshotInfo
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import ServiceError

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from sandvm import _portal
+from sandvm.client._http import policy_body
 from sandvm.egress import EgressEvent, NetworkPolicy
 from sandvm.errors import InvalidSpec, PortTimeout, ServiceError
 from sandvm.ports import DEFAULT_WAIT, ExposedPort, check_port
 
 if TYPE_CHECKING:
-    from sandvm.client._async import SandboxCalls
+    from sandvm.client._http import SandboxCalls
 
 __all__ = ["AsyncNetwork", "AsyncPorts", "Network", "NetworkInfo", "Ports"]
 
@@ -164,8 +165,6 @@ class AsyncNetwork:
         on get the proxy variables). A client sets ``allow``, ``ports``,
         ``allow_http`` and ``max_bytes``; other fields are the server operator's.
         Raises InvalidSpec, SandboxStateError, VmNotFound."""
-        from sandvm.client._async import policy_body
-
         self._sb.check_open()
         if not isinstance(policy, NetworkPolicy):
             raise InvalidSpec(f"expected a NetworkPolicy, got {type(policy).__name__}")

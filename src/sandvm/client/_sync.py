@@ -16,9 +16,9 @@ from sandvm.client._async import (
     CommandInfo,
     SandboxInfo,
 )
-from sandvm.client._library import SnapshotInfo
 from sandvm.client._net import Network, Ports
 from sandvm.commands import CommandHandle as _LocalCommandHandle
+from sandvm.dto import SnapshotInfo
 from sandvm.egress import NetworkPolicy
 from sandvm.files import Files as _LocalFiles
 from sandvm.values import (
