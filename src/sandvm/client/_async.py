@@ -11,49 +11,44 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
-import builtins
 import json
-import os
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
-from pathlib import Path
 from typing import Any, Literal, overload
 from urllib.parse import quote
 
 import httpx
 
 from sandvm import wire
-from sandvm.client._http import DEFAULT_URL, SandboxCalls, ServerApi, policy_body
+from sandvm.client._files import AsyncFiles
+from sandvm.client._http import (
+    DEFAULT_URL,
+    SandboxCalls,
+    ServerApi,
+    chunk_of,
+    event_of,
+    ndjson_lines,
+    policy_body,
+)
 from sandvm.client._net import AsyncNetwork, AsyncPorts
-from sandvm.core import check_guest_path, parse_memory, signal_number
+from sandvm.core import parse_memory, signal_number
 from sandvm.dto import CommandInfo, SandboxInfo, SnapshotInfo
 from sandvm.egress import NetworkPolicy
 from sandvm.errors import (
     CommandExitError,
     CommandTimeout,
-    FileTooLarge,
-    InvalidPath,
     InvalidSpec,
     SandboxStateError,
     ServerUnreachable,
     ServiceError,
     error_from_dict,
 )
-from sandvm.files import extract_tar, tar_local_tree
 from sandvm.output import OutputBuffer
 from sandvm.values import (
     DEFAULT_COMMAND_TIMEOUT,
-    DEFAULT_READ_CAP,
-    DEFAULT_TREE_CAP,
-    DEFAULT_TREE_ENTRIES,
     CommandResult,
     CommandStats,
-    DirTransfer,
-    EntryInfo,
     OutputCallback,
     RawOutputCallback,
-    WriteInfo,
 )
 
 CREATE_TIMEOUT = 180.0  # a cold boot under TCG takes seconds; a busy host more
@@ -64,36 +59,6 @@ MAX_STDIN_CHUNK = 512 << 10  # bytes per stdin request (the server caps bodies a
 
 __all__ = ["DEFAULT_URL", "AsyncCommandHandle", "AsyncCommands", "AsyncFiles", "AsyncSandbox",
            "CommandInfo", "SandboxInfo"]
-
-
-async def _lines(resp: httpx.Response) -> AsyncIterator[bytes]:
-    """NDJSON lines of a streamed response (each capped)."""
-    buf = b""
-    async for chunk in resp.aiter_bytes():
-        buf += chunk
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0:
-                break
-            line, buf = buf[:nl], buf[nl + 1:]
-            if line.strip():
-                yield line
-        if len(buf) > MAX_LINE:
-            raise ServiceError("the server sent an output line over the client's cap")
-    if buf.strip():
-        yield buf
-
-
-def _chunk(event: dict[str, Any]) -> bytes:
-    text, b64 = event.get("text"), event.get("b64")
-    if isinstance(text, str):
-        return text.encode()
-    if isinstance(b64, str):
-        try:
-            return base64.b64decode(b64, validate=True)
-        except (binascii.Error, ValueError):
-            pass
-    raise ServiceError("the server sent a malformed output event")
 
 
 def _result(final: dict[str, Any], out: OutputBuffer, err: OutputBuffer, *,
@@ -114,30 +79,6 @@ def _result(final: dict[str, Any], out: OutputBuffer, err: OutputBuffer, *,
     if check and (code != 0 or sig is not None):
         raise CommandExitError(result)
     return result
-
-
-def entry_from_json(d: object) -> EntryInfo:
-    """An EntryInfo from the server's JSON. Raises ServiceError if it is malformed."""
-    try:
-        assert isinstance(d, dict)
-        target = d.get("target")
-        return EntryInfo(path=str(d["path"]), name=str(d["name"]), type=str(d["type"]),
-                         size=int(d["size"]), mode=int(d["mode"]), mtime=float(d["mtime"]),
-                         uid=int(d.get("uid", 0)), gid=int(d.get("gid", 0)),
-                         target=None if target is None else str(target))
-    except (AssertionError, KeyError, TypeError, ValueError):
-        raise ServiceError("the server sent a malformed file entry") from None
-
-
-def transfer_from_json(d: object) -> DirTransfer:
-    """A DirTransfer from the server's JSON. Raises ServiceError if it is malformed."""
-    try:
-        assert isinstance(d, dict) and isinstance(d["skipped"], list)
-        return DirTransfer(files=int(d["files"]), dirs=int(d["dirs"]),
-                           symlinks=int(d["symlinks"]), bytes=int(d["bytes"]),
-                           skipped=tuple(str(s)[:400] for s in d["skipped"][:100]))
-    except (AssertionError, KeyError, TypeError, ValueError):
-        raise ServiceError("the server sent a malformed transfer report") from None
 
 
 class AsyncCommandHandle:
@@ -204,8 +145,8 @@ class AsyncCommandHandle:
                 "GET", self._path("/output"), params={"offset": offset},
                 timeout=httpx.Timeout(60.0, connect=10.0, read=read)) as resp:
             try:
-                async for line in _lines(resp):
-                    event = _event(line)
+                async for line in ndjson_lines(resp):
+                    event = event_of(line)
                     seq = event.get("seq")
                     if not isinstance(seq, int) or seq < self._next_seq:
                         raise ServiceError("the server sent an output event out of order")
@@ -214,9 +155,9 @@ class AsyncCommandHandle:
                     self._next_seq = seq + 1
                     kind = event.get("type")
                     if kind == "stdout":
-                        await self._out.feed(_chunk(event))
+                        await self._out.feed(chunk_of(event))
                     elif kind == "stderr":
-                        await self._err.feed(_chunk(event))
+                        await self._err.feed(chunk_of(event))
                     elif kind == "error":
                         raise error_from_dict(event)
                     elif kind == "exit":
@@ -272,16 +213,6 @@ class AsyncCommandHandle:
     async def info(self) -> CommandInfo:
         """The server's view of the command (state, exit)."""
         return CommandInfo.from_json(await self._sb._api.call("GET", self._path()))
-
-
-def _event(line: bytes) -> dict[str, Any]:
-    try:
-        event = json.loads(line)
-    except ValueError:
-        raise ServiceError("the server sent a line that is not JSON") from None
-    if not isinstance(event, dict):
-        raise ServiceError("the server sent an event that is not an object")
-    return event
 
 
 def _command_body(cmd: str | list[str], *, env: dict[str, str] | None, cwd: str | None,
@@ -391,7 +322,7 @@ class AsyncCommands:
         async with sb._api.stream("POST", sb._path("/commands"), json=body,
                                   timeout=httpx.Timeout(60.0, connect=10.0, read=read)) as resp:
             try:
-                async for line in _lines(resp):
+                async for line in ndjson_lines(resp):
                     try:
                         event = json.loads(line)
                     except ValueError:
@@ -401,9 +332,9 @@ class AsyncCommands:
                         continue  # the stream's end follows: read it, so that the
                         # connection goes back to the pool (not closed for the next one)
                     if kind == "stdout":
-                        await out.feed(_chunk(event))
+                        await out.feed(chunk_of(event))
                     elif kind == "stderr":
-                        await err.feed(_chunk(event))
+                        await err.feed(chunk_of(event))
                     elif kind == "error":
                         raise error_from_dict(event)
                     elif kind == "exit":
@@ -461,230 +392,6 @@ class AsyncCommands:
         return [CommandInfo.from_json(i) for i in items]
 
 
-class AsyncFiles:
-    """``sandbox.files``: files in the remote sandbox. Paths must be absolute."""
-
-    def __init__(self, sb: AsyncSandbox) -> None:
-        self._sb = sb
-
-    async def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
-                    make_parents: bool = True) -> WriteInfo:
-        """Write a whole file atomically (temp file, fsync, rename in the guest). Raises
-        RequestTooLarge (over the server's cap), GuestError, InvalidPath."""
-        self._sb._check_open()
-        if isinstance(data, str):
-            data = data.encode()
-        res = await self._sb._api.call(
-            "PUT", self._sb._path("/files"),
-            params={"path": path, "mode": mode, "make_parents": make_parents},
-            content=bytes(data), headers={"Content-Type": "application/octet-stream"},
-            timeout=httpx.Timeout(60.0 + len(data) / 1e6, connect=10.0))
-        try:
-            return WriteInfo(path=str(res["path"]), size=int(res["size"]))
-        except (KeyError, TypeError, ValueError):
-            raise ServiceError("the server sent a malformed write result") from None
-
-    async def write_stream(self, path: str, chunks: AsyncIterable[bytes], *,
-                           mode: int = 0o644, make_parents: bool = True) -> WriteInfo:
-        """Write a file from ``chunks`` as they come (streamed to the server, capped by
-        its upload cap), atomically like ``write``. If iterating ``chunks`` raises, the
-        upload is abandoned (``path`` is untouched) and that error propagates. Raises
-        RequestTooLarge, GuestError, InvalidPath, InvalidSpec (a chunk that is not
-        bytes)."""
-        self._sb._check_open()
-
-        async def body() -> AsyncIterator[bytes]:
-            async for chunk in chunks:
-                if not isinstance(chunk, (bytes, bytearray, memoryview)):
-                    raise InvalidSpec(f"write_stream takes chunks of bytes, got"
-                                      f" {type(chunk).__name__}")
-                if chunk:
-                    yield bytes(chunk)
-
-        res = await self._sb._api.call(
-            "PUT", self._sb._path("/files"),
-            params={"path": path, "mode": mode, "make_parents": make_parents},
-            content=body(), headers={"Content-Type": "application/octet-stream"},
-            timeout=httpx.Timeout(600.0, connect=10.0))
-        try:
-            return WriteInfo(path=str(res["path"]), size=int(res["size"]))
-        except (KeyError, TypeError, ValueError):
-            raise ServiceError("the server sent a malformed write result") from None
-
-    @overload
-    async def read(self, path: str, *, format: Literal["text"] = ...,
-                   max_bytes: int = ...) -> str: ...
-
-    @overload
-    async def read(self, path: str, *, format: Literal["bytes"],
-                   max_bytes: int = ...) -> bytes: ...
-
-    async def read(self, path: str, *, format: Literal["text", "bytes"] = "text",
-                   max_bytes: int = DEFAULT_READ_CAP) -> str | bytes:
-        """Read a whole file (as text or bytes). A file over ``max_bytes`` raises
-        FileTooLarge rather than returning part of it. Raises GuestFileNotFound."""
-        chunks = [c async for c in self.read_stream(path, max_bytes=max_bytes)]
-        data = b"".join(chunks)
-        return data.decode("utf-8", "replace") if format == "text" else data
-
-    async def read_stream(self, path: str, *, max_bytes: int = DEFAULT_READ_CAP
-                          ) -> AsyncGenerator[bytes, None]:
-        """Yield a file's bytes as they arrive; capped like ``read``."""
-        self._sb._check_open()
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise InvalidSpec("max_bytes must be an int >= 0")
-        got = 0
-        async with self._sb._api.stream("GET", self._sb._path("/files"),
-                                        params={"path": path, "max_bytes": max_bytes}) as resp:
-            try:
-                async for chunk in resp.aiter_bytes():
-                    got += len(chunk)
-                    if got > max_bytes:
-                        raise FileTooLarge(f"{path} is larger than the cap of {max_bytes}"
-                                           " bytes")
-                    yield chunk
-            except httpx.TransportError as exc:
-                raise ServerUnreachable(f"the download of {path} broke: {exc}") from exc
-
-    async def list(self, path: str, *, depth: int = 1) -> builtins.list[EntryInfo]:
-        """Entries under a directory, sorted by name (``depth`` levels). Raises
-        GuestFileNotFound, GuestError, InvalidPath."""
-        self._sb._check_open()
-        res = await self._sb._api.call("GET", self._sb._path("/files/list"),
-                                       params={"path": path, "depth": depth})
-        items = res.get("entries") if isinstance(res, dict) else None
-        if not isinstance(items, builtins.list):
-            raise ServiceError("the server sent a malformed listing")
-        return [entry_from_json(e) for e in items]
-
-    async def stat(self, path: str) -> EntryInfo:
-        """The entry at ``path`` (a symlink itself). Raises GuestFileNotFound, InvalidPath."""
-        self._sb._check_open()
-        return entry_from_json(await self._sb._api.call(
-            "GET", self._sb._path("/files/stat"), params={"path": path}))
-
-    async def exists(self, path: str) -> bool:
-        self._sb._check_open()
-        res = await self._sb._api.call("GET", self._sb._path("/files/exists"),
-                                       params={"path": path})
-        if not isinstance(res, dict) or not isinstance(res.get("exists"), bool):
-            raise ServiceError("the server sent a malformed answer to exists")
-        return bool(res["exists"])
-
-    async def make_dir(self, path: str, *, mode: int = 0o755) -> bool:
-        """Create a directory and its parents; False if it already existed."""
-        self._sb._check_open()
-        res = await self._sb._api.call("POST", self._sb._path("/files/dir"),
-                                       json={"path": path, "mode": mode})
-        if not isinstance(res, dict) or not isinstance(res.get("created"), bool):
-            raise ServiceError("the server sent a malformed answer to make_dir")
-        return bool(res["created"])
-
-    async def remove(self, path: str, *, recursive: bool = True) -> None:
-        self._sb._check_open()
-        await self._sb._api.call("DELETE", self._sb._path("/files"),
-                                 params={"path": path, "recursive": recursive})
-
-    async def rename(self, old_path: str, new_path: str, *, overwrite: bool = True
-                     ) -> EntryInfo:
-        self._sb._check_open()
-        return entry_from_json(await self._sb._api.call(
-            "POST", self._sb._path("/files/rename"),
-            json={"old_path": old_path, "new_path": new_path, "overwrite": overwrite}))
-
-    async def chown(self, path: str, *, user: str, mode: int | None = None) -> None:
-        """Give ``path`` to ``user`` (a name or ``uid[:gid]`` from the image's
-        /etc/passwd), and set its ``mode`` if given; a symlink is refused. Raises
-        InvalidSpec, InvalidPath, GuestFileNotFound, GuestError."""
-        self._sb._check_open()
-        body: dict[str, Any] = {"path": path, "user": user}
-        if mode is not None:
-            body["mode"] = mode
-        await self._sb._api.call("POST", self._sb._path("/files/chown"), json=body)
-
-    async def mount_tmpfs(self, path: str, *, mode: int = 0o700, user: str | None = None,
-                          size_bytes: int = 4 << 20) -> None:
-        """Mount a private tmpfs at ``path`` (memory only: never on a disk or in a
-        snapshot's disk layer), as locally. Raises InvalidSpec, InvalidPath, GuestError."""
-        self._sb._check_open()
-        body: dict[str, Any] = {"path": path, "mode": mode, "size_bytes": size_bytes}
-        if user is not None:
-            body["user"] = user
-        await self._sb._api.call("POST", self._sb._path("/files/tmpfs"), json=body)
-
-    async def upload_dir(self, local_dir: str | os.PathLike[str], guest_dir: str
-                         ) -> DirTransfer:
-        """Copy the local tree ``local_dir`` into ``guest_dir`` (created if missing), as
-        the local ``files.upload_dir`` does: streamed to the server as a tar (capped by
-        its upload cap), extracted in the guest with the same checks; skipped entries
-        are named in the result. Raises InvalidPath if ``local_dir`` is not a
-        directory, RequestTooLarge, GuestError (e.g. ENOSPC)."""
-        self._sb._check_open()
-        check_guest_path(guest_dir)
-        if not Path(local_dir).is_dir():
-            raise InvalidPath(f"{local_dir} is not a local directory")
-        skipped: builtins.list[str] = []
-        res = await self._sb._api.call(
-            "PUT", self._sb._path("/files/tree"), params={"path": guest_dir},
-            content=tar_local_tree(local_dir, skipped),
-            headers={"Content-Type": "application/x-tar"},
-            timeout=httpx.Timeout(600.0, connect=10.0))
-        done = transfer_from_json(res)
-        return DirTransfer(files=done.files, dirs=done.dirs, symlinks=done.symlinks,
-                           bytes=done.bytes, skipped=tuple((skipped + builtins.list(
-                               done.skipped))[:100]))
-
-    async def download_dir(self, guest_dir: str, local_dir: str | os.PathLike[str], *,
-                           max_bytes: int = DEFAULT_TREE_CAP,
-                           max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
-        """Copy the guest tree ``guest_dir`` into ``local_dir`` (created if missing), as
-        the local ``files.download_dir`` does: streamed from the server as a tar and
-        extracted here as it arrives, treated as hostile (tarfile's ``data`` filter
-        plus sandvm's checks: nothing written outside ``local_dir`` or through a
-        symlink, links leading out dropped). Entries refused here and those the
-        guest left out (special files) are named in the result. Raises FileTooLarge
-        past ``max_bytes`` of file content or ``max_files`` entries (or the server's
-        download cap), GuestFileNotFound, InvalidPath, ServerUnreachable."""
-        self._sb._check_open()
-        check_guest_path(guest_dir)
-        for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
-        guest_skipped: builtins.list[str] = []
-        async with self._sb._api.stream(
-                "GET", self._sb._path("/files/tree"),
-                params={"path": guest_dir, "max_bytes": max_bytes, "max_files": max_files},
-                timeout=httpx.Timeout(60.0, connect=10.0, read=300.0)) as resp:
-
-            async def pieces() -> AsyncIterator[bytes]:
-                ended = False
-                try:
-                    async for line in _lines(resp):
-                        event = _event(line)
-                        kind = event.get("type")
-                        if kind == "data":
-                            yield _chunk(event)
-                        elif kind == "error":
-                            raise error_from_dict(event)
-                        elif kind == "end":
-                            left = event.get("skipped")
-                            if isinstance(left, builtins.list):
-                                guest_skipped.extend(str(x)[:400] for x in left[:100])
-                            ended = True
-                except httpx.TransportError as exc:
-                    raise ServerUnreachable(f"the download of {guest_dir} broke: {exc}"
-                                            ) from exc
-                if not ended:
-                    raise ServerUnreachable(f"the server ended the download of {guest_dir}"
-                                            " before the tree's end")
-
-            got = await extract_tar(pieces(), local_dir, max_bytes=max_bytes,
-                                    max_files=max_files)
-        return DirTransfer(files=got.files, dirs=got.dirs, symlinks=got.symlinks,
-                           bytes=got.bytes, skipped=tuple(
-                               (builtins.list(got.skipped) + guest_skipped)[:100]))
-
-
 class AsyncSandbox:
     """A sandbox on a sandvm server. Use ``await AsyncSandbox.create(...)`` or
     ``await AsyncSandbox.connect(sandbox_id)``."""
@@ -693,9 +400,9 @@ class AsyncSandbox:
         self._api = api
         self.sandbox_id = info.sandbox_id
         self._last_info = info
-        self.commands = AsyncCommands(self)
-        self.files = AsyncFiles(self)
         calls = SandboxCalls(api, self.sandbox_id, self._check_open)
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(calls)
         self.ports = AsyncPorts(calls)  # guest ports exposed on the server's host
         self.network = AsyncNetwork(calls)  # egress policy and events
         self._killed = False

@@ -4,6 +4,8 @@ and what a namespace of a sandbox needs to call the server (``SandboxCalls``).""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from collections.abc import AsyncIterator, Callable
@@ -23,10 +25,12 @@ from sandvm.errors import (
     error_from_dict,
 )
 
-__all__ = ["DEFAULT_URL", "SandboxCalls", "ServerApi", "policy_body"]
+__all__ = ["DEFAULT_URL", "SandboxCalls", "ServerApi", "chunk_of", "event_of", "ndjson_lines",
+           "policy_body"]
 
 DEFAULT_URL = "http://127.0.0.1:7070"
 MAX_ERROR_BODY = 64 << 10
+MAX_LINE = 8 << 20  # one NDJSON event; the server sends far less
 
 
 def policy_body(network: NetworkPolicy) -> dict[str, Any]:
@@ -158,3 +162,43 @@ class SandboxCalls:
     def path(self, suffix: str = "") -> str:
         """The API path of the sandbox, then ``suffix``."""
         return f"/v1/sandboxes/{quote(self.sandbox_id, safe='')}{suffix}"
+
+
+async def ndjson_lines(resp: httpx.Response) -> AsyncIterator[bytes]:
+    """NDJSON lines of a streamed response (each capped)."""
+    buf = b""
+    async for chunk in resp.aiter_bytes():
+        buf += chunk
+        while True:
+            nl = buf.find(b"\n")
+            if nl < 0:
+                break
+            line, buf = buf[:nl], buf[nl + 1:]
+            if line.strip():
+                yield line
+        if len(buf) > MAX_LINE:
+            raise ServiceError("the server sent an output line over the client's cap")
+    if buf.strip():
+        yield buf
+
+
+def chunk_of(event: dict[str, Any]) -> bytes:
+    text, b64 = event.get("text"), event.get("b64")
+    if isinstance(text, str):
+        return text.encode()
+    if isinstance(b64, str):
+        try:
+            return base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise ServiceError("the server sent a malformed output event")
+
+
+def event_of(line: bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        raise ServiceError("the server sent a line that is not JSON") from None
+    if not isinstance(event, dict):
+        raise ServiceError("the server sent an event that is not an object")
+    return event
