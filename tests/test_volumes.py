@@ -34,7 +34,7 @@ from sandvm.errors import (
     VolumeInUse,
     VolumeNotFound,
 )
-from sandvm.files import _TreeExtractor
+from sandvm.tartree import _TreeExtractor
 from sandvm.volumes import VolumeMount, VolumeStore, parse_mounts
 from test_images_vm import tiny_layers
 

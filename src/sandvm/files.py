@@ -1,34 +1,24 @@
 """Files in a sandbox: read, write, list, stat, move, and whole directory trees as tar.
 
 ``AsyncFiles`` is the implementation; ``Files`` its sync twin (via the blocking portal).
+Directory trees move as tar streams: ``untar_to_guest`` and ``tar_from_guest`` are the
+guest's end (used by ``upload_dir``/``download_dir`` and by the server, which moves
+the streams over HTTP); ``sandvm.tartree`` is the local end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
+import dataclasses
 import os
-import stat as stat_mod
-import tarfile
-from collections.abc import (
-    AsyncGenerator,
-    AsyncIterable,
-    Iterable,
-    Iterator,
-)
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from sandvm import _portal
-from sandvm.agent_client import (
-    HostStream,
-    guest_int,
-    guest_list,
-)
-from sandvm.core import (
-    check_guest_path,
-)
+from sandvm.agent_client import HostStream, guest_int, guest_list
+from sandvm.core import check_guest_path
 from sandvm.errors import (
     AgentProtocolError,
     AgentTimeout,
@@ -38,6 +28,14 @@ from sandvm.errors import (
     SandvmError,
 )
 from sandvm.guestops import GuestOps, entry_info
+from sandvm.tartree import (
+    SKIPPED_KEPT,
+    check_caps,
+    extract_tar,
+    guest_skipped,
+    tar_local_tree,
+    tar_stream_cap,
+)
 from sandvm.values import (
     DEFAULT_READ_CAP,
     DEFAULT_TREE_CAP,
@@ -50,296 +48,6 @@ from sandvm.values import (
 
 if TYPE_CHECKING:
     from sandvm.link import SandboxLink
-
-
-_TAR_BLOCK = 512
-_SKIPPED_KEPT = 100
-_LINK_HOPS = 40
-
-class _TarReader:
-    """A local directory tree as a tar stream (PAX), read in pieces with ``read``.
-
-    Regular files, directories, symlinks and hard links; special files and
-    unreadable entries are skipped (named in ``skipped``). Blocking: call it
-    from a worker thread.
-    """
-
-    def __init__(self, top: Path) -> None:
-        self.top = top
-        self.skipped: list[str] = []
-        self.sent_files = 0
-        self._gen = self._pieces()
-        self._buf = bytearray()
-        self._done = False
-
-    def _skip(self, arc: str, why: str) -> None:
-        if len(self.skipped) < _SKIPPED_KEPT:
-            self.skipped.append(f"{arc}: {why}")
-
-    def _pieces(self) -> Iterator[bytes]:
-        inodes: dict[tuple[int, int], str] = {}
-        stack: list[tuple[Path, str]] = [(self.top, "")]
-        while stack:
-            d, prefix = stack.pop()
-            try:
-                names = sorted(os.listdir(d))
-            except OSError as exc:
-                self._skip(prefix or ".", exc.strerror or str(exc))
-                continue
-            subdirs = []
-            for name in names:
-                full, arc = d / name, prefix + name
-                try:
-                    st = os.lstat(full)
-                except OSError:
-                    continue
-                ti = tarfile.TarInfo(arc)
-                ti.mode = stat_mod.S_IMODE(st.st_mode)
-                ti.mtime = int(st.st_mtime)
-                if stat_mod.S_ISDIR(st.st_mode):
-                    ti.type = tarfile.DIRTYPE
-                    subdirs.append((full, arc + "/"))
-                elif stat_mod.S_ISLNK(st.st_mode):
-                    try:
-                        ti.type, ti.linkname = tarfile.SYMTYPE, os.readlink(full)
-                    except OSError:
-                        continue  # gone meanwhile
-                elif stat_mod.S_ISREG(st.st_mode):
-                    key = (st.st_dev, st.st_ino)
-                    if st.st_nlink > 1 and key in inodes:
-                        ti.type, ti.linkname = tarfile.LNKTYPE, inodes[key]
-                    else:
-                        try:
-                            f = open(full, "rb")  # noqa: SIM115 - closed below
-                        except OSError as exc:
-                            self._skip(arc, exc.strerror or str(exc))
-                            continue
-                        with f:
-                            ti.size = st.st_size
-                            yield ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-                            self.sent_files += 1
-                            if st.st_nlink > 1:
-                                inodes[key] = arc
-                            left = st.st_size
-                            while left > 0:
-                                data = f.read(min(1 << 20, left))
-                                if not data:
-                                    raise SandvmError(
-                                        f"{full} shrank while it was uploaded: upload a tree"
-                                        " that does not change meanwhile")
-                                left -= len(data)
-                                yield data
-                            if st.st_size % _TAR_BLOCK:
-                                yield bytes(_TAR_BLOCK - st.st_size % _TAR_BLOCK)
-                        continue
-                else:
-                    self._skip(arc, "a special file")
-                    continue
-                yield ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-            stack.extend(reversed(subdirs))
-        yield bytes(2 * _TAR_BLOCK)
-
-    def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes of the stream; b"" at its end."""
-        while len(self._buf) < n and not self._done:
-            try:
-                self._buf += next(self._gen)
-            except StopIteration:
-                self._done = True
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
-
-
-def _confined(dest: Path, start: list[str], target: str) -> bool:
-    """Whether ``target`` (a link's text, relative to ``dest/start``) stays inside ``dest``.
-
-    Resolved component by component against what is on disk under ``dest``,
-    following symlinks found there (at most 40) without ever looking outside.
-    """
-    if target.startswith("/"):
-        return False
-    stack = list(start)
-    todo = collections.deque(target.split("/"))
-    hops = 0
-    while todo:
-        c = todo.popleft()
-        if c in ("", "."):
-            continue
-        if c == "..":
-            if not stack:
-                return False
-            stack.pop()
-            continue
-        p = dest.joinpath(*stack, c)
-        if p.is_symlink():
-            hops += 1
-            link = os.readlink(p)
-            if hops > _LINK_HOPS or link.startswith("/"):
-                return False
-            todo.extendleft(reversed(link.split("/")))
-            continue
-        stack.append(c)
-    return True
-
-
-class _TreeExtractor:
-    """Extract a hostile tar stream into ``dest`` (blocking: run it in a worker thread).
-
-    Every member goes through tarfile's ``data`` filter and, before it, through
-    checks that do not rely on it alone: no ``..``, nothing written through a
-    symlink, links resolved step by step inside ``dest``; once done, every
-    symlink extracted is checked again against the final tree (a later member
-    may change where an earlier link leads) and removed if it leads out.
-    Refused members are skipped and named. More than ``max_files`` entries or
-    ``max_bytes`` of file content raise FileTooLarge.
-    """
-
-    def __init__(self, dest: Path, *, max_bytes: int, max_files: int) -> None:
-        self.dest = Path(os.path.realpath(dest))
-        self.max_bytes = max_bytes
-        self.max_files = max_files
-        self.entries = 0
-        self.announced = 0
-        self.counts = {"files": 0, "dirs": 0, "symlinks": 0, "bytes": 0}
-        self.skipped: list[str] = []
-        self.links: list[tuple[list[str], str]] = []
-
-    def _skip(self, name: str, why: str) -> None:
-        if len(self.skipped) < _SKIPPED_KEPT:
-            self.skipped.append(f"{name[:300]}: {why}")
-
-    def _members(self, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-        for m in tar:
-            self.entries += 1
-            if self.entries > self.max_files:
-                raise FileTooLarge(f"the guest's tree holds more than {self.max_files}"
-                                   " entries: pass a larger max_files")
-            if m.isreg():
-                self.announced += m.size
-                if self.announced > self.max_bytes:
-                    raise FileTooLarge(f"the guest's tree holds more than {self.max_bytes}"
-                                       " bytes: pass a larger max_bytes")
-            yield m
-
-    def _check(self, m: tarfile.TarInfo) -> tuple[list[str], str | None]:
-        name = m.name
-        if len(name) > 4096 or len(m.linkname) > 4096:
-            return [], "name too long"
-        parts = [p for p in name.split("/") if p not in ("", ".")]
-        if ".." in parts:
-            return parts, "'..' in its name"
-        for i in range(len(parts) - 1):
-            if self.dest.joinpath(*parts[:i + 1]).is_symlink():
-                return parts, "it would be written through a symlink"
-        if m.issym() and not _confined(self.dest, parts[:-1], m.linkname):
-            return parts, "a symlink leading outside the destination"
-        if m.islnk():
-            lparts = [p for p in m.linkname.split("/") if p not in ("", ".")]
-            target = self.dest.joinpath(*lparts)
-            if m.linkname.startswith("/") or ".." in lparts or not lparts or any(
-                    self.dest.joinpath(*lparts[:i + 1]).is_symlink()
-                    for i in range(len(lparts))) or not target.is_file():
-                return parts, "a hard link to something that is not a file of the tree"
-        return parts, None
-
-    def _filter(self, m: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-        parts, why = self._check(m)
-        if why is None:
-            try:
-                safe = tarfile.data_filter(m, dest)
-            except tarfile.FilterError as exc:
-                why = str(exc)
-        if why is not None:
-            self._skip(m.name, why)
-            return None
-        leaf = self.dest.joinpath(*parts)
-        if parts and (leaf.is_symlink() or (leaf.exists() and not leaf.is_dir())):
-            # replace it, never write through it (nor into a file hard-linked elsewhere)
-            leaf.unlink()
-        if safe.isdir():
-            self.counts["dirs"] += 1
-        elif safe.issym():
-            # symlinks are made once every file is written: nothing is ever written
-            # through one, and a stream that breaks off leaves none behind
-            self.links.append((parts, safe.linkname))
-            return None
-        else:
-            self.counts["files"] += 1
-            self.counts["bytes"] += safe.size if safe.isreg() else 0
-        return safe
-
-    def run(self, fd: int) -> None:
-        """Read the stream from pipe ``fd`` (closed when done) and extract it. Raises
-        FileTooLarge, AgentProtocolError (the guest's archive is malformed or refused:
-        huge extended headers, sparse members)."""
-        from sandvm.tarsafe import open_untrusted_tar
-
-        try:
-            with os.fdopen(fd, "rb") as f, open_untrusted_tar(f, stream=True) as tar:
-                tar.extractall(self.dest, members=self._members(tar), filter=self._filter)
-        except (tarfile.TarError, EOFError) as exc:
-            raise AgentProtocolError(f"the guest sent a bad archive: {exc}") from None
-        made = []
-        for parts, target in self.links:
-            leaf = self.dest.joinpath(*parts)
-            if any(self.dest.joinpath(*parts[:i + 1]).is_symlink()
-                   for i in range(len(parts) - 1)) or not _confined(self.dest, parts[:-1],
-                                                                    target):
-                self._skip("/".join(parts), "a symlink leading outside the destination")
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                if leaf.is_dir() and not leaf.is_symlink():
-                    self._skip("/".join(parts), "a symlink over a directory")
-                    continue
-                leaf.unlink()
-            os.symlink(target, leaf)
-            made.append(parts)
-        # links made later can change where earlier ones lead (l -> p/.., then p -> .):
-        # check every one against the final tree until nothing changes
-        root = os.path.realpath(self.dest)
-        changed = True
-        while changed:
-            changed = False
-            for parts in list(made):
-                real = os.path.realpath(self.dest.joinpath(*parts))
-                if real != root and not real.startswith(root + os.sep):
-                    self.dest.joinpath(*parts).unlink()
-                    made.remove(parts)
-                    self._skip("/".join(parts), "a symlink leading outside the destination")
-                    changed = True
-        self.counts["symlinks"] += len(made)
-
-    def result(self, guest_skipped: Any) -> DirTransfer:
-        extra = [str(s)[:400] for s in guest_skipped[:_SKIPPED_KEPT]] if isinstance(
-            guest_skipped, list) else []
-        return DirTransfer(files=self.counts["files"], dirs=self.counts["dirs"],
-                           symlinks=self.counts["symlinks"], bytes=self.counts["bytes"],
-                           skipped=tuple((self.skipped + extra)[:_SKIPPED_KEPT]))
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-async def _pipe_write(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to the non-blocking pipe ``fd``, waiting on the loop for room.
-
-    Raises BrokenPipeError once the reading end is closed.
-    """
-    loop = asyncio.get_running_loop()
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view):]
-        except BlockingIOError:
-            fut: asyncio.Future[None] = loop.create_future()
-            loop.add_writer(fd, _wake, fut)
-            try:
-                await fut
-            finally:
-                loop.remove_writer(fd)
 
 
 async def _in_thread(chunks: Iterable[bytes]) -> AsyncGenerator[bytes, None]:
@@ -355,6 +63,7 @@ async def _in_thread(chunks: Iterable[bytes]) -> AsyncGenerator[bytes, None]:
 
 def _count(msg: dict[str, Any], key: str) -> int:
     return guest_int(msg, key, what="transfer report")
+
 
 class AsyncFiles:
     """``sandbox.files``: files in the guest. Paths must be absolute."""
@@ -553,50 +262,11 @@ class AsyncFiles:
         top = Path(local_dir)
         if not top.is_dir():
             raise InvalidPath(f"{top} is not a local directory")
-        reader = _TarReader(top)
-        st = await self._ops().untar(path=guest_dir)
-
-        async def send() -> int:
-            sent = 0
-            while True:
-                chunk = await asyncio.to_thread(reader.read, 1 << 20)
-                if not chunk:
-                    break
-                await st.send_data(chunk)
-                sent += len(chunk)
-            await st.send_eof()
-            return sent
-
-        sender = asyncio.get_running_loop().create_task(send())
-        item_task = asyncio.get_running_loop().create_task(st.next(None))
-        try:
-            await asyncio.wait({sender, item_task}, return_when=asyncio.FIRST_COMPLETED)
-            if not item_task.done():
-                sent = sender.result()  # a local failure raises here
-                # the guest extracts once it has everything: allow it 1 MB/s
-                item = await asyncio.wait_for(item_task, self._sb.op_timeout + sent / 1e6)
-            else:
-                item = item_task.result()
-            if item.kind == "error":
-                assert item.error is not None
-                raise item.error
-            if item.kind != "reply":
-                raise AgentProtocolError(f"unexpected {item.kind} while uploading a tree")
-            msg = item.message or {}
-            skipped = msg.get("skipped")
-            guest_skipped = [str(x)[:400] for x in skipped[:_SKIPPED_KEPT]] \
-                if isinstance(skipped, list) else []
-            return DirTransfer(files=_count(msg, "files"), dirs=_count(msg, "dirs"),
-                               symlinks=_count(msg, "symlinks"), bytes=_count(msg, "bytes"),
-                               skipped=tuple((reader.skipped + guest_skipped)[:_SKIPPED_KEPT]))
-        except TimeoutError:
-            raise AgentTimeout("the guest did not finish extracting the tree in time") from None
-        finally:
-            for t in (sender, item_task):
-                t.cancel()
-                with contextlib.suppress(BaseException):
-                    await t
-            await st.reset()  # no-op once the guest replied; otherwise it drops its spool
+        local_skipped: list[str] = []
+        async with contextlib.aclosing(tar_local_tree(top, local_skipped)) as chunks:
+            got = await untar_to_guest(self._sb, guest_dir, chunks)
+        return dataclasses.replace(
+            got, skipped=tuple((local_skipped + list(got.skipped))[:SKIPPED_KEPT]))
 
     async def download_dir(self, guest_dir: str, local_dir: str | os.PathLike[str], *,
                            max_bytes: int = DEFAULT_TREE_CAP,
@@ -612,66 +282,15 @@ class AsyncFiles:
         extracted so far stays), GuestFileNotFound if ``guest_dir`` is missing.
         """
         check_guest_path(guest_dir)
-        for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
-        dest = Path(local_dir)
-        dest.mkdir(parents=True, exist_ok=True)
-        extractor = _TreeExtractor(dest, max_bytes=max_bytes, max_files=max_files)
-        # headers and padding on top of the content: a generous bound on the stream
-        stream_cap = max_bytes + max_files * 3 * _TAR_BLOCK + (1 << 20)
-        st = await self._ops().tar(path=guest_dir, max_bytes=max_bytes, max_files=max_files)
-        rfd, wfd = os.pipe()
-        os.set_blocking(wfd, False)
-        try:
-            job = asyncio.get_running_loop().create_task(asyncio.to_thread(extractor.run, rfd))
-        except BaseException:
-            os.close(rfd)
-            os.close(wfd)
-            raise
-        done = False
-        try:
-            got = 0
-            while True:
-                item = await st.next(self._sb.op_timeout)
-                if item.kind == "data":
-                    got += len(item.data)
-                    if got > stream_cap:
-                        raise FileTooLarge(f"the guest sent more than {stream_cap} bytes for"
-                                           f" {guest_dir}: pass a larger max_bytes")
-                    if wfd >= 0:
-                        try:
-                            await _pipe_write(wfd, item.data)
-                        except BrokenPipeError:
-                            # the extractor stopped: at the archive's end, or on an error
-                            os.close(wfd)
-                            wfd = -1
-                            await job
-                elif item.kind == "eof":
-                    if wfd >= 0:
-                        os.close(wfd)
-                        wfd = -1
-                elif item.kind == "reply":
-                    done = True
-                    if wfd >= 0:
-                        os.close(wfd)
-                        wfd = -1
-                    await job
-                    return extractor.result((item.message or {}).get("skipped"))
-                elif item.kind == "error":
-                    done = True
-                    assert item.error is not None
-                    raise item.error
-        finally:
-            if wfd >= 0:
-                os.close(wfd)
-            if not done:
-                await st.reset()
-            if not job.done():
-                with contextlib.suppress(BaseException):
-                    await job
-            elif not job.cancelled():
-                job.exception()  # retrieved: the first error is what propagates
+        check_caps(max_bytes, max_files)
+        reported: list[str] = []
+        async with contextlib.aclosing(tar_from_guest(self._sb, guest_dir, reported,
+                                                      max_bytes=max_bytes,
+                                                      max_files=max_files)) as chunks:
+            got = await extract_tar(chunks, local_dir, max_bytes=max_bytes,
+                                    max_files=max_files)
+        return dataclasses.replace(
+            got, skipped=tuple((list(got.skipped) + reported)[:SKIPPED_KEPT]))
 
     async def chown(self, path: str, *, user: str, mode: int | None = None) -> None:
         """Give ``path`` to ``user`` (a name or ``uid[:gid]`` from the image's
@@ -801,86 +420,6 @@ class Files(FileTransfer):
                                                  max_files=max_files))
 
 
-def tar_stream_cap(max_bytes: int, max_files: int) -> int:
-    """The most bytes a tar stream of ``max_files`` entries and ``max_bytes`` of file
-    content may take: headers and padding on top of the content, generously."""
-    return max_bytes + max_files * 3 * _TAR_BLOCK + (1 << 20)
-
-
-async def extract_tar(chunks: AsyncIterable[bytes], local_dir: str | os.PathLike[str], *,
-                      max_bytes: int = DEFAULT_TREE_CAP,
-                      max_files: int = DEFAULT_TREE_ENTRIES) -> DirTransfer:
-    """Extract the hostile tar stream ``chunks`` into ``local_dir`` (created if missing)
-    with ``download_dir``'s checks (tarfile's ``data`` filter and ours: nothing written
-    outside ``local_dir`` or through a symlink, links leading out dropped), as it
-    arrives: for the remote SDK, which gets the tree over HTTP. Raises FileTooLarge past
-    ``max_bytes`` of file content, ``max_files`` entries or their stream's cap (what was
-    extracted so far stays), AgentProtocolError for a malformed archive, InvalidSpec."""
-    for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
-    dest = Path(local_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    extractor = _TreeExtractor(dest, max_bytes=max_bytes, max_files=max_files)
-    stream_cap = tar_stream_cap(max_bytes, max_files)
-    rfd, wfd = os.pipe()
-    os.set_blocking(wfd, False)
-    try:
-        job = asyncio.get_running_loop().create_task(asyncio.to_thread(extractor.run, rfd))
-    except BaseException:
-        os.close(rfd)
-        os.close(wfd)
-        raise
-    try:
-        got = 0
-        async for chunk in chunks:
-            got += len(chunk)
-            if got > stream_cap:
-                raise FileTooLarge(f"the tree's stream is over {stream_cap} bytes: pass a"
-                                   " larger max_bytes")
-            if wfd < 0:
-                continue  # the archive ended: the rest is padding
-            try:
-                await _pipe_write(wfd, chunk)
-            except BrokenPipeError:
-                # the extractor stopped: at the archive's end, or on an error
-                os.close(wfd)
-                wfd = -1
-                await job
-        if wfd >= 0:
-            os.close(wfd)
-            wfd = -1
-        await job
-        return extractor.result(None)
-    finally:
-        if wfd >= 0:
-            os.close(wfd)
-        if not job.done():
-            with contextlib.suppress(BaseException):
-                await job
-        elif not job.cancelled():
-            job.exception()  # retrieved: the first error is what propagates
-
-
-async def tar_local_tree(local_dir: str | os.PathLike[str], skipped: list[str]
-                         ) -> AsyncGenerator[bytes, None]:
-    """The local tree ``local_dir`` as the tar stream ``upload_dir`` sends (PAX; regular
-    files, directories, symlinks, hard links), read in a worker thread: for the remote
-    SDK, which sends it over HTTP. Entries left out (special or unreadable files) are
-    appended to ``skipped``, with why, as the stream ends. Raises InvalidPath if
-    ``local_dir`` is not a directory, SandvmError if a file shrinks while read."""
-    top = Path(local_dir)
-    if not top.is_dir():
-        raise InvalidPath(f"{top} is not a local directory")
-    reader = _TarReader(top)
-    while True:
-        chunk = await asyncio.to_thread(reader.read, 1 << 20)
-        if not chunk:
-            break
-        yield chunk
-    skipped.extend(reader.skipped)
-
-
 async def untar_to_guest(sb: SandboxLink, guest_dir: str, chunks: AsyncIterable[bytes]
                          ) -> DirTransfer:
     """Extract the tar stream ``chunks`` into ``guest_dir`` of sandbox ``sb`` (created
@@ -916,12 +455,9 @@ async def untar_to_guest(sb: SandboxLink, guest_dir: str, chunks: AsyncIterable[
         if item.kind != "reply":
             raise AgentProtocolError(f"unexpected {item.kind} while uploading a tree")
         msg = item.message or {}
-        skipped = msg.get("skipped")
-        guest_skipped = [str(x)[:400] for x in skipped[:_SKIPPED_KEPT]] \
-            if isinstance(skipped, list) else []
         return DirTransfer(files=_count(msg, "files"), dirs=_count(msg, "dirs"),
                            symlinks=_count(msg, "symlinks"), bytes=_count(msg, "bytes"),
-                           skipped=tuple(guest_skipped))
+                           skipped=tuple(guest_skipped(msg.get("skipped"))))
     except TimeoutError:
         raise AgentTimeout("the guest did not finish extracting the tree in time") from None
     finally:
@@ -940,9 +476,7 @@ async def tar_from_guest(sb: SandboxLink, guest_dir: str, skipped: list[str], *,
     to ``skipped``, with why, as the stream ends. Raises GuestFileNotFound,
     FileTooLarge, InvalidSpec, GuestError."""
     check_guest_path(guest_dir)
-    for what, v in (("max_bytes", max_bytes), ("max_files", max_files)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise InvalidSpec(f"{what} must be a positive int, got {v!r}")
+    check_caps(max_bytes, max_files)
     stream_cap = tar_stream_cap(max_bytes, max_files)
     st = await GuestOps(sb.connection()).tar(path=guest_dir, max_bytes=max_bytes,
                                              max_files=max_files)
@@ -959,9 +493,7 @@ async def tar_from_guest(sb: SandboxLink, guest_dir: str, skipped: list[str], *,
                 yield item.data
             elif item.kind == "reply":
                 done = True
-                left = (item.message or {}).get("skipped")
-                if isinstance(left, list):
-                    skipped.extend(str(x)[:400] for x in left[:_SKIPPED_KEPT])
+                skipped.extend(guest_skipped((item.message or {}).get("skipped")))
                 return
             elif item.kind == "error":
                 done = True

@@ -21,7 +21,7 @@ from sandvm.errors import (
     ServiceError,
     error_from_dict,
 )
-from sandvm.files import extract_tar, tar_local_tree
+from sandvm.tartree import extract_tar, tar_local_tree
 from sandvm.values import (
     DEFAULT_READ_CAP,
     DEFAULT_TREE_CAP,
