@@ -4,9 +4,16 @@ A Sandbox can run on it (``AsyncSandbox.create(image="base",
 provider=InMemoryVmProvider())``): each started VM is an ``InMemoryVm``, no process,
 whose guest is a small in-process agent speaking the real wire protocol to a real
 AgentConnection. That guest answers pings and the ops that set a sandbox up or tear
-it down (configure, mount_root, mount_volume, sync, egress_close) and refuses every
-other op (GuestError, guest code ``unsupported``): enough for API-level tests of the
-lifecycle without QEMU, not for commands or files.
+it down (configure, mount_root, mount_volume, sync, egress_listen, egress_close);
+``egress_accept`` streams are left waiting, as in a guest whose workload never
+connects out (so a sandbox made with a NetworkPolicy runs, and no traffic ever
+flows). It refuses every other op (GuestError, guest code ``unsupported``, naming the
+op): enough for API-level tests of the lifecycle (the server's tenancy, quotas, TTLs,
+listing, kill) without QEMU, not for commands or files. It never runs anything on
+the host.
+
+Its VMs live in this process: they cannot be detached to a keeper, snapshotted,
+restored or forked (Unsupported).
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ from sandvm.providers.base import check_transition
 __all__ = ["InMemoryVm", "InMemoryVmProvider"]
 
 # the ops the in-process guest answers (with an empty reply)
-ANSWERED_OPS = frozenset({"configure", "mount_root", "mount_volume", "sync", "egress_close"})
+ANSWERED_OPS = frozenset({"configure", "mount_root", "mount_volume", "sync", "egress_listen",
+                          "egress_close"})
+# the stream ops it leaves open with no answer until the VM goes (nothing connects out)
+WAITING_OPS = frozenset({"egress_accept"})
 
 
 class InMemoryVm:
@@ -101,6 +111,8 @@ class InMemoryVm:
                         self.ops.append(op)
                         if op in ANSWERED_OPS:
                             writer.write(wire.encode_json(wire.REPLY, sid, {}))
+                        elif op in WAITING_OPS:
+                            pass
                         else:
                             writer.write(wire.encode_json(wire.RESET, sid, {
                                 "code": "unsupported",

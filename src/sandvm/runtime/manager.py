@@ -9,6 +9,13 @@ on every listing) finds sandboxes whose keeper died — e.g. SIGKILLed — remov
 what they left behind and records them as ``repair-needed``.
 
 States in the journal: ``JournalState`` (starting → running → ended, with a reason).
+
+On another provider than QEMU's (``SandboxManager(provider=InMemoryVmProvider())``,
+e.g. for API-level tests of the server without QEMU) a managed sandbox runs in this
+process instead: it is journalled the same way (its keeper is this process, so it is
+alive while this process is), a task of this manager enforces its TTL and a kill by
+id, and it ends with this process (``close``). It cannot be detached, reclaimed or
+attached from another process, snapshotted, restored or forked: Unsupported.
 """
 
 from __future__ import annotations
@@ -34,11 +41,13 @@ from sandvm.errors import (
     InvalidSpec,
     SandboxStateError,
     SandvmError,
+    Unsupported,
     VmAlreadyExists,
     VmBootError,
     VmNotFound,
 )
 from sandvm.network import audit_dir, egress_bytes, end_audit, watch_policy
+from sandvm.providers.base import SandboxProvider
 from sandvm.providers.qemu import QemuVm, QemuVmProvider
 from sandvm.runtime.journal import Journal, JournalState, SandboxRecord
 from sandvm.sandbox import (
@@ -55,6 +64,7 @@ from sandvm.snapshots.store import Snapshot, SnapshotStore
 
 DEFAULT_TTL = 300.0
 MAX_TTL = 7 * 24 * 3600.0
+IN_PROCESS_POLL = 0.2  # seconds between an in-process sandbox's looks at the journal
 
 
 def ticket_sha256(ticket: str) -> str:
@@ -75,9 +85,16 @@ def ticket_matches(rec: SandboxRecord | None, ticket: str) -> bool:
 
 
 def keeper_alive(rec: SandboxRecord) -> bool:
-    """Whether the sandbox's keeper process still runs (pid and start time match)."""
+    """Whether the sandbox's keeper process still runs (pid and start time match; for a
+    sandbox run in-process, the process running it)."""
     return rec.keeper_pid is not None and rec.keeper_start is not None and \
         proc_start_time(rec.keeper_pid) == rec.keeper_start
+
+
+def in_process(rec: SandboxRecord) -> bool:
+    """Whether ``rec``'s sandbox runs inside its manager's process (a provider but
+    QEMU's): never signalled, attached from elsewhere or detached."""
+    return bool(rec.record.get("in_process"))
 
 
 @dataclass(frozen=True)
@@ -185,10 +202,23 @@ def _disks_of(record: dict[str, Any]) -> Any:
 
 
 class SandboxManager:
-    """Creates, attaches to, detaches from and reaps managed sandboxes (one journal)."""
+    """Creates, attaches to, detaches from and reaps managed sandboxes (one journal).
 
-    def __init__(self, journal: Journal | None = None) -> None:
+    ``provider``: None (QEMU: sandboxes under keeper processes, outliving this one) or
+    another SandboxProvider, whose sandboxes run in this process (see the module
+    docstring); ``close`` ends those."""
+
+    def __init__(self, journal: Journal | None = None, *,
+                 provider: SandboxProvider | None = None) -> None:
         self.journal = journal or Journal()
+        self.provider = provider
+        self._local: dict[str, tuple[AsyncSandbox, asyncio.Task[None]]] = {}
+
+    def _qemu_only(self, what: str) -> None:
+        """Raises Unsupported unless this manager runs QEMU sandboxes."""
+        if self.provider is not None:
+            raise Unsupported(f"{what} needs the QEMU provider; this manager runs"
+                              f" sandboxes on {type(self.provider).__name__}")
 
     # ------------------------------------------------------------------ create / attach
 
@@ -200,6 +230,9 @@ class SandboxManager:
         """
         ttl = _check_ttl(ttl)
         sid = validate_vm_id(sandbox_id or new_id("sb"))
+        if self.provider is not None:
+            return await self._start(sid, ttl, lambda job: AsyncSandbox.create(
+                sandbox_id=sid, timeout=None, provider=self.provider, **create_args))
         return await self._start(sid, ttl, lambda job: AsyncSandbox.create(
             sandbox_id=sid, timeout=None, keeper_job=job, **create_args))
 
@@ -211,7 +244,9 @@ class SandboxManager:
         """A new sandbox restored from ``snapshot`` (see AsyncSandbox.from_snapshot) under
         a keeper, alive for ``ttl`` seconds unless extended: attach, detach, kill etc. as
         for ``create``; it keeps running if the snapshot is removed. Raises InvalidSpec,
-        SnapshotNotFound, SnapshotCorrupt, SnapshotIncompatible, VmBootError."""
+        SnapshotNotFound, SnapshotCorrupt, SnapshotIncompatible, VmBootError,
+        Unsupported (a manager on another provider than QEMU's)."""
+        self._qemu_only("restoring a snapshot")
         ttl = _check_ttl(ttl)
         sid = validate_vm_id(sandbox_id or new_id("sb"))
         return await self._restore(sid, ttl, snapshot, network=network, store=store,
@@ -249,10 +284,70 @@ class SandboxManager:
             self.journal.end(sid, f"failed to start: {exc}")
             self.journal.result(seq, ok=False, error=type(exc).__name__)
             raise
+        if self.provider is not None:
+            self._run_here(sid, sb, ttl)
+            self.journal.result(seq, ok=True, qemu_pid=None)
+            return sb
         self.journal.update(sid, deadline=time.time() + ttl, record=_record_of(sb, **detail))
         self._keep_policy(sb)
         self.journal.result(seq, ok=True, qemu_pid=sandbox_vm(sb).pid)
         return sb
+
+    def _run_here(self, sid: str, sb: AsyncSandbox, ttl: float) -> None:
+        """Journal ``sb`` (on ``self.provider``) as running in this process, and watch
+        it: its TTL, a kill by id, its VM's end."""
+        me = os.getpid()
+        policy = sb.network.policy
+        image = sb.image_record
+        info = sb.info
+        self.journal.update(
+            sid, state=JournalState.RUNNING, deadline=time.time() + ttl, keeper_pid=me,
+            keeper_start=proc_start_time(me), record={
+                "image": image.to_dict() if image is not None else None,
+                "accelerator": info["accelerator"],
+                "spec": {k: info[k] for k in ("image", "memory_mib", "vcpus")},
+                "network": policy.to_dict() if policy is not None else None,
+                "in_process": type(self.provider).__name__})
+        self._keep_policy(sb)
+        task = asyncio.get_running_loop().create_task(self._watch_here(sid, sb))
+        self._local[sid] = (sb, task)
+
+    async def _watch_here(self, sid: str, sb: AsyncSandbox) -> None:
+        """What a keeper does, for a sandbox run in this process: end it when the journal
+        says so (a kill), when its TTL runs out, or record its end when its VM goes."""
+        try:
+            while True:
+                rec = self.journal.get(sid)
+                if rec is None or rec.state is JournalState.ENDED:
+                    break
+                if rec.deadline is not None and time.time() >= rec.deadline:
+                    if self.journal.end(sid, "expired: its TTL ran out"):
+                        self.journal.result(self.journal.intent(
+                            sid, "expire", deadline=rec.deadline), ok=True)
+                    break
+                if not await sb.is_running():
+                    self.journal.end(sid, "its VM exited")
+                    break
+                await asyncio.sleep(IN_PROCESS_POLL)
+        finally:
+            self._local.pop(sid, None)
+            with contextlib.suppress(SandvmError):
+                await sb.kill()
+            end_audit(sid)
+
+    async def close(self) -> None:
+        """End every sandbox this manager runs in this process (they cannot outlive it);
+        QEMU sandboxes are left to their keepers. Never raises SandvmError."""
+        for sid, (_sb, task) in list(self._local.items()):
+            self.journal.end(sid, "ended: the process running it stopped")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def runs_here(self, sandbox_id: str) -> bool:
+        """Whether ``sandbox_id`` runs in this process under this manager (it cannot be
+        detached: kill it instead)."""
+        return sandbox_id in self._local
 
     async def fork(self, sb: AsyncSandbox, n: int, *, ttl: float = DEFAULT_TTL,
                    sandbox_ids: Sequence[str] | None = None) -> list[AsyncSandbox]:
@@ -261,7 +356,9 @@ class SandboxManager:
         ``sb``'s network policy and ``ttl``, with the ids ``sandbox_ids`` if given (in
         that order). If any copy fails the others are killed. Raises InvalidSpec (n
         not in 1..256, ttl, ids), SandboxStateError (sb killed, detached or with
-        volumes), and what ``from_snapshot`` raises."""
+        volumes), Unsupported (a manager on another provider than QEMU's), and what
+        ``from_snapshot`` raises."""
+        self._qemu_only("forking a sandbox")
         ttl = _check_ttl(ttl)
         ids = [validate_vm_id(i) for i in sandbox_ids] if sandbox_ids is not None else None
         if ids is not None and (len(ids) != n or len(set(ids)) != len(ids)):
@@ -316,10 +413,18 @@ class SandboxManager:
         holds a sandbox at a time, and this waits up to ``wait`` seconds for another
         holder to let go. A sandbox left paused (its holder died while snapshotting it,
         e.g. for a fork, or paused and detached it) runs again; a save of its state
-        the dead holder left running in QEMU is cancelled first. Raises VmNotFound,
+        the dead holder left running in QEMU is cancelled first. A sandbox run in this
+        process (another provider) is handed out as it is. Raises VmNotFound,
         SandboxStateError (ended), SandboxBusy (still held elsewhere), VmBootError
-        (does not answer)."""
+        (does not answer), Unsupported (a sandbox run in another process)."""
         rec = self.get(sandbox_id)
+        if in_process(rec):
+            here = self._local.get(sandbox_id)
+            if here is None:
+                raise Unsupported(f"sandbox {sandbox_id} runs inside process"
+                                  f" {rec.keeper_pid} ({rec.record['in_process']}): only"
+                                  " that process can use it")
+            return here[0]
         if rec.rundir is None or rec.keeper_pid is None or rec.qemu_pid is None:
             raise SandboxStateError(f"sandbox {sandbox_id} is still starting")
         seq = self.journal.intent(sandbox_id, "attach")
@@ -363,7 +468,12 @@ class SandboxManager:
 
     async def detach(self, sb: AsyncSandbox) -> str:
         """Let go of ``sb`` (it keeps running); returns the ticket that reclaims it,
-        once. Raises SandboxStateError."""
+        once. Raises SandboxStateError, Unsupported (a sandbox run in this process:
+        it cannot outlive it)."""
+        rec = self.journal.get(sb.sandbox_id)
+        if sb.sandbox_id in self._local or (rec is not None and in_process(rec)):
+            raise Unsupported(f"sandbox {sb.sandbox_id} runs inside the process that made"
+                              " it (not under a keeper): it cannot be detached")
         ticket = f"sbt_{secrets.token_urlsafe(24)}"
         seq = self.journal.intent(sb.sandbox_id, "detach")
         rec = self.journal.get(sb.sandbox_id)
@@ -413,7 +523,14 @@ class SandboxManager:
         seq = self.journal.intent(sandbox_id, "kill", reason=reason)
         self.journal.end(sandbox_id, reason)  # the keeper sees it and stops QEMU
         rec = self.journal.get(sandbox_id) or rec  # a keeper may have registered meanwhile
-        if keeper_alive(rec):
+        here = self._local.get(sandbox_id)
+        if here is not None:  # run in this process: its watcher ends it
+            here[1].cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await here[1]
+        elif in_process(rec):
+            pass  # its process's watcher sees the end (never signal that process)
+        elif keeper_alive(rec):
             assert rec.keeper_pid is not None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.keeper_pid, signal.SIGTERM)

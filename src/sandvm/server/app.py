@@ -32,6 +32,7 @@ from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandvm.errors import InvalidSpec, RequestTooLarge, SandvmError, Unauthenticated
+from sandvm.providers.base import SandboxProvider
 from sandvm.server.config import ServerConfig
 from sandvm.server.ratelimit import limiter_for, retry_after_seconds
 from sandvm.server.redact import (
@@ -231,16 +232,19 @@ def _routes(app: FastAPI) -> list[Route]:
 
 
 def create_app(config: ServerConfig | None = None, *,
-               service: SandboxService | None = None) -> FastAPI:
-    """The sandvm HTTP API. The service (``SandboxService(config)`` unless given) is
-    started when the app starts and stopped (its sandboxes detached) when it stops."""
+               service: SandboxService | None = None,
+               provider: SandboxProvider | None = None) -> FastAPI:
+    """The sandvm HTTP API. The service (``SandboxService(config, provider=provider)``
+    unless given: ``provider`` None runs sandboxes on QEMU, ``InMemoryVmProvider()``
+    on the in-memory fake, for API-level tests) is started when the app starts and
+    stopped (its sandboxes detached) when it stops."""
     from sandvm.version import __version__
 
     cfg = config or (service.config if service is not None else ServerConfig())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        svc = service or SandboxService(cfg)
+        svc = service or SandboxService(cfg, provider=provider)
         await svc.start()
         app.state.service = svc
         try:
@@ -320,6 +324,7 @@ def _tidy(doc: dict[str, Any]) -> dict[str, Any]:
     name only their own schema."""
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     _rate_limit_responses(doc)
+    _unsupported_responses(doc)
     for ops in doc.get("paths", {}).values():
         for op in ops.values():
             for status, resp in op.get("responses", {}).items():
@@ -350,6 +355,21 @@ def _rate_limit_responses(doc: dict[str, Any]) -> None:
                 responses["429"]["headers"] = {"Retry-After": {
                     "description": "Whole seconds to wait (with code rate_limited).",
                     "schema": {"type": "integer", "minimum": 1}}}
+
+
+def _unsupported_responses(doc: dict[str, Any]) -> None:
+    """What a sandbox's or pool's operation answers when the server's provider cannot
+    do it (a server on the in-memory fake, `sandvm serve --provider memory`)."""
+    for path, ops in doc.get("paths", {}).items():
+        if not path.startswith(("/v1/sandboxes", "/v1/pools")):
+            continue
+        for op in ops.values():
+            responses = op.get("responses", {})
+            if "401" in responses:
+                responses.setdefault("501", {
+                    "description": "This server's provider cannot do that (code"
+                                   " unsupported: e.g. snapshots, forks or pools on a"
+                                   " server run with --provider memory)."})
 
 
 _BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum",

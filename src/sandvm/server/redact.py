@@ -104,6 +104,7 @@ _STATUS = {
     "port_timeout": 504,
     "port_in_use": 409,
     "asset_missing": 503,
+    "unsupported": 501,  # e.g. a snapshot asked of a server on the in-memory fake
     "invalid_config": 400,
     "guest_error": 400,
     "command_error": 400,
@@ -183,7 +184,8 @@ class Redactor:
         if changed or status >= 500:
             log.warning("request %s: %s (%d): %s", rid or "-", exc.code, status,
                         escape_text(original[:MAX_LOGGED_MESSAGE]),
-                        exc_info=exc if status >= 500 and exc.__traceback__ else None)
+                        exc_info=exc if status >= 500 and status != 501 and
+                        exc.__traceback__ else None)
         if changed:
             text += f" (details in the server's log, request {rid or 'unknown'})"
         return {**exc.to_dict(), "message": text}

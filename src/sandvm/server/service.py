@@ -36,6 +36,7 @@ from sandvm.errors import (
 )
 from sandvm.files import tar_from_guest, untar_to_guest
 from sandvm.output import OutputPipe, exit_event, output_event, wait_outcome
+from sandvm.providers.base import SandboxProvider
 from sandvm.runtime.journal import SandboxRecord
 from sandvm.runtime.manager import Recovery, SandboxManager
 from sandvm.sandbox import AsyncCommandHandle, AsyncSandbox, CommandResult
@@ -58,14 +59,24 @@ _T = TypeVar("_T")
 
 
 class SandboxService:
-    """Tenants' sandboxes. ``start`` before use, ``stop`` at the end (detaches all)."""
+    """Tenants' sandboxes. ``start`` before use, ``stop`` at the end (detaches all).
+
+    ``provider`` (for a manager it makes): None for QEMU, or another SandboxProvider,
+    e.g. ``InMemoryVmProvider()`` for API-level tests without QEMU (`sandvm serve
+    --provider memory`): its sandboxes run inside the server and end when it stops;
+    what that provider cannot do (commands and files on the fake, snapshots, forks,
+    pools, pause to disk) is refused (Unsupported, HTTP 501; a guest op the fake does
+    not run is GuestError, HTTP 400)."""
 
     def __init__(self, config: ServerConfig, *, store: ServerStore | None = None,
-                 manager: SandboxManager | None = None) -> None:
+                 manager: SandboxManager | None = None,
+                 provider: SandboxProvider | None = None) -> None:
+        if manager is not None and provider is not None:
+            raise InvalidSpec("give SandboxService a manager or a provider, not both")
         self.config = config
         self._owns = (store is None, manager is None)  # what ``stop`` closes
         self.store = store or ServerStore(config.state_dir)
-        self.manager = manager or SandboxManager()
+        self.manager = manager or SandboxManager(provider=provider)
         self.metrics = Metrics(live_sandboxes=lambda: float(self.store.count_live()),
                                exposed_ports=lambda: float(self.store.count_exposed()))
         # ownership, quotas, held sandboxes, error explanations: injected where used

@@ -133,17 +133,23 @@ class Tenancy:
 
     async def stop(self) -> None:
         """Stop reaping and detach every held sandbox (they keep running under their
-        keepers; a server started later takes them over)."""
+        keepers; a server started later takes them over). Sandboxes the manager runs in
+        this process (a provider but QEMU's) are killed instead."""
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         for sid, sb in list(self._held.items()):
             self._held.pop(sid, None)
+            if self.manager.runs_here(sid):  # in this process (not QEMU): ends with it
+                await self.manager.kill(sid, reason="ended: its server stopped")
+                self.store.mark_ended(sid)
+                continue
             try:
                 await self.manager.detach(sb)
             except SandvmError as exc:
                 log.warning("could not detach %s: %s", sid, exc.message)
+        await self.manager.close()  # any other sandbox run in this process
 
     async def reap(self) -> list[str]:
         """Mark owned sandboxes that ended on their own (TTL, crash) and let go of them.
