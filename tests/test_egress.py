@@ -701,7 +701,7 @@ def test_repeated_refusals_are_coalesced_and_the_file_is_capped(tmp_path: Path) 
     first and one with the count of the repeats, not one per request; past its byte
     cap it gets one "dropped N events" record; when the sandbox ends it is moved to
     ended/, where only the newest KEEP_ENDED are kept."""
-    from sandvm import egress
+    from sandvm import egress_policy as egress
 
     def deny(host: str, n: int) -> egress.EgressEvent:
         return egress.EgressEvent(ts=time.time(), sandbox_id="sb-x", action="deny",

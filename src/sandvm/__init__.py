@@ -20,7 +20,7 @@ from sandvm.version import __version__
 if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from sandvm.commands import AsyncCommandHandle, CommandHandle
     from sandvm.core import VmSpec, VmState, VmView
-    from sandvm.egress import EgressEvent, NetworkPolicy
+    from sandvm.egress_policy import EgressEvent, NetworkPolicy
     from sandvm.errors import (
         AgentError,
         AgentProtocolError,
@@ -149,7 +149,7 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("VmSpec", "VmState", "VmView"), "sandvm.core"),
     **dict.fromkeys(("CommandResult", "DirTransfer", "EntryInfo", "WriteInfo"),
                     "sandvm.values"),
-    **dict.fromkeys(("EgressEvent", "NetworkPolicy"), "sandvm.egress"),
+    **dict.fromkeys(("EgressEvent", "NetworkPolicy"), "sandvm.egress_policy"),
     **dict.fromkeys(("AsyncPortStream", "ExposedPort", "PortStream"), "sandvm.ports"),
     **dict.fromkeys(("AsyncCommandHandle", "CommandHandle"), "sandvm.commands"),
     **dict.fromkeys(("AsyncSandbox", "Sandbox"), "sandvm.sandbox"),

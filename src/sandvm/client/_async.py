@@ -32,7 +32,7 @@ from sandvm.client._http import (
 from sandvm.client._net import AsyncNetwork, AsyncPorts
 from sandvm.core import parse_memory, signal_number
 from sandvm.dto import CommandInfo, SandboxInfo, SnapshotInfo
-from sandvm.egress import NetworkPolicy
+from sandvm.egress_policy import NetworkPolicy
 from sandvm.errors import (
     CommandExitError,
     CommandTimeout,

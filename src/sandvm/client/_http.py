@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-from sandvm.egress import NetworkPolicy
+from sandvm.egress_policy import NetworkPolicy
 from sandvm.errors import (
     InvalidSpec,
     RateLimited,

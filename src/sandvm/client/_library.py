@@ -25,7 +25,7 @@ from sandvm import _portal
 from sandvm.client._async import CREATE_TIMEOUT, AsyncSandbox, SandboxInfo
 from sandvm.client._http import ServerApi, policy_body
 from sandvm.dto import PoolInfo, SnapshotInfo
-from sandvm.egress import NetworkPolicy
+from sandvm.egress_policy import NetworkPolicy
 from sandvm.errors import ServiceError
 
 __all__ = ["AsyncPool", "AsyncSnapshotStore", "Pool", "PoolInfo", "SnapshotInfo",

@@ -23,7 +23,7 @@ import httpx
 
 from sandvm import _portal
 from sandvm.client._http import policy_body
-from sandvm.egress import EgressEvent, NetworkPolicy
+from sandvm.egress_policy import EgressEvent, NetworkPolicy
 from sandvm.errors import InvalidSpec, PortTimeout, ServiceError
 from sandvm.ports import DEFAULT_WAIT, ExposedPort, check_port
 

@@ -19,7 +19,7 @@ from sandvm.client._async import (
 from sandvm.client._net import Network, Ports
 from sandvm.commands import CommandHandle as _LocalCommandHandle
 from sandvm.dto import SnapshotInfo
-from sandvm.egress import NetworkPolicy
+from sandvm.egress_policy import NetworkPolicy
 from sandvm.files import Files as _LocalFiles
 from sandvm.values import (
     DEFAULT_COMMAND_TIMEOUT,
