@@ -22,10 +22,10 @@ from sandvm.assets import find_assets
 from sandvm.core import VmSpec
 from sandvm.providers import jail
 from sandvm.providers.qemu import (
-    _child_setup,
-    _prepare_launch,
     build_argv,
+    child_setup,
     confinement,
+    prepare_launch,
     runtime_root,
 )
 from sandvm.providers.qmp import QmpClient
@@ -50,13 +50,13 @@ async def start_to_qmp() -> float:
     rundir = Path(tempfile.mkdtemp(prefix="bench-", dir=runtime_root()))
     try:
         t0 = time.monotonic()
-        launch = _prepare_launch(rundir, assets=assets, spec=VmSpec(), accel="tcg")
+        launch = prepare_launch(rundir, assets=assets, spec=VmSpec(), accel="tcg")
         argv = [*build_argv(assets=assets, spec=VmSpec(), accel="tcg", rundir=rundir,
                             fds=launch.fds), "-S"]
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, pass_fds=launch.qemu_fds(),
-            preexec_fn=functools.partial(_child_setup, launch.plan, os.getpid()))
+            preexec_fn=functools.partial(child_setup, launch.plan, os.getpid()))
         launch.close_qemu_side()
         qmp = QmpClient()
         await qmp.connect(str(rundir / "qmp.sock"))

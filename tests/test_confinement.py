@@ -25,7 +25,7 @@ from sandvm.errors import QmpError, VmBootError
 from sandvm.providers import jail
 from sandvm.providers.qemu import (
     QemuVm,
-    _backing_chain,
+    backing_chain,
     confinement,
     console_tail,
     scrub,
@@ -91,13 +91,13 @@ def test_backing_chain_never_leaves_the_trusted_dirs(tmp_path: Path) -> None:
     evil = tmp_path / "evil.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b",
                     "/etc/passwd", str(evil), "1M"], check=True)
-    assert _backing_chain(evil, [tmp_path]) == []
+    assert backing_chain(evil, [tmp_path]) == []
     base = tmp_path / "base.raw"
     base.write_bytes(b"\0" * 4096)
     good = tmp_path / "good.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b",
                     "base.raw", str(good), "1M"], check=True)
-    assert _backing_chain(good, []) == [tmp_path / "base.raw"]
+    assert backing_chain(good, []) == [tmp_path / "base.raw"]
 
 
 def test_confinement_needs_root_for_a_uid_and_can_be_turned_off(

@@ -254,3 +254,25 @@ def test_byte_quota_holds_against_concurrent_commits(tmp_path: Path,
     assert sorted(outcomes) == ["ok", "quota"]
     assert len(SnapshotStore(tmp_path).list()) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".staging-")]
+
+
+def test_spec_only_snapshot_loads_verifies_and_refuses_to_restore(tmp_path: Path) -> None:
+    """A snapshot of a VM never booted ("ram": "none"): no files, its spec as given."""
+    store = SnapshotStore(tmp_path)
+    staging = store.staging("created")
+    disk = {"serial": "data", "path": "/srv/data.raw", "format": "raw", "read_only": True}
+    snap = store.commit(staging, "created", {**MANIFEST, "spec": {
+        **MANIFEST["spec"], "disks": [disk]}})
+    assert snap.ram == "none" and snap.files == {}
+    loaded = store.get("created")
+    assert loaded.ram == "none" and loaded.spec == snap.spec
+    assert loaded.spec.disks[0].path == "/srv/data.raw"  # as given: nothing was copied
+    store.verify(loaded)
+    with pytest.raises(SnapshotIncompatible, match=r"never booted.*create a VM with its spec"):
+        store.materialize(loaded)
+    # a "none" manifest that lists files is damaged, not spec-only
+    man = json.loads((snap.path / "manifest.json").read_text())
+    man["files"] = {"state": {"size": 1, "sha256": "0" * 64}}
+    (snap.path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(SnapshotCorrupt):
+        store.get("created")

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import os
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import (
     Awaitable,
@@ -25,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sandvm import _portal
-from sandvm._files import move_file, runtime_root, sparse_copy, write_owner
+from sandvm._files import runtime_root, write_owner
 from sandvm.agent_client import (
     AgentConnection,
 )
@@ -55,8 +51,8 @@ from sandvm.guestops import GuestOps
 from sandvm.network import AsyncNetwork, Network, shutdown_egress, start_egress
 from sandvm.ports import AsyncPorts, Ports, shutdown_ports
 from sandvm.providers.base import SandboxProvider, SandboxVm
-from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root, qemu_img
-from sandvm.snapshots.diff import write_diff
+from sandvm.providers.qemu import QemuVm, QemuVmProvider, disk_root
+from sandvm.providers.saving import save_vm
 from sandvm.snapshots.store import Snapshot, SnapshotStore
 from sandvm.values import (
     DEFAULT_COMMAND_TIMEOUT,
@@ -273,92 +269,28 @@ class AsyncSandbox:
         vm = self._qemu()
         store = store or SnapshotStore()
         name = name or new_id("snap")
-        parent_snap = None
-        if parent is not None:
-            parent_snap = store.resolve(parent)
-            if parent_snap.path.parent != store.root:
-                raise InvalidSpec("a diff snapshot's parent must be in the same store")
-            if parent_snap.ram != "file" or vm.private_ram:
-                raise InvalidSpec("diff snapshots need a full parent snapshot and a sandbox"
-                                  " that was booted, not restored")
-            if parent_snap.spec.memory_mib != vm.spec.memory_mib:
-                raise InvalidSpec("the parent snapshot has a different memory size")
-        staging = store.staging(name)  # owned by us: removed if we die before commit
-        # while the VM is paused, its state goes to tmpfs (fast); to the store after
-        fast = Path(tempfile.mkdtemp(prefix="snap-", dir=runtime_root()))
-        write_owner(fast)  # a sweep removes it if we die before removing it ourselves
-        t0 = time.monotonic()
-        try:
-            try:
-                await vm.save_state(fast, take_memory=stop)
-            finally:
-                if not stop and vm.failure is None and self._state in _LIVE:
-                    await vm.resume()
-                    if self._state is SandboxState.PAUSED:
-                        self._move(SandboxState.RUNNING)
-                # the vCPUs ran until ``stop`` and run again once ``cont`` returns
-                paused = time.monotonic() - (vm.stopped_at or t0)
-            resumed = time.monotonic() - t0
-            await self._export_disks(staging)
+
+        async def resume() -> None:
+            if not stop and vm.failure is None and self._state in _LIVE:
+                await vm.resume()
+                if self._state is SandboxState.PAUSED:
+                    self._move(SandboxState.RUNNING)
+
+        async def after_export() -> None:
             if stop:
                 await self.kill()
             else:
                 await vm.merge_disks()
                 await self._step_clock()
-            if parent_snap is not None:
-                await asyncio.to_thread(write_diff, parent_snap.path / "mem", fast / "mem",
-                                        staging / "mem.diff")
-                (fast / "mem").unlink()
-            for fname in ("state", "mem"):
-                if (fast / fname).exists():  # no mem when the RAM is in the stream
-                    await asyncio.to_thread(move_file, fast / fname, staging / fname)
-            qemu = await _qemu_version(vm.assets.qemu)
-            manifest = {
-                "sandvm_version": _version(), "qemu_version": qemu, "machine": "microvm",
-                "accelerator": vm.accel, "cpu": "host" if vm.accel == "kvm"
-                else "max", "kernel_release": vm.assets.kernel_release,
-                "created": time.time(), "source_id": self.sandbox_id,
-                # its disks are the layer files beside it (``_export_disks``): their
-                # serials and sizes only, no host paths
-                "spec": {**vm.spec.to_dict(),
-                         "disks": [{"serial": d.serial, "overlay_size": d.overlay_size}
-                                   for d in vm.spec.disks]},
-            }
-            if self._image is not None:
-                manifest["image"] = self._image.to_dict()
-            if parent_snap is not None:
-                manifest["parent"] = {"name": parent_snap.name,
-                                      "mem_sha256": parent_snap.files["mem"]["sha256"]}
-            snap = await asyncio.to_thread(store.commit, staging, name, manifest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        finally:
-            shutil.rmtree(fast, ignore_errors=True)
-        self._snapshot_times = {"pause_s": paused, "until_resumed_s": resumed,
-                                "total_s": time.monotonic() - t0}
-        return snap
 
-    async def _export_disks(self, staging: Path) -> None:
-        """Write each disk frozen by the last save into ``staging`` as a self-contained
-        pair: ``image-<serial>.ext4`` (a hard link to, or copy of, the image's root
-        filesystem) and ``disk-<serial>.qcow2`` (every write since, folded into one
-        layer whose backing file is that image, named relatively)."""
-        vm = self._qemu()
-        for serial, frozen in vm.frozen_disks.items():
-            image = vm.disk_images[serial]
-            pinned = staging / f"image-{serial}.ext4"
-            await asyncio.to_thread(_link_or_copy, image, pinned)
-            dst = staging / f"disk-{serial}.qcow2"
-            await asyncio.to_thread(sparse_copy, frozen, dst)
-            info = await qemu_img("info", "--output=json", "-U", str(dst))
-            if json.loads(info).get("full-backing-filename") != str(image):
-                # fold every layer between this one and the image into it
-                await qemu_img("rebase", "-q", "-f", "qcow2", "-b", str(image), "-F", "raw",
-                               str(dst))
-            # same content, now found beside it wherever the snapshot is moved
-            await qemu_img("rebase", "-q", "-u", "-f", "qcow2", "-b", pinned.name, "-F", "raw",
-                           str(dst))
+        saved = await save_vm(
+            vm, store, name, stop=stop, parent=parent, source_id=self.sandbox_id,
+            resume=resume, after_export=after_export,
+            extra={"image": self._image.to_dict()} if self._image is not None else None)
+        self._snapshot_times = {"pause_s": saved.pause_s,
+                                "until_resumed_s": saved.until_resumed_s,
+                                "total_s": saved.total_s}
+        return saved.snapshot
 
     @property
     def last_snapshot_times(self) -> dict[str, float]:
@@ -624,12 +556,6 @@ async def let_go(sb: AsyncSandbox) -> None:
 async def _qemu_version(qemu: Path) -> str:
     """`qemu-system-x86_64 --version`'s first line (cached per binary)."""
     return await asyncio.to_thread(qemu_version, qemu) or "?"
-
-
-def _version() -> str:
-    from sandvm.version import __version__
-
-    return __version__
 
 
 def _check_compatible(snap: Snapshot, accel: str, host_qemu: str) -> None:
@@ -910,11 +836,4 @@ def _attach_volumes(store: VolumeStore | None, mounts: list[tuple[str, VolumeMou
             att.release()
         raise
     return out
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system
-        sparse_copy(src, dst)
 

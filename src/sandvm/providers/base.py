@@ -16,7 +16,11 @@ Rules every provider keeps (the conformance suite pins them):
 - ``destroy_vm`` of a destroyed VM raises InvalidTransition(DESTROYED, DESTROYED).
 - ``snapshot_vm`` is allowed in Created, Running and Stopped; on a destroyed VM it
   raises InvalidTransition(DESTROYED, DESTROYED); a name already used raises
-  SnapshotAlreadyExists.
+  SnapshotAlreadyExists. A provider that writes snapshots writes them in the one
+  snapshot format (``SnapshotStore``, checksummed; QemuVmProvider: through
+  ``providers.saving``, the code a sandbox's snapshot runs). A snapshot of a Created
+  VM (never booted: no state, no RAM) holds its spec only; it loads and verifies, but
+  restoring it raises SnapshotIncompatible (create a VM with its spec instead).
 - ``rename_vm`` raises Unsupported unless a provider supports warm-pool handoff.
 - Lifecycle calls on an unknown id raise VmNotFound; queries return None instead.
 - ``list_vms`` is sorted by id.

@@ -11,6 +11,13 @@ A snapshot of a sandbox that was itself restored keeps its RAM inside ``state``
 (``"ram": "stream"``): restoring it loads the RAM into a fresh private file, so
 such clones do not share pages, but the restored VM can be snapshotted again.
 
+A snapshot of a VM that was created but never booted (the seed-000 port's
+``QemuVmProvider.snapshot_vm`` on a Created VM: no QEMU ran, so there is no device
+state and no RAM) holds its spec only (``"ram": "none"``, no files; its disks as the
+spec names them, nothing of them copied). It loads and verifies like any snapshot,
+but restoring it (``materialize``, so ``AsyncSandbox.from_snapshot``) raises
+SnapshotIncompatible: create a VM with its spec instead.
+
 A snapshot is written into ``<store>/.staging-*`` and renamed into place only
 after every file and the manifest are fsynced: a crash mid-save leaves no
 directory that looks like a snapshot. Loading checks the manifest (format,
@@ -61,7 +68,9 @@ FILES = ("state", "mem")
 # restoring it loads the RAM into a fresh private file)
 # "diff": only the pages that differ from a parent "file" snapshot (mem.diff); restores
 # use a full RAM file built once from parent + diff (cached in the runtime dir)
-RAM_KINDS = {"file": ("state", "mem"), "stream": ("state",), "diff": ("state", "mem.diff")}
+# "none": no state and no RAM (a VM never booted): the spec only, which cannot be restored
+RAM_KINDS: dict[str, tuple[str, ...]] = {
+    "file": ("state", "mem"), "stream": ("state",), "diff": ("state", "mem.diff"), "none": ()}
 # a disk's layer: everything written to it since its image, as a qcow2 over the image
 # and the image's root filesystem under it (a hard link to the image cache's file)
 DISK_FILE = re.compile(r"disk-([a-z0-9][a-z0-9-]{0,19})\.qcow2|image-([a-z0-9][a-z0-9-]{0,19})"
@@ -166,9 +175,13 @@ def _snapshot_from(path: Path, man: dict[str, Any]) -> Snapshot:
         raise _fail(path, "its manifest has no VM spec")
     try:
         # a snapshot's disks are its layer files, found beside the manifest wherever the
-        # snapshot is moved: the manifest keeps only their serials and sizes
+        # snapshot is moved: the manifest keeps only their serials and sizes (a spec-only
+        # snapshot, "none", keeps its spec's disks as they were given: nothing was copied)
         disks = []
         for d in spec_d.get("disks") or []:
+            if man["ram"] == "none":
+                disks.append(DiskSpec.from_dict(d).to_dict())
+                continue
             name = f"disk-{d['serial']}.qcow2"
             if name not in man["files"]:
                 raise InvalidSpec(f"disk {d['serial']!r} has no layer file")
@@ -352,7 +365,8 @@ class SnapshotStore:
         """Hash the staged files, write the manifest, fsync, rename into place."""
         files: dict[str, dict[str, Any]] = {}
         ram = ("file" if (staging / "mem").exists() else
-               "diff" if (staging / "mem.diff").exists() else "stream")
+               "diff" if (staging / "mem.diff").exists() else
+               "stream" if (staging / "state").exists() else "none")
         disks = sorted(p.name for p in staging.iterdir() if DISK_FILE.fullmatch(p.name))
         for fname in (*RAM_KINDS[ram], *disks):
             p = staging / fname
@@ -360,7 +374,8 @@ class SnapshotStore:
         # the small files are fsynced; the RAM file is not (flushing hundreds of MiB
         # would dominate the save): after an OS crash its sha256 no longer matches
         # and the snapshot is refused as corrupt, never restored half-way
-        _fsync(staging / "state")
+        if ram != "none":
+            _fsync(staging / "state")
         (staging / OWNER_FILE).unlink(missing_ok=True)  # not part of the snapshot
         man = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "ram": ram,
                "files": files}
@@ -447,8 +462,15 @@ class SnapshotStore:
         For a "diff" snapshot the full RAM file is built once from the parent and
         the diff, under ``cache_root`` (at ``materialized_dir``: keyed by the parent's
         RAM, the diff and the state) and reused by every later restore. Raises
-        SnapshotCorrupt, SnapshotNotFound (the parent is gone).
+        SnapshotCorrupt, SnapshotNotFound (the parent is gone), SnapshotIncompatible (a
+        spec-only snapshot: nothing to restore).
         """
+        if snap.ram == "none":
+            raise SnapshotIncompatible(
+                f"snapshot {snap.name} is of a VM that was never booted: it holds the VM's"
+                " spec only (no memory, no device state), so there is nothing to restore;"
+                " create a VM with its spec instead (Snapshot.spec), or snapshot the VM once"
+                " it runs")
         if snap.ram != "diff":
             return snap.path
         from sandvm.snapshots.diff import apply_diff
