@@ -165,3 +165,45 @@ def https(cert: tuple[object, object]) -> Iterator[object]:
 
     with HttpServer("127.0.0.1", tls=cert, label="https-1") as s:  # type: ignore[arg-type]
         yield s
+
+
+@pytest.fixture
+def memory_app(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A factory of in-process servers (Starlette's TestClient, no sockets) whose
+    sandboxes are in-memory VMs (``create_app(provider=InMemoryVmProvider())``), on a
+    private state dir, journal and runtime dir: ``make(**ServerConfig settings)``
+    returns ``(client, keys)``, the client running (lifespan) until the test ends and
+    ``keys`` the API keys of tenants alice and bob. For tests of what the server
+    decides, without QEMU (see tests/test_server_fake.py)."""
+    import warnings
+    from pathlib import Path
+
+    from sandvm.providers.memory import InMemoryVmProvider
+    from sandvm.server import ServerConfig, ServerStore, create_app
+
+    with warnings.catch_warnings():  # it would rather have httpx2, which is not installed
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    tmp = Path(str(tmp_path))
+    (tmp / "run").mkdir(mode=0o700, exist_ok=True)
+    monkeypatch.setenv("SANDVM_HOME", str(tmp / "home"))
+    monkeypatch.setenv("SANDVM_RUNTIME_DIR", str(tmp / "run"))
+    monkeypatch.setenv("SANDVM_JOURNAL", str(tmp / "journal.db"))
+    monkeypatch.delenv("SANDVM_SERVER_DIR", raising=False)
+    clients: list[TestClient] = []
+
+    def make(**settings: object) -> tuple[TestClient, dict[str, str]]:
+        config = ServerConfig(state_dir=tmp / "state", **settings)  # type: ignore[arg-type]
+        store = ServerStore(config.state_dir)
+        keys = {t: store.create_key(f"{t}-{len(clients)}", tenant=t) for t in ("alice", "bob")}
+        store.close()
+        client = TestClient(create_app(config, provider=InMemoryVmProvider()),
+                            base_url="http://127.0.0.1")
+        client.__enter__()  # runs the app's startup (the service)
+        clients.append(client)
+        return client, keys
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)

@@ -31,12 +31,8 @@ from sandvm import (
     GuestError,
     GuestFileNotFound,
     InvalidSpec,
-    NetworkPolicy,
-    QuotaExceeded,
     RequestTooLarge,
-    SandboxStateError,
     Unauthenticated,
-    UnknownImage,
     VmNotFound,
 )
 from sandvm.client import Pool, Sandbox, SnapshotStore
@@ -473,37 +469,7 @@ def test_every_operation_refuses_missing_wrong_and_foreign_keys(
 
 
 # ---------------------------------------------------------------------------- quota, TTL
-
-
-def test_quota_kill_and_ttl_free_slots(server: ServerProc, alice_sb: Sandbox) -> None:
-    key: str = server.alice
-    second = Sandbox.create(api_key=key, url=server.url)
-    with pytest.raises(QuotaExceeded):  # alice_sb and second: quota 2
-        Sandbox.create(api_key=key, url=server.url)
-    r = httpx.post(server.url + "/v1/sandboxes", headers=_auth(key), json={})
-    assert r.status_code == 429 and r.json()["code"] == "quota_exceeded"
-    second.kill()
-    with pytest.raises(SandboxStateError):
-        second.commands.run("true")
-    h = _auth(key)
-    r = httpx.get(f"{server.url}/v1/sandboxes/{second.sandbox_id}", headers=h)
-    assert r.status_code == 409 and r.json()["code"] == "sandbox_state"  # the owner: ended
-    r = httpx.get(f"{server.url}/v1/sandboxes/{second.sandbox_id}",
-                  headers=_auth(server.bob))
-    assert r.status_code == 404  # anyone else: never existed
-    third = Sandbox.create(api_key=key, url=server.url, timeout=2,  # the killed one's slot
-                           network=NetworkPolicy(allow=["example.com"]))
-    assert third.get_info().network
-    deadline = time.monotonic() + 20
-    while third.is_running() and time.monotonic() < deadline:
-        time.sleep(0.3)
-    assert not third.is_running()  # its TTL ended it
-    with pytest.raises(SandboxStateError):
-        third.commands.run("true")
-    assert third.sandbox_id not in [i.sandbox_id for i in Sandbox.list(api_key=key,
-                                                                        url=server.url)]
-    with pytest.raises(UnknownImage):  # past the quota check: the TTL freed a slot
-        Sandbox.create(api_key=key, url=server.url, image="no-such-image")
+# test_quota_kill_and_ttl_free_slots runs on the in-memory fake: tests/test_server_fake.py
 
 
 # ---------------------------------------------------------------------------- restart

@@ -1001,11 +1001,16 @@ def gc_cmd() -> None:
               help="Copies one fork request makes.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--provider", default="qemu", show_default=True,
+              type=click.Choice(["qemu", "memory"]),
+              help="memory: the in-memory fake, for tests of the API without QEMU (no VMs:"
+                   " sandboxes are created, listed, timed out and killed, and end with the"
+                   " server; commands, files, snapshots, forks and pools are refused).")
 def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_ttl: float,
               max_upload: str, max_tenant_memory: str | None, max_ports: int,
               port_host: str, rate_limit: float | None, rate_burst: int | None,
               max_snapshots: int, max_snapshot_bytes: str, max_pools: int,
-              max_pool_size: int, max_fork: int, log_level: str) -> None:
+              max_pool_size: int, max_fork: int, log_level: str, provider: str) -> None:
     """Serve the HTTP API (keys from `sandvm key create`; state in $SANDVM_SERVER_DIR,
     default $SANDVM_HOME/server). Stopping it (SIGTERM, Ctrl-C) detaches its sandboxes:
     they keep running, and the next `sandvm serve` takes them over."""
@@ -1057,10 +1062,20 @@ def serve_cmd(host: str, port: int, max_sandboxes: int, default_ttl: float, max_
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     click.echo(f"sandvm: serving on http://{shown}:{bound[1]}", err=True)
     server = uvicorn.Server(uvicorn.Config(
-        create_app(config), log_level=log_level, timeout_graceful_shutdown=10,
+        create_app(config, provider=_serve_provider(provider)), log_level=log_level,
+        timeout_graceful_shutdown=10,
         h11_max_incomplete_event_size=max(64 << 10, config.max_header_bytes * 2),
         access_log=False, server_header=False))
     server.run(sockets=[sock])
+
+
+def _serve_provider(name: str) -> Any:
+    """``--provider``: None for QEMU (the server's default), else the in-memory fake."""
+    if name == "qemu":
+        return None
+    from sandvm.providers.memory import InMemoryVmProvider
+
+    return InMemoryVmProvider()
 
 
 def _tenant_memory(value: str | None) -> int | None:

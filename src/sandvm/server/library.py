@@ -37,6 +37,7 @@ from sandvm.errors import (
     SnapshotIncompatible,
     SnapshotInUse,
     SnapshotNotFound,
+    Unsupported,
 )
 from sandvm.pools.pool import AsyncPool
 from sandvm.sandbox import AsyncSandbox
@@ -327,12 +328,17 @@ class Library:
                           network: NetworkPolicy | None) -> PoolInfo:
         """Start a pool restoring the tenant's ``snapshot``, kept across restarts.
         Raises PoolExists, SnapshotNotFound, QuotaExceeded (``max_pools``,
-        ``max_pool_size`` over the tenant's pools, or its memory), InvalidSpec."""
+        ``max_pool_size`` over the tenant's pools, or its memory), InvalidSpec,
+        Unsupported (a server whose provider cannot restore snapshots)."""
         _check_name(name, "pool")
         if not 0 <= min_size <= max_size or max_size < 1:
             raise InvalidSpec(f"need 0 <= min_size <= max_size and max_size >= 1, got"
                               f" {min_size}, {max_size}")
         snap = self._snapshot(tenant, snapshot)
+        if self.tenancy.manager.provider is not None:
+            raise Unsupported("pools restore snapshots, which needs the QEMU provider; this"
+                              " server runs sandboxes on"
+                              f" {type(self.tenancy.manager.provider).__name__}")
         exists = PoolExists(f"a pool named {name!r} exists: delete it first or choose"
                             " another name")
         async with self._pool_lock:  # the checks and the insert, one at a time
