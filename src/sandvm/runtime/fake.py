@@ -43,22 +43,34 @@ Fake specifics:
   while running, nothing once exited.
 - ``calls()`` lists every port operation called (not ``runtime_ref``), in
   order, failed ones included.
+
+The scripts and the processes that run them are in :mod:`sandvm.runtime.fake_process`
+(re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import hashlib
 import secrets
-import shlex
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from sandvm.errors import InvalidSpec, SandboxStateError, UnknownImage
+from sandvm.runtime.fake_process import (
+    FakeEchoStdin,
+    FakeExit,
+    FakeIgnore,
+    FakeProcess,
+    FakeProcessContext,
+    FakeScript,
+    FakeSleep,
+    FakeStep,
+    FakeWrite,
+    shell_script,
+)
 from sandvm.runtime.port import (
     KIND_HOST_PROCESS,
     KIND_MICROVM,
@@ -102,6 +114,9 @@ from sandvm.runtime.port import (
     SecretRef,
     SecretSpec,
     SessionPrepareRequest,
+    SessionState,
+    check_environment_refs,
+    check_session_state,
     expect_request,
     unknown_ref,
 )
@@ -119,302 +134,17 @@ __all__ = [
     "shell_script",
 ]
 
-_EPS = 1e-9
-_HEAD_CAP = 16 << 20
 _MIB = 1 << 20
-
-
-# ----------------------------------------------------------------------------- scripts
-
-
-@dataclass(frozen=True)
-class FakeWrite:
-    """Write ``data`` to stdout (or stderr)."""
-
-    data: bytes
-    stderr: bool = False
-
-
-@dataclass(frozen=True)
-class FakeSleep:
-    """Block for ``seconds`` of virtual time."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
-class FakeEchoStdin:
-    """Copy stdin to stdout until stdin is closed (``cat``)."""
-
-
-@dataclass(frozen=True)
-class FakeIgnore:
-    """Ignore these signals from now on (KILL cannot be ignored)."""
-
-    signals: tuple[ProcessSignal, ...]
-
-    def __post_init__(self) -> None:
-        if ProcessSignal.KILL in self.signals:
-            raise InvalidSpec("kill cannot be ignored")
-
-
-@dataclass(frozen=True)
-class FakeExit:
-    """Exit with ``code`` (remaining steps do not run)."""
-
-    code: int
-
-
-FakeStep = FakeWrite | FakeSleep | FakeEchoStdin | FakeIgnore | FakeExit
-
-
-@dataclass(frozen=True, kw_only=True)
-class FakeProcessContext:
-    """What a fake process sees: its argv, variables and files (secret files)."""
-
-    argv: tuple[str, ...]
-    env: Mapping[str, str] = field(repr=False)
-    files: Mapping[str, bytes] = field(repr=False)
-    cwd: str | None = None
-
-
-FakeScript = Callable[[FakeProcessContext], Sequence[FakeStep]]
-
-_SIGNAL_NAMES = {"INT": ProcessSignal.INTERRUPT, "SIGINT": ProcessSignal.INTERRUPT, "2":
-                 ProcessSignal.INTERRUPT, "TERM": ProcessSignal.TERMINATE,
-                 "SIGTERM": ProcessSignal.TERMINATE, "15": ProcessSignal.TERMINATE}
-
-
-def _split_commands(text: str) -> list[list[str]]:
-    lex = shlex.shlex(text.replace("\n", ";"), posix=True, punctuation_chars=";")
-    lex.whitespace_split = True
-    commands: list[list[str]] = [[]]
-    try:
-        for tok in lex:
-            if tok and set(tok) == {";"}:
-                commands.append([])
-            else:
-                commands[-1].append(tok)
-    except ValueError:  # unbalanced quotes
-        return [["sh:", "syntax error"]]
-    return [c for c in commands if c]
-
-
-def _expand(word: str, env: Mapping[str, str]) -> str:
-    if word.startswith("${") and word.endswith("}"):
-        return env.get(word[2:-1], "")
-    if word.startswith("$") and len(word) > 1 and (word[1:].replace("_", "a").isalnum()):
-        return env.get(word[1:], "")
-    return word
-
-
-def _command(words: list[str], ctx: FakeProcessContext) -> tuple[list[FakeStep], int]:
-    """The steps of one command and its exit status."""
-    to_err = False
-    if words and words[-1] in (">&2", "1>&2"):
-        to_err, words = True, words[:-1]
-    if not words:
-        return [], 0
-    name, args = words[0].rsplit("/", 1)[-1], words[1:]
-
-    def out(data: bytes) -> FakeStep:
-        return FakeWrite(data, stderr=to_err)
-
-    def err(msg: str) -> FakeStep:
-        return FakeWrite(msg.encode(), stderr=True)
-
-    if name == "echo":
-        newline = not (args and args[0] == "-n")
-        text = " ".join(args[0 if newline else 1:]) + ("\n" if newline else "")
-        return [out(text.encode())], 0
-    if name == "cat":
-        if not args:
-            return [FakeEchoStdin()], 0
-        steps: list[FakeStep] = []
-        status = 0
-        for path in args:
-            if path in ctx.files:
-                steps.append(out(ctx.files[path]))
-            else:
-                steps.append(err(f"cat: {path}: No such file or directory\n"))
-                status = 1
-        return steps, status
-    if name == "printenv":
-        if len(args) == 1 and args[0] in ctx.env:
-            return [out(ctx.env[args[0]].encode() + b"\n")], 0
-        return [], 1
-    if name == "sleep":
-        try:
-            seconds = float(args[0])
-        except (IndexError, ValueError):
-            return [err("sleep: invalid time interval\n")], 1
-        return [FakeSleep(max(0.0, seconds))], 0
-    if name == "head" and len(args) == 3 and args[0] == "-c" and args[2] == "/dev/zero":
-        try:
-            n = min(int(args[1]), _HEAD_CAP)
-        except ValueError:
-            return [err("head: invalid number of bytes\n")], 1
-        return [out(b"\0" * n)], 0
-    if name == "trap":
-        if len(args) >= 2 and args[0] == "":
-            sigs = tuple(_SIGNAL_NAMES[s.upper()] for s in args[1:] if s.upper() in _SIGNAL_NAMES)
-            return [FakeIgnore(sigs)], 0
-        return [], 0
-    if name in ("true", ":"):
-        return [], 0
-    if name == "false":
-        return [], 1
-    return [err(f"sh: 1: {words[0]}: not found\n")], 127
-
-
-def shell_script(ctx: FakeProcessContext) -> list[FakeStep]:
-    """The default script: a tiny ``sh -c`` subset (see the module docstring)."""
-    argv = list(ctx.argv)
-    shell = argv[0].rsplit("/", 1)[-1] in ("sh", "bash", "dash", "ash")
-    if shell and len(argv) >= 3 and argv[1] == "-c":
-        commands = [[_expand(w, ctx.env) for w in c] for c in _split_commands(argv[2])]
-    else:
-        commands = [argv]
-    steps: list[FakeStep] = []
-    status = 0
-    for words in commands:
-        if words[0] == "exit":
-            try:
-                code = int(words[1]) & 0xFF if len(words) > 1 else status
-            except ValueError:
-                code = 2
-            steps.append(FakeExit(code))
-            return steps
-        more, status = _command(words, ctx)
-        steps.extend(more)
-    steps.append(FakeExit(status))
-    return steps
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-class _Proc:
-    """A scripted process running in virtual time."""
-
-    def __init__(self, process_id: str, session_id: str, steps: Sequence[FakeStep], *,
-                 stdin_open: bool, timeout: float | None) -> None:
-        self.process_id = process_id
-        self.session_id = session_id
-        self.steps: deque[FakeStep] = deque(steps)
-        self.out = bytearray()
-        self.err = bytearray()
-        self.stdin = bytearray()
-        self.stdin_log = bytearray()
-        self.stdin_open = stdin_open
-        self.started_with_stdin = stdin_open
-        self.timeout = timeout
-        self.kill_at: float | None = None
-        self.sleep_left: float | None = None
-        self.ignored: set[ProcessSignal] = set()
-        self.elapsed = 0.0
-        self.steps_run = 0
-        self.sequence = 0
-        self.exit_code: int | None = None
-        self.signal: int | None = None
-        self.timed_out = False
-
-    @property
-    def exited(self) -> bool:
-        return self.exit_code is not None
-
-    def end(self, code: int, *, signal: int | None = None, timed_out: bool = False) -> None:
-        if self.exited:
-            return
-        self.exit_code, self.signal, self.timed_out = code, signal, timed_out
-        self.steps.clear()
-        self.sleep_left = self.kill_at = None
-        self.stdin_open = False
-
-    def kill(self, signum: int, *, timed_out: bool = False) -> None:
-        self.end(128 + signum, signal=signum, timed_out=timed_out)
-
-    def run(self) -> None:
-        """Run steps until the script blocks or ends."""
-        while not self.exited:
-            if not self.steps:
-                self.end(0)
-                return
-            step = self.steps[0]
-            if isinstance(step, FakeWrite):
-                (self.err if step.stderr else self.out).extend(step.data)
-            elif isinstance(step, FakeExit):
-                self.steps_run += 1
-                self.end(step.code & 0xFF)
-                return
-            elif isinstance(step, FakeIgnore):
-                self.ignored.update(step.signals)
-            elif isinstance(step, FakeSleep):
-                if self.sleep_left is None:
-                    self.sleep_left = step.seconds
-                if self.sleep_left > _EPS:
-                    return
-                self.sleep_left = None
-            elif isinstance(step, FakeEchoStdin):
-                self.out.extend(self.stdin)
-                self.stdin.clear()
-                if self.stdin_open:
-                    return
-            self.steps.popleft()
-            self.steps_run += 1
-
-    def _deadlines(self) -> None:
-        if self.timeout is not None and self.elapsed >= self.timeout - _EPS:
-            self.kill(ProcessSignal.KILL.signum, timed_out=True)
-        elif self.kill_at is not None and self.elapsed >= self.kill_at - _EPS:
-            self.kill(ProcessSignal.KILL.signum)
-
-    def advance(self, seconds: float) -> None:
-        """Let ``seconds`` of virtual time pass (sleeps, timeout, grace)."""
-        self.run()
-        while seconds > _EPS and not self.exited:
-            events = [t for t in (
-                self.sleep_left,
-                None if self.timeout is None else self.timeout - self.elapsed,
-                None if self.kill_at is None else self.kill_at - self.elapsed) if t is not None]
-            step = max(0.0, min([seconds, *events]))
-            self.elapsed += step
-            seconds -= step
-            if self.sleep_left is not None:
-                self.sleep_left = max(0.0, self.sleep_left - step)
-            self._deadlines()
-            self.run()
-            if self.out or self.err:
-                break
-
-    def frame(self, max_bytes: int) -> ProcessIoFrame:
-        out = bytes(self.out[:max_bytes])
-        del self.out[:len(out)]
-        err = bytes(self.err[:max_bytes - len(out)])
-        del self.err[:len(err)]
-        finished = self.exited and not self.out and not self.err
-        self.sequence += 1
-        return ProcessIoFrame(
-            process_id=self.process_id, sequence=self.sequence - 1, stdout=out, stderr=err,
-            finished=finished, exit_code=self.exit_code if finished else None,
-            signal=self.signal if finished else None, timed_out=finished and self.timed_out)
 
 
 # ----------------------------------------------------------------------------- sessions
 
 
-class _State(enum.Enum):
-    PREPARING = "preparing"
-    READY = "ready"
-    DETACHED = "detached"
-    CLEANED = "cleaned"
-
-
 @dataclass
 class _Session:
     ref: IsolationSessionRef
-    state: _State = _State.PREPARING
-    before_detach: _State = _State.PREPARING
+    state: SessionState = SessionState.PREPARING
+    before_detach: SessionState = SessionState.PREPARING
     images: list[ImageResolution] = field(default_factory=list)
     rootfs: dict[str, RootfsRef] = field(default_factory=dict)
     mounts: dict[str, MountPlan] = field(default_factory=dict)
@@ -459,7 +189,7 @@ class FakeIsolationRuntime:
         self._calls: list[str] = []
         self._counters: dict[str, int] = {}
         self._sessions: dict[str, _Session] = {}
-        self._processes: dict[str, _Proc] = {}
+        self._processes: dict[str, FakeProcess] = {}
         self._tickets: dict[str, _Ticket] = {}  # sha256(token) -> ticket
 
     # ------------------------------------------------------------------ builders
@@ -573,29 +303,19 @@ class FakeIsolationRuntime:
             unknown_ref("session", session_id)
         return sess
 
-    def _usable(self, session_id: str, *allowed: _State) -> _Session:
+    def _usable(self, session_id: str, *allowed: SessionState) -> _Session:
         sess = self._session(session_id)
-        if sess.state in allowed:
-            return sess
-        if sess.state is _State.DETACHED:
-            raise SandboxStateError(
-                f"session {session_id!r} is detached: reclaim it with its ticket first")
-        if sess.state is _State.CLEANED:
-            raise SandboxStateError(f"session {session_id!r} was cleaned up")
-        if sess.state is _State.READY:
-            raise SandboxStateError(
-                f"session {session_id!r} already has its environment: planning is over")
-        raise SandboxStateError(
-            f"session {session_id!r} has no environment yet: call prepare_environment first")
+        check_session_state(session_id, sess.state, allowed)
+        return sess
 
     def _preparing(self, session_id: str) -> _Session:
-        return self._usable(session_id, _State.PREPARING)
+        return self._usable(session_id, SessionState.PREPARING)
 
-    def _proc(self, process_id: str) -> _Proc:
+    def _proc(self, process_id: str) -> FakeProcess:
         proc = self._processes.get(process_id)
         if proc is None:
             unknown_ref("process", process_id)
-        self._usable(proc.session_id, _State.READY)
+        self._usable(proc.session_id, SessionState.READY)
         return proc
 
     def _do_cleanup(self, sess: _Session) -> CleanupResult:
@@ -615,7 +335,7 @@ class FakeIsolationRuntime:
         status = self._cleanup_status
         repairs = (() if status is CleanupStatus.COMPLETED
                    else (f"fake: scripted repair for session {sess.ref.session_id}",))
-        sess.state = _State.CLEANED
+        sess.state = SessionState.CLEANED
         sess.cleanup = CleanupResult(session_id=sess.ref.session_id, status=status,
                                      repairs=repairs, released=tuple(released))
         return sess.cleanup
@@ -719,17 +439,8 @@ class FakeIsolationRuntime:
         sess = self._preparing(request.session_id)
         if sess.rootfs.get(request.rootfs.rootfs_id) != request.rootfs:
             unknown_ref("rootfs", request.rootfs.rootfs_id)
-        if request.mounts is not None and (
-                sess.mounts.get(request.mounts.plan_id) != request.mounts):
-            unknown_ref("mount plan", request.mounts.plan_id)
-        if request.network is not None and (
-                sess.networks.get(request.network.network_id) != request.network):
-            unknown_ref("network", request.network.network_id)
-        specs: tuple[SecretSpec, ...] = ()
-        if request.secrets is not None:
-            if request.secrets.plan_id not in sess.secret_plans:
-                unknown_ref("secret plan", request.secrets.plan_id)
-            specs = sess.secret_plans[request.secrets.plan_id]
+        specs = check_environment_refs(request, mounts=sess.mounts, networks=sess.networks,
+                                       secret_plans=sess.secret_plans)
         for spec in specs:
             value = spec.value.reveal()
             if spec.delivery is SecretDelivery.FILE:
@@ -741,14 +452,14 @@ class FakeIsolationRuntime:
         sess.env = dict(request.env)
         sess.environment = PreparedEnvironmentRef(session_id=sess.ref.session_id,
                                                   environment_id=self._new_id("env"))
-        sess.state = _State.READY
+        sess.state = SessionState.READY
         return sess.environment
 
     async def start_process(self, request: ProcessStartRequest) -> ProcessStartResult:
         """Start a scripted process (READY only): the only call that starts one."""
         self._calls.append("start_process")
         request = expect_request(request, ProcessStartRequest)
-        sess = self._usable(request.session_id, _State.READY)
+        sess = self._usable(request.session_id, SessionState.READY)
         if sess.environment != request.environment:
             unknown_ref("environment", request.environment.environment_id)
         if request.timeout_seconds is not None:
@@ -761,7 +472,7 @@ class FakeIsolationRuntime:
                                  files=MappingProxyType(dict(sess.files)), cwd=request.cwd)
         steps = list(self._script(ctx))
         pid = self._new_id("proc")
-        proc = _Proc(pid, sess.ref.session_id, steps, stdin_open=request.stdin_open,
+        proc = FakeProcess(pid, sess.ref.session_id, steps, stdin_open=request.stdin_open,
                      timeout=request.timeout_seconds)
         self._processes[pid] = proc
         sess.processes.append(pid)
@@ -831,7 +542,7 @@ class FakeIsolationRuntime:
         sess = self._session(request.session_id)
         if sess.cleanup is not None:
             return sess.cleanup
-        self._usable(request.session_id, _State.PREPARING, _State.READY)
+        self._usable(request.session_id, SessionState.PREPARING, SessionState.READY)
         return self._do_cleanup(sess)
 
     async def detach(self, request: DetachTransferRequest) -> DetachTransferResult:
@@ -839,11 +550,11 @@ class FakeIsolationRuntime:
         self._calls.append("detach")
         request = expect_request(request, DetachTransferRequest)
         self._report.require("detach")
-        sess = self._usable(request.session_id, _State.PREPARING, _State.READY)
+        sess = self._usable(request.session_id, SessionState.PREPARING, SessionState.READY)
         ticket = ReclaimTicket(sandbox_id=sess.ref.session_id, token=secrets.token_urlsafe(32))
         self._tickets[hashlib.sha256(ticket.token.encode()).hexdigest()] = _Ticket(
             session_id=sess.ref.session_id)
-        sess.before_detach, sess.state = sess.state, _State.DETACHED
+        sess.before_detach, sess.state = sess.state, SessionState.DETACHED
         return DetachTransferResult(session_id=sess.ref.session_id, ticket=ticket)
 
     async def reclaim(self, request: ReclaimRequest) -> ReclaimResult:
@@ -859,7 +570,7 @@ class FakeIsolationRuntime:
         if entry.used:
             raise SandboxStateError(f"the reclaim ticket for {entry.session_id!r} was"
                                     " already used: detach again for a new one")
-        sess = self._usable(entry.session_id, _State.DETACHED)
+        sess = self._usable(entry.session_id, SessionState.DETACHED)
         entry.used = True
         sess.state = sess.before_detach
         if request.action is ReclaimAction.KEEP:

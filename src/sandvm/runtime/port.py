@@ -43,6 +43,13 @@ in ``tests/runtime_conformance.py`` pins them)::
 - A DETACHED session refuses every call (SandboxStateError) until a
   ``reclaim`` by its ticket; a ticket works once (a second use raises
   SandboxStateError), a ticket this runtime never issued raises InvalidSpec.
+
+One file (about 1,300 lines) on purpose: it is one contract, read as a whole by
+whoever implements or calls the port. Its bulk is some 35 small frozen request/result
+types that validate themselves with the shared checks at the top; split by phase, each
+part would still need those checks and the enums, and a reader would still need all
+of it. What both implementations share of the rules (``SessionState``,
+``check_session_state``, ``check_environment_refs``) is here too.
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from types import MappingProxyType
 from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
 from sandvm.core import check_guest_path, validate_vm_id
-from sandvm.errors import InvalidSpec, Unsupported
+from sandvm.errors import InvalidSpec, SandboxStateError, Unsupported
 
 __all__ = [
     "DEFAULT_GRACE_SECONDS",
@@ -116,6 +123,9 @@ __all__ = [
     "SecretSpec",
     "SecretValue",
     "SessionPrepareRequest",
+    "SessionState",
+    "check_environment_refs",
+    "check_session_state",
     "expect_request",
     "unknown_ref",
 ]
@@ -183,6 +193,25 @@ def expect_request(request: object, cls: type[R]) -> R:
 def unknown_ref(what: str, ident: str) -> NoReturn:
     """Raise InvalidSpec for an id this runtime never issued; for implementations."""
     raise InvalidSpec(f"unknown {what} {ident!r}: this runtime never issued it")
+
+
+def check_session_state(session_id: str, state: SessionState,
+                        allowed: Iterable[SessionState]) -> None:
+    """The lifecycle rule for a known session, for implementations: return if ``state``
+    is one of ``allowed``, else raise SandboxStateError saying why the call is refused
+    (detached, cleaned up, planning over, no environment yet)."""
+    if state in allowed:
+        return
+    if state is SessionState.DETACHED:
+        raise SandboxStateError(
+            f"session {session_id!r} is detached: reclaim it with its ticket first")
+    if state is SessionState.CLEANED:
+        raise SandboxStateError(f"session {session_id!r} was cleaned up")
+    if state is SessionState.READY:
+        raise SandboxStateError(
+            f"session {session_id!r} already has its environment: planning is over")
+    raise SandboxStateError(
+        f"session {session_id!r} has no environment yet: call prepare_environment first")
 
 
 def _bad(message: str) -> NoReturn:
@@ -290,6 +319,19 @@ def _same_session(session_id: str, what: str, ref: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- enums
+
+
+class SessionState(enum.Enum):
+    """An isolation session's state (the lifecycle above): PREPARING (images, mounts,
+    networks and secrets being planned) → READY (its environment prepared) → CLEANED,
+    and DETACHED (handed over by ticket; a reclaim returns it to the state it had).
+    Neither SandboxState nor VmState: a session exists before it has a sandbox or a VM,
+    and a detached session comes back, which neither does."""
+
+    PREPARING = "preparing"
+    READY = "ready"
+    DETACHED = "detached"
+    CLEANED = "cleaned"
 
 
 class HealthStatus(enum.Enum):
@@ -832,6 +874,27 @@ class PreparedEnvironmentRef:
     def __post_init__(self) -> None:
         _check_id("session_id", self.session_id)
         _check_id("environment_id", self.environment_id)
+
+
+def check_environment_refs(request: EnvironmentPrepareRequest, *,
+                           mounts: Mapping[str, MountPlan],
+                           networks: Mapping[str, NetworkNamespaceRef],
+                           secret_plans: Mapping[str, tuple[SecretSpec, ...]]
+                           ) -> tuple[SecretSpec, ...]:
+    """For implementations of ``prepare_environment``: check that the request's mount
+    plan, network and secret plan (each optional) are ones issued to its session, given
+    what the session was issued (by id); return the secrets of its plan (() without
+    one). Raises InvalidSpec (``unknown_ref``) for one it was not issued."""
+    if request.mounts is not None and mounts.get(request.mounts.plan_id) != request.mounts:
+        unknown_ref("mount plan", request.mounts.plan_id)
+    if request.network is not None and (
+            networks.get(request.network.network_id) != request.network):
+        unknown_ref("network", request.network.network_id)
+    if request.secrets is None:
+        return ()
+    if request.secrets.plan_id not in secret_plans:
+        unknown_ref("secret plan", request.secrets.plan_id)
+    return secret_plans[request.secrets.plan_id]
 
 
 # ----------------------------------------------------------------------------- processes

@@ -21,13 +21,18 @@ known; until then a session is only planning state in this process.
 - A PREPARING session has no VM yet and cannot be detached (SandboxStateError).
   Processes started before a detach are not readable after the reclaim (their
   output stream ended with the detach; cleanup still kills them).
+
+One file (about 850 lines): one class, the port's 16 operations over one session
+table, each checking its state, journaling its effect and mapping the sandbox's
+errors. The rules it shares with the fake runtime are in :mod:`sandvm.runtime.port`;
+what is left is this adapter's own state machine, which split across modules would
+only be harder to follow.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import os
 import re
 import time
@@ -99,6 +104,9 @@ from sandvm.runtime.port import (
     SecretRef,
     SecretSpec,
     SessionPrepareRequest,
+    SessionState,
+    check_environment_refs,
+    check_session_state,
     expect_request,
     unknown_ref,
 )
@@ -113,26 +121,13 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _RECORD_KEY = "isolation"  # this runtime's part of the journal's sandbox record
 
 
-class _State(enum.Enum):
-    """An isolation session's state (seed 003's port): PREPARING (images, mounts,
-    networks and secrets being planned; its sandbox boots at prepare_environment) →
-    READY → CLEANED, and DETACHED (handed to another process; a reclaim returns it to
-    the state it had). Neither SandboxState nor VmState: a session exists before it has
-    a sandbox or a VM, and a detached session comes back, which neither does."""
-
-    PREPARING = "preparing"
-    READY = "ready"
-    DETACHED = "detached"
-    CLEANED = "cleaned"
-
-
 @dataclass
 class _Session:
     ref: IsolationSessionRef
     memory_mib: int
     vcpus: int
-    state: _State = _State.PREPARING
-    before_detach: _State = _State.PREPARING
+    state: SessionState = SessionState.PREPARING
+    before_detach: SessionState = SessionState.PREPARING
     images: list[ImageResolution] = field(default_factory=list)
     rootfs: dict[str, tuple[RootfsRef, ImageResolution, int | None]] = field(
         default_factory=dict)
@@ -240,26 +235,16 @@ class QemuIsolationRuntime:
             unknown_ref("session", session_id)
         return sess
 
-    def _usable(self, session_id: str, *states: _State) -> _Session:
+    def _usable(self, session_id: str, *states: SessionState) -> _Session:
         sess = self._session(session_id)
-        if sess.state in states:
-            return sess
-        if sess.state is _State.CLEANED:
-            raise SandboxStateError(f"session {session_id!r} was cleaned up")
-        if sess.state is _State.DETACHED:
-            raise SandboxStateError(f"session {session_id!r} is detached: reclaim it with"
-                                    " its ticket")
-        if sess.state is _State.READY:
-            raise SandboxStateError(
-                f"session {session_id!r} already has its environment: planning is over")
-        raise SandboxStateError(
-            f"session {session_id!r} has no environment yet: call prepare_environment first")
+        check_session_state(session_id, sess.state, states)
+        return sess
 
     def _proc(self, process_id: str) -> _Proc:
         proc = self._processes.get(process_id)
         if proc is None:
             unknown_ref("process", process_id)
-        self._usable(proc.session_id, _State.READY)
+        self._usable(proc.session_id, SessionState.READY)
         if proc.lost:
             raise SandboxStateError(
                 f"process {process_id!r} was started before the session was detached; its"
@@ -373,7 +358,7 @@ class QemuIsolationRuntime:
     async def resolve_image(self, request: ImageResolveRequest) -> ImageResolution:
         """``base`` or an image of the store (PREPARING). Raises UnknownImage, ImageError."""
         request = expect_request(request, ImageResolveRequest)
-        sess = self._usable(request.session_id, _State.PREPARING)
+        sess = self._usable(request.session_id, SessionState.PREPARING)
 
         async def resolve() -> ImageResolution:
             if request.image in BUILTIN_IMAGES:
@@ -396,7 +381,7 @@ class QemuIsolationRuntime:
         """Plan the root file system: a private overlay of the image, made when the VM
         boots (PREPARING). Raises InvalidSpec, Unsupported (read_only)."""
         request = expect_request(request, RootfsPrepareRequest)
-        sess = self._usable(request.session_id, _State.PREPARING)
+        sess = self._usable(request.session_id, SessionState.PREPARING)
         if request.image not in sess.images:
             raise InvalidSpec("the image was not resolved for this session: call"
                               " resolve_image first")
@@ -420,7 +405,7 @@ class QemuIsolationRuntime:
     async def resolve_mounts(self, request: MountResolveRequest) -> MountPlan:
         """An empty mount plan (PREPARING); volumes raise Unsupported (mounts)."""
         request = expect_request(request, MountResolveRequest)
-        sess = self._usable(request.session_id, _State.PREPARING)
+        sess = self._usable(request.session_id, SessionState.PREPARING)
         if request.mounts:
             (await self.capability_report()).require("mounts")
         plan = MountPlan(session_id=sess.ref.session_id, plan_id=new_id("mounts"))
@@ -430,7 +415,7 @@ class QemuIsolationRuntime:
     async def configure_network(self, request: NetworkPrepareRequest) -> NetworkNamespaceRef:
         """No network (PREPARING). An allowlist raises Unsupported (egress_allowlist)."""
         request = expect_request(request, NetworkPrepareRequest)
-        sess = self._usable(request.session_id, _State.PREPARING)
+        sess = self._usable(request.session_id, SessionState.PREPARING)
         if request.egress_allowlist:
             (await self.capability_report()).require("egress_allowlist")
 
@@ -447,7 +432,7 @@ class QemuIsolationRuntime:
         """Keep the values in memory; return references (PREPARING). File secrets must
         lie under /run/secrets (a tmpfs). Raises InvalidSpec."""
         request = expect_request(request, SecretPrepareRequest)
-        sess = self._usable(request.session_id, _State.PREPARING)
+        sess = self._usable(request.session_id, SessionState.PREPARING)
         for spec in request.secrets:
             if spec.delivery is SecretDelivery.FILE and not (
                     spec.path or "").startswith(SECRETS_DIR + "/"):
@@ -473,21 +458,12 @@ class QemuIsolationRuntime:
         """Boot the session's managed sandbox and deliver its file secrets
         (PREPARING → READY). Starts no workload."""
         request = expect_request(request, EnvironmentPrepareRequest)
-        sess = self._usable(request.session_id, _State.PREPARING)
+        sess = self._usable(request.session_id, SessionState.PREPARING)
         entry = sess.rootfs.get(request.rootfs.rootfs_id)
         if entry is None or entry[0] != request.rootfs:
             unknown_ref("rootfs", request.rootfs.rootfs_id)
-        if request.mounts is not None and sess.mounts.get(request.mounts.plan_id) != \
-                request.mounts:
-            unknown_ref("mount plan", request.mounts.plan_id)
-        if request.network is not None and sess.networks.get(request.network.network_id) != \
-                request.network:
-            unknown_ref("network", request.network.network_id)
-        specs: tuple[SecretSpec, ...] = ()
-        if request.secrets is not None:
-            if request.secrets.plan_id not in sess.secret_plans:
-                unknown_ref("secret plan", request.secrets.plan_id)
-            specs = sess.secret_plans[request.secrets.plan_id]
+        specs = check_environment_refs(request, mounts=sess.mounts, networks=sess.networks,
+                                       secret_plans=sess.secret_plans)
         _, image, disk_size = entry
         sid = sess.ref.session_id
         env_id = new_id("env")
@@ -529,7 +505,7 @@ class QemuIsolationRuntime:
         sess.secret_plans.clear()  # delivered: no need to keep file values any more
         sess.env, sess.workdir, sess.user = dict(request.env), request.workdir, request.user
         sess.environment = PreparedEnvironmentRef(session_id=sid, environment_id=env_id)
-        sess.state = _State.READY
+        sess.state = SessionState.READY
         return sess.environment
 
     @staticmethod
@@ -550,7 +526,7 @@ class QemuIsolationRuntime:
     async def start_process(self, request: ProcessStartRequest) -> ProcessStartResult:
         """Start ``argv`` in the background in the session's VM (READY only)."""
         request = expect_request(request, ProcessStartRequest)
-        sess = self._usable(request.session_id, _State.READY)
+        sess = self._usable(request.session_id, SessionState.READY)
         if sess.environment != request.environment:
             unknown_ref("environment", request.environment.environment_id)
         clash = set(request.env) & (set(sess.secret_env) | set(sess.missing_secret_env))
@@ -686,7 +662,7 @@ class QemuIsolationRuntime:
         sess = self._session(request.session_id)
         if sess.cleanup is not None:
             return sess.cleanup
-        self._usable(request.session_id, _State.PREPARING, _State.READY)
+        self._usable(request.session_id, SessionState.PREPARING, SessionState.READY)
         result: CleanupResult = await self._effect(sess.ref.session_id, "cleanup",
                                                    self._do_cleanup(sess))
         return result
@@ -717,7 +693,7 @@ class QemuIsolationRuntime:
         sess.secret_plans.clear()
         sess.secret_env.clear()
         sess.sb = None
-        sess.state = _State.CLEANED
+        sess.state = SessionState.CLEANED
         sess.cleanup = CleanupResult(
             session_id=sid, status=CleanupStatus.REPAIR_NEEDED if repairs
             else CleanupStatus.COMPLETED, repairs=tuple(repairs[:100]),
@@ -748,7 +724,7 @@ class QemuIsolationRuntime:
         processes keep running. A PREPARING session has no VM: SandboxStateError."""
         request = expect_request(request, DetachTransferRequest)
         (await self.capability_report()).require("detach")
-        sess = self._usable(request.session_id, _State.PREPARING, _State.READY)
+        sess = self._usable(request.session_id, SessionState.PREPARING, SessionState.READY)
         if sess.sb is None:
             raise SandboxStateError(f"session {request.session_id!r} has no VM yet: call"
                                     " prepare_environment before detaching it")
@@ -766,7 +742,7 @@ class QemuIsolationRuntime:
                 if proc.task is not None:
                     proc.task.cancel()
         sess.sb = None
-        sess.before_detach, sess.state = sess.state, _State.DETACHED
+        sess.before_detach, sess.state = sess.state, SessionState.DETACHED
         return DetachTransferResult(session_id=sess.ref.session_id,
                                     ticket=ReclaimTicket(sandbox_id=sess.ref.session_id,
                                                          token=token))
@@ -840,7 +816,7 @@ class QemuIsolationRuntime:
         env_id = mine.get("environment_id")
         if isinstance(env_id, str):
             sess.environment = PreparedEnvironmentRef(session_id=rec.id, environment_id=env_id)
-            sess.before_detach = _State.READY
+            sess.before_detach = SessionState.READY
         sess.env = {str(k): str(v) for k, v in (mine.get("env") or {}).items()}
         sess.workdir = mine.get("workdir")
         sess.user = mine.get("user")
@@ -858,7 +834,7 @@ class QemuIsolationRuntime:
         """Clean up every session this runtime still holds (not detached ones), then
         close the journal."""
         for sess in list(self._sessions.values()):
-            if sess.state in (_State.PREPARING, _State.READY):
+            if sess.state in (SessionState.PREPARING, SessionState.READY):
                 with contextlib.suppress(SandvmError):
                     await self.cleanup(CleanupRequest(session_id=sess.ref.session_id))
         if self._manager is not None and not isinstance(self._journal_arg, Journal):
