@@ -64,7 +64,8 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
         VmCrashed,
         VmNotFound,
     )
-    from sandvm.ports import AsyncPortStream, ExposedPort, PortStream
+    from sandvm.ports import AsyncPortStream, PortStream
+    from sandvm.portspec import ExposedPort
     from sandvm.sandbox import AsyncSandbox, Sandbox
     from sandvm.values import CommandResult, DirTransfer, EntryInfo, WriteInfo
     from sandvm.volumes import VolumeMount
@@ -150,7 +151,8 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("CommandResult", "DirTransfer", "EntryInfo", "WriteInfo"),
                     "sandvm.values"),
     **dict.fromkeys(("EgressEvent", "NetworkPolicy"), "sandvm.egress_policy"),
-    **dict.fromkeys(("AsyncPortStream", "ExposedPort", "PortStream"), "sandvm.ports"),
+    **dict.fromkeys(("AsyncPortStream", "PortStream"), "sandvm.ports"),
+    "ExposedPort": "sandvm.portspec",
     **dict.fromkeys(("AsyncCommandHandle", "CommandHandle"), "sandvm.commands"),
     **dict.fromkeys(("AsyncSandbox", "Sandbox"), "sandvm.sandbox"),
     "VolumeMount": "sandvm.volumes",

@@ -25,7 +25,7 @@ from sandvm import _portal
 from sandvm.client._http import policy_body
 from sandvm.egress_policy import EgressEvent, NetworkPolicy
 from sandvm.errors import InvalidSpec, PortTimeout, ServiceError
-from sandvm.ports import DEFAULT_WAIT, ExposedPort, check_port
+from sandvm.portspec import DEFAULT_WAIT, ExposedPort, check_port
 
 if TYPE_CHECKING:
     from sandvm.client._http import SandboxCalls
