@@ -330,19 +330,31 @@ class SandboxManager:
                     break
                 await asyncio.sleep(IN_PROCESS_POLL)
         finally:
-            self._local.pop(sid, None)
             with contextlib.suppress(SandvmError):
                 await sb.kill()
             end_audit(sid)
+            self._local.pop(sid, None)
 
     async def close(self) -> None:
         """End every sandbox this manager runs in this process (they cannot outlive it);
         QEMU sandboxes are left to their keepers. Never raises SandvmError."""
-        for sid, (_sb, task) in list(self._local.items()):
+        for sid in list(self._local):
             self.journal.end(sid, "ended: the process running it stopped")
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._end_here(sid)
+
+    async def _end_here(self, sid: str) -> None:
+        """Stop watching the in-process sandbox ``sid`` and kill it (its journal record
+        ended already)."""
+        here = self._local.pop(sid, None)
+        if here is None:
+            return
+        sb, task = here
+        task.cancel()  # a task cancelled before it started never runs its finally
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(SandvmError):
+            await sb.kill()
+        end_audit(sid)
 
     def runs_here(self, sandbox_id: str) -> bool:
         """Whether ``sandbox_id`` runs in this process under this manager (it cannot be
@@ -523,11 +535,8 @@ class SandboxManager:
         seq = self.journal.intent(sandbox_id, "kill", reason=reason)
         self.journal.end(sandbox_id, reason)  # the keeper sees it and stops QEMU
         rec = self.journal.get(sandbox_id) or rec  # a keeper may have registered meanwhile
-        here = self._local.get(sandbox_id)
-        if here is not None:  # run in this process: its watcher ends it
-            here[1].cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await here[1]
+        if sandbox_id in self._local:  # run in this process
+            await self._end_here(sandbox_id)
         elif in_process(rec):
             pass  # its process's watcher sees the end (never signal that process)
         elif keeper_alive(rec):
