@@ -7,7 +7,7 @@ fast snapshots). If QEMU dies, the VM is marked failed, every waiter on its agen
 VmCrashed, and the runtime directory is removed. Launching (argv, confinement) is
 providers/launch.py; saving a snapshot of it is providers/saving.py.
 
-This file stays one (~770 lines): it is one class whose boot, attach, keeper, save and
+This file stays one (~840 lines): it is one class whose boot, attach, keeper, save and
 shutdown paths share the same state machine and process handles; splitting them
 would spread that state across modules.
 """
