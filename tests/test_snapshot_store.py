@@ -206,7 +206,7 @@ def test_byte_quota_leaves_out_files_shared_with_the_image_cache(tmp_path: Path)
     cache.write_bytes(os.urandom(2 << 20))  # an image's root filesystem
     _ram_snapshot(store, "a", 4096)
     before = store.bytes_used()
-    os.link(cache, store.root / "a" / "image-root.ext4")  # as _export_disks pins it
+    os.link(cache, store.root / "a" / "image-root.ext4")  # as saving.export_disks pins it
     assert store.bytes_used() == before  # the image cache's file, not the tenant's
     cache.unlink()  # evicted from the cache: now only the snapshot keeps it
     assert store.bytes_used() >= before + (2 << 20)
