@@ -156,6 +156,39 @@ def test_what_the_fake_cannot_do_is_refused_clearly(server: ServerProc,
     assert alice_sb.is_running()
 
 
+def test_every_operation_answers_a_documented_status_on_the_fake(memory_app: Any) -> None:
+    """Every operation of the OpenAPI document (test_server's REQUESTS), on a fake
+    sandbox: a status the document declares for it, never a 500 (what the fake cannot
+    do is 400 guest_error or 501 unsupported), and the sandbox runs on."""
+    import json
+
+    from test_server import REPO, REQUESTS
+
+    doc = json.loads((REPO / "docs" / "openapi.json").read_text())
+    client, keys = memory_app()
+    a = _auth(keys["alice"])
+    r = client.post("/v1/sandboxes", headers=a, json={})
+    assert r.status_code == 201, r.text
+    sid = r.json()["sandbox_id"]
+    kill = ("DELETE", "/v1/sandboxes/{sandbox_id}")
+    for method, path in [*(op for op in REQUESTS if op != kill), kill]:
+        url = path.replace("{sandbox_id}", sid).replace(
+            "{command_id}", "cmd-0000000000").replace("{port}", "8000").replace(
+            "{name}", "nothing")
+        r = client.request(method, url, headers=a, **REQUESTS[(method, path)])
+        declared = doc["paths"][path][method.lower()]["responses"]
+        assert str(r.status_code) in declared and r.status_code != 500, \
+            (method, path, r.status_code, r.text)
+        if r.status_code >= 400:
+            assert r.json()["code"] in ("guest_error", "unsupported", "vm_not_found",
+                                        "unknown_command", "snapshot_not_found",
+                                        "pool_not_found", "sandbox_state", "port_timeout",
+                                        "invalid_spec"), (method, path, r.text)
+        if (method, path) != kill:
+            assert client.get(f"/v1/sandboxes/{sid}", headers=a).status_code == 200, \
+                (method, path)
+
+
 def test_a_fake_sandbox_ends_with_its_server(memory_app: Any) -> None:
     """The fake's sandboxes live in the server's process: stopping it ends them (no
     keeper to detach to), and the next server on the same state says so (409, not a
