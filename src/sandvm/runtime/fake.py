@@ -44,8 +44,7 @@ Fake specifics:
 - ``calls()`` lists every port operation called (not ``runtime_ref``), in
   order, failed ones included.
 
-The scripts and the processes that run them are in :mod:`sandvm.runtime.fake_process`
-(re-exported here).
+The scripts and the processes that run them are in :mod:`sandvm.runtime.fake_process`.
 """
 
 from __future__ import annotations
@@ -60,15 +59,9 @@ from typing import Any
 
 from sandvm.errors import InvalidSpec, SandboxStateError, UnknownImage
 from sandvm.runtime.fake_process import (
-    FakeEchoStdin,
-    FakeExit,
-    FakeIgnore,
     FakeProcess,
     FakeProcessContext,
     FakeScript,
-    FakeSleep,
-    FakeStep,
-    FakeWrite,
     shell_script,
 )
 from sandvm.runtime.port import (
@@ -121,18 +114,7 @@ from sandvm.runtime.port import (
     unknown_ref,
 )
 
-__all__ = [
-    "FakeEchoStdin",
-    "FakeExit",
-    "FakeIgnore",
-    "FakeIsolationRuntime",
-    "FakeProcessContext",
-    "FakeScript",
-    "FakeSleep",
-    "FakeStep",
-    "FakeWrite",
-    "shell_script",
-]
+__all__ = ["FakeIsolationRuntime"]  # its scripts: sandvm.runtime.fake_process
 
 _MIB = 1 << 20
 

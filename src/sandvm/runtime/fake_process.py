@@ -1,8 +1,9 @@
 """The fake runtime's processes: scripts (``FakeStep``s, and ``shell_script``, which
 reads a tiny subset of ``sh -c``) and ``FakeProcess``, which runs one in virtual time.
 
-``sandvm.runtime.fake`` (which exports these names too) says what a script may do and
-how time passes; ``FakeIsolationRuntime`` starts, feeds and reads ``FakeProcess``es.
+``sandvm.runtime.fake`` says what a script may do and how time passes; its
+``FakeIsolationRuntime`` starts, feeds and reads ``FakeProcess``es. The package
+``sandvm.runtime`` exports these names.
 """
 
 from __future__ import annotations
