@@ -21,8 +21,16 @@ the command's leader exits normally, processes it left in the background keep
 running (like a shell's ``cmd &``); their cgroup is removed once they are gone.
 
 Operations are served from one table, :data:`OPS` (``wire.Op`` → call or stream
-handler). One file, over 2,000 lines, on purpose: the initramfs carries it beside
-``wire.py`` and the guest imports nothing else of sandvm.
+handler).
+
+One file, over 2,000 lines, on purpose. Not for the initramfs (init runs it with
+``PYTHONPATH=/lib/sandvm``, where more modules could sit beside ``wire.py``), but
+because it is one program around one ``Agent``: every stream and call handler takes
+the Agent (its loop, transport, stream and process tables) and the Agent's dispatch
+table names every handler, so modules split from it would import each other, which
+the import contract refuses (TYPE_CHECKING cycles too) unless an Agent Protocol were
+added only to cut them. Its parts (loop, transport, streams, tar streams, TCP tunnels,
+system calls, agent) are sections marked by ``# ---`` rules.
 """
 
 from __future__ import annotations
