@@ -423,8 +423,8 @@ class Files(FileTransfer):
 async def untar_to_guest(sb: SandboxLink, guest_dir: str, chunks: AsyncIterable[bytes]
                          ) -> DirTransfer:
     """Extract the tar stream ``chunks`` into ``guest_dir`` of sandbox ``sb`` (created
-    if missing), as ``AsyncFiles.upload_dir`` does with a local tree: for the server,
-    which receives the tar over HTTP. The guest spools it and refuses escaping paths
+    if missing): ``AsyncFiles.upload_dir`` sends a local tree through it, the server a
+    tar it receives over HTTP. The guest spools it and refuses escaping paths
     and links (skipped and named in the result). Raises GuestError (e.g. ENOSPC),
     AgentTimeout, and what iterating ``chunks`` raises (the upload is then abandoned)."""
     check_guest_path(guest_dir)
@@ -470,11 +470,12 @@ async def untar_to_guest(sb: SandboxLink, guest_dir: str, chunks: AsyncIterable[
 async def tar_from_guest(sb: SandboxLink, guest_dir: str, skipped: list[str], *,
                          max_bytes: int = DEFAULT_TREE_CAP,
                          max_files: int = DEFAULT_TREE_ENTRIES) -> AsyncGenerator[bytes, None]:
-    """The tree ``guest_dir`` of sandbox ``sb`` as a tar stream, not extracted (for the
-    server, which sends it over HTTP; ``extract_tar`` unpacks it safely on the other
-    side), capped like ``download_dir``'s. The entries the guest left out are appended
-    to ``skipped``, with why, as the stream ends. Raises GuestFileNotFound,
-    FileTooLarge, InvalidSpec, GuestError."""
+    """The tree ``guest_dir`` of sandbox ``sb`` as a tar stream, not extracted: what
+    ``AsyncFiles.download_dir`` feeds to ``extract_tar``, and what the server sends over
+    HTTP (the SDK's ``extract_tar`` unpacks it on the other side). Capped by
+    ``max_bytes`` of file content and ``max_files`` entries. The entries the guest
+    left out are appended to ``skipped``, with why, as the stream ends. Raises
+    GuestFileNotFound, FileTooLarge, InvalidSpec, GuestError."""
     check_guest_path(guest_dir)
     check_caps(max_bytes, max_files)
     stream_cap = tar_stream_cap(max_bytes, max_files)
