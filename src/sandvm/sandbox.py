@@ -3,6 +3,13 @@
 ``AsyncSandbox`` is the one implementation (asyncio). ``Sandbox`` exposes the
 same surface synchronously by running it on the blocking portal's loop thread.
 A test checks that both surfaces keep the same methods and signatures.
+
+One file (about 840 lines) on purpose: ``AsyncSandbox``, its one builder
+``build_sandbox`` (create, restore and attach all go through it) and the sync twin.
+The builder constructs ``AsyncSandbox`` and its constructors call the builder, so
+split apart they would import each other, which the import contract refuses; the
+parts a sandbox is made of already live in their own modules (commands, files,
+ports, network, providers.saving).
 """
 
 from __future__ import annotations
