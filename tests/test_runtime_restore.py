@@ -478,7 +478,10 @@ def test_recover_after_sigkill_mid_restore(journal_env: dict[str, str],
         # most kills land inside the restore, mostly once its keeper started QEMU (the
         # keeper outlives its creator: recover stops it)
         assert cut, rec
-        assert any(m.journal.get(sid).keeper_pid for sid in cut)  # type: ignore[union-attr]
+        # (a kill between the intent and the row's first write leaves no row: on a
+        # loaded machine the 0.02 s kill can land there, as the loop below allows)
+        rows = [m.journal.get(sid) for sid in cut]
+        assert any(r is not None and r.keeper_pid for r in rows), rows
         for sid in sids:
             r = m.journal.get(sid)
             if r is None:  # killed before its first journal write
